@@ -1,0 +1,146 @@
+"""An OpenAI-compatible server that streams scripted answers: the default model, no key needed.
+
+It speaks just enough of the API for the ``openai`` SDK: ``GET /v1/models`` and
+``POST /v1/chat/completions`` (streaming or not). ``GET /demo/stats`` counts requests and
+open streams, so tests can prove that a cancel closed the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .scripts import Script, plan
+
+MODEL = "streamgate-demo"
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.open_streams = 0
+        self.closed_early = 0
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kinds = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+    body = {
+        "error": {
+            "message": message,
+            "type": kinds.get(status, "server_error"),
+            "code": kinds.get(status),
+        }
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def _chunk(completion_id: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def create_app(default_delay_s: float | None = None) -> Starlette:
+    delay_s = (
+        float(os.environ.get("DEMO_LLM_DELAY_S", "0.03"))
+        if default_delay_s is None
+        else default_delay_s
+    )
+    stats = Stats()
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "streamgate"}],
+            }
+        )
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+            messages = body["messages"]
+            assert isinstance(messages, list)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
+            return _error(400, "the body must be JSON with a 'messages' list")
+        stats.requests += 1
+        script = plan(messages, delay_s)
+        if script.http_status is not None:
+            return _error(script.http_status, f"demo error {script.http_status} as requested")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.get("stream"):
+            return JSONResponse(_complete(completion_id, script))
+        return StreamingResponse(
+            _stream(completion_id, script, stats), media_type="text/event-stream"
+        )
+
+    async def demo_stats(request: Request) -> Response:
+        return JSONResponse(vars(stats))
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/demo/stats", demo_stats),
+        ]
+    )
+
+
+def _complete(completion_id: str, script: Script) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "".join(script.tokens)},
+            }
+        ],
+    }
+
+
+async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIterator[bytes]:
+    stats.open_streams += 1
+    finished = False
+    try:
+        yield _chunk(completion_id, {"role": "assistant", "content": ""})
+        for token in script.tokens:
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+            yield _chunk(completion_id, {"content": token})
+        if script.then == "fail":
+            raise ConnectionAbortedError("demo: dropping the connection mid-stream")
+        if script.then == "error":
+            error = {
+                "error": {"message": "demo error mid-stream, as requested", "type": "server_error"}
+            }
+            yield b"data: " + orjson.dumps(error) + b"\n\n"
+            finished = True
+            return
+        if script.then == "stall":
+            await asyncio.sleep(3600)
+        yield _chunk(completion_id, {}, finish="stop")
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        stats.open_streams -= 1
+        if not finished:
+            stats.closed_early += 1

@@ -1,0 +1,29 @@
+"""``python -m gateway``: serve the gateway on $PORT (default 8000) with uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import uvicorn
+from shared.logs import configure_logging
+from shared.settings import load_settings
+
+from .app import create_app
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8000")),
+        log_level=settings.log_level.lower(),
+        # Streams close at once on SIGTERM (sse-starlette); this bounds the rest.
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The gateway's ASGI app: ``create_app(settings)`` builds it; the lifespan owns Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from shared.event_log import EventLog
+from shared.settings import Settings
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from shared import keys
+
+from . import chat, health
+from .errors import (
+    ApiError,
+    error_response,
+    handle_api_error,
+    handle_redis_down,
+)
+from .relay import BLOCK_MS, Relay
+from .state import State
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(404, f"no such endpoint: {request.url.path}")
+    if exc.status_code == 405:
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+    return error_response(exc.status_code, str(exc.detail))
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Fail fast while Redis is down (503 within seconds), never at start: /healthz
+        # answers whether or not Redis is there.
+        pool = ConnectionPool.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            max_connections=200,
+        )
+        arq = ArqRedis(connection_pool=pool, default_queue_name=keys.QUEUE_NAME)
+        blocking = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=BLOCK_MS / 1000 + 5,
+            single_connection_client=True,
+        )
+        log = EventLog(arq, settings.stream_retention_s)
+        relay = Relay(arq, blocking, log, settings)
+        await relay.start()
+        app.state.sg = State(settings, arq, blocking, log, relay)
+        try:
+            yield
+        finally:
+            await relay.stop()
+            await blocking.aclose()
+            await arq.aclose()
+            await pool.disconnect()
+
+    routes = [
+        Route("/chat", chat.chat_get, methods=["GET"]),
+        Route("/chat", chat.chat_post, methods=["POST"]),
+        Route("/chat/{job_id}/events", chat.chat_events, methods=["GET"]),
+        Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
+            max_age=600,
+        )
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: handle_api_error,
+            RedisConnectionError: handle_redis_down,
+            RedisTimeoutError: handle_redis_down,
+            HTTPException: _http_error,
+        },
+    )

@@ -1,0 +1,110 @@
+"""The chat endpoints: start a job, read its events, cancel it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from shared.cursors import START, Cursor, is_job_id
+from shared.event_log import FINAL
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shared import events as ev
+
+from .errors import BadRequest, NotFound
+from .inputs import chat_request, cursor_of, json_body, query_params
+from .jobs import enqueue
+from .relay import Relay
+from .state import State
+
+SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
+
+
+async def chat_get(request: Request) -> Response:
+    """``GET /chat?prompt=``: start a job and stream it; with a cursor, resume instead."""
+    state: State = request.app.state.sg
+    params = query_params(request)
+    cursor = cursor_of(request, params)
+    if cursor is not None:
+        return await _resume(request, cursor)
+    chat = chat_request(dict(params), state.settings.max_prompt_chars)
+    if request.method == "HEAD":
+        return _headers_only()
+    job_id = await enqueue(state.arq, state.log, state.settings, chat, kind="get")
+    return _stream(request, job_id, START)
+
+
+async def chat_post(request: Request) -> Response:
+    """``POST /chat``: start a job that runs to its end whether or not anyone reads it."""
+    state: State = request.app.state.sg
+    limit = state.settings.max_prompt_chars * 4 + 4096
+    chat = chat_request(await json_body(request, limit), state.settings.max_prompt_chars)
+    job_id = await enqueue(state.arq, state.log, state.settings, chat, kind="post")
+    return JSONResponse({"job_id": job_id, "events_url": f"/chat/{job_id}/events"}, status_code=202)
+
+
+async def chat_events(request: Request) -> Response:
+    """``GET /chat/<job_id>/events``: the job's events from the start or after a cursor."""
+    job_id = _job_id(request)
+    cursor = cursor_of(request, query_params(request))
+    if cursor is not None and cursor.job_id != job_id:
+        raise BadRequest("the cursor belongs to another job")
+    return await _resume(request, cursor or Cursor(job_id, START))
+
+
+async def chat_cancel(request: Request) -> Response:
+    """``DELETE /chat/<job_id>``: end the job with ``cancelled``; its worker stops within 1 s."""
+    state: State = request.app.state.sg
+    job_id = _job_id(request)
+    if not await state.log.exists(job_id):
+        raise NotFound(f"no job {job_id}: unknown, or its events have expired")
+    await state.log.end(job_id, ev.CANCELLED)
+    return Response(status_code=204)
+
+
+def _job_id(request: Request) -> str:
+    job_id: str = request.path_params["job_id"]
+    if not is_job_id(job_id):
+        raise BadRequest("that is not a job id (32 lowercase hex digits)")
+    return job_id
+
+
+async def _resume(request: Request, cursor: Cursor) -> Response:
+    state: State = request.app.state.sg
+    if not await state.log.exists(cursor.job_id):
+        raise NotFound(f"no job {cursor.job_id}: unknown, or its events have expired")
+    if cursor.entry_id != START:
+        entry = await state.log.entry(cursor.job_id, cursor.entry_id)
+        if entry is None:
+            raise BadRequest("the cursor does not point into this job's events")
+        if FINAL in entry[1]:
+            return Response(status_code=204)  # stops a browser's EventSource for good
+    if request.method == "HEAD":
+        return _headers_only()
+    return _stream(request, cursor.job_id, cursor.entry_id)
+
+
+def _headers_only() -> Response:
+    return Response(media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _stream(request: Request, job_id: str, after: str) -> Response:
+    state: State = request.app.state.sg
+    relay: Relay = state.relay
+    reader = relay.subscribe(job_id, after)
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
+                yield chunk
+        finally:
+            relay.unsubscribe(reader)
+
+    return EventSourceResponse(
+        frames(),
+        headers=SSE_HEADERS,
+        ping=10**9,  # pings come from the reader, in order with events, never after the last
+        send_timeout=state.settings.send_timeout_s,
+        sep="\n",
+    )

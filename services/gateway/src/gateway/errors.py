@@ -1,0 +1,75 @@
+"""Request errors: small named exceptions, one handler that turns them into a JSON body.
+
+Once a stream has begun, errors travel as events instead (see relay.py).
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+
+class ApiError(Exception):
+    status = 400
+    retry_after: int | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class PromptTooLong(ApiError):
+    status = 413
+
+
+class RateLimited(ApiError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ApiError):
+    status = 503
+    retry_after = 5
+
+
+def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, exc.retry_after)
+
+
+async def handle_redis_down(request: Request, exc: Exception) -> Response:
+    return error_response(
+        503, "Redis is unreachable, so no chat can be started or read now; retry shortly", 5
+    )
+
+
+async def handle_not_found(request: Request, exc: Exception) -> Response:
+    return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
+
+
+async def handle_method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(405, f"{request.method} is not allowed on {request.url.path}")

@@ -1,0 +1,282 @@
+"""The relay: one multiplexed reader per gateway process, fanning events out to clients.
+
+Decisions a reader might want to undo:
+
+- One ``XREAD BLOCK`` loop reads every stream this process relays, on one connection,
+  instead of one blocking connection per client (a pool refuses the 101st, Redis stops at
+  ``maxclients``). Readers of one job share its entry in the XREAD, at the lowest cursor
+  among them; each gets only the entries after its own cursor.
+- A new reader must not wait out a BLOCK: it appends to this process's private *wake*
+  stream, which the loop always reads, so the XREAD returns and is re-issued with the new
+  stream in it.
+- Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
+  fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
+- A watchdog ends jobs whose worker stopped its heartbeat or that no worker started in
+  time (the end is written to the stream, so every reader of it on every gateway sees the
+  same final event), tells readers of jobs Redis no longer knows, and keeps the job marked
+  as watched so that a ``GET /chat`` job with readers is not cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from shared.event_log import DATA, FINAL, EventLog
+from shared.settings import Settings
+
+from shared import events as ev
+from shared import keys
+
+logger = logging.getLogger(__name__)
+
+PING = b": ping\n\n"
+BLOCK_MS = 5000
+READ_COUNT = 512
+
+
+def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Reader:
+    """One client's view of one job: a mailbox of SSE frames after its cursor."""
+
+    __slots__ = ("after", "bound", "ended", "frames", "job_id", "wake")
+
+    def __init__(self, job_id: str, after: str, bound: int) -> None:
+        self.job_id = job_id
+        self.after = _entry_key(after)
+        self.bound = bound
+        self.frames: list[bytes] = []
+        self.ended = False  # no more frames will come: final event queued, or dropped
+        self.wake = asyncio.Event()
+
+    def push(self, frame: bytes, key: tuple[int, int], final: bool) -> None:
+        if self.ended:
+            return
+        self.after = key
+        self.frames.append(frame)
+        if final:
+            self.ended = True
+        elif len(self.frames) > self.bound:
+            logger.warning(
+                "job %s: a reader fell %d events behind; dropping it so it resumes from its cursor",
+                self.job_id,
+                self.bound,
+            )
+            self.frames.clear()
+            self.ended = True
+        self.wake.set()
+
+    def close(self, frame: bytes | None = None) -> None:
+        """End this reader, with a last frame or cleanly (the client may resume)."""
+        if not self.ended:
+            if frame is not None:
+                self.frames.append(frame)
+            self.ended = True
+            self.wake.set()
+
+    async def frames_until_end(self, ping_interval_s: float) -> AsyncIterator[bytes]:
+        """SSE bytes as they come, pings while idle; returns after the final event."""
+        while True:
+            if self.frames:
+                chunk = b"".join(self.frames)
+                self.frames.clear()
+                yield chunk
+                continue
+            if self.ended:
+                return
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), ping_interval_s)
+            except TimeoutError:
+                yield PING
+
+
+class _Job:
+    __slots__ = ("key", "last_activity", "prefix", "readers")
+
+    def __init__(self, job_id: str, now: float) -> None:
+        self.key = keys.events_key(job_id).encode()
+        self.prefix = b"id: " + job_id.encode() + b"_"
+        self.readers: set[Reader] = set()
+        self.last_activity = now
+
+    def cursor(self) -> str:
+        ms, seq = min(reader.after for reader in self.readers)
+        return f"{ms}-{seq}"
+
+
+class Relay:
+    def __init__(self, redis: Redis, blocking_redis: Redis, log: EventLog, settings: Settings):
+        self.redis = redis
+        self.blocking_redis = blocking_redis
+        self.log = log
+        self.settings = settings
+        self.jobs: dict[str, _Job] = {}
+        self._wake_key = f"sg:gateway-wake:{secrets.token_hex(8)}"
+        self._wake_cursor = "0-0"
+        self._wake_pending = False
+        self._wake_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._redis_down_since: float | None = None
+        loop_time = asyncio.get_running_loop().time
+        self._now = loop_time
+
+    @property
+    def open_readers(self) -> int:
+        return sum(len(job.readers) for job in self.jobs.values())
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="relay-read"),
+            asyncio.create_task(self._watch_loop(), name="relay-watch"),
+        ]
+
+    async def stop(self) -> None:
+        for job in self.jobs.values():
+            for reader in job.readers:
+                reader.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self._wake_key)
+
+    def subscribe(self, job_id: str, after: str) -> Reader:
+        reader = Reader(job_id, after, self.settings.relay_buffer_events)
+        job = self.jobs.get(job_id)
+        if job is None:
+            job = self.jobs[job_id] = _Job(job_id, self._now())
+        job.readers.add(reader)
+        self._wake()
+        return reader
+
+    def unsubscribe(self, reader: Reader) -> None:
+        job = self.jobs.get(reader.job_id)
+        if job is not None:
+            job.readers.discard(reader)
+            if not job.readers:
+                del self.jobs[reader.job_id]
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake_task = asyncio.create_task(self._send_wake())
+
+    async def _send_wake(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except RedisError:
+            pass  # the read loop is failing too; it will pick the reader up when Redis is back
+        finally:
+            self._wake_pending = False
+
+    async def _read_loop(self) -> None:
+        delay = 0.05
+        while True:
+            streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
+            for job in self.jobs.values():
+                streams[job.key] = job.cursor()
+            try:
+                response = await self.blocking_redis.xread(
+                    streams,
+                    count=READ_COUNT,
+                    block=BLOCK_MS,
+                )
+            except (RedisError, OSError) as exc:
+                if self._redis_down_since is None:
+                    self._redis_down_since = self._now()
+                    logger.warning("relay lost Redis (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._redis_down_since is not None:
+                logger.info("relay reached Redis again")
+                self._redis_down_since = None
+            delay = 0.05
+            for key, entries in response or ():
+                if key == self._wake_key.encode():
+                    self._wake_cursor = entries[-1][0].decode()
+                else:
+                    self._deliver(key, entries)
+
+    def _deliver(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        job_id = key.decode().split("{", 1)[1].split("}", 1)[0]
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.last_activity = self._now()
+        readers = list(job.readers)
+        for entry_id, fields in entries:
+            entry_key = _entry_key(entry_id)
+            final = FINAL in fields
+            frame = job.prefix + entry_id + b"\ndata: " + fields[DATA] + b"\n\n"
+            for reader in readers:
+                if entry_key > reader.after:
+                    reader.push(frame, entry_key, final)
+        for reader in readers:
+            if reader.ended:
+                job.readers.discard(reader)
+        if not job.readers:
+            del self.jobs[job_id]
+
+    async def _watch_loop(self) -> None:
+        s = self.settings
+        tick = min(1.0, s.worker_lost_timeout_s / 4, s.queue_timeout_s / 4)
+        renew_every = s.disconnect_grace_s / 3
+        last_renew = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            now = self._now()
+            try:
+                if now - last_renew >= renew_every:
+                    await self._renew_watched()
+                    last_renew = now
+                await self._check_idle(now - tick)
+            except RedisError as exc:
+                logger.debug("relay watchdog: Redis unreachable (%s)", exc)
+            down = self._redis_down_since
+            if down is not None and now - down > s.worker_lost_timeout_s:
+                # Streams may resume once Redis is back: close cleanly, clients reconnect.
+                logger.warning(
+                    "Redis down for %.0f s: closing %d streams", now - down, self.open_readers
+                )
+                for job in list(self.jobs.values()):
+                    for reader in job.readers:
+                        reader.close()
+                self.jobs.clear()
+
+    async def _renew_watched(self) -> None:
+        if not self.jobs:
+            return
+        grace_ms = int(self.settings.disconnect_grace_s * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in self.jobs:
+                pipe.set(keys.watched_key(job_id), b"1", px=grace_ms)
+            await pipe.execute()
+
+    async def _check_idle(self, idle_since: float) -> None:
+        idle = [job_id for job_id, job in self.jobs.items() if job.last_activity <= idle_since]
+        if not idle:
+            return
+        for job_id, result in (await self.log.end_if_stalled(idle)).items():
+            job = self.jobs.get(job_id)
+            if result == -1 and job is not None:
+                # Redis no longer knows the job (restarted empty, or the stream expired).
+                data = ev.encode(ev.Error(ev.JOB_LOST))
+                for reader in job.readers:
+                    ms, seq = reader.after
+                    reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
+                del self.jobs[job_id]

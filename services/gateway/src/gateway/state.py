@@ -1,0 +1,21 @@
+"""What the gateway carries for its lifetime: made in the lifespan, found in ``app.state.sg``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from shared.event_log import EventLog
+from shared.settings import Settings
+
+from .relay import Relay
+
+
+@dataclass
+class State:
+    settings: Settings
+    arq: ArqRedis  # also the pool for every non-blocking command
+    blocking_redis: Redis  # the relay's single connection for XREAD BLOCK
+    log: EventLog
+    relay: Relay

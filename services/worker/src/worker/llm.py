@@ -1,0 +1,151 @@
+"""The upstream LLM: the only module that imports ``openai``.
+
+The SDK still makes the request (auth, retries before the stream starts, its error types),
+but the stream is read raw and each chunk parsed with orjson: building the SDK's pydantic
+models costs ~0.5 ms of CPU per chunk, ten times what the rest of a token's path costs.
+The read timeout of the HTTP client is the upstream idle timeout: it bounds every wait for
+the next bytes, the first included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+from shared.settings import Settings
+
+
+class UpstreamError(Exception):
+    """The LLM request failed; the message says what happened in words a user can act on."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    call_id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+
+
+Delta = TextDelta | ToolCallDelta | Finish
+
+
+class Upstream:
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.openai_base_url
+        self.model = settings.openai_model
+        self.idle_timeout_s = settings.upstream_idle_timeout_s
+        self.client = openai.AsyncOpenAI(
+            base_url=settings.openai_base_url,
+            # The SDK refuses an empty key; servers without auth (the demo LLM, Ollama) ignore it.
+            api_key=settings.openai_api_key or "no-key",
+            max_retries=settings.openai_max_retries,
+            timeout=openai.Timeout(
+                connect=5.0, read=settings.upstream_idle_timeout_s, write=30.0, pool=30.0
+            ),
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def stream(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream one chat completion as deltas; raises UpstreamError on any failure."""
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        try:
+            async with self.client.chat.completions.with_streaming_response.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                **extra,
+            ) as response:
+                async for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, event: lines
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        return
+                    for delta in parse_chunk(payload):
+                        yield delta
+        except openai.AuthenticationError as exc:
+            raise UpstreamError(
+                f"the LLM refused the API key (HTTP 401); check OPENAI_API_KEY ({_detail(exc)})"
+            ) from exc
+        except openai.RateLimitError as exc:
+            raise UpstreamError(
+                f"the LLM is rate limiting requests (HTTP 429); retry later ({_detail(exc)})"
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise UpstreamError(
+                f"the LLM answered HTTP {exc.status_code} ({_detail(exc)})"
+            ) from exc
+        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+            raise UpstreamError(
+                f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
+                " the answer is incomplete"
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise UpstreamError(
+                f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL"
+            ) from exc
+        except (httpx2.TransportError, httpx2.StreamError) as exc:
+            raise UpstreamError(
+                "the connection to the LLM was lost mid-answer; the answer is incomplete"
+            ) from exc
+
+
+def _detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        message = body.get("message") or (body.get("error") or {}).get("message")
+        if message:
+            return str(message)[:300]
+    return exc.message[:300]
+
+
+def parse_chunk(payload: str) -> list[Delta]:
+    """The deltas of one ``chat.completion.chunk``, or UpstreamError for an error chunk."""
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("the LLM sent a malformed stream chunk (not JSON)") from exc
+    if not isinstance(chunk, dict):
+        raise UpstreamError("the LLM sent a malformed stream chunk (not an object)")
+    if chunk.get("error"):
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise UpstreamError(f"the LLM reported an error mid-answer: {message}")
+    deltas: list[Delta] = []
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        text = delta.get("content")
+        if text:
+            deltas.append(TextDelta(text))
+        for position, call in enumerate(delta.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            deltas.append(
+                ToolCallDelta(
+                    index=call.get("index", position),
+                    call_id=call.get("id"),
+                    name=function.get("name"),
+                    arguments=function.get("arguments") or "",
+                )
+            )
+        if choice.get("finish_reason"):
+            deltas.append(Finish(choice["finish_reason"]))
+    return deltas

@@ -1,0 +1,91 @@
+"""The worker process: an arq worker that runs ``chat`` jobs.
+
+Resources (the upstream client, the event log, the heartbeat) are made in ``on_startup`` and
+carried in arq's ``ctx``. Settings are read once, in ``main``; the arq options are built
+from them rather than from a ``WorkerSettings`` class, since arq reads such a class's own
+``__dict__`` and the values here depend on the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+from shared.event_log import EventLog
+from shared.logs import configure_logging
+from shared.settings import Settings, load_settings
+
+from shared import keys
+
+from .chat_job import chat
+from .heartbeat import Heartbeat
+from .llm import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    redis = ctx["redis"]
+    ctx["upstream"] = Upstream(settings)
+    ctx["event_log"] = EventLog(redis, settings.stream_retention_s)
+    heartbeat = Heartbeat(
+        redis,
+        interval_s=settings.heartbeat_interval_s,
+        alive_ms=int(settings.worker_lost_timeout_s * 1000),
+    )
+    ctx["heartbeat"] = heartbeat
+    ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
+    logger.info(
+        "worker %s ready: LLM %s, model %s, up to %d jobs at once",
+        ctx["worker_name"],
+        settings.openai_base_url,
+        settings.openai_model,
+        settings.worker_max_jobs,
+    )
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    task: asyncio.Task[None] | None = ctx.get("heartbeat_task")
+    if task is not None:
+        task.cancel()
+    upstream: Upstream | None = ctx.get("upstream")
+    if upstream is not None:
+        await upstream.close()
+
+
+def create_worker(settings: Settings) -> Worker:
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    return Worker(
+        functions=[func(chat, name="chat")],
+        queue_name=keys.QUEUE_NAME,
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        ctx={"settings": settings, "worker_name": worker_name},
+        max_jobs=settings.worker_max_jobs,
+        job_timeout=settings.job_timeout_s,
+        # Results are not read (the stream is the result); keep them only briefly.
+        keep_result=60,
+        # SIGTERM: stop taking jobs and let running ones finish for this long.
+        job_completion_wait=int(settings.shutdown_grace_s),
+        # Each worker its own health-check key: arq's default is shared by the whole queue.
+        health_check_key=f"sg:worker-health:{worker_name}",
+        health_check_interval=60,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    create_worker(settings).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Cursors: the SSE ``id:`` of every event, naming both the job and the place in its stream.
+
+A cursor is ``<job_id>_<stream entry id>``. It is opaque to clients; carrying the job id is
+what lets a bare ``Last-Event-ID`` find the job again on any gateway.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import NamedTuple
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+_CURSOR = re.compile(r"([0-9a-f]{32})_(\d{1,20}-\d{1,20})")
+
+START = "0-0"  # the stream position before the first event
+
+
+class Cursor(NamedTuple):
+    job_id: str
+    entry_id: str
+
+    def __str__(self) -> str:
+        return f"{self.job_id}_{self.entry_id}"
+
+
+def new_job_id() -> str:
+    """128 random bits: job ids are unguessable, so knowing one is the right to read it."""
+    return secrets.token_hex(16)
+
+
+def is_job_id(value: str) -> bool:
+    return _JOB_ID.fullmatch(value) is not None
+
+
+def parse_cursor(value: str) -> Cursor | None:
+    match = _CURSOR.fullmatch(value.strip())
+    if match is None:
+        return None
+    return Cursor(match.group(1), match.group(2))

@@ -1,0 +1,117 @@
+"""The events of a job's stream, as one JSON object each (see PROTOCOL.md, "The event stream").
+
+Events are encoded once, by whoever appends them, and relayed as the same bytes: the gateway
+never decodes a token on its way through. ``final`` travels beside the JSON in the stream
+entry so a reader knows the end of a stream without parsing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+
+    def data(self) -> dict[str, Any]:
+        return {"token": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStarted:
+    call_id: str
+    name: str
+
+    def data(self) -> dict[str, Any]:
+        return {"tool_call": {"id": self.call_id, "name": self.name}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    call_id: str
+    name: str
+    arguments: Any  # the parsed JSON object, or the raw string when the model sent bad JSON
+    output: str
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "id": self.call_id,
+            "name": self.name,
+            "arguments": self.arguments,
+            "output": self.output,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsCalled:
+    calls: list[ToolResult] = field(default_factory=list)
+
+    def data(self) -> dict[str, Any]:
+        return {"tools_called": [call.data() for call in self.calls]}
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    job_id: str
+    position: int
+
+    def data(self) -> dict[str, Any]:
+        return {"lifecycle": "queued", "job_id": self.job_id, "position": self.position}
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    job_id: str
+
+    def data(self) -> dict[str, Any]:
+        return {"lifecycle": "started", "job_id": self.job_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    def data(self) -> dict[str, Any]:
+        return {"lifecycle": "done"}
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    message: str
+
+    def data(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+
+Event = Token | ToolCallStarted | ToolsCalled | Queued | Started | Done | Error
+
+# Events that show the job has produced output: once one is published, the job never re-runs.
+OUTPUT_EVENTS = (Token, ToolCallStarted, ToolsCalled)
+
+
+def is_final(event: Event) -> bool:
+    return isinstance(event, Done | Error)
+
+
+def encode(event: Event) -> bytes:
+    return orjson.dumps(event.data())
+
+
+def decode(data: bytes | str) -> dict[str, Any]:
+    """The JSON object of an event, for clients and tests; the relay never needs it."""
+    value = orjson.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("an event is a JSON object")
+    return value
+
+
+# Errors with fixed wording, shared by whoever detects the failure.
+CANCELLED = "cancelled"
+WORKER_LOST = (
+    "the worker running this job stopped responding; the answer is incomplete, please retry"
+)
+NO_WORKER = "no worker was available to start this job in time; please retry later"
+JOB_LOST = "this job's events were lost (Redis restarted or evicted them); please retry"
+CLIENT_GONE = "cancelled: every reader disconnected"

@@ -1,0 +1,35 @@
+"""Every Redis name Streamgate uses, in one place.
+
+All keys of one job carry the hash tag ``{<job_id>}`` so that they land in one Cluster slot
+and the Lua scripts of the event log may touch them together.
+"""
+
+from __future__ import annotations
+
+QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
+PENDING = "sg:pending"  # job ids enqueued and not yet started, scored by enqueue time (ms)
+
+
+def events_key(job_id: str) -> str:
+    """The job's event stream; expires STREAM_RETENTION_S after its final event."""
+    return f"sg:{{{job_id}}}:events"
+
+
+def meta_key(job_id: str) -> str:
+    """The job's state (kind, owning attempt, published, final); expires with the stream."""
+    return f"sg:{{{job_id}}}:meta"
+
+
+def alive_key(job_id: str) -> str:
+    """Set by the worker running the job; lives WORKER_LOST_TIMEOUT_S unless renewed."""
+    return f"sg:{{{job_id}}}:alive"
+
+
+def deadline_key(job_id: str) -> str:
+    """Exists while the job may still start: it lives QUEUE_TIMEOUT_S from the enqueue."""
+    return f"sg:{{{job_id}}}:deadline"
+
+
+def watched_key(job_id: str) -> str:
+    """Renewed by every gateway relaying the job; lives DISCONNECT_GRACE_S unless renewed."""
+    return f"sg:{{{job_id}}}:watched"

@@ -1,0 +1,96 @@
+"""Every setting of Streamgate, read once from the environment and validated at start.
+
+A bad value stops the process before it serves anything, with a message that names the
+variable: a typo in production should fail loudly at deploy time, not at the first chat.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    redis_url: str = "redis://localhost:6379/0"
+    openai_base_url: str = "http://127.0.0.1:8001/v1"
+    openai_api_key: str = ""
+    openai_model: str = "streamgate-demo"
+    openai_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    cors_allow_origins: str = "*"
+    max_prompt_chars: Annotated[int, Field(gt=0)] = 32000
+    ping_interval_s: PositiveSeconds = 15.0
+    worker_lost_timeout_s: PositiveSeconds = 30.0
+    upstream_idle_timeout_s: PositiveSeconds = 30.0
+    queue_timeout_s: PositiveSeconds = 60.0
+    disconnect_grace_s: PositiveSeconds = 10.0
+    stream_retention_s: Annotated[int, Field(gt=0)] = 3600
+    max_queued_jobs: Annotated[int, Field(gt=0)] = 1000
+    api_keys: str = ""
+    rate_limit_per_min: Annotated[int, Field(ge=0)] = 0
+    # Not in the contract's table; each is documented in the README's one table.
+    worker_max_jobs: Annotated[int, Field(gt=0)] = 200
+    job_timeout_s: PositiveSeconds = 900.0
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
+    relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
+    send_timeout_s: PositiveSeconds = 30.0
+    log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme != "unix":
+            if not parts.hostname:
+                raise ValueError("has no host name")
+            _ = parts.port  # raises ValueError on a port that is not a number
+            db = parts.path.lstrip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"database {db!r} is not a number")
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often a worker proves each job alive and checks it should go on."""
+        return min(0.5, self.worker_lost_timeout_s / 3, self.disconnect_grace_s / 3)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit naming every variable that is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "?"
+            lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
+        sys.exit("Streamgate cannot start: invalid setting(s)\n" + "\n".join(lines))
