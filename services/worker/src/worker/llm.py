@@ -74,11 +74,11 @@ class Upstream:
                 stream=True,
                 **extra,
             ) as response:
-                async for line in response.iter_lines():
-                    if not line.startswith("data:"):
+                async for line in sse_lines(response.iter_bytes()):
+                    if not line.startswith(b"data:"):
                         continue  # blank separators, comments, event: lines
                     payload = line[5:].strip()
-                    if payload == "[DONE]":
+                    if payload == b"[DONE]":
                         return
                     for delta in parse_chunk(payload):
                         yield delta
@@ -118,7 +118,20 @@ def _detail(exc: openai.APIStatusError) -> str:
     return exc.message[:300]
 
 
-def parse_chunk(payload: str) -> list[Delta]:
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """SSE lines split on LF (CRLF too) only: ``str.splitlines`` would also split on U+2028
+    and other separators that JSON may carry unescaped inside a token."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+    if buffer:
+        yield buffer
+
+
+def parse_chunk(payload: bytes) -> list[Delta]:
     """The deltas of one ``chat.completion.chunk``, or UpstreamError for an error chunk."""
     try:
         chunk = orjson.loads(payload)

@@ -1,0 +1,99 @@
+"""Fixtures: Redis (REDIS_URL, else testcontainers, else our own redis-server) and stacks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from .harness import RedisServer, Stack, private_db
+
+
+def _testcontainers_redis() -> tuple[str, object] | None:
+    try:
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer("redis:7-alpine")
+        container.start()
+    except Exception:  # no Docker engine here: fall back to a redis-server of our own
+        return None
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(6379)
+    return f"redis://{host}:{port}/0", container
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    """Our own redis-server, or None when REDIS_URL or a container provides Redis."""
+    if os.environ.get("REDIS_URL") or os.environ.get("STREAMGATE_TEST_DOCKER"):
+        yield None
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> Iterator[str]:
+    if redis_server is not None:
+        yield redis_server.url
+        return
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    found = _testcontainers_redis()
+    assert found is not None, "STREAMGATE_TEST_DOCKER is set but no container started"
+    url, container = found
+    yield url
+    container.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Service logs; CI sets STREAMGATE_TEST_LOGS to keep them as artifacts."""
+    if os.environ.get("STREAMGATE_TEST_LOGS"):
+        path = Path(os.environ["STREAMGATE_TEST_LOGS"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, logdir: Path) -> Iterator[Stack]:
+    """One gateway, one worker and the demo LLM, shared by the tests that do not break it."""
+    running = Stack(private_db(redis_url), logdir).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_stack(redis_url: str, logdir: Path) -> Iterator[Callable[..., Stack]]:
+    """A factory of private stacks for tests that kill or reconfigure processes."""
+    made: list[Stack] = []
+
+    def make(gateways: int = 1, workers: int = 1, **env: str) -> Stack:
+        new = Stack(private_db(redis_url), logdir, env).start(gateways, workers)
+        made.append(new)
+        return new
+
+    yield make
+    for each in made:
+        each.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as http:
+        yield http

@@ -1,0 +1,184 @@
+"""GET /chat end to end: real gateway, worker and demo LLM processes, a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import redis
+
+from shared import keys
+
+from . import sse
+from .harness import Stack
+
+HARD_TEXT = (
+    "Hard cases:\ndata: not an event\r\r\n\n\nid: 7: a comment?event: nope emoji 😀🎉👩‍👩‍👧"
+    " 日本語 Ünïcödé \u2028line-separator\u2029 \"quotes\" \\ backslash\ttab\x00nul end."
+)
+
+
+def chat(client: httpx.Client, stack: Stack, prompt: str, **kw: object) -> sse.Stream:
+    return sse.read(client, stack.gateway.url + "/chat", params={"prompt": prompt}, **kw)  # type: ignore[arg-type]
+
+
+def assert_well_formed(stream: sse.Stream) -> None:
+    assert stream.status == 200
+    assert len(stream.finals) == 1, stream.events
+    assert sse.is_final(stream.events[-1])
+    assert stream.after_final == b""
+    ids = [m.id for m in stream.messages]
+    assert len(set(ids)) == len(ids)
+    job_id = stream.events[0]["job_id"]
+    assert all(i.startswith(job_id) for i in ids)
+
+
+def test_streams_the_demo_answer(stack: Stack, client: httpx.Client) -> None:
+    stream = chat(client, stack, "hello")
+    assert_well_formed(stream)
+    assert stream.events[0]["lifecycle"] == "queued"
+    assert stream.events[0]["position"] >= 1
+    assert stream.events[1] == {"lifecycle": "started", "job_id": stream.events[0]["job_id"]}
+    assert stream.events[-1] == {"lifecycle": "done"}
+    assert "Streamgate demo model" in stream.text
+    assert '"hello"' in stream.text
+    assert all(e["token"] for e in stream.events if "token" in e), "empty tokens are not sent"
+
+
+def test_hard_tokens_arrive_exactly(stack: Stack, client: httpx.Client) -> None:
+    stream = chat(client, stack, "[hard]")
+    assert_well_formed(stream)
+    assert stream.text == HARD_TEXT
+    assert stream.events[-1] == {"lifecycle": "done"}
+
+
+def test_long_answer_loses_nothing(stack: Stack, client: httpx.Client) -> None:
+    stream = chat(client, stack, "[long 3000] [delay 0]")
+    assert_well_formed(stream)
+    assert stream.text == "".join(f"t{i} " for i in range(3000))
+
+
+def test_headers_say_do_not_cache_or_buffer(stack: Stack, client: httpx.Client) -> None:
+    stream = chat(client, stack, "hello")
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert "no-cache" in stream.headers["cache-control"]
+    assert stream.headers["x-accel-buffering"] == "no"
+
+
+def test_pings_while_waiting_and_never_after_the_end(
+    stack: Stack, client: httpx.Client
+) -> None:
+    # PING_INTERVAL_S is 1 in the test stack; tokens 1.3 s apart leave room for pings.
+    stream = chat(client, stack, "[long 3] [delay 1.3]")
+    assert_well_formed(stream)
+    assert stream.comments and set(stream.comments) == {"ping"}
+    assert stream.raw.endswith(b'data: {"lifecycle":"done"}\n\n')
+
+
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        ("[http 401]", "API key"),
+        ("[http 429]", "rate limiting"),
+        ("[http 500]", "HTTP 500"),
+        ("[fail-mid]", "lost mid-answer"),
+        ("[error-mid]", "error mid-answer"),
+        ("[stall]", "sent nothing for 2 s"),
+    ],
+)
+def test_upstream_failures_end_with_one_error_event(
+    stack: Stack, client: httpx.Client, prompt: str, words: str
+) -> None:
+    stream = chat(client, stack, prompt)
+    assert_well_formed(stream)
+    assert words in stream.events[-1]["error"]
+
+
+def test_unreachable_upstream_is_an_error_event(make_stack, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    stream = chat(client, stack, "hello")
+    assert_well_formed(stream)
+    assert "could not reach the LLM at http://127.0.0.1:9/v1" in stream.events[-1]["error"]
+
+
+def _queue_size(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.zcard(keys.QUEUE_NAME)) + int(client.zcard(keys.PENDING))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "words"),
+    [
+        ("", 400, "missing prompt"),
+        ("prompt=", 400, "empty"),
+        ("prompt=%20%20", 400, "empty"),
+        ("prompt=%ff%fe", 400, "UTF-8"),
+        ("prompt=abc%zz", 400, "percent"),
+        ("prompt=abc%4", 400, "percent"),
+        ("prompt=" + "x" * 40, 413, "limit is 32"),
+        ("prompt=hi&last_event_id=nonsense", 400, "cursor"),
+        ("prompt=hi&last_event_id=" + "a" * 32 + "_1-0", 404, "no job"),
+        ("prompt=hi&session=../etc", 400, "session"),
+    ],
+)
+def test_bad_requests_get_json_errors_and_enqueue_nothing(
+    make_stack, client: httpx.Client, query: str, status: int, words: str  # type: ignore[no-untyped-def]
+) -> None:
+    stack = make_stack(MAX_PROMPT_CHARS="32")
+    before = _queue_size(stack.redis_url)
+    response = client.get(stack.gateway.url + "/chat?" + query)
+    assert response.status_code == status
+    assert words in response.json()["error"]
+    assert _queue_size(stack.redis_url) == before
+
+
+def test_head_answers_headers_and_enqueues_nothing(stack: Stack, client: httpx.Client) -> None:
+    before = _queue_size(stack.redis_url)
+    started = time.monotonic()
+    response = client.head(stack.gateway.url + "/chat", params={"prompt": "hello"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert time.monotonic() - started < 2
+    assert _queue_size(stack.redis_url) == before
+
+
+def test_cors_allows_configured_origins(make_stack, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(CORS_ALLOW_ORIGINS="https://app.example")
+    preflight = client.options(
+        stack.gateway.url + "/chat",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    refused = client.options(
+        stack.gateway.url + "/chat",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert refused.status_code == 400
+    simple = client.get(stack.gateway.url + "/healthz", headers={"Origin": "https://app.example"})
+    assert simple.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_cors_star_by_default(stack: Stack, client: httpx.Client) -> None:
+    response = client.get(stack.gateway.url + "/healthz", headers={"Origin": "https://x.example"})
+    assert response.headers["access-control-allow-origin"] == "*"
+
+
+def test_stream_expires_after_retention(make_stack, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(STREAM_RETENTION_S="2")
+    stream = chat(client, stack, "hello")
+    assert_well_formed(stream)
+    job_id = stream.events[0]["job_id"]
+    r = redis.Redis.from_url(stack.redis_url)
+    ttl = r.ttl(keys.events_key(job_id))
+    r.close()
+    assert 0 < ttl <= 2
+    events_url = f"{stack.gateway.url}/chat/{job_id}/events"
+    assert client.get(events_url, headers={"Accept": "text/event-stream"}, timeout=5).status_code == 200
+    time.sleep(2.5)
+    assert client.get(events_url).status_code == 404

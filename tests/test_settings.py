@@ -1,0 +1,58 @@
+"""Settings: the contract's defaults, and a bad value stops a process naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.settings import Settings
+
+from .harness import ROOT
+
+
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    s = Settings()
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.openai_base_url == "http://127.0.0.1:8001/v1"
+    assert s.cors_allow_origins == "*"
+    assert s.max_prompt_chars == 32000
+    assert s.ping_interval_s == 15
+    assert s.worker_lost_timeout_s == 30
+    assert s.upstream_idle_timeout_s == 30
+    assert s.queue_timeout_s == 60
+    assert s.disconnect_grace_s == 10
+    assert s.stream_retention_s == 3600
+    assert s.max_queued_jobs == 1000
+    assert s.api_keys == ""
+    assert s.rate_limit_per_min == 0
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{name.upper()}` |" in readme, f"{name.upper()} is not documented"
+
+
+@pytest.mark.parametrize("module", ["gateway", "worker"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "localhost:6379"),
+        ("REDIS_URL", "redis://host:port/0"),
+        ("PING_INTERVAL_S", "soon"),
+        ("MAX_PROMPT_CHARS", "-1"),
+        ("OPENAI_BASE_URL", "not a url"),
+    ],
+)
+def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module], env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert name in result.stderr
+    assert "Traceback" not in result.stderr
