@@ -87,9 +87,9 @@ def read(
     started = time.monotonic()
     with client.stream("GET", url, params=params, headers=headers, timeout=timeout) as response:
         stream = Stream(response.status_code, response.headers)
-        if response.status_code != 200 or not response.headers.get(
-            "content-type", ""
-        ).startswith("text/event-stream"):
+        if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
             stream.raw = response.read()
             return stream
         chunks = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,11 +13,11 @@ import redis
 from shared import keys
 
 from . import sse
-from .harness import Stack
+from .harness import Stack, private_db
 
 HARD_TEXT = (
     "Hard cases:\ndata: not an event\r\r\n\n\nid: 7: a comment?event: nope emoji 😀🎉👩‍👩‍👧"
-    " 日本語 Ünïcödé \u2028line-separator\u2029 \"quotes\" \\ backslash\ttab\x00nul end."
+    ' 日本語 Ünïcödé \u2028line-separator\u2029 "quotes" \\ backslash\ttab\x00nul end.'
 )
 
 
@@ -66,9 +68,7 @@ def test_headers_say_do_not_cache_or_buffer(stack: Stack, client: httpx.Client) 
     assert stream.headers["x-accel-buffering"] == "no"
 
 
-def test_pings_while_waiting_and_never_after_the_end(
-    stack: Stack, client: httpx.Client
-) -> None:
+def test_pings_while_waiting_and_never_after_the_end(stack: Stack, client: httpx.Client) -> None:
     # PING_INTERVAL_S is 1 in the test stack; tokens 1.3 s apart leave room for pings.
     stream = chat(client, stack, "[long 3] [delay 1.3]")
     assert_well_formed(stream)
@@ -102,6 +102,13 @@ def test_unreachable_upstream_is_an_error_event(make_stack, client: httpx.Client
     assert "could not reach the LLM at http://127.0.0.1:9/v1" in stream.events[-1]["error"]
 
 
+@pytest.fixture(scope="module")
+def small_prompts(redis_url: str, logdir: Path) -> Iterator[Stack]:
+    stack = Stack(private_db(redis_url), logdir, {"MAX_PROMPT_CHARS": "32"}).start()
+    yield stack
+    stack.stop()
+
+
 def _queue_size(redis_url: str) -> int:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -126,9 +133,9 @@ def _queue_size(redis_url: str) -> int:
     ],
 )
 def test_bad_requests_get_json_errors_and_enqueue_nothing(
-    make_stack, client: httpx.Client, query: str, status: int, words: str  # type: ignore[no-untyped-def]
+    small_prompts: Stack, client: httpx.Client, query: str, status: int, words: str
 ) -> None:
-    stack = make_stack(MAX_PROMPT_CHARS="32")
+    stack = small_prompts
     before = _queue_size(stack.redis_url)
     response = client.get(stack.gateway.url + "/chat?" + query)
     assert response.status_code == status
@@ -150,8 +157,11 @@ def test_cors_allows_configured_origins(make_stack, client: httpx.Client) -> Non
     stack = make_stack(CORS_ALLOW_ORIGINS="https://app.example")
     preflight = client.options(
         stack.gateway.url + "/chat",
-        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type"},
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
@@ -179,6 +189,9 @@ def test_stream_expires_after_retention(make_stack, client: httpx.Client) -> Non
     r.close()
     assert 0 < ttl <= 2
     events_url = f"{stack.gateway.url}/chat/{job_id}/events"
-    assert client.get(events_url, headers={"Accept": "text/event-stream"}, timeout=5).status_code == 200
+    assert (
+        client.get(events_url, headers={"Accept": "text/event-stream"}, timeout=5).status_code
+        == 200
+    )
     time.sleep(2.5)
     assert client.get(events_url).status_code == 404

@@ -26,8 +26,12 @@ def compose() -> dict[str, Any]:
 
 def test_compose_file_follows_the_compose_spec() -> None:
     subprocess.run(
-        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-         str(ROOT / "docker-compose.yml")],
+        [
+            _tool("check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "docker-compose.yml"),
+        ],
         check=True,
     )
 
@@ -61,8 +65,11 @@ def test_model_settings_pass_through_from_env_file() -> None:
 def test_images_install_only_their_own_service() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert '--package "streamgate-${SERVICE//_/-}"' in dockerfile
-    args = {name: s["build"]["args"]["SERVICE"] for name, s in compose()["services"].items()
-            if "build" in s}
+    args = {
+        name: s["build"]["args"]["SERVICE"]
+        for name, s in compose()["services"].items()
+        if "build" in s
+    }
     assert args == {"gateway": "gateway", "worker": "worker", "llm": "demo_llm"}
 
 

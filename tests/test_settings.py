@@ -50,8 +50,12 @@ def test_every_setting_is_in_the_readme_table() -> None:
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", module], env={"PATH": "/usr/bin:/bin", name: value},
-        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert result.returncode != 0
     assert name in result.stderr

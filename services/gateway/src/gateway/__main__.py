@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import uvicorn
+
 from shared.logs import configure_logging
 from shared.settings import load_settings
 

@@ -9,8 +9,6 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from shared.event_log import EventLog
-from shared.settings import Settings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,6 +18,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from shared import keys
+from shared.event_log import EventLog
+from shared.settings import Settings
 
 from . import chat, health
 from .errors import (

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from shared.cursors import START, Cursor, is_job_id
-from shared.event_log import FINAL
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import events as ev
+from shared.cursors import START, Cursor, is_job_id
+from shared.event_log import FINAL
 
 from .errors import BadRequest, NotFound
 from .inputs import chat_request, cursor_of, json_body, query_params

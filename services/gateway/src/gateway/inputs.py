@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 import orjson
-from shared.cursors import Cursor, parse_cursor
 from starlette.requests import Request
+
+from shared.cursors import Cursor, parse_cursor
 
 from .errors import ApiError, BadRequest, PromptTooLong
 

@@ -7,11 +7,11 @@ from dataclasses import asdict
 from typing import Literal
 
 from arq.connections import ArqRedis
+
+from shared import keys
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
 from shared.settings import Settings
-
-from shared import keys
 
 from .errors import Unavailable
 from .inputs import ChatRequest

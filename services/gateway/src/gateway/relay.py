@@ -28,11 +28,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from shared.event_log import DATA, FINAL, EventLog
-from shared.settings import Settings
 
 from shared import events as ev
 from shared import keys
+from shared.event_log import DATA, FINAL, EventLog
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
+
 from shared.event_log import EventLog
 from shared.settings import Settings
 

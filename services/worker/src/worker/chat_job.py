@@ -13,10 +13,9 @@ import logging
 import secrets
 from typing import Any
 
+from shared import events as ev
 from shared.event_log import EventLog
 from shared.settings import Settings
-
-from shared import events as ev
 
 from .heartbeat import Heartbeat
 from .llm import TextDelta, Upstream, UpstreamError

@@ -16,6 +16,7 @@ from typing import Any
 import httpx2
 import openai
 import orjson
+
 from shared.settings import Settings
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+
+from shared import keys
 from shared.event_log import EventLog
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
-
-from shared import keys
 
 from .chat_job import chat
 from .heartbeat import Heartbeat

@@ -14,9 +14,9 @@ import logging
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from shared.event_log import EventLog
 
 from shared import events as ev
+from shared.event_log import EventLog
 
 logger = logging.getLogger(__name__)
 
