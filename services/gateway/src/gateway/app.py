@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool, Redis
@@ -14,8 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from shared import keys
 from shared.event_log import EventLog
@@ -39,6 +41,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         return error_response(405, f"{request.method} is not allowed on {request.url.path}")
     return error_response(exc.status_code, str(exc.detail))
+
+
+STATIC = Path(__file__).parent / "static"
+
+
+async def _index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -78,6 +87,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/", _index, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [
         Middleware(
