@@ -7,9 +7,11 @@ Writes go through Lua scripts so that each is atomic with the job's state in its
   never run again: the new attempt ends it with an error instead (arq may run a job twice).
 - ``append`` is fenced by the owning attempt: a stale attempt, or any writer after the final
   event, writes nothing and learns it should stop.
-- ``end`` is how a gateway (or a worker for another's job) ends a job from outside: cancel,
-  a worker that stopped renewing its heartbeat, a queue timeout. Its checks run in the script,
-  so two gateways watching one job cannot both end it.
+- ``release`` hands a job that produced no output back to the queue (worker shutdown).
+- ``end`` ends a job from outside (cancel, no reader left); ``check_stalled`` is the
+  watchdog's: it ends a job whose worker stopped its heartbeat after output, hands one back
+  to the queue when its worker died before any output, and ends one that no worker started
+  in time. The checks run in the scripts, so two gateways watching one job cannot both act.
 
 Every job stream thus ends with exactly one final event, and nothing follows it.
 """
@@ -36,28 +38,37 @@ local function finalize(data, retention)
   redis.call('EXPIRE', KEYS[2], retention)
   redis.call('DEL', KEYS[3], KEYS[4])
 end
+local function owned()
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  return owner and owner ~= ''
+end
 """
 
+# Meta hash fields: kind, request (JSON), owner ('' while waiting, the attempt's token while
+# running, '-' once ended), started, published, final, requeues.
+
 # KEYS: meta, events, alive, deadline, watched.
-# ARGV: kind, queued event, queue timeout ms, ttl s, disconnect grace ms (0: not watched).
+# ARGV: kind, request, queued event, queue timeout ms, ttl s, disconnect grace ms (0: none).
 _CREATE = """
-redis.call('HSET', KEYS[1], 'kind', ARGV[1])
-local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[2])
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
-if ARGV[5] ~= '0' then redis.call('SET', KEYS[5], '1', 'PX', ARGV[5]) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '')
+local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+if ARGV[6] ~= '0' then redis.call('SET', KEYS[5], '1', 'PX', ARGV[6]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 return id
 """
 
+# KEYS: meta, events, alive, deadline.
 # ARGV: owner, alive ms, started event, worker-lost error, no-worker error, retention s.
 _CLAIM = (
     _FINALIZE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 'final' end
-local previous = redis.call('HGET', KEYS[1], 'owner')
-if not previous and redis.call('EXISTS', KEYS[4]) == 0 then
+if owned() then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 'busy' end
+elseif redis.call('EXISTS', KEYS[4]) == 0 then
   finalize(ARGV[5], ARGV[6])
   return 'expired'
 end
@@ -68,7 +79,9 @@ end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])
-if not previous then redis.call('XADD', KEYS[2], '*', 'd', ARGV[3]) end
+if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
+  redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
+end
 return 'run'
 """
 )
@@ -90,29 +103,54 @@ return 1
 """
 )
 
-# ARGV: mode, error event, retention s. Returns 1 if it ended the job, 0 if not, -1 if gone.
+# An attempt that stops before any output hands the job back, to run again at once.
+# ARGV: owner, queue timeout ms.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'published') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '')
+redis.call('DEL', KEYS[3])
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
+return 1
+"""
+
+# ARGV: error event, retention s. Returns 1 if it ended the job, 0 if ended before, -1 if gone.
 _END = (
     _FINALIZE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
-if ARGV[1] == 'stalled' then
-  local owner = redis.call('HGET', KEYS[1], 'owner')
-  if owner then
-    if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-    finalize(ARGV[2], ARGV[3])
-  else
-    if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-    finalize(ARGV[4], ARGV[3])
+finalize(ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# The watchdog's check of a job that has been silent. ARGV: worker-lost error, no-worker
+# error, retention s, queue timeout ms. Returns 0 healthy or ended, -1 gone, 1 ended now,
+# 2 handed back to the queue (its worker died before any output: the caller enqueues it).
+_CHECK = (
+    _FINALIZE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
+if owned() then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+  if redis.call('HEXISTS', KEYS[1], 'published') == 1 then
+    finalize(ARGV[1], ARGV[3])
+    return 1
   end
-  return 1
+  redis.call('HSET', KEYS[1], 'owner', '')
+  redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+  return 2
 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 finalize(ARGV[2], ARGV[3])
 return 1
 """
 )
 
-ClaimResult = Literal["run", "gone", "final", "expired", "lost"]
+ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost"]
 
 
 def _job_keys(job_id: str) -> list[str]:
@@ -125,20 +163,23 @@ def _job_keys(job_id: str) -> list[str]:
 
 
 class EventLog:
-    def __init__(self, redis: Redis, retention_s: int) -> None:
+    def __init__(self, redis: Redis, retention_s: int, queue_timeout_s: float) -> None:
         self.redis = redis
         self.retention_s = retention_s
+        self.queue_timeout_ms = int(queue_timeout_s * 1000)
         self._create = redis.register_script(_CREATE)
         self._claim = redis.register_script(_CLAIM)
         self._append = redis.register_script(_APPEND)
+        self._release = redis.register_script(_RELEASE)
         self._end = redis.register_script(_END)
+        self._check = redis.register_script(_CHECK)
 
     async def create(
         self,
         job_id: str,
         kind: str,
+        request: bytes,
         position: int,
-        queue_timeout_s: float,
         ttl_s: int,
         watched_s: float | None,
     ) -> bytes:
@@ -150,11 +191,16 @@ class EventLog:
         watched_ms = int(watched_s * 1000) if watched_s else 0
         entry_id: bytes = await self._create(
             keys=[*_job_keys(job_id), keys.watched_key(job_id)],
-            args=[kind, queued, int(queue_timeout_s * 1000), ttl_s, watched_ms],
+            args=[kind, request, queued, self.queue_timeout_ms, ttl_s, watched_ms],
         )
         return entry_id
 
-    async def claim(self, job_id: str, owner: str, alive_ms: int) -> ClaimResult:
+    async def claim(self, job_id: str, queued_as: str, owner: str, alive_ms: int) -> ClaimResult:
+        """Make ``owner`` the job's running attempt; anything but "run" means do not run it.
+
+        ``queued_as`` is the arq job id it came under, which leaves the waiting set now.
+        """
+        await self.redis.zrem(keys.PENDING, queued_as)
         result: bytes = await self._claim(
             keys=_job_keys(job_id),
             args=[
@@ -166,7 +212,6 @@ class EventLog:
                 self.retention_s,
             ],
         )
-        await self.redis.zrem(keys.PENDING, job_id)  # started or ended: no longer waiting
         return result.decode()  # type: ignore[return-value]
 
     async def append(self, job_id: str, owner: str, batch: Sequence[ev.Event]) -> bool:
@@ -180,27 +225,37 @@ class EventLog:
             args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
         return bool(await self._append(keys=_job_keys(job_id), args=args))
 
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Hand a job without output back to the queue; False if it had output or was not ours."""
+        return bool(
+            await self._release(keys=_job_keys(job_id), args=[owner, self.queue_timeout_ms])
+        )
+
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
-        args: list[bytes | str | int] = ["now", ev.encode(ev.Error(error)), self.retention_s]
+        args: list[bytes | str | int] = [ev.encode(ev.Error(error)), self.retention_s]
         return int(await self._end(keys=_job_keys(job_id), args=args)) == 1
 
-    async def end_if_stalled(self, job_ids: Sequence[str]) -> dict[str, int]:
-        """End each job whose worker stopped its heartbeat or that no worker started in time.
-
-        Returns per job: 1 ended now, 0 alive (or already ended), -1 unknown (lost or expired).
-        """
-        lost = ev.encode(ev.Error(ev.WORKER_LOST))
-        no_worker = ev.encode(ev.Error(ev.NO_WORKER))
+    async def check_stalled(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """Per job: 0 fine, 1 ended now (worker lost, or no worker in time), 2 handed back to
+        the queue (its worker died before any output: enqueue it again), -1 unknown."""
+        args: list[bytes | str | int] = [
+            ev.encode(ev.Error(ev.WORKER_LOST)),
+            ev.encode(ev.Error(ev.NO_WORKER)),
+            self.retention_s,
+            self.queue_timeout_ms,
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                await self._end(
-                    keys=_job_keys(job_id),
-                    args=["stalled", lost, self.retention_s, no_worker],
-                    client=pipe,
-                )
+                await self._check(keys=_job_keys(job_id), args=args, client=pipe)
             results = await pipe.execute()
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
+
+    async def request_of(self, job_id: str) -> tuple[bytes | None, int]:
+        """The job's request as enqueued, and how often it has been handed back."""
+        fields = self.redis.hmget(keys.meta_key(job_id), ["request", "requeues"])
+        request, requeues = await fields  # type: ignore[misc]
+        return request, int(requeues or 0)
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(keys.meta_key(job_id)))

@@ -7,7 +7,9 @@ and the Lua scripts of the event log may touch them together.
 from __future__ import annotations
 
 QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
-PENDING = "sg:pending"  # job ids enqueued and not yet started, scored by enqueue time (ms)
+PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time (ms)
+WAKE = "sg:wake"  # pushed after every enqueue; idle workers block on it (capped list)
+WAKE_CAP = 64  # more pushes than idle workers wake nobody more
 
 
 def events_key(job_id: str) -> str:

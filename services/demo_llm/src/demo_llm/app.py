@@ -121,6 +121,8 @@ async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIter
     stats.open_streams += 1
     finished = False
     try:
+        if script.wait_s:
+            await asyncio.sleep(script.wait_s)
         yield _chunk(completion_id, {"role": "assistant", "content": ""})
         for token in script.tokens:
             if script.delay_s:

@@ -8,6 +8,7 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[hard]``         | tokens holding newlines, ``data:``, ``\\r``, emoji, other Unicode |
 | ``[long N]``       | N numbered tokens                                               |
 | ``[delay S]``      | S seconds between tokens (default ``DEMO_LLM_DELAY_S``)           |
+| ``[wait S]``       | S seconds of silence before the first token                     |
 | ``[fail-mid]``     | a few tokens, then the connection drops                         |
 | ``[error-mid]``    | a few tokens, then an error object in the stream                |
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
@@ -43,7 +44,7 @@ HARD_TOKENS = [
     " end.",
 ]
 
-_DIRECTIVE = re.compile(r"\[(hard|long|delay|fail-mid|error-mid|http|stall|echo)(?:\s+([\d.]+))?\]")
+_DIRECTIVE = re.compile(r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo)(?:\s+([\d.]+))?\]")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Script:
     delay_s: float
     http_status: int | None = None
     then: str | None = None  # "fail", "error" or "stall" after the tokens
+    wait_s: float = 0.0  # silence before the first token
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +91,8 @@ def plan(messages: list[dict[str, Any]], default_delay_s: float) -> Script:
         tokens = [f"t{i} " for i in range(count)]
     else:
         tokens = demo_answer(prompt)
+    wait = float(directives["wait"]) if directives.get("wait") else 0.0
     for name, then in (("fail-mid", "fail"), ("error-mid", "error"), ("stall", "stall")):
         if name in directives:
-            return Script(tokens[:3], delay, then=then)
-    return Script(tokens, delay)
+            return Script(tokens[:3], delay, then=then, wait_s=wait)
+    return Script(tokens, delay, wait_s=wait)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from arq.connections import ArqRedis
@@ -30,6 +31,7 @@ from .errors import (
     handle_api_error,
     handle_redis_down,
 )
+from .jobs import requeue
 from .relay import BLOCK_MS, Relay
 from .state import State
 
@@ -68,8 +70,8 @@ def create_app(settings: Settings) -> Starlette:
             socket_timeout=BLOCK_MS / 1000 + 5,
             single_connection_client=True,
         )
-        log = EventLog(arq, settings.stream_retention_s)
-        relay = Relay(arq, blocking, log, settings)
+        log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
+        relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings))
         await relay.start()
         app.state.sg = State(settings, arq, blocking, log, relay)
         try:

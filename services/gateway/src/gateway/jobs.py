@@ -1,4 +1,4 @@
-"""Starting a job: count it into the queue, open its stream, hand it to arq."""
+"""Starting a job: count it into the queue, open its stream, hand it to arq, wake a worker."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict
 from typing import Literal
 
+import orjson
 from arq.connections import ArqRedis
 
 from shared import keys
@@ -41,18 +42,36 @@ async def enqueue(
             f"the queue is full ({waiting} jobs waiting, MAX_QUEUED_JOBS is"
             f" {settings.max_queued_jobs}); retry shortly"
         )
-    await arq.zadd(keys.PENDING, {job_id: now_ms})
+    request = orjson.dumps({**asdict(chat), "kind": kind})
     ttl_s = int(settings.queue_timeout_s + settings.job_timeout_s) + settings.stream_retention_s
     await log.create(
         job_id,
         kind,
+        request,
         position=waiting + 1,
-        queue_timeout_s=settings.queue_timeout_s,
         ttl_s=ttl_s,
         watched_s=settings.disconnect_grace_s if kind == "get" else None,
     )
-    request = {**asdict(chat), "kind": kind}
-    await arq.enqueue_job(
-        "chat", job_id, request, _job_id=job_id, _expires=settings.queue_timeout_s
-    )
+    await submit(arq, settings, job_id, job_id, request)
     return job_id
+
+
+async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:
+    """Enqueue a job again whose worker died before any output (the watchdog found it)."""
+    request, requeues = await log.request_of(job_id)
+    if request is not None:
+        # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
+        await submit(arq, settings, job_id, f"{job_id}.{requeues}", request)
+
+
+async def submit(
+    arq: ArqRedis, settings: Settings, job_id: str, arq_id: str, request: bytes
+) -> None:
+    await arq.enqueue_job(
+        "chat", job_id, orjson.loads(request), _job_id=arq_id, _expires=settings.queue_timeout_s
+    )
+    async with arq.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.PENDING, {arq_id: int(time.time() * 1000)})
+        pipe.lpush(keys.WAKE, b"1")
+        pipe.ltrim(keys.WAKE, 0, keys.WAKE_CAP - 1)
+        await pipe.execute()

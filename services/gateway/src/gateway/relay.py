@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -116,8 +116,16 @@ class _Job:
 
 
 class Relay:
-    def __init__(self, redis: Redis, blocking_redis: Redis, log: EventLog, settings: Settings):
+    def __init__(
+        self,
+        redis: Redis,
+        blocking_redis: Redis,
+        log: EventLog,
+        settings: Settings,
+        requeue: Callable[[str], Awaitable[None]],
+    ) -> None:
         self.redis = redis
+        self.requeue = requeue
         self.blocking_redis = blocking_redis
         self.log = log
         self.settings = settings
@@ -271,7 +279,12 @@ class Relay:
         idle = [job_id for job_id, job in self.jobs.items() if job.last_activity <= idle_since]
         if not idle:
             return
-        for job_id, result in (await self.log.end_if_stalled(idle)).items():
+        for job_id, result in (await self.log.check_stalled(idle)).items():
+            if result == 2:
+                logger.warning(
+                    "job %s: its worker died before any output; running it again", job_id
+                )
+                await self.requeue(job_id)
             job = self.jobs.get(job_id)
             if result == -1 and job is not None:
                 # Redis no longer knows the job (restarted empty, or the stream expired).

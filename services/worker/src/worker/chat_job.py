@@ -32,7 +32,9 @@ async def chat(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) -> str
     heartbeat: Heartbeat = ctx["heartbeat"]
     owner = f"{ctx['worker_name']}:{ctx.get('job_try', 1)}:{secrets.token_hex(4)}"
 
-    claim = await log.claim(job_id, owner, int(settings.worker_lost_timeout_s * 1000))
+    claim = await log.claim(
+        job_id, ctx.get("job_id", job_id), owner, int(settings.worker_lost_timeout_s * 1000)
+    )
     if claim != "run":
         logger.info("job %s not run: %s", job_id, claim)
         return claim
@@ -50,17 +52,21 @@ async def chat(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) -> str
         except asyncio.CancelledError:
             if running.stop_reason == "unwatched":
                 final = ev.Error(ev.CLIENT_GONE)
-            elif running.stop_reason is None and publisher.published_output:
-                # Shutdown or job timeout after output: a re-run would duplicate text.
-                final = ev.Error("the worker stopped mid-answer; the answer is incomplete")
-            raise
+            elif running.stop_reason is None:
+                # Shutdown or job timeout. Before any output the job goes back to the queue
+                # and arq runs it again; after output a re-run would repeat text.
+                if not await log.release(job_id, owner):
+                    final = ev.Error("the worker stopped mid-answer; the answer is incomplete")
+                raise
         except Exception:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
             if final is not None:
                 await publisher.close(final)
-    outcome = "done" if isinstance(final, ev.Done) else "error"
+    # A job stopped by its heartbeat (cancelled, or no reader left) is over: returning,
+    # rather than raising CancelledError, keeps arq from queueing it again.
+    outcome = "done" if isinstance(final, ev.Done) else running.stop_reason or "error"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
 

@@ -15,7 +15,7 @@ import socket
 from typing import Any
 
 from arq.connections import RedisSettings
-from arq.worker import Worker, func
+from arq.worker import func
 
 from shared import keys
 from shared.event_log import EventLog
@@ -25,6 +25,7 @@ from shared.settings import Settings, load_settings
 from .chat_job import chat
 from .heartbeat import Heartbeat
 from .llm import Upstream
+from .pickup import PushWorker
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
-    ctx["event_log"] = EventLog(redis, settings.stream_retention_s)
+    ctx["event_log"] = EventLog(redis, settings.stream_retention_s, settings.queue_timeout_s)
     heartbeat = Heartbeat(
         redis,
         interval_s=settings.heartbeat_interval_s,
@@ -59,9 +60,10 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await upstream.close()
 
 
-def create_worker(settings: Settings) -> Worker:
+def create_worker(settings: Settings) -> PushWorker:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    return Worker(
+    return PushWorker(
+        wake_redis_url=settings.redis_url,
         functions=[func(chat, name="chat")],
         queue_name=keys.QUEUE_NAME,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
@@ -69,6 +71,10 @@ def create_worker(settings: Settings) -> Worker:
         on_shutdown=on_shutdown,
         ctx={"settings": settings, "worker_name": worker_name},
         max_jobs=settings.worker_max_jobs,
+        # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in
+        # the way of new ones up to this many.
+        poll_delay=0.5,
+        queue_read_limit=max(1000, settings.worker_max_jobs * 5),
         job_timeout=settings.job_timeout_s,
         # Results are not read (the stream is the result); keep them only briefly.
         keep_result=60,
