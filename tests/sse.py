@@ -104,3 +104,23 @@ def read(
     stream.messages, stream.comments, stream.after_final = parse(stream.raw)
     stream.elapsed = time.monotonic() - started
     return stream
+
+
+async def aread(
+    client: httpx.AsyncClient,
+    url: str,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Stream:
+    """``read`` for asyncio clients, for tests that hold many streams at once."""
+    started = time.monotonic()
+    async with client.stream(
+        "GET", url, params=params, headers=headers, timeout=timeout
+    ) as response:
+        stream = Stream(response.status_code, response.headers)
+        stream.raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    if stream.status == 200:
+        stream.messages, stream.comments, stream.after_final = parse(stream.raw)
+    stream.elapsed = time.monotonic() - started
+    return stream

@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat", chat.chat_post, methods=["POST"]),
         Route("/chat/{job_id}/events", chat.chat_events, methods=["GET"]),
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
+        Route("/chat/{rest:path}", chat.not_a_job, methods=["GET", "DELETE"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/", _index, methods=["GET"]),

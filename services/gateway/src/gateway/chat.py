@@ -63,6 +63,11 @@ async def chat_cancel(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def not_a_job(request: Request) -> Response:
+    """Any other path under /chat/, such as ``../`` shapes: never a job."""
+    raise BadRequest("that is not a job URL: use /chat/<job_id>/events or /chat/<job_id>")
+
+
 def _job_id(request: Request) -> str:
     job_id: str = request.path_params["job_id"]
     if not is_job_id(job_id):
