@@ -25,6 +25,7 @@ class Stream:
     raw: bytes = b""
     after_final: bytes = b""  # anything the server sent after the final event
     elapsed: float = 0.0
+    cut: bool = False  # the connection broke before the server closed it
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -93,13 +94,16 @@ def read(
             stream.raw = response.read()
             return stream
         chunks = []
-        for chunk in response.iter_raw():
-            chunks.append(chunk)
-            if stop_after is not None and b"".join(chunks).count(b"\ndata: ") >= stop_after:
-                break
+        try:
+            for chunk in response.iter_raw():
+                chunks.append(chunk)
+                if stop_after is not None and b"".join(chunks).count(b"\ndata: ") >= stop_after:
+                    break
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            stream.cut = True  # the server went away mid-stream
         stream.raw = b"".join(chunks)
-    if stop_after is not None:
-        # Keep only whole messages: the connection was dropped mid-stream on purpose.
+    if stop_after is not None or stream.cut:
+        # Keep only whole messages: the connection was dropped mid-stream.
         stream.raw = stream.raw[: stream.raw.rfind(b"\n\n") + 2]
     stream.messages, stream.comments, stream.after_final = parse(stream.raw)
     stream.elapsed = time.monotonic() - started
@@ -111,12 +115,12 @@ async def aread(
     url: str,
     params: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
-    timeout: float = 60.0,
+    read_timeout: float = 60.0,
 ) -> Stream:
     """``read`` for asyncio clients, for tests that hold many streams at once."""
     started = time.monotonic()
     async with client.stream(
-        "GET", url, params=params, headers=headers, timeout=timeout
+        "GET", url, params=params, headers=headers, timeout=read_timeout
     ) as response:
         stream = Stream(response.status_code, response.headers)
         stream.raw = b"".join([chunk async for chunk in response.aiter_raw()])

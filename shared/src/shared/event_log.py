@@ -251,11 +251,15 @@ class EventLog:
             results = await pipe.execute()
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
-    async def request_of(self, job_id: str) -> tuple[bytes | None, int]:
-        """The job's request as enqueued, and how often it has been handed back."""
-        fields = self.redis.hmget(keys.meta_key(job_id), ["request", "requeues"])
-        request, requeues = await fields  # type: ignore[misc]
-        return request, int(requeues or 0)
+    async def request_of(self, job_id: str) -> bytes | None:
+        """The job's request (JSON) as the gateway enqueued it."""
+        request: bytes | None = await self.redis.hget(keys.meta_key(job_id), "request")  # type: ignore[misc]
+        return request
+
+    async def requeues(self, job_id: str) -> int:
+        """How often the job has been handed back to the queue."""
+        count = await self.redis.hget(keys.meta_key(job_id), "requeues")  # type: ignore[misc]
+        return int(count or 0)
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(keys.meta_key(job_id)))

@@ -44,7 +44,9 @@ HARD_TOKENS = [
     " end.",
 ]
 
-_DIRECTIVE = re.compile(r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo)(?:\s+([\d.]+))?\]")
+_DIRECTIVE = re.compile(
+    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo)(?:\s+([\d.]+))?\]"
+)
 
 
 @dataclass

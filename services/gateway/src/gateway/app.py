@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -57,11 +57,13 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Fail fast while Redis is down (503 within seconds), never at start: /healthz
         # answers whether or not Redis is there.
-        pool = ConnectionPool.from_url(
+        # A bounded pool where requests wait their turn rather than fail.
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             socket_connect_timeout=2,
             socket_timeout=5,
-            max_connections=200,
+            max_connections=64,
+            timeout=5,
         )
         arq = ArqRedis(connection_pool=pool, default_queue_name=keys.QUEUE_NAME)
         blocking = Redis.from_url(

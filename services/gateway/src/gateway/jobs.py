@@ -52,24 +52,20 @@ async def enqueue(
         ttl_s=ttl_s,
         watched_s=settings.disconnect_grace_s if kind == "get" else None,
     )
-    await submit(arq, settings, job_id, job_id, request)
+    await submit(arq, settings, job_id, job_id)
     return job_id
 
 
 async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:
     """Enqueue a job again whose worker died before any output (the watchdog found it)."""
-    request, requeues = await log.request_of(job_id)
-    if request is not None:
-        # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
-        await submit(arq, settings, job_id, f"{job_id}.{requeues}", request)
+    requeues = await log.requeues(job_id)
+    # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
+    await submit(arq, settings, job_id, f"{job_id}.{requeues}")
 
 
-async def submit(
-    arq: ArqRedis, settings: Settings, job_id: str, arq_id: str, request: bytes
-) -> None:
-    await arq.enqueue_job(
-        "chat", job_id, orjson.loads(request), _job_id=arq_id, _expires=settings.queue_timeout_s
-    )
+async def submit(arq: ArqRedis, settings: Settings, job_id: str, arq_id: str) -> None:
+    # Only the id travels through arq (and its logs); the request waits in the job's meta.
+    await arq.enqueue_job("chat", job_id, _job_id=arq_id, _expires=settings.queue_timeout_s)
     async with arq.pipeline(transaction=False) as pipe:
         pipe.zadd(keys.PENDING, {arq_id: int(time.time() * 1000)})
         pipe.lpush(keys.WAKE, b"1")

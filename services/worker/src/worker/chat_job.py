@@ -13,6 +13,8 @@ import logging
 import secrets
 from typing import Any
 
+import orjson
+
 from shared import events as ev
 from shared.event_log import EventLog
 from shared.settings import Settings
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-async def chat(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) -> str:
+async def chat(ctx: dict[str, Any], job_id: str) -> str:
     settings: Settings = ctx["settings"]
     log: EventLog = ctx["event_log"]
     heartbeat: Heartbeat = ctx["heartbeat"]
@@ -39,6 +41,7 @@ async def chat(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) -> str
         logger.info("job %s not run: %s", job_id, claim)
         return claim
 
+    request = orjson.loads(await log.request_of(job_id) or b"{}")
     publisher = Publisher(log, job_id, owner, redis_patience_s=settings.worker_lost_timeout_s)
     final: ev.Event | None = None
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:

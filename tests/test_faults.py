@@ -1,0 +1,319 @@
+"""Faults injected into real processes: killed workers and gateways, Redis restarts,
+missing workers, dropped and slow clients, shutdowns. The promise: no token lost or seen
+twice, and no client left hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import events as ev
+
+from . import sse
+from .harness import RedisServer, Stack, private_db
+
+pytestmark = pytest.mark.slow
+
+LOST_TIMEOUT = 3.0  # WORKER_LOST_TIMEOUT_S in the test stacks
+LONG = "".join(f"t{i} " for i in range(100))
+
+
+class Background:
+    """A stream read in a thread, so the test can break things while it flows."""
+
+    def __init__(self, url: str, params: dict[str, str] | None = None) -> None:
+        self.result: sse.Stream | None = None
+        self.error: BaseException | None = None
+        self.job_id: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(url, params), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, params: dict[str, str] | None) -> None:
+        try:
+            with httpx.Client(timeout=60) as client:
+                self.result = sse.read(client, url, params=params)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def join(self, timeout: float = 60) -> sse.Stream:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream hangs"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def post(client: httpx.Client, stack: Stack, prompt: str) -> str:
+    response = client.post(stack.gateway.url + "/chat", json={"prompt": prompt})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def worker_running(stack: Stack, job_id: str) -> int:
+    """Which worker took the job (arq logs the job id when it starts it)."""
+    found: list[int] = []
+
+    def taken() -> bool:
+        found[:] = [i for i, w in enumerate(stack.workers) if job_id in w.log()]
+        return bool(found)
+
+    wait_until(taken, 10, f"a worker to take {job_id}")
+    return found[0]
+
+
+def test_killed_worker_mid_stream_ends_with_an_error_in_time(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=2)
+    job_id = post(client, stack, "[long 1000] [delay 0.02]")
+    head = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events", stop_after=10)
+    victim = worker_running(stack, job_id)
+    stack.workers[victim].kill()
+    killed_at = time.monotonic()
+    rest = sse.read(
+        client,
+        f"{stack.gateway.url}/chat/{job_id}/events",
+        headers={"Last-Event-ID": head.last_id},
+    )
+    assert time.monotonic() - killed_at < LOST_TIMEOUT + 2
+    assert rest.events[-1] == {"error": ev.WORKER_LOST}
+    assert len(rest.finals) == 1
+    text = head.text + rest.text
+    assert LONG.startswith(text[: len(LONG)]) or "".join(f"t{i} " for i in range(1000)).startswith(
+        text
+    ), "tokens were repeated or reordered"
+    # The survivor takes new work.
+    again = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 100]"})
+    assert again.text == LONG
+    assert again.events[-1] == {"lifecycle": "done"}
+
+
+def test_worker_killed_before_any_output_is_replaced_transparently(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=2)
+    job_id = post(client, stack, "[long 100] [wait 1.5]")
+    victim = worker_running(stack, job_id)
+    stack.workers[victim].kill()
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.text == LONG
+    assert [e.get("lifecycle") for e in stream.events if "lifecycle" in e] == [
+        "queued",
+        "started",
+        "done",
+    ]
+
+
+def test_killed_gateway_client_resumes_on_another_exactly(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(gateways=2)
+    first, second = stack.gateways
+    head: list[sse.Stream] = []
+    reader = threading.Thread(
+        target=lambda: head.append(
+            sse.read(
+                httpx.Client(timeout=30),
+                first.url + "/chat",
+                params={"prompt": "[hard] [delay 0.3]"},
+            )
+        ),
+        daemon=True,
+    )
+    reader.start()
+    time.sleep(1.5)
+    first.kill()
+    reader.join(10)
+    # The kill cut the stream: keep what arrived whole, resume from its last cursor.
+    partial = head[0] if head else None
+    assert partial is not None and partial.messages and not partial.finals
+    rest = sse.read(client, second.url + "/chat", headers={"Last-Event-ID": partial.last_id})
+    assert rest.events[-1] == {"lifecycle": "done"}
+    job_id = partial.events[0]["job_id"]
+    whole = sse.read(client, f"{second.url}/chat/{job_id}/events")
+    assert partial.text + rest.text == whole.text
+    assert "😀" in whole.text
+
+
+def test_a_gateway_sigterm_closes_streams_for_clients_to_resume(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(gateways=2)
+    first, second = stack.gateways
+    background = Background(first.url + "/chat", {"prompt": "[long 100] [delay 0.05]"})
+    time.sleep(1.0)
+    first.kill(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    partial = background.join(10)
+    assert time.monotonic() - stopped_at < 3
+    assert not partial.finals
+    rest = sse.read(client, second.url + "/chat", headers={"Last-Event-ID": partial.last_id})
+    assert partial.text + rest.text == LONG
+    # uvicorn re-raises SIGTERM once it has shut down cleanly.
+    assert first.proc is not None and first.proc.wait(10) in (0, -signal.SIGTERM)
+    assert "Finished server process" in first.log()
+
+
+def test_a_worker_sigterm_lets_the_running_job_finish(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(SHUTDOWN_GRACE_S="6")
+    background = Background(stack.gateway.url + "/chat", {"prompt": "[long 100] [delay 0.03]"})
+    time.sleep(1.0)
+    stack.workers[0].kill(signal.SIGTERM)
+    stream = background.join(20)
+    assert stream.text == LONG
+    assert stream.events[-1] == {"lifecycle": "done"}
+    assert stack.workers[0].proc is not None and stack.workers[0].proc.wait(10) == 0
+
+
+def test_dropped_client_reconnects_with_exact_text_and_one_upstream_request(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack()
+    params = {"prompt": "[long 100] [delay 0.02]"}
+    head = sse.read(client, stack.gateway.url + "/chat", params=params, stop_after=20)
+    time.sleep(0.5)  # gone for a while, less than DISCONNECT_GRACE_S
+    rest = sse.read(
+        client, stack.gateway.url + "/chat", params=params, headers={"Last-Event-ID": head.last_id}
+    )
+    assert head.text + rest.text == LONG
+    assert stack.llm_stats()["requests"] == 1
+
+
+def test_a_get_job_nobody_reads_is_cancelled_after_the_grace(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(DISCONNECT_GRACE_S="1.5")
+    head = sse.read(
+        client,
+        stack.gateway.url + "/chat",
+        params={"prompt": "[long 1000] [delay 0.02]"},
+        stop_after=5,
+    )
+    job_id = head.events[0]["job_id"]
+    wait_until(lambda: stack.llm_stats()["closed_early"] == 1, 4, "the upstream to close")
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.events[-1] == {"error": ev.CLIENT_GONE}
+
+
+def test_a_post_job_runs_to_its_end_unread(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(DISCONNECT_GRACE_S="1")
+    job_id = post(client, stack, "[long 100] [delay 0.03]")
+    time.sleep(4)
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.text == LONG
+    assert stream.events[-1] == {"lifecycle": "done"}
+
+
+def test_no_worker_means_an_error_in_time_and_the_job_never_runs(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=0, QUEUE_TIMEOUT_S="2")
+    started = time.monotonic()
+    stream = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hello"})
+    assert stream.events[-1] == {"error": ev.NO_WORKER}
+    assert time.monotonic() - started < 2 + 2
+    stack.add_worker()
+    time.sleep(2)
+    assert stack.llm_stats()["requests"] == 0
+
+
+def test_a_posted_job_no_worker_started_never_runs(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=0, QUEUE_TIMEOUT_S="1")
+    job_id = post(client, stack, "hello")
+    time.sleep(1.5)
+    stack.add_worker()
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.events[-1] == {"error": ev.NO_WORKER}
+    time.sleep(1)
+    assert stack.llm_stats()["requests"] == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_restart_mid_stream(
+    own_redis: RedisServer, logdir: Path, client: httpx.Client
+) -> None:
+    stack = Stack(own_redis.url, logdir).start()
+    try:
+        background = Background(stack.gateway.url + "/chat", {"prompt": "[long 1000] [delay 0.02]"})
+        time.sleep(1.0)
+        own_redis.stop()
+        down_at = time.monotonic()
+        ready = client.get(stack.gateway.url + "/readyz")
+        assert ready.status_code == 503
+        refused = client.get(stack.gateway.url + "/chat", params={"prompt": "hi"})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"]
+        assert "Redis" in refused.json()["error"]
+        assert time.monotonic() - down_at < 5, "503 must come within seconds"
+        own_redis.start()  # empty: the job in flight is gone
+        stream = background.join(20)
+        assert stream.events[-1] == {"error": ev.JOB_LOST}
+        assert len(stream.finals) == 1
+        # A reconnect finds nothing to resume.
+        gone = client.get(stack.gateway.url + "/chat", headers={"Last-Event-ID": stream.last_id})
+        assert gone.status_code == 404
+        # New chats work with no process restarted.
+        wait_until(
+            lambda: client.get(stack.gateway.url + "/readyz").status_code == 200, 10, "readiness"
+        )
+        again = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 100]"})
+        assert again.text == LONG
+        assert again.events[-1] == {"lifecycle": "done"}
+    finally:
+        stack.stop()
+
+
+def test_200_streams_each_read_twice_arrive_exactly(redis_url: str, logdir: Path) -> None:
+    stack = Stack(private_db(redis_url), logdir, {"QUEUE_TIMEOUT_S": "60"}).start(workers=2)
+    expected = "".join(f"t{i} " for i in range(50))
+
+    async def one(client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            stack.gateway.url + "/chat", json={"prompt": "[long 50] [delay 0.02]"}
+        )
+        job_id = response.json()["job_id"]
+        url = f"{stack.gateway.url}/chat/{job_id}/events"
+        first, second = await asyncio.gather(sse.aread(client, url), sse.aread(client, url))
+        for stream in (first, second):
+            assert stream.text == expected
+            assert stream.events[-1] == {"lifecycle": "done"}
+            assert len(stream.finals) == 1
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=500, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await asyncio.gather(*(one(client) for _ in range(200)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        stack.stop()
