@@ -1,0 +1,414 @@
+"""The ``streamgate`` CLI as a real subprocess: against the real stack, and against a tiny
+scripted gateway (http.server in a thread) that drops connections where we say, to prove
+that resuming neither repeats nor loses a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from demo_llm.scripts import HARD_TOKENS, demo_answer
+from streamgate_cli.client import ConnectionLost, Event, EventStream
+
+from . import sse
+from .harness import Stack, free_port
+
+CLI = [sys.executable, "-m", "streamgate_cli.main"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGATE_")}
+    done = subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        env={**clean, "PYTHONIOENCODING": "utf-8", **(env or {})},
+        timeout=timeout,
+    )
+    # Bytes decoded by hand: text mode would turn the answer's "\r\n" into "\n".
+    return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert all(set(line) == {"id", "data"} for line in lines), lines
+    return lines
+
+
+def text_of(lines: list[dict[str, Any]]) -> str:
+    return "".join(line["data"]["token"] for line in lines if "token" in line["data"])
+
+
+# --- against the real stack -------------------------------------------------------------
+
+
+def test_chat_prints_the_answer_and_exits_0(stack: Stack) -> None:
+    result = cli("chat", "hello", "--url", stack.gateway.url)
+    assert result.code == 0, result.err
+    assert result.out == "".join(demo_answer("hello")) + "\n"
+    assert result.err == ""
+
+
+def test_chat_prints_hard_tokens_exactly(stack: Stack) -> None:
+    result = cli("--url", stack.gateway.url, "chat", "[hard]")
+    assert result.code == 0, result.err
+    assert result.out == "".join(HARD_TOKENS) + "\n"
+
+
+def test_json_prints_every_event_ending_with_done(stack: Stack) -> None:
+    result = cli("chat", "[long 30]", "--json", "--url", stack.gateway.url)
+    assert result.code == 0, result.err
+    lines = json_lines(result.out)
+    assert lines[0]["data"]["lifecycle"] == "queued"
+    assert lines[-1]["data"] == {"lifecycle": "done"}
+    ids = [line["id"] for line in lines]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith(lines[0]["data"]["job_id"]) for i in ids)
+    assert text_of(lines) == "".join(f"t{i} " for i in range(30))
+
+
+def test_error_event_exits_1_with_the_message_on_stderr(stack: Stack) -> None:
+    result = cli("chat", "[error-mid]", "--url", stack.gateway.url)
+    assert result.code == 1
+    assert result.err.startswith("error: ")
+    assert "error mid-answer" in result.err
+    assert result.out.endswith("\n")
+
+
+def test_events_follows_a_posted_job_from_start_or_cursor(stack: Stack) -> None:
+    posted = httpx.post(stack.gateway.url + "/chat", json={"prompt": "[long 40]"}, timeout=10)
+    assert posted.status_code == 202
+    job_id = posted.json()["job_id"]
+
+    text = cli("events", job_id, "--url", stack.gateway.url)
+    assert text.code == 0, text.err
+    assert text.out == "".join(f"t{i} " for i in range(40)) + "\n"
+
+    every = json_lines(cli("events", job_id, "--json", "--url", stack.gateway.url).out)
+    after = cli("events", job_id, "--after", every[5]["id"], "--json", "--url", stack.gateway.url)
+    assert after.code == 0, after.err
+    assert json_lines(after.out) == every[6:]
+
+    # A cursor that is already the final event: the gateway answers 204, nothing to show.
+    ended = cli("events", job_id, "--after", every[-1]["id"], "--url", stack.gateway.url)
+    assert (ended.code, ended.out) == (0, "")
+
+
+def test_bad_request_exits_2_with_the_gateways_message(stack: Stack) -> None:
+    result = cli("chat", "  ", "--url", stack.gateway.url)
+    assert result.code == 2
+    assert result.err == "error: prompt is empty\n"
+    unknown = cli("events", "0" * 32, "--url", stack.gateway.url)
+    assert unknown.code == 2
+    assert "no job" in unknown.err
+
+
+def test_unreachable_gateway_exits_2_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli("chat", "hello", env={"STREAMGATE_URL": url}, timeout=20)
+    assert result.code == 2
+    assert f"could not reach the gateway at {url}" in result.err
+
+
+def test_a_url_that_is_not_http_is_a_usage_error() -> None:
+    result = cli("chat", "hello", "--url", "localhost:8000")
+    assert result.code == 2
+    assert "http://" in result.err
+
+
+def test_ctrl_c_cancels_the_job_and_exits_130(stack: Stack) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "chat", "[long 500] [delay 0.05]", "--json", "--url", stack.gateway.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        job_id = json.loads(proc.stdout.readline())["data"]["job_id"]
+        while "token" not in json.loads(proc.stdout.readline())["data"]:
+            pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 130
+        assert f"cancelled job {job_id}" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    with httpx.Client(timeout=10) as client:
+        stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.events[-1] == {"error": "cancelled"}
+
+
+# --- against a scripted gateway that drops connections ------------------------------------
+
+JOB = "ab" * 16
+TOKENS = ["Hello", " wörld", "\n", "😀🎉", " data: x", "\r\n", " id: 7", " end."]
+
+
+def scripted(*events: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events with cursors as the gateway makes them: ``<job_id>_<entry id>``."""
+    return [(f"{JOB}_{n}-0", data) for n, data in enumerate(events, start=1)]
+
+
+SCRIPT = scripted(
+    {"lifecycle": "queued", "job_id": JOB, "position": 1},
+    {"lifecycle": "started", "job_id": JOB},
+    *({"token": t} for t in TOKENS),
+    {"lifecycle": "done"},
+)
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+
+@dataclass
+class Fake:
+    """What the scripted gateway serves: per connection, how many events before it drops
+    (None: all of them) and the HTTP status to answer first."""
+
+    url: str = ""
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: list(SCRIPT))
+    cuts: list[int | None] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    drop: str = "close"  # close | half | chunked | stall
+    seen: list[Seen] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: Fake
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_DELETE(self) -> None:
+        self._record()
+        self.send_response(204)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        self._record()
+        with fake.lock:
+            status = fake.statuses.pop(0) if fake.statuses else 200
+            cut = fake.cuts.pop(0) if fake.cuts else None
+        cursor = self.headers.get("Last-Event-ID")
+        ids = [event_id for event_id, _ in fake.events]
+        start = ids.index(cursor) + 1 if cursor else 0
+        if start == len(ids):
+            self.send_response(204)
+            self.end_headers()
+            return
+        if status != 200:
+            body = json.dumps({"error": f"scripted {status}"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        chunked = fake.drop == "chunked"
+        if chunked:
+            self.protocol_version = "HTTP/1.1"
+            self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        batch = fake.events[start:] if cut is None else fake.events[start : start + cut]
+        for event_id, data in batch:
+            frame = f"id: {event_id}\ndata: {json.dumps(data)}\n\n: ping\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame) if chunked else frame)
+            self.wfile.flush()
+        if cut is None:
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            return
+        following = fake.events[start + cut] if start + cut < len(ids) else None
+        half = f"id: {following[0]}\ndata: {json.dumps(following[1])[:5]}" if following else ""
+        if fake.drop == "half":
+            self.wfile.write(half.encode())
+        elif fake.drop == "chunked":
+            self.wfile.write(b"100\r\n" + half.encode())  # a chunk cut short
+        elif fake.drop == "stall":
+            fake.release.wait(30)
+
+    def _record(self) -> None:
+        parts = urlsplit(self.path)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        seen = Seen(parts.path, parse_qs(parts.query), headers)
+        with self.server.fake.lock:
+            self.server.fake.seen.append(seen)
+
+
+@pytest.fixture
+def fake() -> Iterator[Fake]:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.fake = Fake(url=f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.fake
+    server.fake.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+EXPECTED_TEXT = "".join(TOKENS) + "\n"
+
+
+@pytest.mark.parametrize("drop", ["close", "half", "chunked"])
+def test_resumes_after_dropped_connections_without_repeat_or_loss(fake: Fake, drop: str) -> None:
+    fake.drop = drop
+    fake.cuts = [4, 3, None]
+    result = cli("chat", "hi there", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert result.out == EXPECTED_TEXT
+    assert result.err.count("resuming in") == 2
+    first, second, third = fake.seen
+    assert (first.path, first.query) == ("/chat", {"prompt": ["hi there"]})
+    assert "last-event-id" not in first.headers
+    assert second.path == third.path == f"/chat/{JOB}/events"
+    assert second.headers["last-event-id"] == SCRIPT[3][0]
+    assert third.headers["last-event-id"] == SCRIPT[6][0]
+
+
+def test_json_output_survives_a_drop_with_each_event_once(fake: Fake) -> None:
+    fake.cuts = [5, None]
+    result = cli("--json", "chat", "hi", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert [(line["id"], line["data"]) for line in json_lines(result.out)] == SCRIPT
+
+
+def test_a_drop_before_any_event_sends_the_original_request_again(fake: Fake) -> None:
+    fake.cuts = [0, None]
+    result = cli("chat", "hi", "--session", "s1", "--role", "pirate", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert result.out == EXPECTED_TEXT
+    assert [seen.path for seen in fake.seen] == ["/chat", "/chat"]
+    expected = {"prompt": ["hi"], "session": ["s1"], "role": ["pirate"]}
+    assert all(seen.query == expected for seen in fake.seen)
+
+
+def test_tool_calls_get_lines_of_their_own_and_unknown_events_are_ignored(fake: Fake) -> None:
+    calls = [
+        {
+            "id": "c1",
+            "name": "calculator",
+            "arguments": {"expression": "2+3*4"},
+            "output": "14",
+        },
+        {"id": "c2", "name": "current_time", "arguments": "{bad", "output": "error: bad JSON"},
+    ]
+    fake.events = scripted(
+        {"lifecycle": "queued", "job_id": JOB, "position": 1},
+        {"lifecycle": "thinking", "job_id": JOB},
+        {"token": "Let me check."},
+        {"tool_call": {"id": "c1", "name": "calculator"}},
+        {"mystery": {"x": 1}},
+        {"tools_called": calls},
+        {"token": "It is 14."},
+        {"lifecycle": "done", "extra": True},
+    )
+    result = cli("chat", "what is 2 + 3 * 4?", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert result.out == (
+        "Let me check.\n"
+        "⚙ calling calculator…\n"
+        '⚙ calculator {"expression": "2+3*4"} → 14\n'
+        "⚙ current_time {bad → error: bad JSON\n"
+        "It is 14.\n"
+    )
+
+
+def test_api_key_and_url_come_from_the_environment(fake: Fake) -> None:
+    result = cli("chat", "hi", env={"STREAMGATE_URL": fake.url, "STREAMGATE_API_KEY": "k-123"})
+    assert result.code == 0, result.err
+    assert fake.seen[0].headers["authorization"] == "Bearer k-123"
+    explicit = cli("chat", "hi", "--url", fake.url, "--api-key", "other")
+    assert explicit.code == 0, explicit.err
+    assert fake.seen[1].headers["authorization"] == "Bearer other"
+
+
+def _stream(
+    fake: Fake, retries: int = 8, read_s: float = 5.0
+) -> tuple[EventStream, list[str], list[float]]:
+    """An in-process EventStream on the fake, recording its messages and (skipped) sleeps."""
+    messages: list[str] = []
+    slept: list[float] = []
+    client = httpx.Client(base_url=fake.url, timeout=httpx.Timeout(5.0, read=read_s))
+    stream = EventStream(
+        client,
+        "/chat",
+        {"prompt": "hi"},
+        retries=retries,
+        on_retry=messages.append,
+        sleep=slept.append,
+    )
+    return stream, messages, slept
+
+
+def _ids(events: list[Event]) -> list[str | None]:
+    return [event.id for event in events]
+
+
+def test_a_read_timeout_counts_as_a_drop(fake: Fake) -> None:
+    fake.drop = "stall"
+    fake.cuts = [3, None]
+    stream, messages, _ = _stream(fake, read_s=0.3)
+    with stream.client:
+        events = list(stream)
+    assert _ids(events) == [event_id for event_id, _ in SCRIPT]
+    assert len(messages) == 1 and "timed out" in messages[0]
+
+
+def test_a_gateway_restarting_on_resume_is_retried(fake: Fake) -> None:
+    fake.cuts = [3, None, None]
+    fake.statuses = [200, 503, 200]
+    stream, messages, _ = _stream(fake)
+    with stream.client:
+        events = list(stream)
+    assert [event.data for event in events] == [data for _, data in SCRIPT]
+    assert len(messages) == 2
+    assert "the gateway answered 503" in messages[1]
+
+
+def test_retries_are_bounded_with_backoff(fake: Fake) -> None:
+    fake.cuts = [2, 0, 0, 0, 0]
+    stream, messages, slept = _stream(fake, retries=3)
+    with stream.client, pytest.raises(ConnectionLost, match="after 3 attempts"):
+        list(stream)
+    assert slept == [0.5, 1.0, 2.0]
+    assert len(messages) == 3
