@@ -46,6 +46,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
         ("PING_INTERVAL_S", "soon"),
         ("MAX_PROMPT_CHARS", "-1"),
         ("OPENAI_BASE_URL", "not a url"),
+        ("ROLES_FILE", "/nonexistent/roles.toml"),
     ],
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
@@ -60,3 +61,16 @@ def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: 
     assert result.returncode != 0
     assert name in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_tool_stops_the_worker() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker"],
+        env={"PATH": "/usr/bin:/bin", "TOOLS": "calculator,oracle"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "TOOLS" in result.stderr and "oracle" in result.stderr

@@ -261,6 +261,11 @@ class EventLog:
         count = await self.redis.hget(keys.meta_key(job_id), "requeues")  # type: ignore[misc]
         return int(count or 0)
 
+    async def is_over(self, job_id: str) -> bool:
+        """True once the job has its final event, or when Redis no longer knows it."""
+        final = await self.redis.hmget(keys.meta_key(job_id), ["kind", "final"])  # type: ignore[misc]
+        return final[0] is None or final[1] is not None
+
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(keys.meta_key(job_id)))
 

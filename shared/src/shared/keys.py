@@ -35,3 +35,14 @@ def deadline_key(job_id: str) -> str:
 def watched_key(job_id: str) -> str:
     """Renewed by every gateway relaying the job; lives DISCONNECT_GRACE_S unless renewed."""
     return f"sg:{{{job_id}}}:watched"
+
+
+def session_key(session: str) -> str:
+    """A session's turns (JSON list entries); capped in length, expires SESSION_RETENTION_S
+    after its last turn."""
+    return f"sg:session:{{{session}}}:turns"
+
+
+def session_lock_key(session: str) -> str:
+    """The job now answering in a session (409 for another); expires with JOB_TIMEOUT_S."""
+    return f"sg:session:{{{session}}}:lock"

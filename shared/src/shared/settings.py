@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
     send_timeout_s: PositiveSeconds = 30.0
     log_level: str = "INFO"
+    roles_file: str = ""  # empty: the built-in roles (shared/roles.toml)
+    tools: str = "all"  # "all", "none", or comma-separated tool names
+    tool_timeout_s: PositiveSeconds = 10.0
+    max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = 4
+    session_max_turns: Annotated[int, Field(ge=1)] = 20
+    session_max_chars: Annotated[int, Field(ge=1)] = 24000
+    session_retention_s: Annotated[int, Field(gt=0)] = 7 * 24 * 3600
 
     @field_validator("redis_url")
     @classmethod
@@ -73,6 +80,14 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
+
+    @field_validator("roles_file")
+    @classmethod
+    def _roles_file(cls, value: str) -> str:
+        from .roles import load_roles  # a roles file that does not load stops the start too
+
+        load_roles(value or None)
+        return value
 
     @property
     def cors_origins(self) -> list[str]:

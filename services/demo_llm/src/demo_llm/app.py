@@ -79,7 +79,7 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
         except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
             return _error(400, "the body must be JSON with a 'messages' list")
         stats.requests += 1
-        script = plan(messages, delay_s)
+        script = plan(messages, delay_s, tools=bool(body.get("tools")))
         if script.http_status is not None:
             return _error(script.http_status, f"demo error {script.http_status} as requested")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -117,6 +117,35 @@ def _complete(completion_id: str, script: Script) -> dict[str, Any]:
     }
 
 
+def _tool_call_deltas(script: Script) -> list[dict[str, Any]]:
+    """Each call's id and name first, then its arguments 3 characters at a time, the calls
+    interleaved as a model streams parallel calls."""
+    per_call: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(script.tool_calls):
+        pieces: list[dict[str, Any]] = [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+        ]
+        pieces += [
+            {"function": {"arguments": call.arguments[i : i + 3]}}
+            for i in range(0, len(call.arguments), 3)
+        ]
+        if script.with_index:
+            for piece in pieces:
+                piece["index"] = index
+        per_call.append(pieces)
+    if not script.with_index:
+        # Without an index a client can only tell calls apart by order: no interleaving.
+        return [piece for pieces in per_call for piece in pieces]
+    deltas: list[dict[str, Any]] = []
+    for step in range(max(len(p) for p in per_call)):
+        deltas += [pieces[step] for pieces in per_call if step < len(pieces)]
+    return deltas
+
+
 async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIterator[bytes]:
     stats.open_streams += 1
     finished = False
@@ -128,6 +157,15 @@ async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIter
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
             yield _chunk(completion_id, {"content": token})
+        if script.tool_calls:
+            for delta in _tool_call_deltas(script):
+                if script.delay_s:
+                    await asyncio.sleep(script.delay_s)
+                yield _chunk(completion_id, {"tool_calls": [delta]})
+            yield _chunk(completion_id, {}, finish="tool_calls")
+            yield b"data: [DONE]\n\n"
+            finished = True
+            return
         if script.then == "fail":
             raise ConnectionAbortedError("demo: dropping the connection mid-stream")
         if script.then == "error":

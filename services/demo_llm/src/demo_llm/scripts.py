@@ -14,11 +14,21 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
+
+Tools, when the request offers them (``tools``): "calculate 2 + 3 * 4" calls ``calculator``,
+"time" (optionally "time in Europe/Oslo") calls ``current_time``, both at once make two
+parallel calls; the arguments stream in small pieces, as real models send them. After the
+``tool`` messages come back, the answer reads the outputs. Directives for the hard cases:
+``[tool-unknown]`` (a tool that does not exist), ``[tool-badjson]`` (arguments that are not
+JSON), ``[tool-invalid]`` (arguments that fail validation), ``[tool-loop]`` (a tool call
+in every round, to reach the round limit), ``[tool-noindex]`` (parallel calls without
+``index``, as Ollama sends them).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +66,53 @@ class Script:
     http_status: int | None = None
     then: str | None = None  # "fail", "error" or "stall" after the tokens
     wait_s: float = 0.0  # silence before the first token
-    extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[PlannedCall] = field(default_factory=list)
+    with_index: bool = True  # False: tool call deltas without "index" (Ollama)
+
+
+@dataclass
+class PlannedCall:
+    call_id: str
+    name: str
+    arguments: str  # sent in pieces
+
+
+_CALCULATE = re.compile(r"calculate\s+([-+*/%().\d\s]+)", re.IGNORECASE)
+_TIME = re.compile(r"\btime\b(?:\s+in\s+([A-Za-z_]+(?:/[A-Za-z_]+)*))?", re.IGNORECASE)
+
+
+def plan_tool_calls(prompt: str) -> tuple[list[PlannedCall], bool]:
+    """The calls the demo model makes for ``prompt``, and whether deltas carry an index."""
+    calls: list[tuple[str, str]] = []
+    if "[tool-unknown]" in prompt:
+        calls.append(("weather", '{"city": "Oslo"}'))
+    if "[tool-badjson]" in prompt:
+        calls.append(("calculator", '{"expression": "1 +'))
+    if "[tool-invalid]" in prompt:
+        calls.append(("calculator", '{"expr": 5}'))
+    if "[tool-loop]" in prompt:
+        calls.append(("calculator", '{"expression": "1 + 1"}'))
+    if match := _CALCULATE.search(prompt):
+        calls.append(("calculator", orjson.dumps({"expression": match.group(1).strip()}).decode()))
+    if match := _TIME.search(prompt):
+        zone = {"timezone": match.group(1)} if match.group(1) else {}
+        calls.append(("current_time", orjson.dumps(zone).decode()))
+    planned = [PlannedCall(f"call_{uuid.uuid4().hex[:12]}", n, a) for n, a in calls]
+    return planned, "[tool-noindex]" not in prompt
+
+
+def answer_from_tools(messages: list[dict[str, Any]]) -> list[str]:
+    """The demo's answer once tool results are back: it reads them out."""
+    names: dict[str, str] = {}
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            names[call.get("id", "")] = call.get("function", {}).get("name", "?")
+    outputs = [
+        f"{names.get(m.get('tool_call_id', ''), '?')} said {m.get('content')!s}"
+        for m in messages
+        if m.get("role") == "tool"
+    ]
+    return re.findall(r"\S+\s*", "From the tools: " + "; ".join(outputs) + ".")
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -78,14 +134,21 @@ def demo_answer(prompt: str) -> list[str]:
     return re.findall(r"\S+\s*", text)
 
 
-def plan(messages: list[dict[str, Any]], default_delay_s: float) -> Script:
+def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = False) -> Script:
     prompt = last_user_text(messages)
     directives = {name: arg for name, arg in _DIRECTIVE.findall(prompt)}
     delay = float(directives["delay"]) if directives.get("delay") else default_delay_s
     if "http" in directives:
         return Script([], delay, http_status=int(directives["http"] or 500))
+    after_tools = bool(messages) and messages[-1].get("role") == "tool"
+    if tools and (not after_tools or "[tool-loop]" in prompt):
+        calls, with_index = plan_tool_calls(prompt)
+        if calls:
+            return Script([], delay, tool_calls=calls, with_index=with_index)
     if "echo" in directives:
         return Script([orjson.dumps(messages).decode()], delay)
+    if after_tools:
+        return Script(answer_from_tools(messages), delay)
     if "hard" in directives:
         tokens = list(HARD_TOKENS)
     elif "long" in directives:

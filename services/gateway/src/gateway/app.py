@@ -22,6 +22,8 @@ from starlette.staticfiles import StaticFiles
 
 from shared import keys
 from shared.event_log import EventLog
+from shared.roles import load_roles
+from shared.sessions import SessionStore
 from shared.settings import Settings
 
 from . import chat, health
@@ -53,6 +55,8 @@ async def _index(request: Request) -> Response:
 
 
 def create_app(settings: Settings) -> Starlette:
+    roles = load_roles(settings.roles_file or None)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Fail fast while Redis is down (503 within seconds), never at start: /healthz
@@ -74,8 +78,15 @@ def create_app(settings: Settings) -> Starlette:
         )
         log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
         relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings))
+        sessions = SessionStore(
+            arq,
+            settings.session_max_turns,
+            settings.session_max_chars,
+            settings.session_retention_s,
+            lock_ttl_s=int(settings.job_timeout_s),
+        )
         await relay.start()
-        app.state.sg = State(settings, arq, blocking, log, relay)
+        app.state.sg = State(settings, arq, blocking, log, relay, sessions, roles)
         try:
             yield
         finally:
@@ -90,6 +101,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{job_id}/events", chat.chat_events, methods=["GET"]),
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
         Route("/chat/{rest:path}", chat.not_a_job, methods=["GET", "DELETE"]),
+        Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/", _index, methods=["GET"]),

@@ -13,7 +13,7 @@ from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
 from .errors import BadRequest, NotFound
-from .inputs import chat_request, cursor_of, json_body, query_params
+from .inputs import ChatRequest, chat_request, cursor_of, json_body, query_params
 from .jobs import enqueue
 from .relay import Relay
 from .state import State
@@ -28,10 +28,10 @@ async def chat_get(request: Request) -> Response:
     cursor = cursor_of(request, params)
     if cursor is not None:
         return await _resume(request, cursor)
-    chat = chat_request(dict(params), state.settings.max_prompt_chars)
+    chat = _checked(state, chat_request(dict(params), state.settings.max_prompt_chars))
     if request.method == "HEAD":
         return _headers_only()
-    job_id = await enqueue(state.arq, state.log, state.settings, chat, kind="get")
+    job_id = await enqueue(state.arq, state.log, state.sessions, state.settings, chat, "get")
     return _stream(request, job_id, START)
 
 
@@ -39,8 +39,10 @@ async def chat_post(request: Request) -> Response:
     """``POST /chat``: start a job that runs to its end whether or not anyone reads it."""
     state: State = request.app.state.sg
     limit = state.settings.max_prompt_chars * 4 + 4096
-    chat = chat_request(await json_body(request, limit), state.settings.max_prompt_chars)
-    job_id = await enqueue(state.arq, state.log, state.settings, chat, kind="post")
+    chat = _checked(
+        state, chat_request(await json_body(request, limit), state.settings.max_prompt_chars)
+    )
+    job_id = await enqueue(state.arq, state.log, state.sessions, state.settings, chat, "post")
     return JSONResponse({"job_id": job_id, "events_url": f"/chat/{job_id}/events"}, status_code=202)
 
 
@@ -61,6 +63,20 @@ async def chat_cancel(request: Request) -> Response:
         raise NotFound(f"no job {job_id}: unknown, or its events have expired")
     await state.log.end(job_id, ev.CANCELLED)
     return Response(status_code=204)
+
+
+async def list_roles(request: Request) -> Response:
+    """``GET /roles``: the roles a chat may ask for, default first."""
+    roles = request.app.state.sg.roles
+    ordered = sorted(roles.roles.values(), key=lambda r: r.name != roles.default)
+    return JSONResponse([{"name": r.name, "description": r.description} for r in ordered])
+
+
+def _checked(state: State, chat: ChatRequest) -> ChatRequest:
+    if chat.role is not None and state.roles.get(chat.role) is None:
+        known = ", ".join(state.roles.roles)
+        raise BadRequest(f"unknown role {chat.role!r}; the roles are: {known} (GET /roles)")
+    return chat
 
 
 async def not_a_job(request: Request) -> Response:

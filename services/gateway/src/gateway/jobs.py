@@ -12,9 +12,10 @@ from arq.connections import ArqRedis
 from shared import keys
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
+from shared.sessions import SessionStore
 from shared.settings import Settings
 
-from .errors import Unavailable
+from .errors import Conflict, Unavailable
 from .inputs import ChatRequest
 
 
@@ -25,12 +26,45 @@ class QueueFull(Unavailable):
 async def enqueue(
     arq: ArqRedis,
     log: EventLog,
+    sessions: SessionStore,
     settings: Settings,
     chat: ChatRequest,
     kind: Literal["get", "post"],
 ) -> str:
     """Enqueue one chat job and return its id; its ``queued`` event is written first."""
     job_id = new_job_id()
+    if chat.session:
+        await _take_session(log, sessions, chat.session, job_id)
+    try:
+        await _enqueue(arq, log, settings, chat, kind, job_id)
+    except BaseException:
+        if chat.session:
+            await sessions.unlock(chat.session, job_id)
+        raise
+    return job_id
+
+
+async def _take_session(log: EventLog, sessions: SessionStore, session: str, job_id: str) -> None:
+    """One job at a time per session (the double-texting rule): 409 while one runs."""
+    holder = await sessions.lock(session, job_id)
+    if holder is None:
+        return
+    if await log.is_over(holder) and await sessions.take_over(session, holder, job_id):
+        return
+    raise Conflict(
+        f"session {session} is still answering job {holder}; wait for its final event,"
+        f" or cancel it with DELETE /chat/{holder}"
+    )
+
+
+async def _enqueue(
+    arq: ArqRedis,
+    log: EventLog,
+    settings: Settings,
+    chat: ChatRequest,
+    kind: Literal["get", "post"],
+    job_id: str,
+) -> None:
     now_ms = int(time.time() * 1000)
     async with arq.pipeline(transaction=False) as pipe:
         # Entries older than the queue timeout belong to jobs that can no longer start.
@@ -53,7 +87,6 @@ async def enqueue(
         watched_s=settings.disconnect_grace_s if kind == "get" else None,
     )
     await submit(arq, settings, job_id, job_id)
-    return job_id
 
 
 async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:

@@ -8,6 +8,8 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from shared.event_log import EventLog
+from shared.roles import Roles
+from shared.sessions import SessionStore
 from shared.settings import Settings
 
 from .relay import Relay
@@ -20,3 +22,5 @@ class State:
     blocking_redis: Redis  # the relay's single connection for XREAD BLOCK
     log: EventLog
     relay: Relay
+    sessions: SessionStore
+    roles: Roles

@@ -17,15 +17,15 @@ import orjson
 
 from shared import events as ev
 from shared.event_log import EventLog
+from shared.roles import Roles
 from shared.settings import Settings
 
+from .agent import run_agent
 from .heartbeat import Heartbeat
-from .llm import TextDelta, Upstream, UpstreamError
+from .llm import UpstreamError
 from .publisher import Fenced, Publisher
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 async def chat(ctx: dict[str, Any], job_id: str) -> str:
@@ -46,7 +46,17 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     final: ev.Event | None = None
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
-            await answer(ctx["upstream"], publisher, request)
+            answer = await run_agent(
+                ctx["upstream"],
+                ctx["tools"],
+                publisher,
+                await messages_for(ctx, request),
+                settings.max_tool_rounds,
+                settings.tool_timeout_s,
+            )
+            if request.get("session"):
+                # Memory before `done`: a client that asks again at once sees this turn.
+                await ctx["sessions"].append(request["session"], request["prompt"], answer)
             final = ev.Done()
         except UpstreamError as exc:
             final = ev.Error(str(exc))
@@ -67,6 +77,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         finally:
             if final is not None:
                 await publisher.close(final)
+            if request.get("session") and (final is not None or running.stop_reason):
+                await ctx["sessions"].unlock(request["session"], job_id)
     # A job stopped by its heartbeat (cancelled, or no reader left) is over: returning,
     # rather than raising CancelledError, keeps arq from queueing it again.
     outcome = "done" if isinstance(final, ev.Done) else running.stop_reason or "error"
@@ -74,11 +86,14 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     return outcome
 
 
-async def answer(upstream: Upstream, publisher: Publisher, request: dict[str, Any]) -> None:
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+async def messages_for(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The role's system prompt, the session's earlier turns, then the prompt."""
+    roles: Roles = ctx["roles"]
+    role = roles.get(request.get("role")) or roles.get(None)
+    assert role is not None  # the default role always exists; the gateway checked the name
+    history = await ctx["sessions"].history(request["session"]) if request.get("session") else []
+    return [
+        {"role": "system", "content": role.system_prompt},
+        *history,
         {"role": "user", "content": request["prompt"]},
     ]
-    async for delta in upstream.stream(messages):
-        if isinstance(delta, TextDelta):
-            publisher.emit(ev.Token(delta.text))

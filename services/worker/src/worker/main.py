@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -20,12 +21,15 @@ from arq.worker import func
 from shared import keys
 from shared.event_log import EventLog
 from shared.logs import configure_logging
+from shared.roles import Roles, load_roles
+from shared.sessions import SessionStore
 from shared.settings import Settings, load_settings
 
 from .chat_job import chat
 from .heartbeat import Heartbeat
 from .llm import Upstream
 from .pickup import PushWorker
+from .tools import ToolRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
+    ctx["sessions"] = SessionStore(
+        redis,
+        settings.session_max_turns,
+        settings.session_max_chars,
+        settings.session_retention_s,
+        lock_ttl_s=int(settings.job_timeout_s),
+    )
     ctx["event_log"] = EventLog(redis, settings.stream_retention_s, settings.queue_timeout_s)
     heartbeat = Heartbeat(
         redis,
@@ -60,7 +71,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await upstream.close()
 
 
-def create_worker(settings: Settings) -> PushWorker:
+def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> PushWorker:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     return PushWorker(
         wake_redis_url=settings.redis_url,
@@ -69,7 +80,7 @@ def create_worker(settings: Settings) -> PushWorker:
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        ctx={"settings": settings, "worker_name": worker_name},
+        ctx={"settings": settings, "worker_name": worker_name, "tools": tools, "roles": roles},
         max_jobs=settings.worker_max_jobs,
         # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in
         # the way of new ones up to this many.
@@ -89,8 +100,12 @@ def create_worker(settings: Settings) -> PushWorker:
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
+    try:
+        tools = ToolRegistry.from_setting(settings.tools)
+    except ValueError as exc:
+        sys.exit(f"Streamgate cannot start: invalid setting(s)\n  TOOLS: {exc}")
     asyncio.set_event_loop(asyncio.new_event_loop())
-    create_worker(settings).run()
+    create_worker(settings, tools, load_roles(settings.roles_file or None)).run()
 
 
 if __name__ == "__main__":

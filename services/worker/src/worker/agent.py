@@ -1,0 +1,117 @@
+"""The agent loop: stream the model, run the tools it calls, stream its next answer.
+
+Tool calls arrive as deltas: the first piece of each has its id and name (``tool_call`` is
+published then), later pieces add slices of the arguments, several calls interleaved by
+``index``. Some servers (Ollama) omit the index or reuse 0 for parallel calls, so a new id
+at a known index starts a new call. When the model stops to call tools, all calls run at
+once, each with a timeout, and one ``tools_called`` event reports them before the results go
+back as ``role: tool`` messages. A model that keeps calling tools is stopped after
+``max_rounds`` rounds with an error, rather than looping (and billing) forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import events as ev
+
+from .llm import TextDelta, ToolCallDelta, Upstream, UpstreamError
+from .publisher import Publisher
+from .tools import ToolRegistry
+
+
+class TooManyRounds(UpstreamError):
+    """The model was still calling tools when the round limit came."""
+
+
+@dataclass
+class PendingCall:
+    call_id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+
+
+class ToolCallAssembler:
+    """Puts streamed tool-call pieces back together, in the order the calls started."""
+
+    def __init__(self) -> None:
+        self.calls: list[PendingCall] = []
+        self._by_index: dict[int, PendingCall] = {}
+
+    def add(self, delta: ToolCallDelta) -> PendingCall | None:
+        """Take one piece; returns the call if this piece started it."""
+        current = self._by_index.get(delta.index)
+        started = None
+        if current is None or (delta.call_id and delta.call_id != current.call_id):
+            call_id = delta.call_id or f"call_{len(self.calls)}"
+            current = started = PendingCall(call_id, delta.name or "")
+            self.calls.append(current)
+            self._by_index[delta.index] = current
+        elif delta.name and not current.name:
+            current.name = delta.name
+        if delta.arguments:
+            current.arguments.append(delta.arguments)
+        return started
+
+
+async def run_agent(
+    upstream: Upstream,
+    tools: ToolRegistry,
+    publisher: Publisher,
+    messages: list[dict[str, Any]],
+    max_rounds: int,
+    tool_timeout_s: float,
+) -> str:
+    """Run the conversation to the model's final answer; returns that answer's text."""
+    schemas = tools.schemas() or None
+    for round_number in range(max_rounds + 1):
+        text: list[str] = []
+        assembler = ToolCallAssembler()
+        async for delta in upstream.stream(messages, schemas):
+            if isinstance(delta, TextDelta):
+                text.append(delta.text)
+                publisher.emit(ev.Token(delta.text))
+            elif isinstance(delta, ToolCallDelta):
+                started = assembler.add(delta)
+                if started is not None:
+                    publisher.emit(ev.ToolCallStarted(started.call_id, started.name))
+        if not assembler.calls:
+            return "".join(text)
+        if round_number == max_rounds:
+            break
+        calls = assembler.calls
+        runs = await asyncio.gather(
+            *(tools.run(c.name, "".join(c.arguments), tool_timeout_s) for c in calls)
+        )
+        publisher.emit(
+            ev.ToolsCalled(
+                [
+                    ev.ToolResult(c.call_id, c.name, r.arguments, r.output)
+                    for c, r in zip(calls, runs, strict=True)
+                ]
+            )
+        )
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "".join(text) or None,
+                "tool_calls": [
+                    {
+                        "id": c.call_id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": "".join(c.arguments)},
+                    }
+                    for c in calls
+                ],
+            }
+        )
+        messages += [
+            {"role": "tool", "tool_call_id": c.call_id, "content": r.output}
+            for c, r in zip(calls, runs, strict=True)
+        ]
+    raise TooManyRounds(
+        f"the model was still calling tools after {max_rounds} rounds (MAX_TOOL_ROUNDS);"
+        " stopped without a final answer"
+    )
