@@ -203,6 +203,7 @@ class Stack:
         return self
 
     def add_worker(self, **env: str) -> Service:
+        env = {"METRICS_PORT": str(free_port()), **env}
         worker = Service("worker", {**self.env, **env}, self.logdir).start(wait=False)
         worker.wait_ready("ready: LLM")
         self.workers.append(worker)

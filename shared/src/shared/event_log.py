@@ -47,10 +47,10 @@ end
 # Meta hash fields: kind, request (JSON), owner ('' while waiting, the attempt's token while
 # running, '-' once ended), started, published, final, requeues.
 
-# KEYS: meta, events, alive, deadline, watched.
-# ARGV: kind, request, queued event, queue timeout ms, ttl s, disconnect grace ms (0: none).
+# KEYS: meta, events, alive, deadline, watched. ARGV: kind, request, queued event,
+# queue timeout ms, ttl s, disconnect grace ms (0: none), the creating key's digest.
 _CREATE = """
-redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '')
+redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '', 'key', ARGV[7])
 local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
 if ARGV[6] ~= '0' then redis.call('SET', KEYS[5], '1', 'PX', ARGV[6]) end
@@ -126,8 +126,9 @@ return 1
 )
 
 # The watchdog's check of a job that has been silent. ARGV: worker-lost error, no-worker
-# error, retention s, queue timeout ms. Returns 0 healthy or ended, -1 gone, 1 ended now,
-# 2 handed back to the queue (its worker died before any output: the caller enqueues it).
+# error, retention s, queue timeout ms. Returns 0 healthy or ended, -1 gone, 1 ended now
+# (worker lost), 2 handed back to the queue (its worker died before any output: the caller
+# enqueues it), 3 ended now (no worker started it in time).
 _CHECK = (
     _FINALIZE
     + """
@@ -146,7 +147,7 @@ if owned() then
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 finalize(ARGV[2], ARGV[3])
-return 1
+return 3
 """
 )
 
@@ -178,6 +179,7 @@ class EventLog:
         self,
         job_id: str,
         kind: str,
+        key: str,
         request: bytes,
         position: int,
         ttl_s: int,
@@ -191,7 +193,7 @@ class EventLog:
         watched_ms = int(watched_s * 1000) if watched_s else 0
         entry_id: bytes = await self._create(
             keys=[*_job_keys(job_id), keys.watched_key(job_id)],
-            args=[kind, request, queued, self.queue_timeout_ms, ttl_s, watched_ms],
+            args=[kind, request, queued, self.queue_timeout_ms, ttl_s, watched_ms, key],
         )
         return entry_id
 
@@ -237,8 +239,8 @@ class EventLog:
         return int(await self._end(keys=_job_keys(job_id), args=args)) == 1
 
     async def check_stalled(self, job_ids: Sequence[str]) -> dict[str, int]:
-        """Per job: 0 fine, 1 ended now (worker lost, or no worker in time), 2 handed back to
-        the queue (its worker died before any output: enqueue it again), -1 unknown."""
+        """Per job: 0 fine, 1 ended now (worker lost), 2 handed back to the queue (its worker
+        died before any output: enqueue it again), 3 ended now (no worker in time), -1 unknown."""
         args: list[bytes | str | int] = [
             ev.encode(ev.Error(ev.WORKER_LOST)),
             ev.encode(ev.Error(ev.NO_WORKER)),
@@ -265,6 +267,12 @@ class EventLog:
         """True once the job has its final event, or when Redis no longer knows it."""
         final = await self.redis.hmget(keys.meta_key(job_id), ["kind", "final"])  # type: ignore[misc]
         return final[0] is None or final[1] is not None
+
+    async def key_of(self, job_id: str) -> str | None:
+        """The digest of the API key that created the job ("" without keys); None if the
+        job is unknown or expired."""
+        key = await self.redis.hget(keys.meta_key(job_id), "key")  # type: ignore[misc]
+        return key.decode() if key is not None else None
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(keys.meta_key(job_id)))

@@ -7,7 +7,8 @@ variable: a typo in production should fail loudly at deploy time, not at the fir
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -42,6 +43,11 @@ class Settings(BaseSettings):
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
     send_timeout_s: PositiveSeconds = 30.0
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    log_prompts: bool = False  # log prompts and answers (debugging only: they may be private)
+    api_keys_file: str = ""  # a file of keys, one a line, added to API_KEYS
+    max_streams_per_key: Annotated[int, Field(ge=0)] = 0  # open streams per key, per gateway
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9100  # worker metrics; 0 is off
     roles_file: str = ""  # empty: the built-in roles (shared/roles.toml)
     tools: str = "all"  # "all", "none", or comma-separated tool names
     tool_timeout_s: PositiveSeconds = 10.0
@@ -88,6 +94,24 @@ class Settings(BaseSettings):
 
         load_roles(value or None)
         return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file(cls, value: str) -> str:
+        if value:
+            try:
+                Path(value).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from exc
+        return value
+
+    @property
+    def keys(self) -> list[str]:
+        """Every accepted API key: API_KEYS plus the lines of API_KEYS_FILE."""
+        found = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file:
+            found += [line.strip() for line in Path(self.api_keys_file).read_text().splitlines()]
+        return [k for k in found if k and not k.startswith("#")]
 
     @property
     def cors_origins(self) -> list[str]:

@@ -6,7 +6,7 @@ import os
 
 import uvicorn
 
-from shared.logs import configure_logging
+from shared.logs import configure_logging, uvicorn_log_config
 from shared.settings import load_settings
 
 from .app import create_app
@@ -14,12 +14,13 @@ from .app import create_app
 
 def main() -> None:
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8000")),
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config(settings.log_level),
         # Streams close at once on SIGTERM (sse-starlette); this bounds the rest.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         access_log=False,

@@ -27,6 +27,7 @@ from shared.sessions import SessionStore
 from shared.settings import Settings
 
 from . import chat, health
+from .access import Access
 from .errors import (
     ApiError,
     error_response,
@@ -34,6 +35,7 @@ from .errors import (
     handle_redis_down,
 )
 from .jobs import requeue
+from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
 from .relay import BLOCK_MS, Relay
 from .state import State
 
@@ -56,6 +58,7 @@ async def _index(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     roles = load_roles(settings.roles_file or None)
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,7 +80,7 @@ def create_app(settings: Settings) -> Starlette:
             single_connection_client=True,
         )
         log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
-        relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings))
+        relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings), metrics)
         sessions = SessionStore(
             arq,
             settings.session_max_turns,
@@ -86,7 +89,10 @@ def create_app(settings: Settings) -> Starlette:
             lock_ttl_s=int(settings.job_timeout_s),
         )
         await relay.start()
-        app.state.sg = State(settings, arq, blocking, log, relay, sessions, roles)
+        access = Access(
+            arq, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
+        )
+        app.state.sg = State(settings, arq, blocking, log, relay, sessions, roles, access, metrics)
         try:
             yield
         finally:
@@ -104,17 +110,19 @@ def create_app(settings: Settings) -> Starlette:
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/", _index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [
+        Middleware(RequestMetrics, metrics=metrics),
         Middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
             max_age=600,
-        )
+        ),
     ]
     return Starlette(
         routes=routes,

@@ -1,4 +1,4 @@
-"""The chat endpoints: start a job, read its events, cancel it."""
+"""The chat endpoints: start a job, read its events, cancel it, list the roles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from shared.event_log import FINAL
 from .errors import BadRequest, NotFound
 from .inputs import ChatRequest, chat_request, cursor_of, json_body, query_params
 from .jobs import enqueue
-from .relay import Relay
 from .state import State
 
 SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
@@ -24,52 +23,64 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
 async def chat_get(request: Request) -> Response:
     """``GET /chat?prompt=``: start a job and stream it; with a cursor, resume instead."""
     state: State = request.app.state.sg
+    identity = state.access.identify(request)
     params = query_params(request)
     cursor = cursor_of(request, params)
     if cursor is not None:
-        return await _resume(request, cursor)
+        return await _resume(request, cursor, identity)
     chat = _checked(state, chat_request(dict(params), state.settings.max_prompt_chars))
     if request.method == "HEAD":
         return _headers_only()
-    job_id = await enqueue(state.arq, state.log, state.sessions, state.settings, chat, "get")
-    return _stream(request, job_id, START)
+    state.access.check_stream_slot(identity)
+    await state.access.count_chat(request, identity)
+    job_id = await enqueue(state, chat, "get", identity)
+    return _stream(request, job_id, START, identity, new_chat=True)
 
 
 async def chat_post(request: Request) -> Response:
     """``POST /chat``: start a job that runs to its end whether or not anyone reads it."""
     state: State = request.app.state.sg
-    limit = state.settings.max_prompt_chars * 4 + 4096
-    chat = _checked(
-        state, chat_request(await json_body(request, limit), state.settings.max_prompt_chars)
-    )
-    job_id = await enqueue(state.arq, state.log, state.sessions, state.settings, chat, "post")
+    identity = state.access.identify(request)
+    body = await json_body(request, limit=state.settings.max_prompt_chars * 4 + 4096)
+    chat = _checked(state, chat_request(body, state.settings.max_prompt_chars))
+    await state.access.count_chat(request, identity)
+    job_id = await enqueue(state, chat, "post", identity)
     return JSONResponse({"job_id": job_id, "events_url": f"/chat/{job_id}/events"}, status_code=202)
 
 
 async def chat_events(request: Request) -> Response:
     """``GET /chat/<job_id>/events``: the job's events from the start or after a cursor."""
+    identity = request.app.state.sg.access.identify(request)
     job_id = _job_id(request)
     cursor = cursor_of(request, query_params(request))
     if cursor is not None and cursor.job_id != job_id:
         raise BadRequest("the cursor belongs to another job")
-    return await _resume(request, cursor or Cursor(job_id, START))
+    return await _resume(request, cursor or Cursor(job_id, START), identity)
 
 
 async def chat_cancel(request: Request) -> Response:
     """``DELETE /chat/<job_id>``: end the job with ``cancelled``; its worker stops within 1 s."""
     state: State = request.app.state.sg
+    identity = state.access.identify(request)
     job_id = _job_id(request)
-    if not await state.log.exists(job_id):
-        raise NotFound(f"no job {job_id}: unknown, or its events have expired")
-    await state.log.end(job_id, ev.CANCELLED)
+    await _find(state, job_id, identity)
+    if await state.log.end(job_id, ev.CANCELLED):
+        state.metrics.jobs.labels("cancelled").inc()
     return Response(status_code=204)
 
 
 async def list_roles(request: Request) -> Response:
     """``GET /roles``: the roles a chat may ask for, default first."""
-    roles = request.app.state.sg.roles
+    state: State = request.app.state.sg
+    state.access.identify(request)
+    roles = state.roles
     ordered = sorted(roles.roles.values(), key=lambda r: r.name != roles.default)
     return JSONResponse([{"name": r.name, "description": r.description} for r in ordered])
+
+
+async def not_a_job(request: Request) -> Response:
+    """Any other path under /chat/, such as ``../`` shapes: never a job."""
+    raise BadRequest("that is not a job URL: use /chat/<job_id>/events or /chat/<job_id>")
 
 
 def _checked(state: State, chat: ChatRequest) -> ChatRequest:
@@ -79,11 +90,6 @@ def _checked(state: State, chat: ChatRequest) -> ChatRequest:
     return chat
 
 
-async def not_a_job(request: Request) -> Response:
-    """Any other path under /chat/, such as ``../`` shapes: never a job."""
-    raise BadRequest("that is not a job URL: use /chat/<job_id>/events or /chat/<job_id>")
-
-
 def _job_id(request: Request) -> str:
     job_id: str = request.path_params["job_id"]
     if not is_job_id(job_id):
@@ -91,10 +97,15 @@ def _job_id(request: Request) -> str:
     return job_id
 
 
-async def _resume(request: Request, cursor: Cursor) -> Response:
+async def _find(state: State, job_id: str, identity: str) -> None:
+    """404 unless the job exists and belongs to this caller's key."""
+    if await state.log.key_of(job_id) != identity:
+        raise NotFound(f"no job {job_id}: unknown, or its events have expired")
+
+
+async def _resume(request: Request, cursor: Cursor, identity: str) -> Response:
     state: State = request.app.state.sg
-    if not await state.log.exists(cursor.job_id):
-        raise NotFound(f"no job {cursor.job_id}: unknown, or its events have expired")
+    await _find(state, cursor.job_id, identity)
     if cursor.entry_id != START:
         entry = await state.log.entry(cursor.job_id, cursor.entry_id)
         if entry is None:
@@ -103,24 +114,28 @@ async def _resume(request: Request, cursor: Cursor) -> Response:
             return Response(status_code=204)  # stops a browser's EventSource for good
     if request.method == "HEAD":
         return _headers_only()
-    return _stream(request, cursor.job_id, cursor.entry_id)
+    state.access.check_stream_slot(identity)
+    return _stream(request, cursor.job_id, cursor.entry_id, identity)
 
 
 def _headers_only() -> Response:
     return Response(media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _stream(request: Request, job_id: str, after: str) -> Response:
+def _stream(
+    request: Request, job_id: str, after: str, identity: str, new_chat: bool = False
+) -> Response:
     state: State = request.app.state.sg
-    relay: Relay = state.relay
-    reader = relay.subscribe(job_id, after)
 
     async def frames() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
-                yield chunk
-        finally:
-            relay.unsubscribe(reader)
+        # Subscribed here, not in the handler: a response that never starts holds nothing.
+        with state.access.stream_slot(identity):
+            reader = state.relay.subscribe(job_id, after, new_chat)
+            try:
+                async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
+                    yield chunk
+            finally:
+                state.relay.unsubscribe(reader)
 
     return EventSourceResponse(
         frames(),

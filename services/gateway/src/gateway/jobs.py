@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Literal
 
 import orjson
@@ -17,6 +17,7 @@ from shared.settings import Settings
 
 from .errors import Conflict, Unavailable
 from .inputs import ChatRequest
+from .state import State
 
 
 class QueueFull(Unavailable):
@@ -24,22 +25,21 @@ class QueueFull(Unavailable):
 
 
 async def enqueue(
-    arq: ArqRedis,
-    log: EventLog,
-    sessions: SessionStore,
-    settings: Settings,
-    chat: ChatRequest,
-    kind: Literal["get", "post"],
+    state: State, chat: ChatRequest, kind: Literal["get", "post"], identity: str
 ) -> str:
-    """Enqueue one chat job and return its id; its ``queued`` event is written first."""
+    """Enqueue one chat job for the key ``identity`` and return its id; its ``queued``
+    event is written first."""
     job_id = new_job_id()
     if chat.session:
-        await _take_session(log, sessions, chat.session, job_id)
+        # Sessions are per key: two keys never share a conversation.
+        session = f"{identity[:12]}.{chat.session}" if identity else chat.session
+        chat = replace(chat, session=session)
+        await _take_session(state.log, state.sessions, session, job_id)
     try:
-        await _enqueue(arq, log, settings, chat, kind, job_id)
+        await _enqueue(state.arq, state.log, state.settings, chat, kind, job_id, identity)
     except BaseException:
         if chat.session:
-            await sessions.unlock(chat.session, job_id)
+            await state.sessions.unlock(chat.session, job_id)
         raise
     return job_id
 
@@ -64,6 +64,7 @@ async def _enqueue(
     chat: ChatRequest,
     kind: Literal["get", "post"],
     job_id: str,
+    identity: str,
 ) -> None:
     now_ms = int(time.time() * 1000)
     async with arq.pipeline(transaction=False) as pipe:
@@ -81,6 +82,7 @@ async def _enqueue(
     await log.create(
         job_id,
         kind,
+        identity,
         request,
         position=waiting + 1,
         ttl_s=ttl_s,

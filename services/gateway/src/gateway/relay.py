@@ -34,6 +34,8 @@ from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
 from shared.settings import Settings
 
+from .metrics import GatewayMetrics
+
 logger = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
@@ -49,10 +51,12 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
 class Reader:
     """One client's view of one job: a mailbox of SSE frames after its cursor."""
 
-    __slots__ = ("after", "bound", "ended", "frames", "job_id", "wake")
+    __slots__ = ("after", "bound", "ended", "first_token", "frames", "job_id", "started_at", "wake")
 
-    def __init__(self, job_id: str, after: str, bound: int) -> None:
+    def __init__(self, job_id: str, after: str, bound: int, started_at: float | None) -> None:
         self.job_id = job_id
+        self.started_at = started_at  # set for a new chat: its latencies are measured
+        self.first_token = started_at is not None  # the first token is still to be timed
         self.after = _entry_key(after)
         self.bound = bound
         self.frames: list[bytes] = []
@@ -123,8 +127,10 @@ class Relay:
         log: EventLog,
         settings: Settings,
         requeue: Callable[[str], Awaitable[None]],
+        metrics: GatewayMetrics,
     ) -> None:
         self.redis = redis
+        self.metrics = metrics
         self.requeue = requeue
         self.blocking_redis = blocking_redis
         self.log = log
@@ -159,8 +165,11 @@ class Relay:
         with contextlib.suppress(RedisError):
             await self.redis.delete(self._wake_key)
 
-    def subscribe(self, job_id: str, after: str) -> Reader:
-        reader = Reader(job_id, after, self.settings.relay_buffer_events)
+    def subscribe(self, job_id: str, after: str, new_chat: bool = False) -> Reader:
+        reader = Reader(
+            job_id, after, self.settings.relay_buffer_events, self._now() if new_chat else None
+        )
+        self.metrics.open_streams.inc()
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = _Job(job_id, self._now())
@@ -169,6 +178,7 @@ class Relay:
         return reader
 
     def unsubscribe(self, reader: Reader) -> None:
+        self.metrics.open_streams.dec()
         job = self.jobs.get(reader.job_id)
         if job is not None:
             job.readers.discard(reader)
@@ -227,18 +237,33 @@ class Relay:
             return
         job.last_activity = self._now()
         readers = list(job.readers)
+        now = job.last_activity
         for entry_id, fields in entries:
             entry_key = _entry_key(entry_id)
             final = FINAL in fields
-            frame = job.prefix + entry_id + b"\ndata: " + fields[DATA] + b"\n\n"
+            data = fields[DATA]
+            token = data.startswith(b'{"token"')
+            frame = job.prefix + entry_id + b"\ndata: " + data + b"\n\n"
             for reader in readers:
                 if entry_key > reader.after:
+                    if reader.started_at is not None:
+                        self._measure(reader, now, token, final)
                     reader.push(frame, entry_key, final)
+                    if token:
+                        self.metrics.tokens.inc()
         for reader in readers:
             if reader.ended:
                 job.readers.discard(reader)
         if not job.readers:
             del self.jobs[job_id]
+
+    def _measure(self, reader: Reader, now: float, token: bool, final: bool) -> None:
+        assert reader.started_at is not None
+        if token and reader.first_token:
+            self.metrics.time_to_first_token.observe(now - reader.started_at)
+            reader.first_token = False
+        if final:
+            self.metrics.time_to_final.observe(now - reader.started_at)
 
     async def _watch_loop(self) -> None:
         s = self.settings
@@ -280,6 +305,8 @@ class Relay:
         if not idle:
             return
         for job_id, result in (await self.log.check_stalled(idle)).items():
+            if result in (1, 3):
+                self.metrics.jobs.labels("worker_lost" if result == 1 else "expired").inc()
             if result == 2:
                 logger.warning(
                     "job %s: its worker died before any output; running it again", job_id

@@ -12,6 +12,8 @@ from shared.roles import Roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
+from .access import Access
+from .metrics import GatewayMetrics
 from .relay import Relay
 
 
@@ -24,3 +26,5 @@ class State:
     relay: Relay
     sessions: SessionStore
     roles: Roles
+    access: Access
+    metrics: GatewayMetrics

@@ -12,12 +12,14 @@ back as ``role: tool`` messages. A model that keeps calling tools is stopped aft
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared import events as ev
 
 from .llm import TextDelta, ToolCallDelta, Upstream, UpstreamError
+from .metrics import WorkerMetrics
 from .publisher import Publisher
 from .tools import ToolRegistry
 
@@ -63,16 +65,22 @@ async def run_agent(
     messages: list[dict[str, Any]],
     max_rounds: int,
     tool_timeout_s: float,
+    metrics: WorkerMetrics,
 ) -> str:
     """Run the conversation to the model's final answer; returns that answer's text."""
     schemas = tools.schemas() or None
     for round_number in range(max_rounds + 1):
         text: list[str] = []
         assembler = ToolCallAssembler()
+        sent_at: float | None = time.monotonic()
         async for delta in upstream.stream(messages, schemas):
+            if sent_at is not None:
+                metrics.upstream_first_token.observe(time.monotonic() - sent_at)
+                sent_at = None
             if isinstance(delta, TextDelta):
                 text.append(delta.text)
                 publisher.emit(ev.Token(delta.text))
+                metrics.tokens.inc()
             elif isinstance(delta, ToolCallDelta):
                 started = assembler.add(delta)
                 if started is not None:
@@ -85,6 +93,8 @@ async def run_agent(
         runs = await asyncio.gather(
             *(tools.run(c.name, "".join(c.arguments), tool_timeout_s) for c in calls)
         )
+        for call, run in zip(calls, runs, strict=True):
+            metrics.tool_calls.labels(call.name, "ok" if run.ok else "error").inc()
         publisher.emit(
             ev.ToolsCalled(
                 [
@@ -113,5 +123,6 @@ async def run_agent(
         ]
     raise TooManyRounds(
         f"the model was still calling tools after {max_rounds} rounds (MAX_TOOL_ROUNDS);"
-        " stopped without a final answer"
+        " stopped without a final answer",
+        "tool_rounds",
     )

@@ -23,6 +23,7 @@ from shared.settings import Settings
 from .agent import run_agent
 from .heartbeat import Heartbeat
 from .llm import UpstreamError
+from .metrics import WorkerMetrics
 from .publisher import Fenced, Publisher
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,17 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     claim = await log.claim(
         job_id, ctx.get("job_id", job_id), owner, int(settings.worker_lost_timeout_s * 1000)
     )
+    metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
         logger.info("job %s not run: %s", job_id, claim)
+        if claim in ("lost", "expired"):  # this attempt wrote the final event
+            metrics.jobs.labels("worker_lost" if claim == "lost" else "expired").inc()
         return claim
 
     request = orjson.loads(await log.request_of(job_id) or b"{}")
     publisher = Publisher(log, job_id, owner, redis_patience_s=settings.worker_lost_timeout_s)
     final: ev.Event | None = None
+    metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
             answer = await run_agent(
@@ -53,12 +58,16 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
                 await messages_for(ctx, request),
                 settings.max_tool_rounds,
                 settings.tool_timeout_s,
+                metrics,
             )
+            if settings.log_prompts:
+                logger.info("job %s prompt %r answer %r", job_id, request["prompt"], answer)
             if request.get("session"):
                 # Memory before `done`: a client that asks again at once sees this turn.
                 await ctx["sessions"].append(request["session"], request["prompt"], answer)
             final = ev.Done()
         except UpstreamError as exc:
+            metrics.upstream_errors.labels(exc.kind).inc()
             final = ev.Error(str(exc))
         except Fenced:
             final = None  # ended from outside: its final event is already written
@@ -75,15 +84,24 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
-            if final is not None:
-                await publisher.close(final)
+            metrics.running.dec()
+            if final is not None and await publisher.close(final):
+                metrics.jobs.labels(_outcome(final)).inc()
             if request.get("session") and (final is not None or running.stop_reason):
                 await ctx["sessions"].unlock(request["session"], job_id)
     # A job stopped by its heartbeat (cancelled, or no reader left) is over: returning,
     # rather than raising CancelledError, keeps arq from queueing it again.
-    outcome = "done" if isinstance(final, ev.Done) else running.stop_reason or "error"
+    outcome = _outcome(final) if final is not None else running.stop_reason or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
+
+
+def _outcome(final: ev.Event) -> str:
+    if isinstance(final, ev.Done):
+        return "done"
+    return (
+        "cancelled" if isinstance(final, ev.Error) and final.message == ev.CLIENT_GONE else "error"
+    )
 
 
 async def messages_for(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,6 +23,10 @@ from shared.settings import Settings
 class UpstreamError(Exception):
     """The LLM request failed; the message says what happened in words a user can act on."""
 
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind  # for metrics: auth, rate_limit, status, timeout, connection, ...
+
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
@@ -85,28 +89,32 @@ class Upstream:
                         yield delta
         except openai.AuthenticationError as exc:
             raise UpstreamError(
-                f"the LLM refused the API key (HTTP 401); check OPENAI_API_KEY ({_detail(exc)})"
+                f"the LLM refused the API key (HTTP 401); check OPENAI_API_KEY ({_detail(exc)})",
+                "auth",
             ) from exc
         except openai.RateLimitError as exc:
             raise UpstreamError(
-                f"the LLM is rate limiting requests (HTTP 429); retry later ({_detail(exc)})"
+                f"the LLM is rate limiting requests (HTTP 429); retry later ({_detail(exc)})",
+                "rate_limit",
             ) from exc
         except openai.APIStatusError as exc:
             raise UpstreamError(
-                f"the LLM answered HTTP {exc.status_code} ({_detail(exc)})"
+                f"the LLM answered HTTP {exc.status_code} ({_detail(exc)})", "status"
             ) from exc
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             raise UpstreamError(
                 f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
-                " the answer is incomplete"
+                " the answer is incomplete",
+                "timeout",
             ) from exc
         except openai.APIConnectionError as exc:
             raise UpstreamError(
-                f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL"
+                f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL", "connection"
             ) from exc
         except (httpx2.TransportError, httpx2.StreamError) as exc:
             raise UpstreamError(
-                "the connection to the LLM was lost mid-answer; the answer is incomplete"
+                "the connection to the LLM was lost mid-answer; the answer is incomplete",
+                "connection",
             ) from exc
 
 
@@ -137,13 +145,15 @@ def parse_chunk(payload: bytes) -> list[Delta]:
     try:
         chunk = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamError("the LLM sent a malformed stream chunk (not JSON)") from exc
+        raise UpstreamError(
+            "the LLM sent a malformed stream chunk (not JSON)", "malformed"
+        ) from exc
     if not isinstance(chunk, dict):
-        raise UpstreamError("the LLM sent a malformed stream chunk (not an object)")
+        raise UpstreamError("the LLM sent a malformed stream chunk (not an object)", "malformed")
     if chunk.get("error"):
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
-        raise UpstreamError(f"the LLM reported an error mid-answer: {message}")
+        raise UpstreamError(f"the LLM reported an error mid-answer: {message}", "stream")
     deltas: list[Delta] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}

@@ -20,7 +20,7 @@ from arq.worker import func
 
 from shared import keys
 from shared.event_log import EventLog
-from shared.logs import configure_logging
+from shared.logs import configure_logging, job_id_var
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, load_settings
@@ -28,6 +28,7 @@ from shared.settings import Settings, load_settings
 from .chat_job import chat
 from .heartbeat import Heartbeat
 from .llm import Upstream
+from .metrics import WorkerMetrics
 from .pickup import PushWorker
 from .tools import ToolRegistry
 
@@ -38,6 +39,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
+    ctx["metrics"].serve(settings.metrics_port)
     ctx["sessions"] = SessionStore(
         redis,
         settings.session_max_turns,
@@ -62,6 +64,11 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     )
 
 
+async def on_job_start(ctx: dict[str, Any]) -> None:
+    # Set in the task that runs the job, so every line about it (arq's too) names it.
+    job_id_var.set(str(ctx["job_id"]).split(".", 1)[0])
+
+
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     task: asyncio.Task[None] | None = ctx.get("heartbeat_task")
     if task is not None:
@@ -80,7 +87,14 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        ctx={"settings": settings, "worker_name": worker_name, "tools": tools, "roles": roles},
+        on_job_start=on_job_start,
+        ctx={
+            "settings": settings,
+            "worker_name": worker_name,
+            "tools": tools,
+            "roles": roles,
+            "metrics": WorkerMetrics(),
+        },
         max_jobs=settings.worker_max_jobs,
         # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in
         # the way of new ones up to this many.
@@ -99,7 +113,7 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
 
 def main() -> None:
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         tools = ToolRegistry.from_setting(settings.tools)
     except ValueError as exc:

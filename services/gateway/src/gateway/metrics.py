@@ -1,0 +1,108 @@
+"""The gateway's Prometheus metrics, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import keys
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "streamgate_http_requests_total",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "streamgate_open_streams", "SSE streams open on this gateway", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "streamgate_time_to_first_token_seconds",
+            "From GET /chat to the first token sent to the client",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_final = Histogram(
+            "streamgate_time_to_final_event_seconds",
+            "From GET /chat to the final event sent to the client",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "streamgate_tokens_relayed_total", "Token events sent to clients", registry=r
+        )
+        self.jobs = Counter(
+            "streamgate_jobs_total",
+            "Jobs by how they ended, counted by the process that wrote the final event",
+            ["outcome"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("streamgate_queue_depth", "Jobs waiting for a worker", registry=r)
+        self.oldest_queued = Gauge(
+            "streamgate_oldest_queued_job_age_seconds",
+            "How long the oldest waiting job has waited",
+            registry=r,
+        )
+
+
+class RequestMetrics:
+    """Counts every request by its route template (not its path: ids would explode it)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_count(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.metrics.requests.labels(_route(scope), scope["method"], str(status)).inc()
+
+
+def _route(scope: Scope) -> str:
+    for route in scope["app"].routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", "?"))
+    return "unmatched"
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: GatewayMetrics = request.app.state.sg.metrics
+    try:
+        redis = request.app.state.sg.arq
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(keys.PENDING)
+            pipe.zrange(keys.PENDING, 0, 0, withscores=True)
+            depth, oldest = await pipe.execute()
+        metrics.queue_depth.set(depth)
+        metrics.oldest_queued.set(max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0)
+    except (RedisError, OSError):
+        pass  # the rest of the figures are still worth a scrape while Redis is down
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

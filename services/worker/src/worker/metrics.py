@@ -1,0 +1,64 @@
+"""The worker's Prometheus metrics, served on METRICS_PORT by each worker process.
+
+Every process has its own registry and port (one container each under compose), so two
+workers never write over each other's figures; Prometheus adds them up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter(
+            "streamgate_jobs_total",
+            "Jobs by how they ended, counted by the process that wrote the final event",
+            ["outcome"],
+            registry=r,
+        )
+        self.running = Gauge("streamgate_running_jobs", "Jobs running in this worker", registry=r)
+        self.tokens = Counter(
+            "streamgate_tokens_published_total",
+            "Tokens received from the LLM and published",
+            registry=r,
+        )
+        self.upstream_first_token = Histogram(
+            "streamgate_upstream_first_token_seconds",
+            "From sending the LLM request to its first token or tool call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "streamgate_upstream_errors_total",
+            "Failed LLM requests by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "streamgate_tool_calls_total",
+            "Tool calls by tool and outcome",
+            ["tool", "outcome"],
+            registry=r,
+        )
+
+    def serve(self, port: int) -> None:
+        if not port:
+            return
+        try:
+            start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            # Several workers on one host (a local run) cannot share a port; the first wins.
+            logger.warning(
+                "metrics not served: port %d is taken (%s); set METRICS_PORT", port, exc.strerror
+            )
+        else:
+            logger.info("metrics on http://0.0.0.0:%d/metrics", port)
