@@ -59,9 +59,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
+        from .redis_conn import sentinel_target  # raises ValueError on a bad Sentinel URL
+
+        if sentinel_target(value) is not None:
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
         if parts.scheme != "unix":
             if not parts.hostname:
                 raise ValueError("has no host name")

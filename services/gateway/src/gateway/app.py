@@ -7,8 +7,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from arq.connections import ArqRedis
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -20,8 +18,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from shared import keys
 from shared.event_log import EventLog
+from shared.redis_conn import connect, connect_arq
 from shared.roles import load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
@@ -64,20 +62,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Fail fast while Redis is down (503 within seconds), never at start: /healthz
         # answers whether or not Redis is there.
-        # A bounded pool where requests wait their turn rather than fail.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            max_connections=64,
-            timeout=5,
+        arq = connect_arq(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, max_connections=64
         )
-        arq = ArqRedis(connection_pool=pool, default_queue_name=keys.QUEUE_NAME)
-        blocking = Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=BLOCK_MS / 1000 + 5,
-            single_connection_client=True,
+        # The relay's XREAD BLOCK: one command at a time, so one connection.
+        blocking = connect(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=BLOCK_MS / 1000 + 5
         )
         log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
         relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings), metrics)
@@ -99,7 +89,6 @@ def create_app(settings: Settings) -> Starlette:
             await relay.stop()
             await blocking.aclose()
             await arq.aclose()
-            await pool.disconnect()
 
     routes = [
         Route("/chat", chat.chat_get, methods=["GET"]),

@@ -15,12 +15,12 @@ import socket
 import sys
 from typing import Any
 
-from arq.connections import RedisSettings
 from arq.worker import func
 
 from shared import keys
 from shared.event_log import EventLog
 from shared.logs import configure_logging, job_id_var
+from shared.redis_conn import arq_settings
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, load_settings
@@ -84,7 +84,7 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
         wake_redis_url=settings.redis_url,
         functions=[func(chat, name="chat")],
         queue_name=keys.QUEUE_NAME,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        redis_settings=arq_settings(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         on_job_start=on_job_start,

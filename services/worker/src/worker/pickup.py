@@ -20,10 +20,10 @@ from typing import Any
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.redis_conn import connect
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +31,8 @@ logger = logging.getLogger(__name__)
 class PushWorker(Worker):
     def __init__(self, *args: Any, wake_redis_url: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wake_redis = Redis.from_url(
-            wake_redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=self.poll_delay_s + 5,
-            single_connection_client=True,
+        self.wake_redis = connect(
+            wake_redis_url, socket_connect_timeout=2, socket_timeout=self.poll_delay_s + 5
         )
 
     async def main(self) -> None:
@@ -75,7 +72,7 @@ class PushWorker(Worker):
         if self._free_slots() <= 0:
             await asyncio.sleep(min(timeout_s, 0.05))  # full: wake-ups are for idle workers
             return
-        await self.wake_redis.blpop([keys.WAKE], timeout=timeout_s)
+        await self.wake_redis.blpop([keys.WAKE], timeout=timeout_s)  # type: ignore[arg-type,misc]
 
     async def _start_waiting(self) -> None:
         slots = self._free_slots()

@@ -1,0 +1,108 @@
+"""Connections to Redis, direct or through Sentinel, from the one ``REDIS_URL`` setting.
+
+``redis://host:6379/0`` (or ``rediss://``, ``unix://``) connects directly;
+``redis+sentinel://[:password@]host1:26379,host2:26379/<service>/<db>`` asks the sentinels
+for the current primary of ``<service>`` and follows it through failovers. Every client of
+Streamgate (arq's pool, the relay, the pickup wake-up) comes from here, so none is left
+pointing at a dead primary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel
+
+from . import keys
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+R = TypeVar("R", bound=Redis)
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    password: str | None
+
+
+def sentinel_target(url: str) -> SentinelTarget | None:
+    """The parts of a ``redis+sentinel://`` URL (ValueError if malformed), else None."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"sentinel address {host!r} is not host:port")
+        sentinels.append((name, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("names no Sentinel service: redis+sentinel://host:port/<service>/<db>")
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("the path must be /<service> or /<service>/<db number>")
+    password = unquote(parts.password) if parts.password else None
+    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password)
+
+
+def connect(url: str, **options: Any) -> Redis:
+    """A client (with its own pool) for ``url``; ``options`` go to each connection."""
+    return _connect(url, Redis, options)
+
+
+def connect_arq(url: str, **options: Any) -> ArqRedis:
+    """Like ``connect``, as the arq client that enqueues jobs on Streamgate's queue. Its
+    pool (direct connections) makes a burst of requests wait for a connection rather
+    than fail."""
+    if sentinel_target(url) is None:
+        pool = BlockingConnectionPool.from_url(url, timeout=5, **options)
+        client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
+    else:
+        client = _connect(url, ArqRedis, options)
+    client.default_queue_name = keys.QUEUE_NAME
+    return client
+
+
+def _connect(url: str, redis_class: type[R], options: dict[str, Any]) -> R:
+    target = sentinel_target(url)
+    if target is None:
+        direct: R = redis_class.from_url(url, **options)
+        return direct
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels,
+        sentinel_kwargs={
+            "socket_connect_timeout": 2,
+            "socket_timeout": 2,
+            "password": target.password,
+        },
+    )
+    client: R = sentinel.master_for(
+        target.service,
+        redis_class=redis_class,
+        db=target.db,
+        password=target.password,
+        **options,
+    )
+    return client
+
+
+def arq_settings(url: str) -> RedisSettings:
+    target = sentinel_target(url)
+    if target is None:
+        return RedisSettings.from_dsn(url)
+    return RedisSettings(
+        host=target.sentinels,
+        sentinel=True,
+        sentinel_master=target.service,
+        database=target.db,
+        password=target.password,
+        conn_timeout=2,
+    )
