@@ -42,11 +42,28 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_compose_runs_the_procfile_services_plus_redis() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "gateway", "worker", "llm"}
+    assert set(services) == {"redis", "gateway", "worker", "llm", "prometheus"}
+    assert services["prometheus"]["profiles"] == ["metrics"]
     for name in ("redis", "gateway", "llm"):
         assert "healthcheck" in services[name], name
     assert services["gateway"]["ports"] == ["8000:8000"]
     assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_production_override_restricts_cors_and_turns_keys_on() -> None:
+    prod: dict[str, Any] = yaml.safe_load((ROOT / "compose.prod.yml").read_text())
+    gateway = prod["services"]["gateway"]["environment"]
+    assert gateway["CORS_ALLOW_ORIGINS"] != "*"
+    assert gateway["API_KEYS_FILE"].startswith("/run/secrets/")
+    assert prod["services"]["worker"]["deploy"]["replicas"] >= 2
+    assert "noeviction" in prod["services"]["redis"]["command"]
+
+
+def test_redis_keeps_its_data_and_never_evicts_the_queue() -> None:
+    redis = compose()["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "noeviction" in redis["command"]
+    assert all(s.get("restart") == "unless-stopped"
+               for name, s in compose()["services"].items() if name != "prometheus")
 
 
 def test_workers_scale() -> None:

@@ -47,7 +47,8 @@ def test_post_then_read_the_events_twice(stack: Stack, client: httpx.Client) -> 
 
 
 def test_events_url_works_before_a_worker_starts_the_job(
-    make_stack, client: httpx.Client  # type: ignore[no-untyped-def]
+    make_stack,
+    client: httpx.Client,  # type: ignore[no-untyped-def]
 ) -> None:
     stack = make_stack(workers=0)
     job_id = post(client, stack, "hello")
@@ -101,9 +102,7 @@ def test_delete_rejects_bad_and_unknown_ids(stack: Stack, client: httpx.Client) 
     assert client.delete(stack.gateway.url + "/chat/" + "0" * 32).status_code == 404
 
 
-def test_cancel_ends_the_stream_and_closes_the_upstream(
-    stack: Stack, client: httpx.Client
-) -> None:
+def test_cancel_ends_the_stream_and_closes_the_upstream(stack: Stack, client: httpx.Client) -> None:
     closed_before = stack.llm_stats()["closed_early"]
     job_id = post(client, stack, "[long 1000] [delay 0.05]")
     partial = events(client, stack, job_id, stop_after=5)
@@ -126,17 +125,22 @@ def test_resume_with_last_event_id_gets_exactly_the_rest(
 ) -> None:
     requests_before = stack.llm_stats()["requests"]
     first = sse.read(
-        client, stack.gateway.url + "/chat", params={"prompt": "[hard] [delay 0.05]"},
+        client,
+        stack.gateway.url + "/chat",
+        params={"prompt": "[hard] [delay 0.05]"},
         stop_after=6,
     )
     rest = sse.read(
-        client, stack.gateway.url + "/chat", params={"prompt": "[hard] [delay 0.05]"},
+        client,
+        stack.gateway.url + "/chat",
+        params={"prompt": "[hard] [delay 0.05]"},
         headers={"Last-Event-ID": first.last_id},
     )
     assert rest.messages[0].id != first.last_id
-    assert first.text + rest.text == sse.read(
-        client, f"{stack.gateway.url}/chat/{first.events[0]['job_id']}/events"
-    ).text
+    assert (
+        first.text + rest.text
+        == sse.read(client, f"{stack.gateway.url}/chat/{first.events[0]['job_id']}/events").text
+    )
     assert "😀" in first.text + rest.text
     assert rest.events[-1] == {"lifecycle": "done"}
     assert stack.llm_stats()["requests"] == requests_before + 1
@@ -171,7 +175,8 @@ def test_reconnecting_after_the_final_event_is_204_and_enqueues_nothing(
     before = enqueued(stack)
     for _ in range(5):  # what a browser's EventSource does after the stream closes
         again = client.get(
-            stack.gateway.url + "/chat", params={"prompt": "hi"},
+            stack.gateway.url + "/chat",
+            params={"prompt": "hi"},
             headers={"Last-Event-ID": done.last_id},
         )
         assert again.status_code == 204
