@@ -1,0 +1,72 @@
+"""The relay's per-client mailbox: bounded, in order, ended by the final event."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from gateway.relay import PING, Reader
+
+from . import sse
+from .harness import Stack
+
+
+def frames_of(reader: Reader, ping_s: float = 0.05) -> list[bytes]:
+    async def collect() -> list[bytes]:
+        return [chunk async for chunk in reader.frames_until_end(ping_s)]
+
+    return asyncio.run(collect())
+
+
+def test_a_reader_gets_frames_in_order_and_stops_after_the_final_one() -> None:
+    reader = Reader("a" * 32, "0-0", bound=10, started_at=None)
+    reader.push(b"one", (1, 0), final=False)
+    reader.push(b"two", (2, 0), final=True)
+    reader.push(b"late", (3, 0), final=False)  # nothing follows a final event
+    assert frames_of(reader) == [b"onetwo"]
+    assert reader.after == (2, 0)
+
+
+def test_a_reader_that_falls_too_far_behind_is_dropped_and_holds_nothing() -> None:
+    reader = Reader("a" * 32, "0-0", bound=3, started_at=None)
+    for i in range(5):
+        reader.push(b"frame", (i + 1, 0), final=False)
+    assert reader.ended
+    assert reader.frames == []
+    assert frames_of(reader) == []  # a clean close: the client resumes from its cursor
+
+
+def test_an_idle_reader_pings() -> None:
+    reader = Reader("a" * 32, "0-0", bound=3, started_at=None)
+
+    async def first_two() -> list[bytes]:
+        chunks = reader.frames_until_end(0.01)
+        got = [await anext(chunks), await anext(chunks)]
+        await chunks.aclose()
+        return got
+
+    assert asyncio.run(first_two()) == [PING, PING]
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_reading_does_not_hold_up_others(
+    stack: Stack, client: httpx.Client
+) -> None:
+    job_id = client.post(
+        stack.gateway.url + "/chat", json={"prompt": "[long 5000] [delay 0]"}
+    ).json()["job_id"]
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", stack.gateway.port or 0))
+    stuck.sendall(f"GET /chat/{job_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    try:
+        started = time.monotonic()
+        stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+        assert stream.text == "".join(f"t{i} " for i in range(5000))
+        assert time.monotonic() - started < 20
+    finally:
+        stuck.close()
