@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from . import events as ev
 from . import keys
@@ -184,18 +185,30 @@ class EventLog:
         position: int,
         ttl_s: int,
         watched_s: float | None,
-    ) -> bytes:
-        """Start the job's stream with its ``queued`` event; returns that event's entry id.
+        pipe: Pipeline | None = None,
+    ) -> None:
+        """Start the job's stream with its ``queued`` event (on ``pipe`` when given).
 
         ``watched_s`` (GET jobs): the job counts as read for this long, until a relay renews it.
         """
         queued = ev.encode(ev.Queued(job_id, position))
         watched_ms = int(watched_s * 1000) if watched_s else 0
-        entry_id: bytes = await self._create(
-            keys=[*_job_keys(job_id), keys.watched_key(job_id)],
-            args=[kind, request, queued, self.queue_timeout_ms, ttl_s, watched_ms, key],
-        )
-        return entry_id
+        job_keys = [*_job_keys(job_id), keys.watched_key(job_id)]
+        args: list[str | bytes | int] = [
+            kind,
+            request,
+            queued,
+            self.queue_timeout_ms,
+            ttl_s,
+            watched_ms,
+            key,
+        ]
+        if pipe is None:
+            await self._create(keys=job_keys, args=args)
+        else:
+            # EVAL, not the registered EVALSHA: a pipeline would first ask SCRIPT EXISTS,
+            # a second round trip on the enqueue path. Redis caches the compiled script.
+            pipe.eval(_CREATE, len(job_keys), *job_keys, *args)  # type: ignore[arg-type]
 
     async def claim(self, job_id: str, queued_as: str, owner: str, alive_ms: int) -> ClaimResult:
         """Make ``owner`` the job's running attempt; anything but "run" means do not run it.

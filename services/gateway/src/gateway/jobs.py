@@ -8,6 +8,9 @@ from typing import Literal
 
 import orjson
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio.client import Pipeline
 
 from shared import keys
 from shared.cursors import new_job_id
@@ -79,30 +82,42 @@ async def _enqueue(
         )
     request = orjson.dumps({**asdict(chat), "kind": kind})
     ttl_s = int(settings.queue_timeout_s + settings.job_timeout_s) + settings.stream_retention_s
-    await log.create(
-        job_id,
-        kind,
-        identity,
-        request,
-        position=waiting + 1,
-        ttl_s=ttl_s,
-        watched_s=settings.disconnect_grace_s if kind == "get" else None,
-    )
-    await submit(arq, settings, job_id, job_id)
+    # One round trip: the stream with its `queued` event first, then the arq job.
+    async with arq.pipeline(transaction=False) as pipe:
+        await log.create(
+            job_id,
+            kind,
+            identity,
+            request,
+            position=waiting + 1,
+            ttl_s=ttl_s,
+            watched_s=settings.disconnect_grace_s if kind == "get" else None,
+            pipe=pipe,
+        )
+        submit(pipe, settings, job_id, job_id)
+        await pipe.execute()
 
 
 async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:
     """Enqueue a job again whose worker died before any output (the watchdog found it)."""
     requeues = await log.requeues(job_id)
-    # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
-    await submit(arq, settings, job_id, f"{job_id}.{requeues}")
-
-
-async def submit(arq: ArqRedis, settings: Settings, job_id: str, arq_id: str) -> None:
-    # Only the id travels through arq (and its logs); the request waits in the job's meta.
-    await arq.enqueue_job("chat", job_id, _job_id=arq_id, _expires=settings.queue_timeout_s)
     async with arq.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.PENDING, {arq_id: int(time.time() * 1000)})
-        pipe.lpush(keys.WAKE, b"1")
-        pipe.ltrim(keys.WAKE, 0, keys.WAKE_CAP - 1)
+        # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
+        submit(pipe, settings, job_id, f"{job_id}.{requeues}")
         await pipe.execute()
+
+
+def submit(pipe: Pipeline, settings: Settings, job_id: str, arq_id: str) -> None:
+    """Queue an arq job for ``job_id`` on ``pipe``, and wake a worker.
+
+    This writes what ``ArqRedis.enqueue_job`` writes (the serialized job, its place in the
+    queue), without its WATCH/MULTI round trips: those guard a reused job id, and ours are
+    random. Only the id travels through arq (and its logs); the request waits in the meta.
+    """
+    now_ms = int(time.time() * 1000)
+    job = serialize_job("chat", (job_id,), {}, None, now_ms)
+    pipe.psetex(job_key_prefix + arq_id, int(settings.queue_timeout_s * 1000), job)
+    pipe.zadd(keys.QUEUE_NAME, {arq_id: now_ms})
+    pipe.zadd(keys.PENDING, {arq_id: now_ms})
+    pipe.lpush(keys.WAKE, b"1")
+    pipe.ltrim(keys.WAKE, 0, keys.WAKE_CAP - 1)
