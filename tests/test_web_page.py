@@ -1,0 +1,449 @@
+"""The web chat page in a real browser (Debian's chromium via Playwright) against a real stack.
+
+The page must stream over the browser's own EventSource, so these tests drive a browser rather
+than a JavaScript test runner: reconnects, Last-Event-ID and CORS are the browser's doing.
+Events the demo model cannot produce yet (tool calls) go through ``window.streamgate``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    Request,
+    Route,
+    expect,
+    sync_playwright,
+)
+
+from .harness import ROOT, Service, Stack
+from .test_chat_stream import HARD_TEXT
+
+CHROMIUM = os.environ.get("STREAMGATE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = ROOT / "artifacts" / "screenshots" / "chat-mid-stream.png"
+SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EVENTSOURCE_CLOSED = 2
+API_KEY = "sg-test-key-0123"
+
+
+def _chromium() -> str:
+    # chromium may still be being installed when the suite starts: give it a minute.
+    deadline = time.monotonic() + 60
+    while True:
+        found = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.skip(
+                f"no chromium at {CHROMIUM}: apt-get install chromium, or set STREAMGATE_CHROMIUM"
+            )
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = _chromium()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """A factory of pages, each in a fresh context (own localStorage); no page may throw."""
+    contexts: list[BrowserContext] = []
+    errors: list[Exception] = []
+
+    def open_(url: str, **context_options: Any) -> Page:
+        context = browser.new_context(**context_options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        page.on("pageerror", lambda error: errors.append(error))
+        page.goto(url)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+@pytest.fixture(scope="module")
+def own_gateway(stack: Stack) -> Iterator[Service]:
+    """One more gateway on the shared stack: CORS allows only another origin, and a reader
+    may stay away long. The reconnect test kills and restarts it, never the shared one.
+    """
+    gateway = stack.add_gateway(CORS_ALLOW_ORIGINS="https://other.example", DISCONNECT_GRACE_S="30")
+    yield gateway
+    gateway.stop()
+    stack.gateways.remove(gateway)
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(stack: Stack) -> Iterator[Service]:
+    """One more gateway on the shared stack that wants an API key."""
+    gateway = stack.add_gateway(API_KEYS=API_KEY)
+    yield gateway
+    gateway.stop()
+    stack.gateways.remove(gateway)
+
+
+@pytest.fixture
+def page(open_page: Callable[..., Page], stack: Stack) -> Page:
+    return open_page(stack.gateway.url)
+
+
+def chat_requests(page: Page) -> list[Request]:
+    """Every GET /chat?... the page makes from now on (EventSource reconnects included)."""
+    seen: list[Request] = []
+    page.on("request", lambda r: seen.append(r) if urlsplit(r.url).path == "/chat" else None)
+    return seen
+
+
+def query(request: Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+
+
+def send(page: Page, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+
+
+def answer(page: Page) -> Locator:
+    return page.locator(".msg.assistant").last
+
+
+def wait_state(page: Page, state: str, timeout: float = 10_000) -> Locator:
+    last = answer(page)
+    expect(last).to_have_attribute("data-state", state, timeout=timeout)
+    return last
+
+
+def source_closed(page: Page) -> bool:
+    closed: bool = page.evaluate(
+        f"window.streamgate.lastSource.readyState === {EVENTSOURCE_CLOSED}"
+    )
+    return closed
+
+
+def test_streams_the_answer_and_closes(page: Page) -> None:
+    expect(page.locator("#prompt")).to_have_accessible_name("Message")
+    send(page, "hello [delay 0.03]")
+    last = answer(page)
+    expect(last).to_have_attribute("data-state", "streaming")
+    expect(page.locator("#send")).to_be_disabled()
+    expect(last.locator(".answer .text")).to_contain_text("Streamgate demo")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    print(f"screenshot: {SCREENSHOT.relative_to(ROOT)}")
+    assert page.evaluate("window.streamgate.streaming")
+
+    wait_state(page, "done")
+    assert 'You said: "hello [delay 0.03]"' in (last.locator(".answer").text_content() or "")
+    assert source_closed(page)
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator(".msg.user").last).to_have_text("hello [delay 0.03]")
+
+
+def test_tokens_are_text_never_html(page: Page) -> None:
+    send(page, "<b>bold</b> <img src=x onerror=alert(1)>")
+    last = wait_state(page, "done")
+    assert last.locator("b, img").count() == 0
+    assert page.locator(".log b, .log img").count() == 0
+    assert "<b>bold</b> <img src=x onerror=alert(1)>" in (last.text_content() or "")
+
+    send(page, "[hard]")
+    last = wait_state(page, "done")
+    assert last.locator(".answer").text_content() == HARD_TEXT
+    style = last.locator(".answer").evaluate("e => getComputedStyle(e).whiteSpace")
+    assert style == "pre-wrap", "newlines in tokens must show"
+
+
+def test_an_upstream_error_is_shown_in_words(page: Page) -> None:
+    send(page, "[http 500]")
+    last = wait_state(page, "error")
+    notice = last.locator(".notice.error")
+    expect(notice).to_contain_text("Error: ")
+    assert len((notice.text_content() or "").split()) >= 3, "the error is told in words"
+    assert source_closed(page)
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_stop_cancels_a_slow_answer(page: Page) -> None:
+    deletes: list[str] = []
+    page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+    send(page, "[long 200] [delay 0.05]")
+    last = answer(page)
+    expect(last.locator(".answer .text")).to_contain_text("3")
+    page.click("#stop")
+    wait_state(page, "stopped", timeout=5_000)
+    expect(last.locator(".notice.stopped")).to_have_text("Stopped.")
+    expect(page.locator("#status")).to_have_text("stopped")
+    job_id = last.get_attribute("data-job-id")
+    assert job_id and deletes == [f"{page.url.rstrip('/')}/chat/{job_id}"]
+    assert source_closed(page)
+    shown = last.locator(".answer").text_content()
+    page.wait_for_timeout(300)
+    assert last.locator(".answer").text_content() == shown, "nothing arrives after stop"
+
+
+def test_follow_ups_share_the_session_and_new_chat_makes_another(page: Page) -> None:
+    requests = chat_requests(page)
+    send(page, "first")
+    wait_state(page, "done")
+    send(page, "second [echo]")  # the demo model answers with the messages it was sent
+    last = wait_state(page, "done")
+    expect(last).to_contain_text('"content":"first"')  # the server remembered the session
+    assert [query(r)["prompt"] for r in requests] == ["first", "second [echo]"]
+    first, second = (query(r)["session"] for r in requests)
+    assert SESSION.fullmatch(first)
+    assert first == second == page.evaluate("localStorage.getItem('streamgate.session')")
+
+    page.click("#new-chat")
+    expect(page.locator(".msg")).to_have_count(0)
+    send(page, "third")
+    wait_state(page, "done")
+    third = query(requests[-1])["session"]
+    assert SESSION.fullmatch(third)
+    assert third != first
+
+    page.reload()  # the session outlives a reload
+    assert page.evaluate("window.streamgate.session") == third
+
+
+def test_works_from_its_own_origin_when_cors_is_restricted(
+    own_gateway: Service, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(own_gateway.url)
+    expect(page.locator("#role")).to_be_visible()  # fetch() of /roles
+    send(page, "[long 100] [delay 0.02]")  # EventSource
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    page.click("#stop")  # a DELETE, which browsers send with an Origin header
+    wait_state(page, "stopped", timeout=5_000)
+
+
+def test_reconnects_and_resumes_the_same_job(
+    stack: Stack, own_gateway: Service, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(own_gateway.url)
+    requests = chat_requests(page)
+    before = stack.llm_stats()["requests"]
+    send(page, "[long 60] [delay 0.05]")
+    last = answer(page)
+    expect(last.locator(".answer .text")).to_contain_text("3")
+
+    own_gateway.kill()  # the connection drops mid-answer
+    expect(page.locator("#status")).to_have_text("reconnecting…", timeout=5_000)
+    own_gateway.proc.wait()  # type: ignore[union-attr]
+    own_gateway.start()
+
+    wait_state(page, "done", timeout=15_000)
+    expected = "".join(f"t{i} " for i in range(60))
+    assert last.locator(".answer").text_content() == expected, "nothing lost or repeated"
+    assert stack.llm_stats()["requests"] == before + 1, "one job, resumed, not a second one"
+    assert len(requests) >= 2
+    assert all(r.url == requests[0].url for r in requests), "the browser resumes the same URL"
+    assert requests[1].all_headers().get("last-event-id")
+
+
+def test_phone_viewport_has_no_horizontal_scroll(
+    open_page: Callable[..., Page], stack: Stack
+) -> None:
+    page = open_page(
+        stack.gateway.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    send(page, "x" * 200 + " " + "y " * 40)
+    wait_state(page, "done")
+    widths = page.evaluate(
+        "[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]"
+    )
+    assert max(widths[:2]) <= widths[2], widths
+    for selector in ("#prompt", "#send", "#new-chat"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+        assert box["y"] + box["height"] <= 844, f"{selector} is off screen"
+
+
+def test_tool_calls_render_as_chips(page: Page) -> None:
+    page.evaluate("""() => {
+        const sg = window.streamgate;
+        sg.handleEvent({lifecycle: "started", job_id: "0123456789abcdef0123456789abcdef"});
+        sg.handleEvent({token: "Let me work that out. "});
+        sg.handleEvent({tool_call: {id: "call_1", name: "calculator"}});
+    }""")
+    chip = page.locator(".tool-chip[data-call-id='call_1']")
+    expect(chip).to_have_text("calling calculator…")
+    page.evaluate("""() => window.streamgate.handleEvent({tools_called: [{
+        id: "call_1", name: "calculator", arguments: {expression: "2 + 3 * 4"},
+        output: "14 <img src=x onerror=alert(1)>"}]})""")
+    expect(chip).to_have_count(1)
+    expect(chip.locator("summary")).to_have_text("calculator → 14 <img src=x onerror=alert(1)>")
+    expect(chip).to_have_class(re.compile(r"\bcalled\b"))
+    chip.locator("summary").click()
+    expect(chip.locator(".tool-args")).to_contain_text('"expression": "2 + 3 * 4"')
+    page.evaluate("""() => {
+        const sg = window.streamgate;
+        sg.handleEvent({something_new: true});
+        sg.handleEvent({lifecycle: "thinking"});
+        sg.handleEvent({token: "It is 14."});
+        sg.handleEvent({lifecycle: "done"});
+    }""")
+    last = wait_state(page, "done")
+    assert last.locator("img").count() == 0
+    assert last.locator(".answer > *").evaluate_all("els => els.map(e => e.className)") == [
+        "text",
+        "tool-chip called",
+        "text",
+    ]
+
+
+def test_tool_calls_from_the_model_show_their_output(page: Page) -> None:
+    send(page, "calculate 2 + 3 * 4")
+    last = wait_state(page, "done")
+    chip = last.locator(".tool-chip")
+    expect(chip).to_have_count(1)
+    expect(chip.locator("summary")).to_have_text("calculator → 14")
+    expect(last.locator(".answer .text")).to_have_text("From the tools: calculator said 14.")
+
+
+def test_roles_are_offered_sent_and_remembered(page: Page) -> None:
+    requests = chat_requests(page)
+    role = page.locator("#role")
+    expect(role).to_be_visible()
+    expect(role).to_have_accessible_name("Role")
+    names = role.locator("option").evaluate_all("options => options.map(o => o.value)")
+    assert len(names) >= 2 and "" not in names
+    page.select_option("#role", names[1])
+    send(page, "who are you?")
+    wait_state(page, "done")
+    assert query(requests[0])["role"] == names[1]
+    page.reload()
+    expect(role).to_have_value(names[1])
+
+    # A role the server does not know: the refusal comes in the server's own words.
+    pirate = [{"name": "pirate", "description": "Answers like a pirate"}]
+    page.route("**/roles", lambda route: route.fulfill(json=pirate))
+    page.reload()
+    expect(role).to_have_attribute("title", "Answers like a pirate")
+    send(page, "ahoy")
+    expect(answer(page).locator(".notice.error")).to_contain_text("pirate")
+    assert query(requests[-1])["role"] == "pirate"
+
+    # No roles (an older gateway answers 404): no picker, and the default role applies.
+    page.unroute("**/roles")
+    page.route("**/roles", lambda route: route.fulfill(status=404, json={"error": "no"}))
+    page.reload()
+    expect(role).to_be_hidden()
+
+
+def test_asks_for_an_api_key_and_sends_it(
+    keyed_gateway: Service, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(keyed_gateway.url)
+    panel = page.locator("#key-panel")
+    expect(panel).to_be_visible()  # GET /roles answered 401
+    expect(page.locator("#api-key")).to_have_accessible_name("API key")
+    requests = chat_requests(page)
+    send(page, "let me in")
+    expect(page.locator("#prompt")).to_have_value("let me in")  # taken back, to send again
+    expect(page.locator(".msg")).to_have_count(0)
+
+    page.fill("#api-key", "not-the-key")
+    page.press("#api-key", "Enter")
+    expect(panel).to_contain_text("refused the saved API key")
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Enter")
+    last = wait_state(page, "done")
+    expect(last).to_contain_text('You said: "let me in"')
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator("#role")).to_be_visible()  # /roles with the Bearer key
+    assert query(requests[-1])["access_token"] == API_KEY
+    assert page.evaluate("localStorage.getItem('streamgate.apiKey')") == API_KEY
+
+    send(page, "[long 100] [delay 0.02]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
+        page.click("#stop")
+    assert deleted.value.status == 204
+    assert deleted.value.request.all_headers()["authorization"] == f"Bearer {API_KEY}"
+    wait_state(page, "stopped")
+
+
+def test_an_answer_that_cannot_be_resumed_is_reported(
+    open_page: Callable[..., Page], stack: Stack
+) -> None:
+    # A stream that ends without a final event, then a reconnect the server refuses (404:
+    # the job expired): the EventSource gives up, and the page must say so in words.
+    job_id = "0123456789abcdef0123456789abcdef"
+    seen: list[str] = []
+
+    def server(route: Route) -> None:
+        seen.append(route.request.method)
+        if len(seen) > 1:
+            route.fulfill(status=404, json={"error": f"no job {job_id}"})
+            return
+        body = (
+            "retry: 50\n\n"
+            f'id: {job_id}-1\ndata: {{"lifecycle": "queued", "job_id": "{job_id}"}}\n\n'
+            f'id: {job_id}-2\ndata: {{"token": "half an ans"}}\n\n'
+        )
+        route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    page = open_page("about:blank")
+    page.route(re.compile(r"/chat\?"), server)
+    page.goto(stack.gateway.url)
+    send(page, "anything")
+    last = wait_state(page, "error")
+    expect(last.locator(".answer")).to_have_text("half an ans")
+    expect(last.locator(".notice.error")).to_contain_text("no longer on the server")
+    assert seen == ["GET", "GET", "HEAD"], "one reconnect, then a HEAD that asks why"
+    assert source_closed(page)
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_an_unreachable_server_is_reported(open_page: Callable[..., Page], stack: Stack) -> None:
+    page = open_page("about:blank")
+    page.clock.install()  # the page's give-up timer, fast-forwarded below
+    page.route(re.compile(r"/chat\?"), lambda route: route.abort("connectionrefused"))
+    page.goto(stack.gateway.url)
+    send(page, "anyone there?")
+    expect(page.locator("#status")).to_have_text("reconnecting…")
+    page.clock.fast_forward(16_000)
+    last = wait_state(page, "error")
+    expect(last.locator(".notice.error")).to_contain_text("could not be reached")
+    assert source_closed(page)
+
+
+def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
+    send(page, "[long 100] [delay 0.05]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    page.reload()  # the first answer goes on until the server sees nobody reads it
+    send(page, "again")
+    last = wait_state(page, "error")
+    expect(last.locator(".notice.error")).to_contain_text("still be answering")
