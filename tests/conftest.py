@@ -97,3 +97,10 @@ def make_stack(redis_url: str, logdir: Path) -> Iterator[Callable[..., Stack]]:
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30) as http:
         yield http
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where the browser tests left their screenshots, so CI output shows them."""
+    shots = sorted((Path(__file__).parent.parent / "artifacts" / "screenshots").glob("*.png"))
+    if shots:
+        terminalreporter.write_line("screenshots: " + " ".join(str(s) for s in shots))
