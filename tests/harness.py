@@ -161,17 +161,25 @@ class Service:
         return self.proc.returncode
 
 
-_next_db = iter(range(1, 10_000))
+_free_dbs = list(range(1, 16))  # database 0 is left to whoever else uses this Redis
 
 
 def private_db(redis_url: str) -> str:
-    """The same Redis, another (emptied) database: stacks must not take each other's jobs."""
+    """The same Redis, a database no running stack uses (emptied): stacks must not take
+    each other's jobs. ``release_db`` gives it back."""
+    assert _free_dbs, "more than 15 stacks at once: stop one first"
     base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
-    url = f"{base}/{next(_next_db) % 16}"
+    url = f"{base}/{_free_dbs.pop(0)}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
     return url
+
+
+def release_db(url: str) -> None:
+    db = int(url.rsplit("/", 1)[1])
+    if 0 < db < 16 and db not in _free_dbs:
+        _free_dbs.append(db)
 
 
 class Stack:
@@ -223,6 +231,7 @@ class Stack:
     def stop(self) -> None:
         for service in [*self.gateways, *self.workers, self.llm]:
             service.stop()
+        release_db(self.redis_url)
 
     def llm_stats(self) -> dict[str, int]:
         stats: dict[str, int] = httpx.get(self.llm.url + "/demo/stats", timeout=5).json()

@@ -62,8 +62,11 @@ def test_production_override_restricts_cors_and_turns_keys_on() -> None:
 def test_redis_keeps_its_data_and_never_evicts_the_queue() -> None:
     redis = compose()["services"]["redis"]
     assert "--appendonly" in redis["command"] and "noeviction" in redis["command"]
-    assert all(s.get("restart") == "unless-stopped"
-               for name, s in compose()["services"].items() if name != "prometheus")
+    assert all(
+        s.get("restart") == "unless-stopped"
+        for name, s in compose()["services"].items()
+        if name != "prometheus"
+    )
 
 
 def test_workers_scale() -> None:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from gateway.relay import PING, Reader
+from gateway.reader import PING, Reader
 
 from . import sse
 from .harness import Stack

@@ -11,10 +11,12 @@ Decisions a reader might want to undo:
   stream in it.
 - Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
   fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
-- A watchdog ends jobs whose worker stopped its heartbeat or that no worker started in
-  time (the end is written to the stream, so every reader of it on every gateway sees the
-  same final event), tells readers of jobs Redis no longer knows, and keeps the job marked
-  as watched so that a ``GET /chat`` job with readers is not cancelled.
+- A watchdog checks the jobs that have been silent for a while: it ends those whose worker
+  stopped its heartbeat after output or that no worker started in time (the end is written
+  to the stream, so every reader on every gateway sees the same final event), enqueues
+  again those whose worker died before any output, tells readers of jobs Redis no longer
+  knows, and keeps relayed jobs marked as watched so that a ``GET /chat`` job with readers
+  is not cancelled.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -35,74 +37,12 @@ from shared.event_log import DATA, FINAL, EventLog
 from shared.settings import Settings
 
 from .metrics import GatewayMetrics
+from .reader import Reader, entry_key
 
 logger = logging.getLogger(__name__)
 
-PING = b": ping\n\n"
 BLOCK_MS = 5000
 READ_COUNT = 512
-
-
-def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-class Reader:
-    """One client's view of one job: a mailbox of SSE frames after its cursor."""
-
-    __slots__ = ("after", "bound", "ended", "first_token", "frames", "job_id", "started_at", "wake")
-
-    def __init__(self, job_id: str, after: str, bound: int, started_at: float | None) -> None:
-        self.job_id = job_id
-        self.started_at = started_at  # set for a new chat: its latencies are measured
-        self.first_token = started_at is not None  # the first token is still to be timed
-        self.after = _entry_key(after)
-        self.bound = bound
-        self.frames: list[bytes] = []
-        self.ended = False  # no more frames will come: final event queued, or dropped
-        self.wake = asyncio.Event()
-
-    def push(self, frame: bytes, key: tuple[int, int], final: bool) -> None:
-        if self.ended:
-            return
-        self.after = key
-        self.frames.append(frame)
-        if final:
-            self.ended = True
-        elif len(self.frames) > self.bound:
-            logger.warning(
-                "job %s: a reader fell %d events behind; dropping it so it resumes from its cursor",
-                self.job_id,
-                self.bound,
-            )
-            self.frames.clear()
-            self.ended = True
-        self.wake.set()
-
-    def close(self, frame: bytes | None = None) -> None:
-        """End this reader, with a last frame or cleanly (the client may resume)."""
-        if not self.ended:
-            if frame is not None:
-                self.frames.append(frame)
-            self.ended = True
-            self.wake.set()
-
-    async def frames_until_end(self, ping_interval_s: float) -> AsyncIterator[bytes]:
-        """SSE bytes as they come, pings while idle; returns after the final event."""
-        while True:
-            if self.frames:
-                chunk = b"".join(self.frames)
-                self.frames.clear()
-                yield chunk
-                continue
-            if self.ended:
-                return
-            self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), ping_interval_s)
-            except TimeoutError:
-                yield PING
 
 
 class _Job:
@@ -239,16 +179,16 @@ class Relay:
         readers = list(job.readers)
         now = job.last_activity
         for entry_id, fields in entries:
-            entry_key = _entry_key(entry_id)
+            position = entry_key(entry_id)
             final = FINAL in fields
             data = fields[DATA]
             token = data.startswith(b'{"token"')
             frame = job.prefix + entry_id + b"\ndata: " + data + b"\n\n"
             for reader in readers:
-                if entry_key > reader.after:
+                if position > reader.after:
                     if reader.started_at is not None:
                         self._measure(reader, now, token, final)
-                    reader.push(frame, entry_key, final)
+                    reader.push(frame, position, final)
                     if token:
                         self.metrics.tokens.inc()
         for reader in readers:
