@@ -23,6 +23,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from . import events as ev
 from . import keys
@@ -109,16 +110,40 @@ class EventLog:
         )
         return result.decode()  # type: ignore[return-value]
 
-    async def append(self, job_id: str, owner: str, batch: Sequence[ev.Event]) -> bool:
-        """Append events as ``owner``; False means this attempt no longer owns the job."""
-        args: list[bytes | str | int] = [
-            owner,
-            self.retention_s,
-            "1" if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch) else "0",
-        ]
-        for event in batch:
-            args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
-        return bool(await self._append(keys=_job_keys(job_id), args=args))
+    async def append(self, job_id: str, owner: str, number: int, batch: Sequence[ev.Event]) -> bool:
+        """Append batch ``number`` (1, 2, ... per attempt) as ``owner``; False means this
+        attempt no longer owns the job. Retrying a batch never writes it twice."""
+        (appended,) = await self.append_many([(job_id, owner, number, batch)])
+        return appended
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, str, int, Sequence[ev.Event]]]
+    ) -> list[bool]:
+        """Append the batches of many jobs in one round trip, ``(job_id, owner, number,
+        events)`` each; per batch, False means that attempt no longer owns its job."""
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, owner, number, batch in batches:
+                    args: list[bytes | str | int] = [
+                        owner,
+                        self.retention_s,
+                        "1" if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch) else "0",
+                        number,
+                    ]
+                    for event in batch:
+                        args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
+                    # EVALSHA straight on the pipeline: registering the script would add a
+                    # SCRIPT EXISTS round trip to every flush.
+                    pipe.evalsha(self._append.sha, 4, *_job_keys(job_id), *args)  # type: ignore[arg-type]
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self.redis.script_load(APPEND)  # a new (or restarted) Redis
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return [bool(r) for r in results]
+        raise AssertionError("unreachable")
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a job without output back to the queue; False if it had output or was not ours."""

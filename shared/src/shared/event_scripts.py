@@ -51,7 +51,7 @@ if redis.call('HEXISTS', KEYS[1], 'published') == 1 then
   finalize(ARGV[4], ARGV[6])
   return 'lost'
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'batch', '0')
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 redis.call('DEL', KEYS[4])
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
@@ -61,13 +61,17 @@ return 'run'
 """
 )
 
-# ARGV: owner, retention s, published ('1' or '0'), then (event, final) pairs.
+# ARGV: owner, retention s, published ('1' or '0'), batch number, then (event, final)
+# pairs. A batch number at or below the last one applied is a retry of a batch that did
+# reach Redis (the reply was lost): it is acknowledged, not written twice.
 APPEND = (
     _FINALIZE
     + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[1], 'batch') or '0') then return 1 end
+redis.call('HSET', KEYS[1], 'batch', ARGV[4])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'published', '1') end
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   if ARGV[i + 1] == '1' then
     finalize(ARGV[i], ARGV[2])
     return 1

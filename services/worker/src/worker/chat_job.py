@@ -24,7 +24,7 @@ from .agent import run_agent
 from .heartbeat import Heartbeat
 from .llm import UpstreamError
 from .metrics import WorkerMetrics
-from .publisher import Fenced, Publisher
+from .publisher import Fenced
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         return claim
 
     request = orjson.loads(await log.request_of(job_id) or b"{}")
-    publisher = Publisher(log, job_id, owner, redis_patience_s=settings.worker_lost_timeout_s)
+    publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:

@@ -62,6 +62,13 @@ class Upstream:
             timeout=openai.Timeout(
                 connect=5.0, read=settings.upstream_idle_timeout_s, write=30.0, pool=30.0
             ),
+            # aiohttp under the SDK: its C parser reads a streamed body for a fraction of
+            # the CPU of the default transport, and the pool keeps a connection per job.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(
+                    max_connections=None, max_keepalive_connections=settings.worker_max_jobs
+                ),
+            ),
         )
 
     async def close(self) -> None:
@@ -102,6 +109,11 @@ class Upstream:
                 f"the LLM answered HTTP {exc.status_code} ({_detail(exc)})", "status"
             ) from exc
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+            if _caused_by(exc, httpx2.ConnectTimeout):  # also how aiohttp reports a refusal
+                raise UpstreamError(
+                    f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL",
+                    "connection",
+                ) from exc
             raise UpstreamError(
                 f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
                 " the answer is incomplete",
@@ -116,6 +128,15 @@ class Upstream:
                 "the connection to the LLM was lost mid-answer; the answer is incomplete",
                 "connection",
             ) from exc
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _detail(exc: openai.APIStatusError) -> str:

@@ -30,6 +30,7 @@ from .heartbeat import Heartbeat
 from .llm import Upstream
 from .metrics import WorkerMetrics
 from .pickup import PushWorker
+from .publisher import Batcher
 from .tools import ToolRegistry
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lock_ttl_s=int(settings.job_timeout_s),
     )
     ctx["event_log"] = EventLog(redis, settings.stream_retention_s, settings.queue_timeout_s)
+    ctx["batcher"] = Batcher(ctx["event_log"], redis_patience_s=settings.worker_lost_timeout_s)
     heartbeat = Heartbeat(
         redis,
         interval_s=settings.heartbeat_interval_s,

@@ -1,15 +1,16 @@
-"""Publishes one job's events to its stream, coalescing what arrives while a write is out.
+"""Publishing every job's events: one writer per worker process, coalescing what arrives.
 
 ``emit`` never waits: the LLM read loop hands events over and goes on reading. One writer
-task sends everything that piled up during the previous write as a single fenced append, so
-a burst of tokens costs one round trip, and a lone token goes out at once (no added delay).
-Adjacent tokens are merged into one event: their concatenation is the same text.
+task (the ``Batcher``) sends whatever all jobs of this worker produced while its previous
+write was out, as one pipelined round trip of fenced appends (one per job), so a burst
+costs one round trip and a lone token goes out at once (no added delay). Adjacent tokens of
+a job are merged into one event: their concatenation is the same text. Each job's batches
+are numbered, so retrying a write whose reply was lost (Redis blinked) never duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,74 +27,121 @@ class Fenced(Exception):
 
 
 class Publisher:
-    def __init__(self, log: EventLog, job_id: str, owner: str, redis_patience_s: float) -> None:
-        self.log = log
+    """One job attempt's events on their way to its stream."""
+
+    def __init__(self, batcher: Batcher, job_id: str, owner: str) -> None:
+        self.batcher = batcher
         self.job_id = job_id
         self.owner = owner
-        self.redis_patience_s = redis_patience_s
         self.published_output = False
         self.fenced = False  # another attempt or an outside end owns the stream now
-        self._pending: list[ev.Event] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        self.error: BaseException | None = None
+        self.pending: list[ev.Event] = []
+        self.batches = 0
+        self._closing: asyncio.Future[bool] | None = None
 
     def emit(self, event: ev.Event) -> None:
-        if self._writer is not None and self._writer.done():
-            self._writer.result()  # re-raises why the writer stopped (Fenced, Redis down)
+        if self.error is not None:
+            raise self.error
+        if self.fenced:
+            raise Fenced(self.job_id)
         if isinstance(event, ev.Token):
             if not event.text:
                 return  # empty tokens are not sent
-            if self._pending and isinstance(self._pending[-1], ev.Token):
-                self._pending[-1] = ev.Token(self._pending[-1].text + event.text)
+            if self.pending and isinstance(self.pending[-1], ev.Token):
+                self.pending[-1] = ev.Token(self.pending[-1].text + event.text)
                 return
-        self._pending.append(event)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop())
-        self._wake.set()
+        self.pending.append(event)
+        self.batcher.mark(self)
 
     async def close(self, final: ev.Event) -> bool:
-        """Flush what is pending, then the final event; False if the job was not ours."""
-        if self._writer is not None:
-            self._closing = True
-            self._wake.set()
-            with contextlib.suppress(Fenced):
-                await self._writer
+        """Publish what is pending and then ``final``; False if the job was not ours."""
         if self.fenced:
             return False
-        batch, self._pending = [*self._pending, final], []
-        return await self._append(batch)
+        if self.error is not None:
+            raise self.error
+        self.pending.append(final)
+        self._closing = asyncio.get_running_loop().create_future()
+        self.batcher.mark(self)
+        return await self._closing
 
-    async def _write_loop(self) -> None:
+    def take(self) -> tuple[int, list[ev.Event]]:
+        batch, self.pending = self.pending, []
+        self.batches += 1
+        return self.batches, batch
+
+    def written(self, batch: list[ev.Event], ok: bool) -> None:
+        if not ok:
+            self.fenced = True
+        elif any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch):
+            self.published_output = True
+        if (
+            self._closing is not None
+            and not self._closing.done()
+            and (not ok or (batch and ev.is_final(batch[-1])))
+        ):
+            self._closing.set_result(ok)
+
+    def failed(self, error: BaseException) -> None:
+        self.error = error
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_exception(error)
+
+
+class Batcher:
+    """The worker's one writer of events, for every job it runs."""
+
+    def __init__(self, log: EventLog, redis_patience_s: float) -> None:
+        self.log = log
+        self.redis_patience_s = redis_patience_s
+        self._dirty: dict[Publisher, None] = {}  # insertion-ordered set
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def publisher(self, job_id: str, owner: str) -> Publisher:
+        return Publisher(self, job_id, owner)
+
+    def mark(self, publisher: Publisher) -> None:
+        self._dirty[publisher] = None
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="event-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
         while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
+            await self._wake.wait()
+            self._wake.clear()
+            publishers = [p for p in self._dirty if p.pending]
+            self._dirty.clear()
+            if not publishers:
                 continue
-            batch, self._pending = self._pending, []
-            if not await self._append(batch):
-                raise Fenced(self.job_id)
+            batches = [(p, *p.take()) for p in publishers]
+            try:
+                results = await self._write(batches)
+            except Exception as exc:
+                logger.error("could not publish events of %d jobs: %s", len(batches), exc)
+                for publisher, _, _ in batches:
+                    publisher.failed(exc)
+                continue
+            for (publisher, _, batch), ok in zip(batches, results, strict=True):
+                publisher.written(batch, ok)
 
-    async def _append(self, batch: list[ev.Event]) -> bool:
-        """Append, riding out a short Redis outage rather than dropping events."""
+    async def _write(self, batches: list[tuple[Publisher, int, list[ev.Event]]]) -> list[bool]:
+        """Write, riding out a short Redis outage rather than dropping events."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.redis_patience_s
         delay = 0.05
+        request = [(p.job_id, p.owner, number, batch) for p, number, batch in batches]
         while True:
             try:
-                ok = await self.log.append(self.job_id, self.owner, batch)
-                break
+                return await self.log.append_many(request)
             except (RedisConnectionError, RedisTimeoutError):
                 if loop.time() + delay > give_up_at:
                     raise
-                logger.warning("job %s: Redis unreachable, retrying the append", self.job_id)
+                logger.warning("Redis unreachable; retrying the events of %d jobs", len(batches))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        if not ok:
-            self.fenced = True
-            return False
-        if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch):
-            self.published_output = True
-        return True
