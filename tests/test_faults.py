@@ -112,7 +112,7 @@ def test_worker_killed_before_any_output_is_replaced_transparently(
     victim = worker_running(stack, job_id)
     stack.workers[victim].kill()
     stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
-    assert stream.text == LONG
+    assert stream.text == LONG, stream.events
     assert [e.get("lifecycle") for e in stream.events if "lifecycle" in e] == [
         "queued",
         "started",
@@ -317,3 +317,20 @@ def test_200_streams_each_read_twice_arrive_exactly(redis_url: str, logdir: Path
         asyncio.run(main())
     finally:
         stack.stop()
+
+
+def test_a_worker_stopped_before_any_output_hands_the_job_to_another(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=2, SHUTDOWN_GRACE_S="0.5")
+    job_id = post(client, stack, "[long 100] [wait 1.2]")
+    victim = worker_running(stack, job_id)
+    stack.workers[victim].kill(signal.SIGTERM)
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert stream.text == LONG, (stream.status, stream.events)
+    assert [e.get("lifecycle") for e in stream.events if "lifecycle" in e] == [
+        "queued",
+        "started",
+        "done",
+    ]
+    assert "handed back" in stack.workers[victim].log()

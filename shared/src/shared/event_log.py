@@ -8,7 +8,7 @@ Writes go through Lua scripts so that each is atomic with the job's state in its
 - ``append`` is fenced by the owning attempt: a stale attempt, or any writer after the final
   event, writes nothing and learns it should stop.
 - ``release`` hands a job that produced no output back to the queue (worker shutdown).
-- ``end`` ends a job from outside (cancel, no reader left); ``check_stalled`` is the
+- ``end`` ends a job from outside (a cancel); ``check_stalled`` is the
   watchdog's: it ends a job whose worker stopped its heartbeat after output, hands one back
   to the queue when its worker died before any output, and ends one that no worker started
   in time. The checks run in the scripts, so two gateways watching one job cannot both act.
@@ -28,10 +28,14 @@ from redis.exceptions import NoScriptError
 from . import events as ev
 from . import keys
 from .event_scripts import APPEND, CHECK, CLAIM, CREATE, END, RELEASE
+from .job_queue import arq_job
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (stream entry id, fields) as Redis returns them
 DATA = b"d"
 FINAL = b"f"
+
+# A job whose workers die (or stop) before any output is run again at most this often.
+MAX_REQUEUES = 3
 
 ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost"]
 
@@ -56,6 +60,7 @@ class EventLog:
         self._release = redis.register_script(RELEASE)
         self._end = redis.register_script(END)
         self._check = redis.register_script(CHECK)
+        self._too_many = ev.encode(ev.Error(ev.TOO_MANY_ATTEMPTS))
 
     async def create(
         self,
@@ -145,11 +150,24 @@ class EventLog:
             return [bool(r) for r in results]
         raise AssertionError("unreachable")
 
-    async def release(self, job_id: str, owner: str) -> bool:
-        """Hand a job without output back to the queue; False if it had output or was not ours."""
-        return bool(
-            await self._release(keys=_job_keys(job_id), args=[owner, self.queue_timeout_ms])
-        )
+    async def release(self, job_id: str, owner: str) -> int:
+        """Hand a job without output back to the queue, and queue it for arq again. Returns
+        how often it has been handed back, 0 if it had output or was not ours, -1 if it was
+        handed back too often and has now ended with an error."""
+        job = arq_job(job_id)
+        script_keys = [*_job_keys(job_id), job.key, keys.QUEUE_NAME, keys.PENDING, keys.WAKE]
+        args: list[bytes | str | int] = [
+            owner,
+            self.queue_timeout_ms,
+            MAX_REQUEUES,
+            self._too_many,
+            self.retention_s,
+            job.arq_id,
+            job.payload,
+            job.enqueued_ms,
+            keys.WAKE_CAP - 1,
+        ]
+        return int(await self._release(keys=script_keys, args=args))
 
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
@@ -164,6 +182,8 @@ class EventLog:
             ev.encode(ev.Error(ev.NO_WORKER)),
             self.retention_s,
             self.queue_timeout_ms,
+            MAX_REQUEUES,
+            self._too_many,
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
@@ -175,11 +195,6 @@ class EventLog:
         """The job's request (JSON) as the gateway enqueued it."""
         request: bytes | None = await self.redis.hget(keys.meta_key(job_id), "request")  # type: ignore[misc]
         return request
-
-    async def requeues(self, job_id: str) -> int:
-        """How often the job has been handed back to the queue."""
-        count = await self.redis.hget(keys.meta_key(job_id), "requeues")  # type: ignore[misc]
-        return int(count or 0)
 
     async def is_over(self, job_id: str) -> bool:
         """True once the job has its final event, or when Redis no longer knows it."""

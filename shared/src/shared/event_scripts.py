@@ -19,8 +19,9 @@ local function owned()
 end
 """
 
-# Meta hash fields: kind, request (JSON), owner ('' while waiting, the attempt's token while
-# running, '-' once ended), started, published, final, requeues.
+# Meta hash fields: kind, request (JSON), key (digest of the creating API key), owner (''
+# while waiting, the attempt's token while running, '-' once ended), batch (the owner's
+# last applied append), started, published, final, requeues.
 
 # KEYS: meta, events, alive, deadline, watched. ARGV: kind, request, queued event,
 # queue timeout ms, ttl s, disconnect grace ms (0: none), the creating key's digest.
@@ -82,16 +83,46 @@ return 1
 """
 )
 
-# An attempt that stops before any output hands the job back, to run again at once.
-# ARGV: owner, queue timeout ms.
-RELEASE = """
+# A job that produced no output goes back to the queue (its attempt stopped, or its worker
+# died), unless it has been handed back too often already: a job that kills every worker
+# must not run forever. Returns the number of hand-backs so far, or -1 if it ended it.
+_HAND_BACK = """
+local function hand_back(queue_timeout_ms, max_requeues, too_many, retention)
+  local count = redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+  if count > tonumber(max_requeues) then
+    finalize(too_many, retention)
+    return -1
+  end
+  redis.call('HSET', KEYS[1], 'owner', '')
+  redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[4], '1', 'PX', queue_timeout_ms)
+  return count
+end
+"""
+
+# An attempt that stops before any output (shutdown, job timeout) hands the job back and
+# queues it for arq again, in one step: a worker shutting down may not get a second one.
+# KEYS 5-8: arq's job key, arq's queue, the waiting set, the wake list.
+# ARGV: owner, queue timeout ms, max requeues, too-many error, retention s, arq id,
+# arq job payload, enqueue time ms, the wake list's last index.
+# Returns 0 if it was not ours or had output, else as hand_back.
+RELEASE = (
+    _FINALIZE
+    + _HAND_BACK
+    + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'published') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'owner', '')
-redis.call('DEL', KEYS[3])
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
-return 1
+local count = hand_back(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if count > 0 then
+  redis.call('PSETEX', KEYS[5], ARGV[2], ARGV[7])
+  redis.call('ZADD', KEYS[6], ARGV[8], ARGV[6])
+  redis.call('ZADD', KEYS[7], ARGV[8], ARGV[6])
+  redis.call('LPUSH', KEYS[8], '1')
+  redis.call('LTRIM', KEYS[8], 0, ARGV[9])
+end
+return count
 """
+)
 
 # ARGV: error event, retention s. Returns 1 if it ended the job, 0 if ended before, -1 if gone.
 END = (
@@ -105,11 +136,12 @@ return 1
 )
 
 # The watchdog's check of a job that has been silent. ARGV: worker-lost error, no-worker
-# error, retention s, queue timeout ms. Returns 0 healthy or ended, -1 gone, 1 ended now
-# (worker lost), 2 handed back to the queue (its worker died before any output: the caller
-# enqueues it), 3 ended now (no worker started it in time).
+# error, retention s, queue timeout ms, max requeues, too-many error. Returns 0 healthy or
+# ended, -1 gone, 1 ended now (worker lost), 2 handed back to the queue (its worker died
+# before any output: the caller enqueues it), 3 ended now (no worker started it in time).
 CHECK = (
     _FINALIZE
+    + _HAND_BACK
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
@@ -119,9 +151,7 @@ if owned() then
     finalize(ARGV[1], ARGV[3])
     return 1
   end
-  redis.call('HSET', KEYS[1], 'owner', '')
-  redis.call('HINCRBY', KEYS[1], 'requeues', 1)
-  redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+  if hand_back(ARGV[4], ARGV[5], ARGV[6], ARGV[3]) < 0 then return 1 end
   return 2
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end

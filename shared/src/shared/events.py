@@ -115,3 +115,6 @@ WORKER_LOST = (
 NO_WORKER = "no worker was available to start this job in time; please retry later"
 JOB_LOST = "this job's events were lost (Redis restarted or evicted them); please retry"
 CLIENT_GONE = "cancelled: every reader disconnected"
+TOO_MANY_ATTEMPTS = (
+    "this job stopped its worker several times before any answer; it will not be run again"
+)

@@ -2,7 +2,8 @@
 
 ``redis://host:6379/0`` (or ``rediss://``, ``unix://``) connects directly;
 ``redis+sentinel://[:password@]host1:26379,host2:26379/<service>/<db>`` asks the sentinels
-for the current primary of ``<service>`` and follows it through failovers. Every client of
+for the current primary of ``<service>`` and follows it through failovers. The password is
+Redis's; sentinels that want one of their own get ``?sentinel_password=...``. Every client of
 Streamgate (arq's pool, the relay, the pickup wake-up) comes from here, so none is left
 pointing at a dead primary.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -30,6 +31,7 @@ class SentinelTarget:
     service: str
     db: int
     password: str | None
+    sentinel_password: str | None
 
 
 def sentinel_target(url: str) -> SentinelTarget | None:
@@ -50,7 +52,9 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError("the path must be /<service> or /<service>/<db number>")
     password = unquote(parts.password) if parts.password else None
-    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password)
+    sentinel_password = parse_qs(parts.query).get("sentinel_password", [None])[0]
+    db = int(path[1]) if len(path) == 2 else 0
+    return SentinelTarget(sentinels, path[0], db, password, sentinel_password)
 
 
 def connect(url: str, **options: Any) -> Redis:

@@ -16,13 +16,13 @@ import hashlib
 import hmac
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from .errors import RateLimited, Unauthorized
+from .errors import ApiError, RateLimited, Unauthorized
 
 
 def _digest(key: str) -> bytes:
@@ -64,9 +64,12 @@ class Access:
             raise Unauthorized("that API key is not valid for this gateway")
         return digest.hex()[:32]
 
-    async def count_chat(self, request: Request, identity: str) -> None:
-        """Count one new chat against the rate limit; 429 with Retry-After past it."""
+    @asynccontextmanager
+    async def count_chat(self, request: Request, identity: str) -> AsyncIterator[None]:
+        """Count one new chat against the rate limit (429 with Retry-After past it) while
+        the block enqueues it; a chat the block refuses (409, 503) is not counted."""
         if not self.rate_per_min:
+            yield
             return
         who = identity or f"addr:{request.client.host if request.client else 'unknown'}"
         now = time.time()
@@ -83,6 +86,11 @@ class Access:
                 f" (RATE_LIMIT_PER_MIN); retry in {retry_after} s",
                 retry_after,
             )
+        try:
+            yield
+        except ApiError:
+            await self.redis.decr(key)
+            raise
 
     def check_stream_slot(self, identity: str) -> None:
         """429 if ``identity`` already holds as many open streams as it may."""

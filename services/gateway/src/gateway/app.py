@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +32,7 @@ from .errors import (
     error_response,
     handle_api_error,
     handle_redis_down,
+    handle_redis_full,
 )
 from .jobs import requeue
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
@@ -110,6 +112,7 @@ def create_app(settings: Settings) -> Starlette:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
+            expose_headers=["Retry-After"],
             max_age=600,
         ),
     ]
@@ -121,6 +124,7 @@ def create_app(settings: Settings) -> Starlette:
             ApiError: handle_api_error,
             RedisConnectionError: handle_redis_down,
             RedisTimeoutError: handle_redis_down,
+            OutOfMemoryError: handle_redis_full,
             HTTPException: _http_error,
         },
     )

@@ -32,8 +32,8 @@ async def chat_get(request: Request) -> Response:
     if request.method == "HEAD":
         return _headers_only()
     state.access.check_stream_slot(identity)
-    await state.access.count_chat(request, identity)
-    job_id = await enqueue(state, chat, "get", identity)
+    async with state.access.count_chat(request, identity):
+        job_id = await enqueue(state, chat, "get", identity)
     return _stream(request, job_id, START, identity, new_chat=True)
 
 
@@ -41,10 +41,11 @@ async def chat_post(request: Request) -> Response:
     """``POST /chat``: start a job that runs to its end whether or not anyone reads it."""
     state: State = request.app.state.sg
     identity = state.access.identify(request)
-    body = await json_body(request, limit=state.settings.max_prompt_chars * 4 + 4096)
+    # Up to 12 bytes a character: JSON may escape one as two \uXXXX surrogates.
+    body = await json_body(request, limit=state.settings.max_prompt_chars * 12 + 4096)
     chat = _checked(state, chat_request(body, state.settings.max_prompt_chars))
-    await state.access.count_chat(request, identity)
-    job_id = await enqueue(state, chat, "post", identity)
+    async with state.access.count_chat(request, identity):
+        job_id = await enqueue(state, chat, "post", identity)
     return JSONResponse({"job_id": job_id, "events_url": f"/chat/{job_id}/events"}, status_code=202)
 
 
@@ -140,7 +141,11 @@ def _stream(
     return EventSourceResponse(
         frames(),
         headers=SSE_HEADERS,
-        ping=10**9,  # pings come from the reader, in order with events, never after the last
+        ping=0,  # pings come from the reader, in order with events, never after the last
         send_timeout=state.settings.send_timeout_s,
         sep="\n",
+        # On SIGTERM the relay closes every reader when this is set; the grace lets each
+        # response end cleanly instead of being cut.
+        shutdown_event=state.relay.shutting_down,
+        shutdown_grace_period=2,
     )

@@ -8,13 +8,11 @@ from typing import Literal
 
 import orjson
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
-from redis.asyncio.client import Pipeline
 
 from shared import keys
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
+from shared.job_queue import arq_job, submit
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
@@ -36,8 +34,8 @@ async def enqueue(
     if chat.session:
         # Sessions are per key: two keys never share a conversation.
         session = f"{identity[:12]}.{chat.session}" if identity else chat.session
+        await _take_session(state.log, state.sessions, session, job_id, shown=chat.session)
         chat = replace(chat, session=session)
-        await _take_session(state.log, state.sessions, session, job_id)
     try:
         await _enqueue(state.arq, state.log, state.settings, chat, kind, job_id, identity)
     except BaseException:
@@ -47,7 +45,9 @@ async def enqueue(
     return job_id
 
 
-async def _take_session(log: EventLog, sessions: SessionStore, session: str, job_id: str) -> None:
+async def _take_session(
+    log: EventLog, sessions: SessionStore, session: str, job_id: str, shown: str
+) -> None:
     """One job at a time per session (the double-texting rule): 409 while one runs."""
     holder = await sessions.lock(session, job_id)
     if holder is None:
@@ -55,7 +55,7 @@ async def _take_session(log: EventLog, sessions: SessionStore, session: str, job
     if await log.is_over(holder) and await sessions.take_over(session, holder, job_id):
         return
     raise Conflict(
-        f"session {session} is still answering job {holder}; wait for its final event,"
+        f"session {shown} is still answering job {holder}; wait for its final event,"
         f" or cancel it with DELETE /chat/{holder}"
     )
 
@@ -94,30 +94,12 @@ async def _enqueue(
             watched_s=settings.disconnect_grace_s if kind == "get" else None,
             pipe=pipe,
         )
-        submit(pipe, settings, job_id, job_id)
+        submit(pipe, arq_job(job_id, arq_id=job_id), settings.queue_timeout_s)
         await pipe.execute()
 
 
 async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:
     """Enqueue a job again whose worker died before any output (the watchdog found it)."""
-    requeues = await log.requeues(job_id)
     async with arq.pipeline(transaction=False) as pipe:
-        # A new arq id: the dead attempt's id stays "in progress" in arq for job_timeout.
-        submit(pipe, settings, job_id, f"{job_id}.{requeues}")
+        submit(pipe, arq_job(job_id), settings.queue_timeout_s)
         await pipe.execute()
-
-
-def submit(pipe: Pipeline, settings: Settings, job_id: str, arq_id: str) -> None:
-    """Queue an arq job for ``job_id`` on ``pipe``, and wake a worker.
-
-    This writes what ``ArqRedis.enqueue_job`` writes (the serialized job, its place in the
-    queue), without its WATCH/MULTI round trips: those guard a reused job id, and ours are
-    random. Only the id travels through arq (and its logs); the request waits in the meta.
-    """
-    now_ms = int(time.time() * 1000)
-    job = serialize_job("chat", (job_id,), {}, None, now_ms)
-    pipe.psetex(job_key_prefix + arq_id, int(settings.queue_timeout_s * 1000), job)
-    pipe.zadd(keys.QUEUE_NAME, {arq_id: now_ms})
-    pipe.zadd(keys.PENDING, {arq_id: now_ms})
-    pipe.lpush(keys.WAKE, b"1")
-    pipe.ltrim(keys.WAKE, 0, keys.WAKE_CAP - 1)

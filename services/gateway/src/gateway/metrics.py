@@ -97,10 +97,14 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics: GatewayMetrics = request.app.state.sg.metrics
     try:
         redis = request.app.state.sg.arq
+        settings = request.app.state.sg.settings
+        stale_ms = int((time.time() - settings.queue_timeout_s) * 1000)
         async with redis.pipeline(transaction=False) as pipe:
+            # Jobs no worker started in time can never start: not waiting any more.
+            pipe.zremrangebyscore(keys.PENDING, "-inf", stale_ms)
             pipe.zcard(keys.PENDING)
             pipe.zrange(keys.PENDING, 0, 0, withscores=True)
-            depth, oldest = await pipe.execute()
+            _, depth, oldest = await pipe.execute()
         metrics.queue_depth.set(depth)
         metrics.oldest_queued.set(max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0)
     except (RedisError, OSError):

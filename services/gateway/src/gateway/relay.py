@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -81,7 +82,9 @@ class Relay:
         self._wake_pending = False
         self._wake_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
+        self.shutting_down = anyio.Event()
         loop_time = asyncio.get_running_loop().time
         self._now = loop_time
 
@@ -93,12 +96,23 @@ class Relay:
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="relay-read"),
             asyncio.create_task(self._watch_loop(), name="relay-watch"),
+            asyncio.create_task(self._close_on_shutdown(), name="relay-shutdown"),
         ]
 
-    async def stop(self) -> None:
+    async def _close_on_shutdown(self) -> None:
+        """End every stream cleanly when the server stops (sse-starlette sets the event on
+        SIGTERM), so each response completes and its client resumes on another gateway."""
+        await self.shutting_down.wait()
+        self.close_all()
+
+    def close_all(self) -> None:
         for job in self.jobs.values():
             for reader in job.readers:
                 reader.close()
+        self.jobs.clear()
+
+    async def stop(self) -> None:
+        self.close_all()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -124,6 +138,16 @@ class Relay:
             job.readers.discard(reader)
             if not job.readers:
                 del self.jobs[reader.job_id]
+                if not reader.ended:
+                    # The last reader here left mid-stream: the grace starts now, in full.
+                    task = asyncio.create_task(self._watched(reader.job_id))
+                    self._side_tasks.add(task)
+                    task.add_done_callback(self._side_tasks.discard)
+
+    async def _watched(self, job_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            grace_ms = int(self.settings.disconnect_grace_s * 1000)
+            await self.redis.set(keys.watched_key(job_id), b"1", px=grace_ms)
 
     def _wake(self) -> None:
         if not self._wake_pending:
@@ -207,7 +231,7 @@ class Relay:
 
     async def _watch_loop(self) -> None:
         s = self.settings
-        tick = min(1.0, s.worker_lost_timeout_s / 4, s.queue_timeout_s / 4)
+        tick = s.watch_tick_s
         renew_every = s.disconnect_grace_s / 3
         last_renew = 0.0
         while True:
@@ -226,10 +250,7 @@ class Relay:
                 logger.warning(
                     "Redis down for %.0f s: closing %d streams", now - down, self.open_readers
                 )
-                for job in list(self.jobs.values()):
-                    for reader in job.readers:
-                        reader.close()
-                self.jobs.clear()
+                self.close_all()
 
     async def _renew_watched(self) -> None:
         if not self.jobs:

@@ -36,7 +36,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     owner = f"{ctx['worker_name']}:{ctx.get('job_try', 1)}:{secrets.token_hex(4)}"
 
     claim = await log.claim(
-        job_id, ctx.get("job_id", job_id), owner, int(settings.worker_lost_timeout_s * 1000)
+        job_id, ctx.get("job_id", job_id), owner, int(settings.alive_ttl_s * 1000)
     )
     metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
@@ -75,11 +75,17 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             if running.stop_reason == "unwatched":
                 final = ev.Error(ev.CLIENT_GONE)
             elif running.stop_reason is None:
-                # Shutdown or job timeout. Before any output the job goes back to the queue
-                # and arq runs it again; after output a re-run would repeat text.
-                if not await log.release(job_id, owner):
+                # Shutdown or job timeout. Before any output the job goes back to the queue,
+                # to run again elsewhere; after output a re-run would repeat text.
+                handed_back = await log.release(job_id, owner)
+                if handed_back > 0:
+                    logger.info("job %s handed back to the queue before any output", job_id)
+                    running.stop_reason = "handed back"
+                elif handed_back == 0:
                     final = ev.Error("the worker stopped mid-answer; the answer is incomplete")
-                raise
+                else:
+                    running.stop_reason = "too many attempts"  # it has ended, with an error
+                    metrics.jobs.labels("error").inc()
         except Exception:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
@@ -87,10 +93,11 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             metrics.running.dec()
             if final is not None and await publisher.close(final):
                 metrics.jobs.labels(_outcome(final)).inc()
-            if request.get("session") and (final is not None or running.stop_reason):
+            over = final is not None or running.stop_reason not in (None, "handed back")
+            if request.get("session") and over:
                 await ctx["sessions"].unlock(request["session"], job_id)
-    # A job stopped by its heartbeat (cancelled, or no reader left) is over: returning,
-    # rather than raising CancelledError, keeps arq from queueing it again.
+    # Returning, rather than raising CancelledError, keeps arq from running the job again
+    # itself: it has ended, or it is queued again under a new id.
     outcome = _outcome(final) if final is not None else running.stop_reason or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
@@ -107,7 +114,14 @@ def _outcome(final: ev.Event) -> str:
 async def messages_for(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
     """The role's system prompt, the session's earlier turns, then the prompt."""
     roles: Roles = ctx["roles"]
-    role = roles.get(request.get("role")) or roles.get(None)
+    role = roles.get(request.get("role"))
+    if role is None:
+        logger.warning(
+            "role %r is not in this worker's ROLES_FILE; using the default role "
+            "(gateway and worker should read the same file)",
+            request.get("role"),
+        )
+        role = roles.get(None)
     assert role is not None  # the default role always exists; the gateway checked the name
     history = await ctx["sessions"].history(request["session"]) if request.get("session") else []
     return [

@@ -53,7 +53,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     heartbeat = Heartbeat(
         redis,
         interval_s=settings.heartbeat_interval_s,
-        alive_ms=int(settings.worker_lost_timeout_s * 1000),
+        alive_ms=int(settings.alive_ttl_s * 1000),
     )
     ctx["heartbeat"] = heartbeat
     ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
