@@ -168,6 +168,7 @@ def test_a_gateway_sigterm_closes_streams_for_clients_to_resume(
     # uvicorn re-raises SIGTERM once it has shut down cleanly.
     assert first.proc is not None and first.proc.wait(10) in (0, -signal.SIGTERM)
     assert "Finished server process" in first.log()
+    assert "without completing response" not in first.log()  # ended, not cut off
 
 
 def test_a_worker_sigterm_lets_the_running_job_finish(

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import sse
-from .harness import Service, Stack
+from .harness import RedisServer, Service, Stack
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -195,3 +196,40 @@ def test_open_streams_per_key_cap(make_stack: Callable[..., Stack], client: http
         assert "MAX_STREAMS_PER_KEY" in second.json()["error"]
     time.sleep(0.3)
     assert sse.read(client, events_url).events[-1] == {"lifecycle": "done"}
+
+
+def test_refused_chats_do_not_use_up_the_rate_limit(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(RATE_LIMIT_PER_MIN="2")
+    _same_minute()
+    url = stack.gateway.url + "/chat"
+    assert (
+        client.post(url, json={"prompt": "[long 40] [delay 0.05]", "session": "s"}).status_code
+        == 202
+    )
+    for _ in range(3):  # the session is busy: 409, not counted
+        assert client.post(url, json={"prompt": "hi", "session": "s"}).status_code == 409
+    assert client.post(url, json={"prompt": "hi"}).status_code == 202
+    assert client.post(url, json={"prompt": "hi"}).status_code == 429
+
+
+def test_a_full_redis_answers_503(
+    make_stack: Callable[..., Stack],
+    client: httpx.Client,
+    redis_client: redis.Redis,
+    redis_server: RedisServer | None,
+) -> None:
+    if redis_server is None:
+        pytest.skip("changes maxmemory: only on a Redis the tests started themselves")
+    stack = make_stack()
+    used = int(redis_client.info("memory")["used_memory"])
+    old = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", str(used // 2))
+    try:
+        response = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"})
+        assert response.status_code == 503
+        assert "out of memory" in response.json()["error"]
+        assert response.headers["retry-after"]
+    finally:
+        redis_client.config_set("maxmemory", old)

@@ -1,0 +1,44 @@
+"""A smoke run of the benchmark harness (``python -m bench --quick``), so bench/ cannot rot.
+
+The figures of so small a run mean nothing; what it proves is that every process starts,
+both targets are driven, the table is printed and no token was lost on the way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .harness import ROOT
+
+
+def _row(table: str, metric: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith(metric):
+            return cells
+    raise AssertionError(f"no row {metric!r} in:\n{table}")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the bench starts redis-server")
+def test_quick_bench_prints_a_table_with_every_token_delivered() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-write"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, f"bench failed:\n{run.stderr[-4000:]}"
+    table = run.stdout
+    assert "| metric | direct relay | Streamgate |" in table
+    _, direct, streamgate, *_ = _row(table, "tokens lost / duplicated / reordered")
+    assert (direct, streamgate) == ("0 / 0 / 0", "0 / 0 / 0"), table
+    _, direct, streamgate, *_ = _row(table, "requests failed")
+    assert direct.startswith("0 of ") and streamgate.startswith("0 of "), table
+    _, direct, streamgate, *_ = _row(table, "time to first token p50, 1 client")
+    assert direct.endswith(" ms") and streamgate.endswith(" ms"), table
+    assert "[" in run.stderr, "no progress lines on stderr"
