@@ -64,7 +64,8 @@ def test_events_url_works_before_a_worker_starts_the_job(
         (b"{}", 400, "missing prompt"),
         (b'{"prompt": 42}', 400, "string"),
         (b'{"prompt": "  "}', 400, "empty"),
-        (b'{"prompt": "' + b"x" * 200_000 + b'"}', 413, "over"),
+        (b'{"prompt": "' + b"x" * 200_000 + b'"}', 413, "the limit is 32000"),
+        (b'{"prompt": "' + b"x" * 500_000 + b'"}', 413, "body is over"),
         (b'{"prompt": "hi", "session": "a/b"}', 400, "session"),
     ],
 )
