@@ -51,8 +51,8 @@ async def events(log: EventLog, job_id: str) -> list[dict[str, Any]]:
 def test_one_owner_at_a_time_and_a_fenced_stale_attempt(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        assert await log.claim(job_id, job_id, "first", 5000) == "run"
-        assert await log.claim(job_id, job_id, "second", 5000) == "busy"
+        assert (await log.claim(job_id, job_id, "first", 5000))[0] == "run"
+        assert (await log.claim(job_id, job_id, "second", 5000))[0] == "busy"
         assert await log.append(job_id, "first", 1, [ev.Token("a")])
         assert not await log.append(job_id, "second", 1, [ev.Token("x")])
         assert await log.end(job_id, ev.CANCELLED)
@@ -67,7 +67,7 @@ def test_one_owner_at_a_time_and_a_fenced_stale_attempt(db_url: str) -> None:
 def test_a_retried_batch_is_written_once(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        await log.claim(job_id, job_id, "owner", 5000)
+        (await log.claim(job_id, job_id, "owner", 5000))[0]
         for _ in range(2):  # the reply to the first was "lost"
             assert await log.append(job_id, "owner", 1, [ev.Token("once")])
         assert await log.append(job_id, "owner", 2, [ev.Done()])
@@ -80,10 +80,10 @@ def test_a_retried_batch_is_written_once(db_url: str) -> None:
 def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        await log.claim(job_id, job_id, "dead", 50)
+        (await log.claim(job_id, job_id, "dead", 50))[0]
         await log.append(job_id, "dead", 1, [ev.Token("half")])
         await asyncio.sleep(0.1)  # its heartbeat lapses
-        assert await log.claim(job_id, job_id, "rerun", 5000) == "lost"
+        assert (await log.claim(job_id, job_id, "rerun", 5000))[0] == "lost"
         assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
     run(db_url, scenario)
@@ -93,7 +93,7 @@ def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str)
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
         for attempt in range(1, MAX_REQUEUES + 2):
-            assert await log.claim(job_id, job_id, f"attempt-{attempt}", 20) == "run"
+            assert (await log.claim(job_id, job_id, f"attempt-{attempt}", 20))[0] == "run"
             await asyncio.sleep(0.05)
             result = (await log.check_stalled([job_id]))[job_id]
             assert result == (2 if attempt <= MAX_REQUEUES else 1)
@@ -105,9 +105,9 @@ def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str)
 def test_release_hands_back_only_without_output(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        await log.claim(job_id, job_id, "a", 5000)
+        (await log.claim(job_id, job_id, "a", 5000))[0]
         assert await log.release(job_id, "a") == 1
-        assert await log.claim(job_id, job_id, "b", 5000) == "run"
+        assert (await log.claim(job_id, job_id, "b", 5000))[0] == "run"
         lifecycle = [e.get("lifecycle") for e in await events(log, job_id)]
         assert lifecycle.count("started") == 1  # the client sees one normal answer
         await log.append(job_id, "b", 1, [ev.Token("x")])
@@ -120,7 +120,7 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
         await log.redis.delete(keys.deadline_key(job_id))  # the queue timeout passed
-        assert await log.claim(job_id, job_id, "late", 5000) == "expired"
+        assert (await log.claim(job_id, job_id, "late", 5000))[0] == "expired"
         entries = await log.redis.xrange(keys.events_key(job_id))
         assert FINAL in entries[-1][1]
         assert ev.decode(entries[-1][1][b"d"]) == {"error": ev.NO_WORKER}
@@ -131,7 +131,7 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
 def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        await log.claim(job_id, job_id, "o", 5000)
+        (await log.claim(job_id, job_id, "o", 5000))[0]
         assert await log.redis.ttl(keys.events_key(job_id)) > 60
         await log.append(job_id, "o", 1, [ev.Token("t"), ev.Done()])
         assert 0 < await log.redis.ttl(keys.events_key(job_id)) <= 60

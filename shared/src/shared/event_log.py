@@ -96,14 +96,14 @@ class EventLog:
             # a second round trip on the enqueue path. Redis caches the compiled script.
             pipe.eval(CREATE, len(job_keys), *job_keys, *args)  # type: ignore[arg-type]
 
-    async def claim(self, job_id: str, queued_as: str, owner: str, alive_ms: int) -> ClaimResult:
-        """Make ``owner`` the job's running attempt; anything but "run" means do not run it.
-
-        ``queued_as`` is the arq job id it came under, which leaves the waiting set now.
-        """
-        await self.redis.zrem(keys.PENDING, queued_as)
-        result: bytes = await self._claim(
-            keys=_job_keys(job_id),
+    async def claim(
+        self, job_id: str, queued_as: str, owner: str, alive_ms: int
+    ) -> tuple[ClaimResult, bytes | None]:
+        """Make ``owner`` the job's running attempt, returning "run" and the job's request;
+        anything but "run" means do not run it. ``queued_as`` is the arq id the job came
+        under: it leaves the waiting set now, whatever the outcome."""
+        result = await self._claim(
+            keys=[*_job_keys(job_id), keys.PENDING],
             args=[
                 owner,
                 alive_ms,
@@ -111,9 +111,11 @@ class EventLog:
                 ev.encode(ev.Error(ev.WORKER_LOST)),
                 ev.encode(ev.Error(ev.NO_WORKER)),
                 self.retention_s,
+                queued_as,
             ],
         )
-        return result.decode()  # type: ignore[return-value]
+        status: ClaimResult = result[0].decode()
+        return status, (result[1] if len(result) > 1 else None)
 
     async def append(self, job_id: str, owner: str, number: int, batch: Sequence[ev.Event]) -> bool:
         """Append batch ``number`` (1, 2, ... per attempt) as ``owner``; False means this
@@ -190,11 +192,6 @@ class EventLog:
                 await self._check(keys=_job_keys(job_id), args=args, client=pipe)
             results = await pipe.execute()
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
-
-    async def request_of(self, job_id: str) -> bytes | None:
-        """The job's request (JSON) as the gateway enqueued it."""
-        request: bytes | None = await self.redis.hget(keys.meta_key(job_id), "request")  # type: ignore[misc]
-        return request
 
     async def is_over(self, job_id: str) -> bool:
         """True once the job has its final event, or when Redis no longer knows it."""

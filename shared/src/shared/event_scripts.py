@@ -35,22 +35,24 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 return id
 """
 
-# KEYS: meta, events, alive, deadline.
-# ARGV: owner, alive ms, started event, worker-lost error, no-worker error, retention s.
+# KEYS: meta, events, alive, deadline, the waiting set. ARGV: owner, alive ms, started
+# event, worker-lost error, no-worker error, retention s, the arq id the job came under
+# (it leaves the waiting set). Returns {status} or, to run it, {'run', request}.
 CLAIM = (
     _FINALIZE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 'final' end
+redis.call('ZREM', KEYS[5], ARGV[7])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return {'final'} end
 if owned() then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return 'busy' end
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy'} end
 elseif redis.call('EXISTS', KEYS[4]) == 0 then
   finalize(ARGV[5], ARGV[6])
-  return 'expired'
+  return {'expired'}
 end
 if redis.call('HEXISTS', KEYS[1], 'published') == 1 then
   finalize(ARGV[4], ARGV[6])
-  return 'lost'
+  return {'lost'}
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'batch', '0')
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
@@ -58,7 +60,7 @@ redis.call('DEL', KEYS[4])
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
   redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
 end
-return 'run'
+return {'run', redis.call('HGET', KEYS[1], 'request')}
 """
 )
 
@@ -117,7 +119,7 @@ if count > 0 then
   redis.call('PSETEX', KEYS[5], ARGV[2], ARGV[7])
   redis.call('ZADD', KEYS[6], ARGV[8], ARGV[6])
   redis.call('ZADD', KEYS[7], ARGV[8], ARGV[6])
-  redis.call('LPUSH', KEYS[8], '1')
+  redis.call('LPUSH', KEYS[8], ARGV[6])
   redis.call('LTRIM', KEYS[8], 0, ARGV[9])
 end
 return count

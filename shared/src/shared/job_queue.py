@@ -45,5 +45,5 @@ def submit(pipe: Pipeline, job: ArqJob, queue_timeout_s: float) -> None:
     pipe.psetex(job.key, int(queue_timeout_s * 1000), job.payload)
     pipe.zadd(keys.QUEUE_NAME, {job.arq_id: job.enqueued_ms})
     pipe.zadd(keys.PENDING, {job.arq_id: job.enqueued_ms})
-    pipe.lpush(keys.WAKE, b"1")
+    pipe.lpush(keys.WAKE, job.arq_id)
     pipe.ltrim(keys.WAKE, 0, keys.WAKE_CAP - 1)

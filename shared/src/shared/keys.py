@@ -8,7 +8,7 @@ from __future__ import annotations
 
 QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
 PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time (ms)
-WAKE = "sg:wake"  # pushed after every enqueue; idle workers block on it (capped list)
+WAKE = "sg:wake"  # the arq id of each job enqueued; idle workers block on it (capped list)
 WAKE_CAP = 64  # more pushes than idle workers wake nobody more
 
 

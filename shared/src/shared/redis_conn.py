@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel
 
@@ -70,6 +70,9 @@ def connect_arq(url: str, **options: Any) -> ArqRedis:
         pool = BlockingConnectionPool.from_url(url, timeout=5, **options)
         client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
     else:
+        # Sentinel's pool cannot make a request wait for a connection: past a cap it
+        # fails the request, so it gets no cap.
+        options.pop("max_connections", None)
         client = _connect(url, ArqRedis, options)
     client.default_queue_name = keys.QUEUE_NAME
     return client
@@ -85,7 +88,7 @@ def _connect(url: str, redis_class: type[R], options: dict[str, Any]) -> R:
         sentinel_kwargs={
             "socket_connect_timeout": 2,
             "socket_timeout": 2,
-            "password": target.password,
+            "password": target.sentinel_password,
         },
     )
     client: R = sentinel.master_for(
@@ -96,17 +99,3 @@ def _connect(url: str, redis_class: type[R], options: dict[str, Any]) -> R:
         **options,
     )
     return client
-
-
-def arq_settings(url: str) -> RedisSettings:
-    target = sentinel_target(url)
-    if target is None:
-        return RedisSettings.from_dsn(url)
-    return RedisSettings(
-        host=target.sentinels,
-        sentinel=True,
-        sentinel_master=target.service,
-        database=target.db,
-        password=target.password,
-        conn_timeout=2,
-    )

@@ -35,7 +35,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     heartbeat: Heartbeat = ctx["heartbeat"]
     owner = f"{ctx['worker_name']}:{ctx.get('job_try', 1)}:{secrets.token_hex(4)}"
 
-    claim = await log.claim(
+    claim, raw_request = await log.claim(
         job_id, ctx.get("job_id", job_id), owner, int(settings.alive_ttl_s * 1000)
     )
     metrics: WorkerMetrics = ctx["metrics"]
@@ -45,7 +45,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             metrics.jobs.labels("worker_lost" if claim == "lost" else "expired").inc()
         return claim
 
-    request = orjson.loads(await log.request_of(job_id) or b"{}")
+    request = orjson.loads(raw_request or b"{}")
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     metrics.running.inc()

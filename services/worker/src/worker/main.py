@@ -20,7 +20,7 @@ from arq.worker import func
 from shared import keys
 from shared.event_log import EventLog
 from shared.logs import configure_logging, job_id_var
-from shared.redis_conn import arq_settings
+from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, load_settings
@@ -86,7 +86,11 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
         wake_redis_url=settings.redis_url,
         functions=[func(chat, name="chat")],
         queue_name=keys.QUEUE_NAME,
-        redis_settings=arq_settings(settings.redis_url),
+        # Our own pool rather than arq's: the same factory as every other client, so a
+        # Sentinel URL (and its passwords) means the same thing everywhere.
+        redis_pool=connect_arq(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=10, max_connections=64
+        ),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         on_job_start=on_job_start,

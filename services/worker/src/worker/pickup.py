@@ -1,13 +1,13 @@
 """Event-driven job pickup on top of arq, which only polls.
 
 arq's worker polls its queue every ``poll_delay`` and, on each poll, re-checks every job
-still in the queue, those running included (~4 commands each). Here an idle worker instead
-blocks on the ``WAKE`` list that the gateway pushes to after each enqueue, and on waking
-looks only at the jobs that are waiting (the ``PENDING`` set), so a job starts a few
-milliseconds after it is enqueued. The full arq poll still runs every ``poll_delay`` as a
-fallback (arq's own retries, a lost wake-up), with jobs that are known to run skipped in one
-pipelined check. The loop also rides out Redis outages instead of exiting, so a worker
-needs no restart when Redis comes back.
+still in the queue, those running included (~4 round trips each). Here an idle worker
+blocks on the ``WAKE`` list instead, to which the gateway pushes each new job's arq id: the
+worker that pops it starts it at once, in one round trip (``start_jobs``), a few
+milliseconds after the enqueue. arq's full poll still runs every ``poll_delay`` as a
+fallback (arq's own retries, a lost wake-up), through the same ``start_jobs``. The loop
+also rides out Redis outages instead of exiting, so a worker needs no restart when Redis
+comes back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any
 
-from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.exceptions import RedisError
@@ -36,17 +35,10 @@ class PushWorker(Worker):
         )
 
     async def main(self) -> None:
-        if self._pool is None:
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
+        self._start_script = self.pool.register_script(_START)
         next_full_poll = 0.0
         delay = 0.1
         while True:
@@ -54,9 +46,9 @@ class PushWorker(Worker):
                 if time.monotonic() >= next_full_poll:
                     await self._poll_iteration()
                     next_full_poll = time.monotonic() + self.poll_delay_s
-                else:
-                    await self._start_waiting()
-                await self._idle_until_woken(next_full_poll - time.monotonic())
+                woken = await self._idle_until_woken(next_full_poll - time.monotonic())
+                if woken:
+                    await self.start_jobs(woken)
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 logger.warning("worker lost Redis (%s); retrying in %.1f s", exc, delay)
@@ -66,35 +58,66 @@ class PushWorker(Worker):
     def _free_slots(self) -> int:
         return self.max_jobs - self.job_counter if self.allow_pick_jobs else 0
 
-    async def _idle_until_woken(self, timeout_s: float) -> None:
+    async def _idle_until_woken(self, timeout_s: float) -> list[bytes]:
+        """Wait for a pushed job id (or the next full poll); returns the ids to start."""
         if timeout_s <= 0:
-            return
+            return []
         if self._free_slots() <= 0:
             await asyncio.sleep(min(timeout_s, 0.05))  # full: wake-ups are for idle workers
-            return
-        await self.wake_redis.blpop([keys.WAKE], timeout=timeout_s)  # type: ignore[arg-type,misc]
-
-    async def _start_waiting(self) -> None:
-        slots = self._free_slots()
-        if slots <= 0:
-            return
-        job_ids = await self.pool.zrange(keys.PENDING, 0, slots * 2 - 1)
-        if job_ids:
-            await self.start_jobs(job_ids)
+            return []
+        popped = await self.wake_redis.blpop([keys.WAKE], timeout=timeout_s)  # type: ignore[arg-type,misc]
+        return [popped[1]] if popped else []
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # Skip, in one round trip, the jobs that already run here or elsewhere.
-        candidates = [j for j in job_ids if j.decode() not in self.tasks]
-        if not candidates:
+        """Start what is startable among ``job_ids`` in one round trip.
+
+        Replaces arq's loop, which spends a WATCH/MULTI transaction (four round trips) on
+        every id, jobs running elsewhere included, with one script that takes each job
+        that is due and not in progress, as arq's own check would.
+        """
+        slots = self._free_slots()
+        candidates = [j for j in dict.fromkeys(job_ids) if j.decode() not in self.tasks]
+        if slots <= 0 or not candidates:
             return
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for job_id in candidates:
-                pipe.exists(in_progress_key_prefix + job_id.decode())
-            running = await pipe.execute()
-        waiting = [j for j, busy in zip(candidates, running, strict=True) if not busy]
-        if waiting:
-            await super().start_jobs(waiting)
+        in_progress_ms = int(self.in_progress_timeout_s * 1000)
+        started = await self._start_script(
+            keys=[self.queue_name],
+            args=[int(time.time() * 1000), in_progress_ms, slots, *candidates],
+        )
+        for job_id, score in zip(started[::2], started[1::2], strict=True):
+            await self.sem.acquire()
+            self.job_counter += 1
+            name = job_id.decode()
+            task = self.loop.create_task(self.run_job(name, int(score)))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[name] = task
 
     async def close(self) -> None:
         await super().close()
         await self.wake_redis.aclose()
+
+
+# KEYS: arq's queue. ARGV: now ms, in-progress ms, free slots, then arq job ids.
+# Returns the (id, score) pairs it took: due, still queued, and not in progress.
+_START = (
+    """
+local taken = {}
+local slots = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if #taken >= slots * 2 then break end
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  local busy = redis.call('EXISTS', '"""
+    + in_progress_key_prefix
+    + """' .. id)
+  if score and tonumber(score) <= tonumber(ARGV[1]) and busy == 0 then
+    redis.call('PSETEX', '"""
+    + in_progress_key_prefix
+    + """' .. id, ARGV[2], '1')
+    table.insert(taken, id)
+    table.insert(taken, score)
+  end
+end
+return taken
+"""
+)
