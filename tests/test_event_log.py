@@ -96,7 +96,7 @@ def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str)
             assert (await log.claim(job_id, job_id, f"attempt-{attempt}", 20))[0] == "run"
             await asyncio.sleep(0.05)
             result = (await log.check_stalled([job_id]))[job_id]
-            assert result == (2 if attempt <= MAX_REQUEUES else 1)
+            assert result == (2 if attempt <= MAX_REQUEUES else 4)
         assert (await events(log, job_id))[-1] == {"error": ev.TOO_MANY_ATTEMPTS}
 
     run(db_url, scenario)

@@ -121,13 +121,16 @@ class EventLog:
         """Append batch ``number`` (1, 2, ... per attempt) as ``owner``; False means this
         attempt no longer owns the job. Retrying a batch never writes it twice."""
         (appended,) = await self.append_many([(job_id, owner, number, batch)])
+        if isinstance(appended, Exception):
+            raise appended
         return appended
 
     async def append_many(
         self, batches: Sequence[tuple[str, str, int, Sequence[ev.Event]]]
-    ) -> list[bool]:
+    ) -> list[bool | Exception]:
         """Append the batches of many jobs in one round trip, ``(job_id, owner, number,
-        events)`` each; per batch, False means that attempt no longer owns its job."""
+        events)`` each. Per batch: True, False if that attempt no longer owns its job, or
+        the error Redis gave for that batch alone (the others are written)."""
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, owner, number, batch in batches:
@@ -146,30 +149,30 @@ class EventLog:
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 await self.redis.script_load(APPEND)  # a new (or restarted) Redis
                 continue
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            return [bool(r) for r in results]
+            return [r if isinstance(r, Exception) else bool(r) for r in results]
         raise AssertionError("unreachable")
 
     async def release(self, job_id: str, owner: str) -> int:
         """Hand a job without output back to the queue, and queue it for arq again. Returns
         how often it has been handed back, 0 if it had output or was not ours, -1 if it was
         handed back too often and has now ended with an error."""
-        job = arq_job(job_id)
-        script_keys = [*_job_keys(job_id), job.key, keys.QUEUE_NAME, keys.PENDING, keys.WAKE]
+        script_keys, queue_args = self._queue_again(job_id)
         args: list[bytes | str | int] = [
             owner,
             self.queue_timeout_ms,
             MAX_REQUEUES,
             self._too_many,
             self.retention_s,
-            job.arq_id,
-            job.payload,
-            job.enqueued_ms,
-            keys.WAKE_CAP - 1,
+            *queue_args,
         ]
         return int(await self._release(keys=script_keys, args=args))
+
+    def _queue_again(self, job_id: str) -> tuple[list[str], list[bytes | str | int]]:
+        """The keys, and the arguments that end them, for a script that may queue the job
+        again under a fresh arq id."""
+        job = arq_job(job_id)
+        script_keys = [*_job_keys(job_id), job.key, keys.QUEUE_NAME, keys.PENDING, keys.WAKE]
+        return script_keys, [job.arq_id, job.payload, job.enqueued_ms, keys.WAKE_CAP - 1]
 
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
@@ -177,9 +180,10 @@ class EventLog:
         return int(await self._end(keys=_job_keys(job_id), args=args)) == 1
 
     async def check_stalled(self, job_ids: Sequence[str]) -> dict[str, int]:
-        """Per job: 0 fine, 1 ended now (worker lost), 2 handed back to the queue (its worker
-        died before any output: enqueue it again), 3 ended now (no worker in time), -1 unknown."""
-        args: list[bytes | str | int] = [
+        """Per job: 0 fine, 1 ended now (worker lost), 2 handed back and queued again (its
+        worker died before any output), 3 ended now (no worker in time), 4 ended now
+        (handed back too often), -1 unknown."""
+        base: list[bytes | str | int] = [
             ev.encode(ev.Error(ev.WORKER_LOST)),
             ev.encode(ev.Error(ev.NO_WORKER)),
             self.retention_s,
@@ -189,14 +193,16 @@ class EventLog:
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                await self._check(keys=_job_keys(job_id), args=args, client=pipe)
+                script_keys, queue_args = self._queue_again(job_id)
+                await self._check(keys=script_keys, args=[*base, *queue_args], client=pipe)
             results = await pipe.execute()
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
     async def is_over(self, job_id: str) -> bool:
         """True once the job has its final event, or when Redis no longer knows it."""
-        final = await self.redis.hmget(keys.meta_key(job_id), ["kind", "final"])  # type: ignore[misc]
-        return final[0] is None or final[1] is not None
+        fields = self.redis.hmget(keys.meta_key(job_id), ["kind", "final"])
+        kind, final = await fields  # type: ignore[misc]
+        return kind is None or final is not None
 
     async def key_of(self, job_id: str) -> str | None:
         """The digest of the API key that created the job ("" without keys); None if the

@@ -102,6 +102,19 @@ local function hand_back(queue_timeout_ms, max_requeues, too_many, retention)
 end
 """
 
+# Put a handed-back job on arq's queue again, as shared/job_queue.py's submit does, in the
+# same step as the hand-back: no crash in between can leave it unqueued.
+# KEYS 5-8: arq's job key, arq's queue, the waiting set, the wake list.
+_QUEUE_AGAIN = """
+local function queue_again(queue_timeout_ms, arq_id, payload, now_ms, wake_last)
+  redis.call('PSETEX', KEYS[5], queue_timeout_ms, payload)
+  redis.call('ZADD', KEYS[6], now_ms, arq_id)
+  redis.call('ZADD', KEYS[7], now_ms, arq_id)
+  redis.call('LPUSH', KEYS[8], arq_id)
+  redis.call('LTRIM', KEYS[8], 0, wake_last)
+end
+"""
+
 # An attempt that stops before any output (shutdown, job timeout) hands the job back and
 # queues it for arq again, in one step: a worker shutting down may not get a second one.
 # KEYS 5-8: arq's job key, arq's queue, the waiting set, the wake list.
@@ -111,17 +124,12 @@ end
 RELEASE = (
     _FINALIZE
     + _HAND_BACK
+    + _QUEUE_AGAIN
     + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'published') == 1 then return 0 end
 local count = hand_back(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-if count > 0 then
-  redis.call('PSETEX', KEYS[5], ARGV[2], ARGV[7])
-  redis.call('ZADD', KEYS[6], ARGV[8], ARGV[6])
-  redis.call('ZADD', KEYS[7], ARGV[8], ARGV[6])
-  redis.call('LPUSH', KEYS[8], ARGV[6])
-  redis.call('LTRIM', KEYS[8], 0, ARGV[9])
-end
+if count > 0 then queue_again(ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9]) end
 return count
 """
 )
@@ -137,13 +145,16 @@ return 1
 """
 )
 
-# The watchdog's check of a job that has been silent. ARGV: worker-lost error, no-worker
-# error, retention s, queue timeout ms, max requeues, too-many error. Returns 0 healthy or
-# ended, -1 gone, 1 ended now (worker lost), 2 handed back to the queue (its worker died
-# before any output: the caller enqueues it), 3 ended now (no worker started it in time).
+# The watchdog's check of a job that has been silent. KEYS 5-8 as for RELEASE. ARGV:
+# worker-lost error, no-worker error, retention s, queue timeout ms, max requeues,
+# too-many error, arq id, arq job payload, enqueue time ms, the wake list's last index.
+# Returns 0 healthy (or already ended), -1 gone, 1 ended now (worker lost), 2 handed back
+# and queued again (its worker died before any output), 3 ended now (no worker started it
+# in time), 4 ended now (handed back too often).
 CHECK = (
     _FINALIZE
     + _HAND_BACK
+    + _QUEUE_AGAIN
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
@@ -153,7 +164,8 @@ if owned() then
     finalize(ARGV[1], ARGV[3])
     return 1
   end
-  if hand_back(ARGV[4], ARGV[5], ARGV[6], ARGV[3]) < 0 then return 1 end
+  if hand_back(ARGV[4], ARGV[5], ARGV[6], ARGV[3]) < 0 then return 4 end
+  queue_again(ARGV[4], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
   return 2
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end

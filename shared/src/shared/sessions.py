@@ -22,6 +22,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 class SessionStore:
     def __init__(
@@ -33,6 +38,7 @@ class SessionStore:
         self.retention_s = retention_s
         self.lock_ttl_s = lock_ttl_s
         self._unlock = redis.register_script(_UNLOCK)
+        self._refresh = redis.register_script(_REFRESH)
 
     async def history(self, session: str) -> list[dict[str, Any]]:
         """The newest turns as chat messages, within the turn and character budgets."""
@@ -72,6 +78,10 @@ class SessionStore:
         key = keys.session_lock_key(session)
         await self._unlock(keys=[key], args=[stale_job_id])
         return bool(await self.redis.set(key, job_id, nx=True, ex=self.lock_ttl_s))
+
+    async def refresh(self, session: str, job_id: str) -> None:
+        """Give the lock a full TTL again when a (re-)run of its job starts."""
+        await self._refresh(keys=[keys.session_lock_key(session)], args=[job_id, self.lock_ttl_s])
 
     async def unlock(self, session: str, job_id: str) -> None:
         await self._unlock(keys=[keys.session_lock_key(session)], args=[job_id])

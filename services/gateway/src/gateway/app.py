@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,7 +33,6 @@ from .errors import (
     handle_redis_down,
     handle_redis_full,
 )
-from .jobs import requeue
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
 from .relay import BLOCK_MS, Relay
 from .state import State
@@ -72,7 +70,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.redis_url, socket_connect_timeout=2, socket_timeout=BLOCK_MS / 1000 + 5
         )
         log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
-        relay = Relay(arq, blocking, log, settings, partial(requeue, arq, log, settings), metrics)
+        relay = Relay(arq, blocking, log, settings, metrics)
         sessions = SessionStore(
             arq,
             settings.session_max_turns,

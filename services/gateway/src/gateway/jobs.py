@@ -96,10 +96,3 @@ async def _enqueue(
         )
         submit(pipe, arq_job(job_id, arq_id=job_id), settings.queue_timeout_s)
         await pipe.execute()
-
-
-async def requeue(arq: ArqRedis, log: EventLog, settings: Settings, job_id: str) -> None:
-    """Enqueue a job again whose worker died before any output (the watchdog found it)."""
-    async with arq.pipeline(transaction=False) as pipe:
-        submit(pipe, arq_job(job_id), settings.queue_timeout_s)
-        await pipe.execute()

@@ -27,7 +27,17 @@ def entry_key(entry_id: bytes | str) -> tuple[int, int]:
 class Reader:
     """One client's view of one job: a mailbox of SSE frames after its cursor."""
 
-    __slots__ = ("after", "bound", "ended", "first_token", "frames", "job_id", "started_at", "wake")
+    __slots__ = (
+        "after",
+        "bound",
+        "ended",
+        "finished",
+        "first_token",
+        "frames",
+        "job_id",
+        "started_at",
+        "wake",
+    )
 
     def __init__(self, job_id: str, after: str, bound: int, started_at: float | None) -> None:
         self.job_id = job_id
@@ -37,6 +47,7 @@ class Reader:
         self.bound = bound
         self.frames: list[bytes] = []
         self.ended = False  # no more frames will come: final event queued, or dropped
+        self.finished = False  # the final event was queued: the client has it all
         self.wake = asyncio.Event()
 
     def push(self, frame: bytes, key: tuple[int, int], final: bool) -> None:
@@ -45,7 +56,7 @@ class Reader:
         self.after = key
         self.frames.append(frame)
         if final:
-            self.ended = True
+            self.ended = self.finished = True
         elif len(self.frames) > self.bound:
             logger.warning(
                 "job %s: a reader fell %d events behind; dropping it so it resumes from its cursor",

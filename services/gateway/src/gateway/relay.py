@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -67,12 +66,10 @@ class Relay:
         blocking_redis: Redis,
         log: EventLog,
         settings: Settings,
-        requeue: Callable[[str], Awaitable[None]],
         metrics: GatewayMetrics,
     ) -> None:
         self.redis = redis
         self.metrics = metrics
-        self.requeue = requeue
         self.blocking_redis = blocking_redis
         self.log = log
         self.settings = settings
@@ -138,11 +135,12 @@ class Relay:
             job.readers.discard(reader)
             if not job.readers:
                 del self.jobs[reader.job_id]
-                if not reader.ended:
-                    # The last reader here left mid-stream: the grace starts now, in full.
-                    task = asyncio.create_task(self._watched(reader.job_id))
-                    self._side_tasks.add(task)
-                    task.add_done_callback(self._side_tasks.discard)
+        if not reader.finished and reader.job_id not in self.jobs:
+            # The last reader here left before the end (it went away, was too slow, or
+            # this gateway is stopping): its grace starts now, in full.
+            task = asyncio.create_task(self._watched(reader.job_id))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
     async def _watched(self, job_id: str) -> None:
         with contextlib.suppress(RedisError):
@@ -231,8 +229,8 @@ class Relay:
 
     async def _watch_loop(self) -> None:
         s = self.settings
-        tick = s.watch_tick_s
         renew_every = s.disconnect_grace_s / 3
+        tick = min(s.watch_tick_s, renew_every)
         last_renew = 0.0
         while True:
             await asyncio.sleep(tick)
@@ -266,13 +264,14 @@ class Relay:
         if not idle:
             return
         for job_id, result in (await self.log.check_stalled(idle)).items():
-            if result in (1, 3):
-                self.metrics.jobs.labels("worker_lost" if result == 1 else "expired").inc()
+            if result in (1, 3, 4):
+                outcome = {1: "worker_lost", 3: "expired", 4: "error"}[result]
+                self.metrics.jobs.labels(outcome).inc()
             if result == 2:
                 logger.warning(
-                    "job %s: its worker died before any output; running it again", job_id
+                    "its worker died before any output; queued to run again",
+                    extra={"job_id": job_id},
                 )
-                await self.requeue(job_id)
             job = self.jobs.get(job_id)
             if result == -1 and job is not None:
                 # Redis no longer knows the job (restarted empty, or the stream expired).

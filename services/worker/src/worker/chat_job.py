@@ -24,7 +24,7 @@ from .agent import run_agent
 from .heartbeat import Heartbeat
 from .llm import UpstreamError
 from .metrics import WorkerMetrics
-from .publisher import Fenced
+from .publisher import Fenced, Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         return claim
 
     request = orjson.loads(raw_request or b"{}")
+    if request.get("session"):
+        await ctx["sessions"].refresh(request["session"], job_id)
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     metrics.running.inc()
@@ -91,7 +93,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
             metrics.running.dec()
-            if final is not None and await publisher.close(final):
+            if final is not None and await _publish_final(publisher, final):
                 metrics.jobs.labels(_outcome(final)).inc()
             over = final is not None or running.stop_reason not in (None, "handed back")
             if request.get("session") and over:
@@ -101,6 +103,16 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     outcome = _outcome(final) if final is not None else running.stop_reason or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
+
+
+async def _publish_final(publisher: Publisher, final: ev.Event) -> bool:
+    """Publish the final event; a Redis failure is logged, not raised, so the job's
+    clean-up still runs (a gateway watchdog then ends the stream)."""
+    try:
+        return await publisher.close(final)
+    except Exception as exc:
+        logger.error("job %s: could not publish its final event: %s", publisher.job_id, exc)
+        return False
 
 
 def _outcome(final: ev.Event) -> str:

@@ -127,10 +127,16 @@ class Batcher:
                 for publisher, _, _ in batches:
                     publisher.failed(exc)
                 continue
-            for (publisher, _, batch), ok in zip(batches, results, strict=True):
-                publisher.written(batch, ok)
+            for (publisher, _, batch), result in zip(batches, results, strict=True):
+                if isinstance(result, Exception):
+                    logger.error("could not publish events of job %s: %s", publisher.job_id, result)
+                    publisher.failed(result)
+                else:
+                    publisher.written(batch, result)
 
-    async def _write(self, batches: list[tuple[Publisher, int, list[ev.Event]]]) -> list[bool]:
+    async def _write(
+        self, batches: list[tuple[Publisher, int, list[ev.Event]]]
+    ) -> list[bool | Exception]:
         """Write, riding out a short Redis outage rather than dropping events."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.redis_patience_s
