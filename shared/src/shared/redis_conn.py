@@ -67,7 +67,7 @@ def connect_arq(url: str, **options: Any) -> ArqRedis:
     pool (direct connections) makes a burst of requests wait for a connection rather
     than fail."""
     if sentinel_target(url) is None:
-        pool = BlockingConnectionPool.from_url(url, timeout=5, **options)
+        pool = BlockingConnectionPool.from_url(url, timeout=10, **options)
         client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
     else:
         # Sentinel's pool cannot make a request wait for a connection: past a cap it

@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> Starlette:
         # Fail fast while Redis is down (503 within seconds), never at start: /healthz
         # answers whether or not Redis is there.
         arq = connect_arq(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, max_connections=64
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, max_connections=128
         )
         # The relay's XREAD BLOCK: one command at a time, so one connection.
         blocking = connect(

@@ -253,7 +253,9 @@ class Relay:
     async def _renew_watched(self) -> None:
         if not self.jobs:
             return
-        grace_ms = int(self.settings.disconnect_grace_s * 1000)
+        # Generous: a busy gateway may renew late. The grace proper starts when the last
+        # reader leaves (``unsubscribe`` sets the key to exactly DISCONNECT_GRACE_S).
+        grace_ms = int((self.settings.disconnect_grace_s * 3 + 5) * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in self.jobs:
                 pipe.set(keys.watched_key(job_id), b"1", px=grace_ms)
