@@ -14,12 +14,14 @@ from .harness import RedisServer, Stack, private_db
 
 
 def _testcontainers_redis() -> tuple[str, object] | None:
+    """A Redis container when a Docker engine answers, else None (no engine: the client
+    raises at once)."""
     try:
         from testcontainers.redis import RedisContainer
 
         container = RedisContainer("redis:7-alpine")
         container.start()
-    except Exception:  # no Docker engine here: fall back to a redis-server of our own
+    except Exception:
         return None
     host = container.get_container_host_ip()
     port = container.get_exposed_port(6379)
@@ -27,30 +29,34 @@ def _testcontainers_redis() -> tuple[str, object] | None:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
-    """Our own redis-server, or None when REDIS_URL or a container provides Redis."""
-    if os.environ.get("REDIS_URL") or os.environ.get("STREAMGATE_TEST_DOCKER"):
-        yield None
+def redis_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    """Redis for the suite, in the order the team agreed: REDIS_URL if set, else a
+    testcontainers Redis when a Docker engine answers, else a redis-server of our own."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"], None
+        return
+    found = _testcontainers_redis()
+    if found is not None:
+        url, container = found
+        yield url, container
+        container.stop()  # type: ignore[attr-defined]
         return
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
-    yield server
+    yield server.url, server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer | None) -> Iterator[str]:
-    if redis_server is not None:
-        yield redis_server.url
-        return
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    found = _testcontainers_redis()
-    assert found is not None, "STREAMGATE_TEST_DOCKER is set but no container started"
-    url, container = found
-    yield url
-    container.stop()  # type: ignore[attr-defined]
+def redis_server(redis_source: tuple[str, object]) -> RedisServer | None:
+    """Our own redis-server, or None when REDIS_URL or a container provides Redis."""
+    source = redis_source[1]
+    return source if isinstance(source, RedisServer) else None
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_source: tuple[str, object]) -> str:
+    return redis_source[0]
 
 
 @pytest.fixture
