@@ -19,7 +19,6 @@ import orjson
 
 from shared.settings import Settings
 
-
 # What ``with_streaming_response`` sends: the SDK then returns the response unparsed.
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 
