@@ -70,3 +70,23 @@ def test_a_client_that_stops_reading_does_not_hold_up_others(
         assert time.monotonic() - started < 20
     finally:
         stuck.close()
+
+
+def test_a_reader_joining_mid_stream_from_the_start_misses_nothing(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """A second reader of a job this gateway already relays joins while a read of the
+    job's stream, from a later cursor, is in flight: it must still get every event."""
+    expected = "".join(f"t{i} " for i in range(300))
+    for _ in range(5):
+        job_id = client.post(
+            stack.gateway.url + "/chat", json={"prompt": "[long 300] [delay 0.005]"}
+        ).json()["job_id"]
+        url = f"{stack.gateway.url}/chat/{job_id}/events"
+        with client.stream("GET", url) as first:
+            chunks = first.iter_raw()
+            seen = b""
+            while seen.count(b'"token"') < 20:
+                seen += next(chunks)
+            late = sse.read(client, url)  # joins while the first reader's reads go on
+        assert late.text == expected

@@ -46,16 +46,20 @@ READ_COUNT = 512
 
 
 class _Job:
-    __slots__ = ("key", "last_activity", "prefix", "readers")
+    __slots__ = ("key", "last_activity", "prefix", "read_from", "readers")
 
     def __init__(self, job_id: str, now: float) -> None:
         self.key = keys.events_key(job_id).encode()
         self.prefix = b"id: " + job_id.encode() + b"_"
         self.readers: set[Reader] = set()
         self.last_activity = now
+        self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
 
     def cursor(self) -> str:
-        ms, seq = min(reader.after for reader in self.readers)
+        """Where the next XREAD of this job starts: its furthest-behind reader; noted, since
+        only readers at or past it may take what that read returns."""
+        self.read_from = min(reader.after for reader in self.readers)
+        ms, seq = self.read_from
         return f"{ms}-{seq}"
 
 
@@ -199,6 +203,7 @@ class Relay:
             return
         job.last_activity = self._now()
         readers = list(job.readers)
+        read_from = job.read_from
         now = job.last_activity
         for entry_id, fields in entries:
             position = entry_key(entry_id)
@@ -207,7 +212,9 @@ class Relay:
             token = data.startswith(b'{"token"')
             frame = job.prefix + entry_id + b"\ndata: " + data + b"\n\n"
             for reader in readers:
-                if position > reader.after:
+                # A reader that joined behind the read in flight must not take its entries:
+                # it would skip those in between. The next read starts at its cursor.
+                if position > reader.after and read_from is not None and reader.after >= read_from:
                     if reader.started_at is not None:
                         self._measure(reader, now, token, final)
                     reader.push(frame, position, final)
