@@ -13,8 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from shared import events as ev
+from shared import keys
 
 from . import sse
 from .harness import RedisServer, Stack, private_db
@@ -335,3 +337,38 @@ def test_a_worker_stopped_before_any_output_hands_the_job_to_another(
         "done",
     ]
     assert "handed back" in stack.workers[victim].log()
+
+
+def test_an_unread_post_job_whose_worker_dies_still_ends_in_time(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=2)
+    job_id = post(client, stack, "[long 1000] [delay 0.02]")
+    victim = worker_running(stack, job_id)
+    time.sleep(0.5)  # some output, and nobody reading
+    stack.workers[victim].kill()
+    time.sleep(LOST_TIMEOUT + 0.5)
+    # Read only now: the end was written without any reader.
+    raw = redis_events(stack, job_id)
+    assert raw[-1] == {"error": ev.WORKER_LOST}
+
+
+def test_a_get_job_left_while_queued_never_reaches_the_model(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(workers=0, DISCONNECT_GRACE_S="1")
+    head = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hello"}, stop_after=1)
+    job_id = head.events[0]["job_id"]
+    time.sleep(2)  # the grace runs out while the job waits for a worker
+    stack.add_worker()
+    wait_until(lambda: bool(redis_events(stack, job_id)[-1].get("error")), 5, "the end")
+    assert redis_events(stack, job_id)[-1] == {"error": ev.CLIENT_GONE}
+    assert stack.llm_stats()["requests"] == 0
+
+
+def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
+    finally:
+        client.close()

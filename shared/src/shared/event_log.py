@@ -18,6 +18,7 @@ Every job stream thus ends with exactly one final event, and nothing follows it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -37,7 +38,7 @@ FINAL = b"f"
 # A job whose workers die (or stop) before any output is run again at most this often.
 MAX_REQUEUES = 3
 
-ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost"]
+ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost", "unwatched"]
 
 
 def _job_keys(job_id: str) -> list[str]:
@@ -103,7 +104,7 @@ class EventLog:
         anything but "run" means do not run it. ``queued_as`` is the arq id the job came
         under: it leaves the waiting set now, whatever the outcome."""
         result = await self._claim(
-            keys=[*_job_keys(job_id), keys.PENDING],
+            keys=[*_job_keys(job_id), keys.PENDING, keys.RUNNING, keys.watched_key(job_id)],
             args=[
                 owner,
                 alive_ms,
@@ -112,6 +113,9 @@ class EventLog:
                 ev.encode(ev.Error(ev.NO_WORKER)),
                 self.retention_s,
                 queued_as,
+                int(time.time() * 1000) + alive_ms,
+                "get",
+                ev.encode(ev.Error(ev.CLIENT_GONE)),
             ],
         )
         status: ClaimResult = result[0].decode()

@@ -35,9 +35,12 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 return id
 """
 
-# KEYS: meta, events, alive, deadline, the waiting set. ARGV: owner, alive ms, started
-# event, worker-lost error, no-worker error, retention s, the arq id the job came under
-# (it leaves the waiting set). Returns {status} or, to run it, {'run', request}.
+# KEYS: meta, events, alive, deadline, the waiting set, the running index, watched.
+# ARGV: owner, alive ms, started event, worker-lost error, no-worker error, retention s,
+# the arq id the job came under (it leaves the waiting set), when the heartbeat would lapse
+# (ms), 'get' (check that a GET job still has a reader), the client-gone error.
+# Returns {status} or, to run it, {'run', request}. A GET job whose readers all left
+# while it waited ends here, before a single upstream token is paid for.
 CLAIM = (
     _FINALIZE
     + """
@@ -54,8 +57,14 @@ if redis.call('HEXISTS', KEYS[1], 'published') == 1 then
   finalize(ARGV[4], ARGV[6])
   return {'lost'}
 end
+if ARGV[9] == 'get' and redis.call('HGET', KEYS[1], 'kind') == 'get'
+    and redis.call('EXISTS', KEYS[7]) == 0 then
+  finalize(ARGV[10], ARGV[6])
+  return {'unwatched'}
+end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'batch', '0')
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[6], ARGV[8], KEYS[1]:match('{(.-)}'))
 redis.call('DEL', KEYS[4])
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
   redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])

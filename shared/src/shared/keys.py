@@ -10,6 +10,8 @@ QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
 PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time (ms)
 WAKE = "sg:wake"  # the arq id of each job enqueued; idle workers block on it (capped list)
 WAKE_CAP = 64  # more pushes than idle workers wake nobody more
+RUNNING = "sg:running"  # running job ids scored by when their heartbeat lapses (ms): lets
+# any gateway's watchdog find a dead worker's job that nobody is reading
 
 
 def events_key(job_id: str) -> str:

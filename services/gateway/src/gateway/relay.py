@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 import anyio
@@ -247,6 +248,7 @@ class Relay:
                     await self._renew_watched()
                     last_renew = now
                 await self._check_idle(now - tick)
+                await self._check_unread()
             except RedisError as exc:
                 logger.debug("relay watchdog: Redis unreachable (%s)", exc)
             down = self._redis_down_since
@@ -268,19 +270,50 @@ class Relay:
                 pipe.set(keys.watched_key(job_id), b"1", px=grace_ms)
             await pipe.execute()
 
+    async def _check_unread(self) -> None:
+        """Jobs whose heartbeat lapsed, or that waited past the queue timeout, whether or
+        not anyone reads them: a POST job's worker may die with nobody watching."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(keys.RUNNING, "-inf", now_ms, start=0, num=200)
+            pipe.zrangebyscore(
+                keys.PENDING,
+                "-inf",
+                now_ms - int(self.settings.queue_timeout_s * 1000),
+                start=0,
+                num=200,
+            )
+            lapsed, late = await pipe.execute()
+        job_ids = {i.decode().split(".", 1)[0] for i in [*lapsed, *late]} - set(self.jobs)
+        if not job_ids:
+            return
+        results = await self.log.check_stalled(sorted(job_ids))
+        for job_id, result in results.items():
+            self._count(job_id, result)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # Checked: each has ended, or is queued again, or (alive after all) is indexed
+            # again by its worker's next heartbeat; none can start late.
+            if lapsed:
+                pipe.zrem(keys.RUNNING, *lapsed)
+            if late:
+                pipe.zrem(keys.PENDING, *late)
+            await pipe.execute()
+
+    def _count(self, job_id: str, result: int) -> None:
+        if result in (1, 3, 4):
+            outcome = {1: "worker_lost", 3: "expired", 4: "error"}[result]
+            self.metrics.jobs.labels(outcome).inc()
+        if result == 2:
+            logger.warning(
+                "its worker died before any output; queued to run again", extra={"job_id": job_id}
+            )
+
     async def _check_idle(self, idle_since: float) -> None:
         idle = [job_id for job_id, job in self.jobs.items() if job.last_activity <= idle_since]
         if not idle:
             return
         for job_id, result in (await self.log.check_stalled(idle)).items():
-            if result in (1, 3, 4):
-                outcome = {1: "worker_lost", 3: "expired", 4: "error"}[result]
-                self.metrics.jobs.labels(outcome).inc()
-            if result == 2:
-                logger.warning(
-                    "its worker died before any output; queued to run again",
-                    extra={"job_id": job_id},
-                )
+            self._count(job_id, result)
             job = self.jobs.get(job_id)
             if result == -1 and job is not None:
                 # Redis no longer knows the job (restarted empty, or the stream expired).

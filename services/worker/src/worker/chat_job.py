@@ -41,8 +41,9 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
         logger.info("job %s not run: %s", job_id, claim)
-        if claim in ("lost", "expired"):  # this attempt wrote the final event
-            metrics.jobs.labels("worker_lost" if claim == "lost" else "expired").inc()
+        if claim in ("lost", "expired", "unwatched"):  # this attempt wrote the final event
+            ended_as = {"lost": "worker_lost", "expired": "expired", "unwatched": "cancelled"}
+            metrics.jobs.labels(ended_as[claim]).inc()
         return claim
 
     request = orjson.loads(raw_request or b"{}")

@@ -1,7 +1,8 @@
 """Proves each running job alive, and stops the ones that should not go on.
 
 Every ``HEARTBEAT`` interval one pipeline renews every running job's ``alive`` key (a
-gateway that sees it lapse ends the job: its worker is gone) and checks, per job, that this
+gateway that sees it lapse ends the job: its worker is gone; ``RUNNING`` indexes when each
+lapses, so a gateway finds the job even when nobody reads it) and checks, per job, that this
 attempt still owns it (a cancel or a takeover ends the stream from outside) and, for a
 ``GET /chat`` job, that some gateway still relays it. A job that fails a check has its task
 cancelled, which closes its upstream request.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.alive_ms = alive_ms
         self.jobs: dict[str, Running] = {}
+        self._finished: list[str] = []  # to leave the RUNNING index at the next beat
 
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
@@ -48,6 +51,7 @@ class Heartbeat:
             yield running
         finally:
             self.jobs.pop(job_id, None)
+            self._finished.append(job_id)
 
     async def run(self) -> None:
         while True:
@@ -59,14 +63,21 @@ class Heartbeat:
 
     async def beat(self) -> None:
         jobs = list(self.jobs.items())
-        if not jobs:
+        if not jobs and not self._finished:
             return
+        lapses_at = int(time.time() * 1000) + self.alive_ms
+        finished, self._finished = self._finished, []
         async with self.redis.pipeline(transaction=False) as pipe:
+            if finished:
+                pipe.zrem(keys.RUNNING, *finished)
             for job_id, _ in jobs:
                 pipe.hget(keys.meta_key(job_id), "owner")
                 pipe.set(keys.alive_key(job_id), b"1", px=self.alive_ms)
                 pipe.exists(keys.watched_key(job_id))
+            if jobs:
+                pipe.zadd(keys.RUNNING, {job_id: lapses_at for job_id, _ in jobs})
             results = await pipe.execute()
+        results = results[1:] if finished else results
         for i, (_, running) in enumerate(jobs):
             owner, _, watched = results[3 * i : 3 * i + 3]
             if owner != running.owner.encode():
