@@ -84,9 +84,9 @@ def test_bad_post_bodies(
 @pytest.mark.parametrize(
     ("path", "status"),
     [
-        ("/chat/nothex/events", 400),
-        ("/chat/..%2F..%2Fetc%2Fpasswd/events", 400),
-        ("/chat/" + "A" * 32 + "/events", 400),
+        ("/chat/nothex/events", 404),
+        ("/chat/..%2F..%2Fetc%2Fpasswd/events", 404),
+        ("/chat/" + "A" * 32 + "/events", 404),
         ("/chat/" + "0" * 32 + "/events", 404),
     ],
 )
@@ -99,7 +99,7 @@ def test_events_url_rejects_what_is_not_a_known_job(
 
 
 def test_delete_rejects_bad_and_unknown_ids(stack: Stack, client: httpx.Client) -> None:
-    assert client.delete(stack.gateway.url + "/chat/nope").status_code == 400
+    assert client.delete(stack.gateway.url + "/chat/nope").status_code == 404
     assert client.delete(stack.gateway.url + "/chat/" + "0" * 32).status_code == 404
 
 
@@ -224,3 +224,10 @@ def test_head_on_the_events_url(stack: Stack, client: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert client.head(f"{stack.gateway.url}/chat/{'0' * 32}/events").status_code == 404
+
+
+def test_405_names_the_allowed_methods(stack: Stack, client: httpx.Client) -> None:
+    response = client.put(stack.gateway.url + "/chat")
+    assert response.status_code == 405
+    assert "GET" in response.headers["allow"]
+    assert response.json()["error"]

@@ -47,6 +47,8 @@ def test_every_setting_is_in_the_readme_table() -> None:
         ("MAX_PROMPT_CHARS", "-1"),
         ("OPENAI_BASE_URL", "not a url"),
         ("ROLES_FILE", "/nonexistent/roles.toml"),
+        ("WORKER_LOST_TIMEOUT_S", "inf"),
+        ("PING_INTERVAL_S", "1e400"),
     ],
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
@@ -74,3 +76,20 @@ def test_an_unknown_tool_stops_the_worker() -> None:
     )
     assert result.returncode != 0
     assert "TOOLS" in result.stderr and "oracle" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "port"),
+    [("gateway", "abc"), ("gateway", "99999"), ("demo_llm", "abc"), ("demo_llm", "-1")],
+)
+def test_a_bad_port_stops_the_server_naming_it(module: str, port: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", "PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "PORT" in result.stderr and "Traceback" not in result.stderr

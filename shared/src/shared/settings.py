@@ -6,6 +6,7 @@ variable: a typo in production should fail loudly at deploy time, not at the fir
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,7 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Finite and at most a year: "inf" would overflow timers deep inside asyncio and Redis.
+PositiveSeconds = Annotated[float, Field(gt=0, le=365 * 24 * 3600, allow_inf_nan=False)]
 
 
 class Settings(BaseSettings):
@@ -32,14 +34,14 @@ class Settings(BaseSettings):
     upstream_idle_timeout_s: PositiveSeconds = 30.0
     queue_timeout_s: PositiveSeconds = 60.0
     disconnect_grace_s: PositiveSeconds = 10.0
-    stream_retention_s: Annotated[int, Field(gt=0)] = 3600
+    stream_retention_s: Annotated[int, Field(gt=0, le=365 * 24 * 3600)] = 3600
     max_queued_jobs: Annotated[int, Field(gt=0)] = 1000
     api_keys: str = ""
     rate_limit_per_min: Annotated[int, Field(ge=0)] = 0
     # Not in the contract's table; each is documented in the README's one table.
     worker_max_jobs: Annotated[int, Field(gt=0)] = 200
     job_timeout_s: PositiveSeconds = 900.0
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 20.0
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
     send_timeout_s: PositiveSeconds = 30.0
     log_level: str = "INFO"
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = 4
     session_max_turns: Annotated[int, Field(ge=1)] = 20
     session_max_chars: Annotated[int, Field(ge=1)] = 24000
-    session_retention_s: Annotated[int, Field(gt=0)] = 7 * 24 * 3600
+    session_retention_s: Annotated[int, Field(gt=0, le=365 * 24 * 3600)] = 7 * 24 * 3600
 
     @field_validator("redis_url")
     @classmethod
@@ -136,6 +138,26 @@ class Settings(BaseSettings):
     def heartbeat_interval_s(self) -> float:
         """How often a worker proves each job alive and checks it should go on."""
         return min(0.5, self.alive_ttl_s / 3, self.disconnect_grace_s / 3)
+
+
+class ServerAddress(BaseSettings):
+    """Where an HTTP process listens: ``HOST`` and ``PORT`` (the Procfile's convention)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+def load_address(default_port: int) -> ServerAddress:
+    """``HOST``/``PORT`` from the environment, or exit naming the one that is wrong."""
+    try:
+        return ServerAddress(port=int(os.environ.get("PORT") or default_port))
+    except ValueError:
+        sys.exit(
+            f"Streamgate cannot start: invalid setting(s)\n  PORT: not a port number "
+            f"(got {os.environ.get('PORT')!r}); use 1-65535"
+        )
 
 
 def load_settings() -> Settings:

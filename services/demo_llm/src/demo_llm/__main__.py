@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import uvicorn
 
 from .app import create_app
 
 
+def _setting(
+    name: str, default: str, kind: type[float] | type[int], low: float, high: float
+) -> float:
+    raw = os.environ.get(name) or default
+    try:
+        value = kind(raw)
+        if not low <= value <= high:
+            raise ValueError
+    except ValueError:
+        sys.exit(
+            f"demo LLM cannot start: invalid setting(s)\n  {name}: got {raw!r}; "
+            f"use a number from {low:g} to {high:g}"
+        )
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Streamgate's demo OpenAI-compatible LLM")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
+    parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    port = args.port or int(_setting("PORT", "8001", int, 1, 65535))
+    delay = float(_setting("DEMO_LLM_DELAY_S", "0.03", float, 0, 60))
+    uvicorn.run(create_app(delay), host=args.host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
 import uvicorn
 
 from shared.logs import configure_logging, uvicorn_log_config
-from shared.settings import load_settings
+from shared.settings import load_address, load_settings
 
 from .app import create_app
 
 
 def main() -> None:
     settings = load_settings()
+    address = load_address(default_port=8000)
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8000")),
+        host=address.host,
+        port=address.port,
         log_level=settings.log_level.lower(),
         log_config=uvicorn_log_config(settings.log_level),
         # Streams close at once on SIGTERM (sse-starlette); this bounds the rest.

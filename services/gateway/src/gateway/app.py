@@ -43,7 +43,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(404, f"no such endpoint: {request.url.path}")
     if exc.status_code == 405:
-        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+        response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
+        response.headers.update(exc.headers or {})  # Allow: the methods that are
+        return response
     return error_response(exc.status_code, str(exc.detail))
 
 

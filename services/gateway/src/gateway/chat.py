@@ -81,7 +81,7 @@ async def list_roles(request: Request) -> Response:
 
 async def not_a_job(request: Request) -> Response:
     """Any other path under /chat/, such as ``../`` shapes: never a job."""
-    raise BadRequest("that is not a job URL: use /chat/<job_id>/events or /chat/<job_id>")
+    raise NotFound("no such job URL: use /chat/<job_id>/events or /chat/<job_id>")
 
 
 def _checked(state: State, chat: ChatRequest) -> ChatRequest:
@@ -94,7 +94,8 @@ def _checked(state: State, chat: ChatRequest) -> ChatRequest:
 def _job_id(request: Request) -> str:
     job_id: str = request.path_params["job_id"]
     if not is_job_id(job_id):
-        raise BadRequest("that is not a job id (32 lowercase hex digits)")
+        # No such job can exist, so the answer is the one for an unknown job.
+        raise NotFound(f"no job {job_id[:64]!r}: job ids are 32 lowercase hex digits")
     return job_id
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import keys
 
+# The classic text format every scraper reads (the library's default now names 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
@@ -109,4 +110,4 @@ async def metrics_endpoint(request: Request) -> Response:
         metrics.oldest_queued.set(max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0)
     except (RedisError, OSError):
         pass  # the rest of the figures are still worth a scrape while Redis is down
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)

@@ -252,7 +252,8 @@ class Relay:
             except RedisError as exc:
                 logger.debug("relay watchdog: Redis unreachable (%s)", exc)
             down = self._redis_down_since
-            if down is not None and now - down > s.worker_lost_timeout_s:
+            # Long enough for Redis to restart, so a reader learns whether its job survived.
+            if down is not None and now - down > max(30.0, 2 * s.worker_lost_timeout_s):
                 # Streams may resume once Redis is back: close cleanly, clients reconnect.
                 logger.warning(
                     "Redis down for %.0f s: closing %d streams", now - down, self.open_readers
