@@ -206,3 +206,14 @@ def test_an_unknown_role_is_a_400(agent_stack: Stack, client: httpx.Client) -> N
     ):
         assert response.status_code == 400
         assert "unknown role 'pirate'" in response.json()["error"]
+
+
+def test_head_says_409_for_a_busy_session_and_takes_nothing(
+    agent_stack: Stack, client: httpx.Client
+) -> None:
+    url = agent_stack.gateway.url + "/chat"
+    first = client.post(url, json={"prompt": "[long 30] [delay 0.05]", "session": "head"})
+    head = client.head(url, params={"prompt": "again", "session": "head"})
+    assert head.status_code == 409
+    sse.read(client, agent_stack.gateway.url + first.json()["events_url"])
+    assert client.head(url, params={"prompt": "again", "session": "head"}).status_code == 200

@@ -151,22 +151,16 @@ def test_api_keys(keyed: Stack, client: httpx.Client) -> None:
     assert client.get(url + "/roles", headers=one).status_code == 200
 
 
-def _same_minute() -> None:
-    if time.time() % 60 > 50:  # the window would roll over mid-test
-        time.sleep(61 - time.time() % 60)
-
-
 def test_rate_limit_holds_across_two_gateways(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
     stack = make_stack(gateways=2, RATE_LIMIT_PER_MIN="3")
-    _same_minute()
     first, second = stack.gateways
     for gateway in (first, second, first):
         assert client.post(gateway.url + "/chat", json={"prompt": "hi"}).status_code == 202
     refused = client.post(second.url + "/chat", json={"prompt": "hi"})
     assert refused.status_code == 429
-    assert 1 <= int(refused.headers["retry-after"]) <= 61
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert "RATE_LIMIT_PER_MIN" in refused.json()["error"]
     assert client.get(first.url + "/chat", params={"prompt": "hi"}).status_code == 429
 
@@ -202,7 +196,6 @@ def test_refused_chats_do_not_use_up_the_rate_limit(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
     stack = make_stack(RATE_LIMIT_PER_MIN="2")
-    _same_minute()
     url = stack.gateway.url + "/chat"
     assert (
         client.post(url, json={"prompt": "[long 40] [delay 0.05]", "session": "s"}).status_code

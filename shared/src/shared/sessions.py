@@ -73,6 +73,11 @@ class SessionStore:
         holder = await self.redis.get(key)
         return holder.decode() if holder else None
 
+    async def holder(self, session: str) -> str | None:
+        """The job holding the session's lock, if any (without taking it)."""
+        holder = await self.redis.get(keys.session_lock_key(session))
+        return holder.decode() if holder else None
+
     async def take_over(self, session: str, stale_job_id: str, job_id: str) -> bool:
         """Replace a lock held by a job that has ended."""
         key = keys.session_lock_key(session)

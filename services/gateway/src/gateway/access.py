@@ -4,8 +4,8 @@
   an ``access_token`` query parameter. Each is compared with every configured key in
   constant time. A job remembers a digest of the key that created it (never the key): a
   request with another key is told the job does not exist, so ids leak nothing.
-- The rate limit counts chats (not reads) per key, or per client address without keys, in
-  a one-minute window in Redis, so it holds across gateway replicas.
+- The rate limit counts chats (not reads) per key, or per client address without keys, over
+  the last minute (a sliding window) in Redis, so it holds across gateway replicas.
 - The cap on open streams per key is counted in this gateway process: a restart forgets
   nothing that still exists, which a count in Redis could not promise after a crash.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,22 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from .errors import ApiError, RateLimited, Unauthorized
+
+WINDOW_MS = 60_000
+
+# A sliding window: the chats of the last minute, one sorted-set member each, so a burst
+# across a minute boundary still counts as one minute. KEYS: the caller's window.
+# ARGV: now ms, window ms, limit, a new member. Returns {1, 0} taken, or {0, retry after s}.
+_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+  return {0, math.ceil((oldest + ARGV[2] - ARGV[1]) / 1000)}
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, 0}
+"""
 
 
 def _digest(key: str) -> bytes:
@@ -34,6 +51,7 @@ class Access:
         self, redis: Redis, keys: list[str], rate_per_min: int, max_streams_per_key: int
     ) -> None:
         self.redis = redis
+        self._take = redis.register_script(_TAKE)
         self._digests = [_digest(k) for k in keys]
         self.rate_per_min = rate_per_min
         self.max_streams = max_streams_per_key
@@ -72,24 +90,22 @@ class Access:
             yield
             return
         who = identity or f"addr:{request.client.host if request.client else 'unknown'}"
-        now = time.time()
-        window = int(now // 60)
-        key = f"sg:rate:{{{who}}}:{window}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 61)
-            count, _ = await pipe.execute()
-        if count > self.rate_per_min:
-            retry_after = max(1, int((window + 1) * 60 - now) + 1)
+        key = f"sg:rate:{{{who}}}"
+        now_ms = int(time.time() * 1000)
+        member = f"{now_ms}-{secrets.token_hex(4)}"
+        taken, retry_after = await self._take(
+            keys=[key], args=[now_ms, WINDOW_MS, self.rate_per_min, member]
+        )
+        if not taken:
             raise RateLimited(
                 f"rate limit reached: {self.rate_per_min} chats per minute"
                 f" (RATE_LIMIT_PER_MIN); retry in {retry_after} s",
-                retry_after,
+                int(retry_after),
             )
         try:
             yield
         except ApiError:
-            await self.redis.decr(key)
+            await self.redis.zrem(key, member)
             raise
 
     def check_stream_slot(self, identity: str) -> None:

@@ -14,7 +14,7 @@ from shared.event_log import FINAL
 
 from .errors import BadRequest, NotFound
 from .inputs import ChatRequest, chat_request, cursor_of, json_body, query_params
-from .jobs import enqueue
+from .jobs import check_session, enqueue
 from .state import State
 
 SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
@@ -30,6 +30,9 @@ async def chat_get(request: Request) -> Response:
         return await _resume(request, cursor, identity)
     chat = _checked(state, chat_request(dict(params), state.settings.max_prompt_chars))
     if request.method == "HEAD":
+        # What a GET would answer before its stream, without enqueueing anything.
+        await state.arq.ping()  # Redis down: 503
+        await check_session(state, chat, identity)
         return _headers_only()
     state.access.check_stream_slot(identity)
     async with state.access.count_chat(request, identity):

@@ -45,6 +45,22 @@ async def enqueue(
     return job_id
 
 
+async def check_session(state: State, chat: ChatRequest, identity: str) -> None:
+    """409 now if the session is busy, without taking it (for HEAD)."""
+    if chat.session:
+        session = f"{identity[:12]}.{chat.session}" if identity else chat.session
+        holder = await state.sessions.holder(session)
+        if holder is not None and not await state.log.is_over(holder):
+            raise _busy(chat.session, holder)
+
+
+def _busy(shown: str, holder: str) -> Conflict:
+    return Conflict(
+        f"session {shown} is still answering job {holder}; wait for its final event,"
+        f" or cancel it with DELETE /chat/{holder}"
+    )
+
+
 async def _take_session(
     log: EventLog, sessions: SessionStore, session: str, job_id: str, shown: str
 ) -> None:
@@ -54,10 +70,7 @@ async def _take_session(
         return
     if await log.is_over(holder) and await sessions.take_over(session, holder, job_id):
         return
-    raise Conflict(
-        f"session {shown} is still answering job {holder}; wait for its final event,"
-        f" or cancel it with DELETE /chat/{holder}"
-    )
+    raise _busy(shown, holder)
 
 
 async def _enqueue(
