@@ -3,7 +3,8 @@
 Whatever happens, the ``finally`` block publishes the one final event, with two deliberate
 exceptions: an attempt that lost ownership (the job was cancelled or ended from outside,
 so its final event is already written), and a worker shutting down before the job published
-any output (arq runs it again elsewhere and the client sees one normal answer).
+any output (the job is handed back and queued again in one step, so another worker gives the
+client one normal answer).
 """
 
 from __future__ import annotations
