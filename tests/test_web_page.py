@@ -446,4 +446,4 @@ def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
     page.reload()  # the first answer goes on until the server sees nobody reads it
     send(page, "again")
     last = wait_state(page, "error")
-    expect(last.locator(".notice.error")).to_contain_text("still be answering")
+    expect(last.locator(".notice.error")).to_contain_text("still running")
