@@ -356,7 +356,8 @@ def test_an_unread_post_job_whose_worker_dies_still_ends_in_time(
 def test_a_get_job_left_while_queued_never_reaches_the_model(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
-    stack = make_stack(workers=0, DISCONNECT_GRACE_S="1")
+    # A long queue timeout: the job must end for want of a reader, not of a worker.
+    stack = make_stack(workers=0, DISCONNECT_GRACE_S="1", QUEUE_TIMEOUT_S="60")
     head = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hello"}, stop_after=1)
     job_id = head.events[0]["job_id"]
     time.sleep(2)  # the grace runs out while the job waits for a worker
