@@ -214,15 +214,7 @@ class EventLog:
         key = await self.redis.hget(keys.meta_key(job_id), "key")  # type: ignore[misc]
         return key.decode() if key is not None else None
 
-    async def exists(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(keys.meta_key(job_id)))
-
     async def entry(self, job_id: str, entry_id: str) -> Entry | None:
         """The entry at exactly ``entry_id``, to tell whether a cursor is real and final."""
         found = await self.redis.xrange(keys.events_key(job_id), entry_id, entry_id, count=1)
         return found[0] if found else None
-
-    async def read_after(self, job_id: str, entry_id: str, count: int = 1000) -> list[Entry]:
-        """Entries after ``entry_id`` that are already written; never blocks."""
-        found = await self.redis.xrange(keys.events_key(job_id), f"({entry_id}", "+", count=count)
-        return list(found)

@@ -84,7 +84,7 @@ def create_app(settings: Settings) -> Starlette:
         access = Access(
             arq, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
         )
-        app.state.sg = State(settings, arq, blocking, log, relay, sessions, roles, access, metrics)
+        app.state.sg = State(settings, arq, log, relay, sessions, roles, access, metrics)
         try:
             yield
         finally:

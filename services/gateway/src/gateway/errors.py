@@ -71,11 +71,3 @@ async def handle_redis_full(request: Request, exc: Exception) -> Response:
     return error_response(
         503, "Redis is out of memory (maxmemory, noeviction); retry once old streams expire", 30
     )
-
-
-async def handle_not_found(request: Request, exc: Exception) -> Response:
-    return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
-
-
-async def handle_method_not_allowed(request: Request, exc: Exception) -> Response:
-    return error_response(405, f"{request.method} is not allowed on {request.url.path}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
-from redis.asyncio import Redis
 
 from shared.event_log import EventLog
 from shared.roles import Roles
@@ -21,7 +20,6 @@ from .relay import Relay
 class State:
     settings: Settings
     arq: ArqRedis  # also the pool for every non-blocking command
-    blocking_redis: Redis  # the relay's single connection for XREAD BLOCK
     log: EventLog
     relay: Relay
     sessions: SessionStore
