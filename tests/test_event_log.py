@@ -39,7 +39,7 @@ def run(db_url: str, scenario: Callable[[EventLog], Awaitable[T]]) -> T:
 
 async def new_job(log: EventLog) -> str:
     job_id = new_job_id()
-    await log.create(job_id, "post", "", b"{}", position=1, ttl_s=600, watched_s=None)
+    await log.create(job_id, "post", "", b"{}", ttl_s=600, watched_s=None, max_queued=100)
     return job_id
 
 

@@ -68,7 +68,7 @@ def post(client: httpx.Client, stack: Stack, prompt: str) -> str:
 
 
 def worker_running(stack: Stack, job_id: str) -> int:
-    """Which worker took the job (arq logs the job id when it starts it)."""
+    """Which worker took the job (a worker logs the job id when it takes it)."""
     found: list[int] = []
 
     def taken() -> bool:

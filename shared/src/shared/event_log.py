@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from . import events as ev
@@ -56,12 +56,14 @@ class EventLog:
         self.retention_s = retention_s
         self.queue_timeout_ms = int(queue_timeout_s * 1000)
         self._create = redis.register_script(CREATE)
-        self._claim = redis.register_script(CLAIM)
-        self._append = redis.register_script(APPEND)
+        self._shas = {s: redis.register_script(s).sha for s in (CLAIM, APPEND)}
         self._release = redis.register_script(RELEASE)
         self._end = redis.register_script(END)
         self._check = redis.register_script(CHECK)
         self._too_many = ev.encode(ev.Error(ev.TOO_MANY_ATTEMPTS))
+        self._worker_lost = ev.encode(ev.Error(ev.WORKER_LOST))
+        self._no_worker = ev.encode(ev.Error(ev.NO_WORKER))
+        self._client_gone = ev.encode(ev.Error(ev.CLIENT_GONE))
 
     async def create(
         self,
@@ -69,57 +71,86 @@ class EventLog:
         kind: str,
         key: str,
         request: bytes,
-        position: int,
         ttl_s: int,
         watched_s: float | None,
-        pipe: Pipeline | None = None,
-    ) -> None:
-        """Start the job's stream with its ``queued`` event (on ``pipe`` when given).
+        max_queued: int,
+    ) -> int:
+        """Start the job, in one round trip: its stream with the ``queued`` event, and its
+        arq job, a worker woken. Returns its place in the queue, or, when ``max_queued``
+        jobs already wait, minus their number (and nothing is written).
 
         ``watched_s`` (GET jobs): the job counts as read for this long, until a relay renews it.
         """
-        queued = ev.encode(ev.Queued(job_id, position))
-        watched_ms = int(watched_s * 1000) if watched_s else 0
-        job_keys = [*_job_keys(job_id), keys.watched_key(job_id)]
+        before, _, after = ev.encode(ev.Queued(job_id, 0)).rpartition(b"0")
+        job = arq_job(job_id, arq_id=job_id)
+        script_keys = [
+            *_job_keys(job_id),
+            job.key,
+            keys.QUEUE_NAME,
+            keys.PENDING,
+            keys.WAKE,
+            keys.watched_key(job_id),
+        ]
         args: list[str | bytes | int] = [
             kind,
             request,
-            queued,
+            before,
+            after,
             self.queue_timeout_ms,
             ttl_s,
-            watched_ms,
+            int(watched_s * 1000) if watched_s else 0,
             key,
+            max_queued,
+            job.enqueued_ms,
+            job.arq_id,
+            job.payload,
+            keys.WAKE_CAP - 1,
         ]
-        if pipe is None:
-            await self._create(keys=job_keys, args=args)
-        else:
-            # EVAL, not the registered EVALSHA: a pipeline would first ask SCRIPT EXISTS,
-            # a second round trip on the enqueue path. Redis caches the compiled script.
-            pipe.eval(CREATE, len(job_keys), *job_keys, *args)  # type: ignore[arg-type]
+        return int(await self._create(keys=script_keys, args=args))
 
     async def claim(
         self, job_id: str, queued_as: str, owner: str, alive_ms: int
     ) -> tuple[ClaimResult, bytes | None]:
         """Make ``owner`` the job's running attempt, returning "run" and the job's request;
         anything but "run" means do not run it. ``queued_as`` is the arq id the job came
-        under: it leaves the waiting set now, whatever the outcome."""
-        result = await self._claim(
-            keys=[*_job_keys(job_id), keys.PENDING, keys.RUNNING, keys.watched_key(job_id)],
-            args=[
+        under: it leaves arq's queue and the waiting set now, whatever the outcome."""
+        (claimed,) = await self.claim_many([(job_id, queued_as, owner)], alive_ms)
+        return claimed
+
+    async def claim_many(
+        self, attempts: Sequence[tuple[str, str, str]], alive_ms: int
+    ) -> list[tuple[ClaimResult, bytes | None]]:
+        """``claim`` for several ``(job_id, queued_as, owner)`` at once, in one round trip."""
+        lapse_ms = int(time.time() * 1000) + alive_ms
+        calls: list[tuple[list[str], list[bytes | str | int]]] = []
+        for job_id, queued_as, owner in attempts:
+            script_keys = [
+                *_job_keys(job_id),
+                keys.PENDING,
+                keys.RUNNING,
+                keys.watched_key(job_id),
+                keys.QUEUE_NAME,
+                job_key_prefix + queued_as,
+            ]
+            args: list[bytes | str | int] = [
                 owner,
                 alive_ms,
                 ev.encode(ev.Started(job_id)),
-                ev.encode(ev.Error(ev.WORKER_LOST)),
-                ev.encode(ev.Error(ev.NO_WORKER)),
+                self._worker_lost,
+                self._no_worker,
                 self.retention_s,
                 queued_as,
-                int(time.time() * 1000) + alive_ms,
+                lapse_ms,
                 "get",
-                ev.encode(ev.Error(ev.CLIENT_GONE)),
-            ],
-        )
-        status: ClaimResult = result[0].decode()
-        return status, (result[1] if len(result) > 1 else None)
+                self._client_gone,
+            ]
+            calls.append((script_keys, args))
+        claimed = []
+        for result in await self._run_many(CLAIM, calls):
+            if isinstance(result, Exception):
+                raise result
+            claimed.append((result[0].decode(), result[1] if len(result) > 1 else None))
+        return claimed
 
     async def append(self, job_id: str, owner: str, number: int, batch: Sequence[ev.Event]) -> bool:
         """Append batch ``number`` (1, 2, ... per attempt) as ``owner``; False means this
@@ -135,26 +166,42 @@ class EventLog:
         """Append the batches of many jobs in one round trip, ``(job_id, owner, number,
         events)`` each. Per batch: True, False if that attempt no longer owns its job, or
         the error Redis gave for that batch alone (the others are written)."""
+        calls: list[tuple[list[str], list[bytes | str | int]]] = []
+        for job_id, owner, number, batch in batches:
+            args: list[bytes | str | int] = [
+                owner,
+                self.retention_s,
+                "1" if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch) else "0",
+                number,
+            ]
+            for event in batch:
+                args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
+            calls.append((_job_keys(job_id), args))
+        results = await self._run_many(APPEND, calls)
+        return [r if isinstance(r, Exception) else bool(r) for r in results]
+
+    async def _run_many(
+        self, script: str, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
+    ) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)``, in one pipelined round trip; per call,
+        its result or the error Redis gave for it alone. EVALSHA straight on the pipeline:
+        a registered script would add a SCRIPT EXISTS round trip every time."""
+        sha = self._shas[script]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, owner, number, batch in batches:
-                    args: list[bytes | str | int] = [
-                        owner,
-                        self.retention_s,
-                        "1" if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch) else "0",
-                        number,
-                    ]
-                    for event in batch:
-                        args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
-                    # EVALSHA straight on the pipeline: registering the script would add a
-                    # SCRIPT EXISTS round trip to every flush.
-                    pipe.evalsha(self._append.sha, 4, *_job_keys(job_id), *args)  # type: ignore[arg-type]
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self.redis.script_load(APPEND)  # a new (or restarted) Redis
-                continue
-            return [r if isinstance(r, Exception) else bool(r) for r in results]
-        raise AssertionError("unreachable")
+                for i in todo:
+                    script_keys, args = calls[i]
+                    pipe.evalsha(sha, len(script_keys), *script_keys, *args)  # type: ignore[arg-type]
+                replies = await pipe.execute(raise_on_error=False)
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+            if not todo or attempt == 1:
+                break
+            await self.redis.script_load(script)  # a new (or restarted) Redis
+        return results
 
     async def release(self, job_id: str, owner: str) -> int:
         """Hand a job without output back to the queue, and queue it for arq again. Returns

@@ -1,7 +1,7 @@
 """The Lua scripts behind the event log (see event_log.py for what each is for).
 
 KEYS are always the job's meta hash, events stream, alive key and deadline key (in that
-order; ``CREATE`` adds the watched key). Each script runs atomically, so the checks and
+order; most add more after them). Each script runs atomically, so the checks and
 writes of one step cannot interleave with another gateway's or worker's.
 """
 
@@ -23,28 +23,20 @@ end
 # while waiting, the attempt's token while running, '-' once ended), batch (the owner's
 # last applied append), started, published, final, requeues.
 
-# KEYS: meta, events, alive, deadline, watched. ARGV: kind, request, queued event,
-# queue timeout ms, ttl s, disconnect grace ms (0: none), the creating key's digest.
-CREATE = """
-redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '', 'key', ARGV[7])
-local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
-if ARGV[6] ~= '0' then redis.call('SET', KEYS[5], '1', 'PX', ARGV[6]) end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-return id
-"""
-
-# KEYS: meta, events, alive, deadline, the waiting set, the running index, watched.
-# ARGV: owner, alive ms, started event, worker-lost error, no-worker error, retention s,
-# the arq id the job came under (it leaves the waiting set), when the heartbeat would lapse
-# (ms), 'get' (check that a GET job still has a reader), the client-gone error.
+# KEYS: meta, events, alive, deadline, the waiting set, the running index, watched, arq's
+# queue, the arq job's key. ARGV: owner, alive ms, started event, worker-lost error,
+# no-worker error, retention s, the arq id the job came under (it leaves arq's queue and
+# the waiting set, whatever the outcome: arq's own bookkeeping of a running job is this
+# script's, see worker/pickup.py), when the heartbeat would lapse (ms), 'get' (check that
+# a GET job still has a reader), the client-gone error.
 # Returns {status} or, to run it, {'run', request}. A GET job whose readers all left
 # while it waited ends here, before a single upstream token is paid for.
 CLAIM = (
     _FINALIZE
     + """
 redis.call('ZREM', KEYS[5], ARGV[7])
+redis.call('ZREM', KEYS[8], ARGV[7])
+redis.call('DEL', KEYS[9])
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return {'final'} end
 if owned() then
@@ -111,8 +103,9 @@ local function hand_back(queue_timeout_ms, max_requeues, too_many, retention)
 end
 """
 
-# Put a handed-back job on arq's queue again, as shared/job_queue.py's submit does, in the
-# same step as the hand-back: no crash in between can leave it unqueued.
+# Put a job on arq's queue (what arq's ``enqueue_job`` writes, without its WATCH round
+# trips: our arq ids are never reused), count it as waiting and wake a worker, in the same
+# step as the rest of the script: no crash in between can leave a job unqueued.
 # KEYS 5-8: arq's job key, arq's queue, the waiting set, the wake list.
 _QUEUE_AGAIN = """
 local function queue_again(queue_timeout_ms, arq_id, payload, now_ms, wake_last)
@@ -140,6 +133,33 @@ if redis.call('HEXISTS', KEYS[1], 'published') == 1 then return 0 end
 local count = hand_back(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 if count > 0 then queue_again(ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9]) end
 return count
+"""
+)
+
+# A new job, in one step: unless the queue is full, its stream with the ``queued`` event
+# (its place in the queue filled in here), its meta hash, and its arq job, with a worker
+# woken. KEYS 5-8 as for RELEASE, then watched. ARGV: kind, request, the queued event
+# before and after its position, queue timeout ms, ttl s, disconnect grace ms (0: none),
+# the creating key's digest, max queued jobs, now ms, arq id, arq job payload, the wake
+# list's last index. Returns the job's place in the queue, or minus the jobs waiting when
+# the queue is full (and writes nothing). The shebang makes Redis refuse the whole script
+# when it is out of memory; without it, the pruning (a write that frees memory) would let
+# the rest of the script through.
+CREATE = (
+    "#!lua\n"
+    + _QUEUE_AGAIN
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[10]) - tonumber(ARGV[5]))
+local waiting = redis.call('ZCARD', KEYS[7])
+if waiting >= tonumber(ARGV[9]) then return -waiting end
+redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '', 'key', ARGV[8])
+redis.call('XADD', KEYS[2], '*', 'd', ARGV[3] .. (waiting + 1) .. ARGV[4])
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
+if ARGV[7] ~= '0' then redis.call('SET', KEYS[9], '1', 'PX', ARGV[7]) end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+queue_again(ARGV[5], ARGV[11], ARGV[12], ARGV[10], ARGV[13])
+return waiting + 1
 """
 )
 

@@ -1,18 +1,15 @@
-"""Starting a job: count it into the queue, open its stream, hand it to arq, wake a worker."""
+"""Starting a job: take its session, then, in one round trip (the event log's ``create``),
+count it into the queue, open its stream, hand it to arq and wake a worker."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from typing import Literal
 
 import orjson
-from arq.connections import ArqRedis
 
-from shared import keys
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
-from shared.job_queue import arq_job, submit
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
@@ -37,7 +34,7 @@ async def enqueue(
         await _take_session(state.log, state.sessions, session, job_id, shown=chat.session)
         chat = replace(chat, session=session)
     try:
-        await _enqueue(state.arq, state.log, state.settings, chat, kind, job_id, identity)
+        await _enqueue(state.log, state.settings, chat, kind, job_id, identity)
     except BaseException:
         if chat.session:
             await state.sessions.unlock(chat.session, job_id)
@@ -74,7 +71,6 @@ async def _take_session(
 
 
 async def _enqueue(
-    arq: ArqRedis,
     log: EventLog,
     settings: Settings,
     chat: ChatRequest,
@@ -82,30 +78,19 @@ async def _enqueue(
     job_id: str,
     identity: str,
 ) -> None:
-    now_ms = int(time.time() * 1000)
-    async with arq.pipeline(transaction=False) as pipe:
-        # Entries older than the queue timeout belong to jobs that can no longer start.
-        pipe.zremrangebyscore(keys.PENDING, "-inf", now_ms - int(settings.queue_timeout_s * 1000))
-        pipe.zcard(keys.PENDING)
-        _, waiting = await pipe.execute()
-    if waiting >= settings.max_queued_jobs:
-        raise QueueFull(
-            f"the queue is full ({waiting} jobs waiting, MAX_QUEUED_JOBS is"
-            f" {settings.max_queued_jobs}); retry shortly"
-        )
     request = orjson.dumps({**asdict(chat), "kind": kind})
     ttl_s = int(settings.queue_timeout_s + settings.job_timeout_s) + settings.stream_retention_s
-    # One round trip: the stream with its `queued` event first, then the arq job.
-    async with arq.pipeline(transaction=False) as pipe:
-        await log.create(
-            job_id,
-            kind,
-            identity,
-            request,
-            position=waiting + 1,
-            ttl_s=ttl_s,
-            watched_s=settings.disconnect_grace_s if kind == "get" else None,
-            pipe=pipe,
+    position = await log.create(
+        job_id,
+        kind,
+        identity,
+        request,
+        ttl_s=ttl_s,
+        watched_s=settings.disconnect_grace_s if kind == "get" else None,
+        max_queued=settings.max_queued_jobs,
+    )
+    if position < 0:
+        raise QueueFull(
+            f"the queue is full ({-position} jobs waiting, MAX_QUEUED_JOBS is"
+            f" {settings.max_queued_jobs}); retry shortly"
         )
-        submit(pipe, arq_job(job_id, arq_id=job_id), settings.queue_timeout_s)
-        await pipe.execute()

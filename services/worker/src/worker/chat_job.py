@@ -1,4 +1,4 @@
-"""The arq job that answers one chat: claim it, stream the LLM, publish, end it exactly once.
+"""The job that answers one chat, once claimed: stream the LLM, publish, end it exactly once.
 
 Whatever happens, the ``finally`` block publishes the one final event, with two deliberate
 exceptions: an attempt that lost ownership (the job was cancelled or ended from outside,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from typing import Any
 
 import orjson
@@ -34,11 +33,10 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     settings: Settings = ctx["settings"]
     log: EventLog = ctx["event_log"]
     heartbeat: Heartbeat = ctx["heartbeat"]
-    owner = f"{ctx['worker_name']}:{ctx.get('job_try', 1)}:{secrets.token_hex(4)}"
-
-    claim, raw_request = await log.claim(
-        job_id, ctx.get("job_id", job_id), owner, int(settings.alive_ttl_s * 1000)
-    )
+    owner: str = ctx["owner"]
+    claim: str
+    raw_request: bytes | None
+    claim, raw_request = ctx["claim"]  # claimed when the worker took it (pickup.py)
     metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
         logger.info("job %s not run: %s", job_id, claim)

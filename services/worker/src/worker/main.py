@@ -15,11 +15,12 @@ import socket
 import sys
 from typing import Any
 
+import uvloop
 from arq.worker import func
 
 from shared import keys
 from shared.event_log import EventLog
-from shared.logs import configure_logging, job_id_var
+from shared.logs import configure_logging
 from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
@@ -66,11 +67,6 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     )
 
 
-async def on_job_start(ctx: dict[str, Any]) -> None:
-    # Set in the task that runs the job, so every line about it (arq's too) names it.
-    job_id_var.set(str(ctx["job_id"]).split(".", 1)[0])
-
-
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     task: asyncio.Task[None] | None = ctx.get("heartbeat_task")
     if task is not None:
@@ -93,7 +89,6 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
         ),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        on_job_start=on_job_start,
         ctx={
             "settings": settings,
             "worker_name": worker_name,
@@ -107,8 +102,6 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
         poll_delay=0.5,
         queue_read_limit=max(1000, settings.worker_max_jobs * 5),
         job_timeout=settings.job_timeout_s,
-        # Results are not read (the stream is the result); keep them only briefly.
-        keep_result=60,
         # SIGTERM: stop taking jobs and let running ones finish for this long.
         job_completion_wait=int(settings.shutdown_grace_s),
         # Each worker its own health-check key: arq's default is shared by the whole queue.
@@ -124,7 +117,8 @@ def main() -> None:
         tools = ToolRegistry.from_setting(settings.tools)
     except ValueError as exc:
         sys.exit(f"Streamgate cannot start: invalid setting(s)\n  TOOLS: {exc}")
-    asyncio.set_event_loop(asyncio.new_event_loop())
+    # uvloop: a third less CPU per socket event than asyncio's own loop, on every token.
+    asyncio.set_event_loop(uvloop.new_event_loop())
     create_worker(settings, tools, load_roles(settings.roles_file or None)).run()
 
 
