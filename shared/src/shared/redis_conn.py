@@ -5,7 +5,7 @@
 for the current primary of ``<service>`` and follows it through failovers. The password is
 Redis's; sentinels that want one of their own get ``?sentinel_password=...``. Every client of
 Streamgate (arq's pool, the relay, the pickup wake-up) comes from here, so none is left
-pointing at a dead primary.
+pointing at a dead primary. And every one packs its commands with hiredis (``HiredisPacking``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.sentinel import Sentinel
 
 from . import keys
@@ -68,6 +70,7 @@ def connect_arq(url: str, **options: Any) -> ArqRedis:
     than fail."""
     if sentinel_target(url) is None:
         pool = BlockingConnectionPool.from_url(url, timeout=10, **options)
+        _hiredis_packing(pool)
         client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
     else:
         # Sentinel's pool cannot make a request wait for a connection: past a cap it
@@ -78,7 +81,35 @@ def connect_arq(url: str, **options: Any) -> ArqRedis:
     return client
 
 
+class HiredisPacking:
+    """Commands packed by hiredis's C packer rather than redis-py's own pure-Python one,
+    which its asyncio connections use even with hiredis installed: 3 µs instead of 20 for
+    an event append, on every token."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py does: a command name may carry its subcommand ("CONFIG GET").
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+def _hiredis_packing(pool: ConnectionPool) -> None:
+    """Make ``pool``'s connections (plain, TLS, Unix socket or Sentinel-managed) pack with
+    hiredis."""
+    base: type[AbstractConnection] = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+
+
 def _connect(url: str, redis_class: type[R], options: dict[str, Any]) -> R:
+    client = _client(url, redis_class, options)
+    _hiredis_packing(client.connection_pool)
+    return client
+
+
+def _client(url: str, redis_class: type[R], options: dict[str, Any]) -> R:
     target = sentinel_target(url)
     if target is None:
         direct: R = redis_class.from_url(url, **options)
