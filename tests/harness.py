@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -236,3 +237,10 @@ class Stack:
     def llm_stats(self) -> dict[str, int]:
         stats: dict[str, int] = httpx.get(self.llm.url + "/demo/stats", timeout=5).json()
         return stats
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

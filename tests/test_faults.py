@@ -19,7 +19,7 @@ from shared import events as ev
 from shared import keys
 
 from . import sse
-from .harness import RedisServer, Stack, private_db
+from .harness import RedisServer, Stack, private_db, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +51,6 @@ class Background:
             raise self.error
         assert self.result is not None
         return self.result
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def post(client: httpx.Client, stack: Stack, prompt: str) -> str:

@@ -1,18 +1,25 @@
-"""The worker's own start of jobs (pickup.py): a job's end never stops the worker."""
+"""The worker's own start of jobs (pickup.py): a job's end never stops the worker, and a
+request sent before its claim is closed when the claim says no."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import orjson
 import pytest
+import redis
 from arq.worker import func
 
+from shared import keys
 from shared.redis_conn import connect_arq
 from worker.pickup import JOB_FUNCTION, PushWorker
 
-from .harness import private_db, release_db
+from . import sse
+from .harness import Stack, private_db, release_db, wait_until
 
 
 @pytest.fixture
@@ -67,9 +74,17 @@ def test_a_job_stopped_while_ending_or_past_its_timeout_leaves_the_worker_runnin
     asyncio.run(main())
 
 
-def test_stopping_the_worker_still_cancels_a_running_job(db_url: str) -> None:
+def test_stopping_the_worker_stops_a_running_job_which_then_ends_cleanly(db_url: str) -> None:
+    """arq's shutdown cancels the run; the job sees the cancellation (to hand itself back),
+    and the run returns, so arq's ``close`` does not fail on it."""
+    seen: list[str] = []
+
     async def waits(ctx: dict[str, Any], job_id: str) -> None:
-        await asyncio.sleep(5)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
 
     async def main() -> None:
         worker = _worker(db_url, waits)
@@ -77,9 +92,35 @@ def test_stopping_the_worker_still_cancels_a_running_job(db_url: str) -> None:
             run = asyncio.create_task(worker._run("0" * 32, {"job_id": "0" * 32}))
             await asyncio.sleep(0.05)
             run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+            await run
+            assert seen == ["cancelled"]
+            assert not worker.job_tasks
         finally:
             await _close(worker)
 
     asyncio.run(main())
+
+
+def test_a_request_sent_before_a_refused_claim_is_closed_and_writes_nothing(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """A wake-up for a job that has already ended: the worker may call the LLM before its
+    claim returns, but it must then close that request and publish nothing."""
+    done = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 3]"})
+    job_id = done.events[0]["job_id"]
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        before = r.xlen(keys.events_key(job_id))
+        request = orjson.dumps({"prompt": "[long 500] [delay 0.02]", "kind": "post"})
+        wake_up = f"{job_id}.feedbeef {int(time.time() * 1000)} ".encode() + request
+        r.lpush(keys.WAKE, wake_up)
+        wait_until(lambda: r.llen(keys.WAKE) == 0, 5, "the worker to pop the wake-up")
+        wait_until(lambda: stack.llm_stats()["open_streams"] == 0, 5, "no open LLM stream")
+        time.sleep(0.3)  # anything published late would show now
+        assert r.xlen(keys.events_key(job_id)) == before
+        assert stack.llm_stats()["open_streams"] == 0
+    finally:
+        r.close()
+    # The worker is fine and takes new work.
+    again = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 5]"})
+    assert again.events[-1] == {"lifecycle": "done"}

@@ -105,6 +105,7 @@ class EventLog:
             job.arq_id,
             job.payload,
             keys.WAKE_CAP - 1,
+            keys.WAKE_REQUEST_MAX,
         ]
         return int(await self._create(keys=script_keys, args=args))
 

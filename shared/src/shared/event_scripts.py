@@ -108,11 +108,11 @@ end
 # step as the rest of the script: no crash in between can leave a job unqueued.
 # KEYS 5-8: arq's job key, arq's queue, the waiting set, the wake list.
 _QUEUE_AGAIN = """
-local function queue_again(queue_timeout_ms, arq_id, payload, now_ms, wake_last)
+local function queue_again(queue_timeout_ms, arq_id, payload, now_ms, wake_last, wake_entry)
   redis.call('PSETEX', KEYS[5], queue_timeout_ms, payload)
   redis.call('ZADD', KEYS[6], now_ms, arq_id)
   redis.call('ZADD', KEYS[7], now_ms, arq_id)
-  redis.call('LPUSH', KEYS[8], arq_id)
+  redis.call('LPUSH', KEYS[8], wake_entry or arq_id)
   redis.call('LTRIM', KEYS[8], 0, wake_last)
 end
 """
@@ -141,8 +141,11 @@ return count
 # woken. KEYS 5-8 as for RELEASE, then watched. ARGV: kind, request, the queued event
 # before and after its position, queue timeout ms, ttl s, disconnect grace ms (0: none),
 # the creating key's digest, max queued jobs, now ms, arq id, arq job payload, the wake
-# list's last index. Returns the job's place in the queue, or minus the jobs waiting when
-# the queue is full (and writes nothing). The shebang makes Redis refuse the whole script
+# list's last index, the largest request the wake-up carries. The wake-up is the arq id,
+# then, for a request up to that size, the time and the request, so that the worker that
+# pops it can call the LLM while its claim is on its way (worker/pickup.py). Returns the
+# job's place in the queue, or minus the jobs waiting when the queue is full (and writes
+# nothing). The shebang makes Redis refuse the whole script
 # when it is out of memory; without it, the pruning (a write that frees memory) would let
 # the rest of the script through.
 CREATE = (
@@ -158,7 +161,11 @@ redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
 if ARGV[7] ~= '0' then redis.call('SET', KEYS[9], '1', 'PX', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-queue_again(ARGV[5], ARGV[11], ARGV[12], ARGV[10], ARGV[13])
+local wake_entry = ARGV[11]
+if #ARGV[2] <= tonumber(ARGV[14]) then
+  wake_entry = ARGV[11] .. ' ' .. ARGV[10] .. ' ' .. ARGV[2]
+end
+queue_again(ARGV[5], ARGV[11], ARGV[12], ARGV[10], ARGV[13], wake_entry)
 return waiting + 1
 """
 )

@@ -18,7 +18,7 @@ from typing import Any
 
 from shared import events as ev
 
-from .llm import TextDelta, ToolCallDelta, Upstream, UpstreamError
+from .llm import Opening, TextDelta, ToolCallDelta, Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Publisher
 from .tools import ToolRegistry
@@ -66,14 +66,17 @@ async def run_agent(
     max_rounds: int,
     tool_timeout_s: float,
     metrics: WorkerMetrics,
+    opened: Opening | None = None,
 ) -> str:
-    """Run the conversation to the model's final answer; returns that answer's text."""
+    """Run the conversation to the model's final answer; returns that answer's text.
+    ``opened``: the first request, already sent for these messages."""
     schemas = tools.schemas() or None
     for round_number in range(max_rounds + 1):
         text: list[str] = []
         assembler = ToolCallAssembler()
         sent_at: float | None = time.monotonic()
-        async for delta in upstream.stream(messages, schemas):
+        opened, first = None, opened
+        async for delta in upstream.stream(messages, schemas, first):
             if sent_at is not None:
                 metrics.upstream_first_token.observe(time.monotonic() - sent_at)
                 sent_at = None

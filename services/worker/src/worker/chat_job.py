@@ -10,6 +10,7 @@ client one normal answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -22,7 +23,7 @@ from shared.settings import Settings
 
 from .agent import run_agent
 from .heartbeat import Heartbeat
-from .llm import UpstreamError
+from .llm import Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Fenced, Publisher
 
@@ -33,12 +34,28 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     settings: Settings = ctx["settings"]
     log: EventLog = ctx["event_log"]
     heartbeat: Heartbeat = ctx["heartbeat"]
+    upstream: Upstream = ctx["upstream"]
     owner: str = ctx["owner"]
+    # With the request its wake-up carried, the LLM is called while the claim is on its way
+    # (pickup.py); a session's history must be read first, so such a job waits.
+    early = orjson.loads(ctx["early_request"]) if ctx.get("early_request") else None
+    opening = None
+    if early is not None and not early.get("session"):
+        messages = messages_for(ctx["roles"], early, [])
+        opening = upstream.open(messages, ctx["tools"].schemas() or None)
     claim: str
     raw_request: bytes | None
-    claim, raw_request = ctx["claim"]  # claimed when the worker took it (pickup.py)
+    try:
+        claim, raw_request = await asyncio.shield(ctx["claim"])
+    except BaseException:
+        if opening is not None:
+            await upstream.abandon(opening)
+        await _hand_back_if_claimed(ctx["claim"], log, job_id, owner)
+        raise
     metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
+        if opening is not None:
+            await upstream.abandon(opening)
         logger.info("job %s not run: %s", job_id, claim)
         if claim in ("lost", "expired", "unwatched"):  # this attempt wrote the final event
             ended_as = {"lost": "worker_lost", "expired": "expired", "unwatched": "cancelled"}
@@ -48,19 +65,25 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     request = orjson.loads(raw_request or b"{}")
     if request.get("session"):
         await ctx["sessions"].refresh(request["session"], job_id)
+    if opening is None:
+        history = (
+            await ctx["sessions"].history(request["session"]) if request.get("session") else []
+        )
+        messages = messages_for(ctx["roles"], request, history)
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
             answer = await run_agent(
-                ctx["upstream"],
+                upstream,
                 ctx["tools"],
                 publisher,
-                await messages_for(ctx, request),
+                messages,
                 settings.max_tool_rounds,
                 settings.tool_timeout_s,
                 metrics,
+                opened=opening,
             )
             if settings.log_prompts:
                 logger.info("job %s prompt %r answer %r", job_id, request["prompt"], answer)
@@ -92,6 +115,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
+            if opening is not None:
+                await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
             if final is not None and await _publish_final(publisher, final):
                 metrics.jobs.labels(_outcome(final)).inc()
@@ -103,6 +128,16 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     outcome = _outcome(final) if final is not None else running.stop_reason or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
+
+
+async def _hand_back_if_claimed(
+    claim: asyncio.Future[tuple[str, bytes | None]], log: EventLog, job_id: str, owner: str
+) -> None:
+    """Stopped while the claim was on its way: if it made this attempt the owner, hand the
+    job back now rather than leave it to the watchdog once the heartbeat lapses."""
+    with contextlib.suppress(Exception):
+        if (await claim)[0] == "run" and await log.release(job_id, owner) > 0:
+            logger.info("job %s handed back to the queue before any output", job_id)
 
 
 async def _publish_final(publisher: Publisher, final: ev.Event) -> bool:
@@ -123,9 +158,10 @@ def _outcome(final: ev.Event) -> str:
     )
 
 
-async def messages_for(ctx: dict[str, Any], request: dict[str, Any]) -> list[dict[str, Any]]:
+def messages_for(
+    roles: Roles, request: dict[str, Any], history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """The role's system prompt, the session's earlier turns, then the prompt."""
-    roles: Roles = ctx["roles"]
     role = roles.get(request.get("role"))
     if role is None:
         logger.warning(
@@ -135,7 +171,6 @@ async def messages_for(ctx: dict[str, Any], request: dict[str, Any]) -> list[dic
         )
         role = roles.get(None)
     assert role is not None  # the default role always exists; the gateway checked the name
-    history = await ctx["sessions"].history(request["session"]) if request.get("session") else []
     return [
         {"role": "system", "content": role.system_prompt},
         *history,

@@ -9,6 +9,8 @@ the next bytes, the first included.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -50,6 +52,7 @@ class Finish:
 
 
 Delta = TextDelta | ToolCallDelta | Finish
+Opening = asyncio.Future[openai.AsyncAPIResponse[object]]  # a request sent, not yet read
 
 
 class Upstream:
@@ -80,28 +83,51 @@ class Upstream:
     async def close(self) -> None:
         await self.client.close()
 
-    async def stream(
+    def open(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> AsyncIterator[Delta]:
-        """Stream one chat completion as deltas; raises UpstreamError on any failure."""
+    ) -> Opening:
+        """Send the request now, in the background; ``stream(opened=...)`` reads it, or
+        ``abandon`` closes it. Errors surface in ``stream``."""
+        return asyncio.ensure_future(self._post(messages, tools))
+
+    async def abandon(self, opening: Opening) -> None:
+        """Close a request ``open`` sent and nobody will read."""
+        opening.cancel()
+        with contextlib.suppress(BaseException):
+            response = await opening
+            await response.close()
+
+    async def _post(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> openai.AsyncAPIResponse[object]:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
         if tools:
             body["tools"] = tools
+        # The client's generic POST (the SDK's documented way to any endpoint), asking for
+        # the raw streamed response: the typed ``create`` re-validates the messages and
+        # tools of every request, a millisecond of CPU spent on data built here.
+        return cast(
+            "openai.AsyncAPIResponse[object]",
+            await self.client.post(
+                "/chat/completions",
+                cast_to=object,
+                body=body,
+                options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            ),
+        )
+
+    async def stream(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        opened: Opening | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Stream one chat completion as deltas (of the request ``opened`` sent for these
+        messages, if given); raises UpstreamError on any failure."""
         try:
-            # The client's generic POST (the SDK's documented way to any endpoint), asking
-            # for the raw streamed response: the typed ``create`` re-validates the messages
-            # and tools of every request, a millisecond of CPU spent on data built here.
-            response = cast(
-                "openai.AsyncAPIResponse[object]",
-                await self.client.post(
-                    "/chat/completions",
-                    cast_to=object,
-                    body=body,
-                    options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
-                    stream=True,
-                    stream_cls=openai.AsyncStream[object],
-                ),
-            )
+            response = await (opened if opened is not None else self._post(messages, tools))
             try:
                 async for line in sse_lines(response.iter_bytes()):
                     if not line.startswith(b"data:"):

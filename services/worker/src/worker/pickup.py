@@ -6,14 +6,19 @@ costs two more round trips (arq's in-progress mark, then its job record and retr
 before our own claim. Here:
 
 - An idle worker blocks on the ``WAKE`` list, to which each new job's arq id is pushed when
-  it is enqueued (oldest first, several at once when it has room for them). arq's full
-  poll still runs every ``poll_delay`` as a fallback (a lost wake-up, a hand-back).
+  it is enqueued (oldest first, several at once when it has room for them). A poll of
+  arq's queue still runs every ``poll_delay`` as a fallback, for jobs that have waited
+  ``POLL_AFTER_S`` (a wake-up lost or trimmed): younger ones belong to the wake-ups.
 - The event log's claim takes the job off arq's queue in the same script that makes this
-  worker its owner and writes ``started``: one round trip from wake-up to the LLM request.
-  A job running is then in the gateways' watchdog's hands (its heartbeat), not arq's, so
-  arq's in-progress key, retry count and result are not kept: a job handed back is queued
-  again under a fresh arq id, and one whose worker died is re-queued or ended by the
-  watchdog, never run twice by arq.
+  worker its owner and writes ``started``. A job running is then in the gateways'
+  watchdog's hands (its heartbeat), not arq's, so arq's in-progress key, retry count and
+  result are not kept: a job handed back is queued again under a fresh arq id, and one
+  whose worker died is re-queued or ended by the watchdog, never run twice by arq.
+- A new job's wake-up carries its request (when small): the job sends it to the LLM at
+  once, while its claim is on its way, and closes it again in the rare case the claim
+  says no (the job was cancelled meanwhile). The claim's round trip is thus off the path to
+  the first token; only one worker pops each wake-up, and the poll leaves young jobs
+  alone, so two workers never race for one.
 - The loop rides out Redis outages instead of exiting, so a worker needs no restart when
   Redis comes back.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -33,7 +39,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.event_log import EventLog
+from shared.event_log import ClaimResult, EventLog
 from shared.logs import job_id_var
 from shared.redis_conn import connect
 from shared.settings import Settings
@@ -41,11 +47,16 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "chat"  # the one kind of job: ``chat(ctx, job_id)``
+POLL_AFTER_S = 2.0  # the fallback poll takes jobs that have waited this long
+EARLY_WITHIN_S = 1.0  # a request is sent before its claim only this soon after its enqueue
+
+Claim = tuple[ClaimResult, bytes | None]
 
 
 class PushWorker(Worker):
     def __init__(self, *args: Any, wake_redis_url: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._stopping = False
         self.wake_redis = connect(
             wake_redis_url, socket_connect_timeout=2, socket_timeout=self.poll_delay_s + 5
         )
@@ -56,14 +67,16 @@ class PushWorker(Worker):
             await self.on_startup(self.ctx)
         next_full_poll = 0.0
         delay = 0.1
-        while True:
+        while not self._stopping:
             try:
                 if time.monotonic() >= next_full_poll:
-                    await self._poll_iteration()
+                    await self._poll()
                     next_full_poll = time.monotonic() + self.poll_delay_s
                 woken = await self._idle_until_woken(next_full_poll - time.monotonic())
                 if woken:
-                    await self.start_jobs(woken)
+                    left = await self._start_jobs(woken)
+                    if left:  # no room (or stopping): the next worker to wait takes them
+                        await self.wake_redis.rpush(keys.WAKE, *left)  # type: ignore[misc]
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 logger.warning("worker lost Redis (%s); retrying in %.1f s", exc, delay)
@@ -91,30 +104,64 @@ class PushWorker(Worker):
         )
         return list(popped[1]) if popped else []
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Claim as many of ``job_ids`` as there is room for, in one round trip, and run them.
+    async def _poll(self) -> None:
+        """arq's poll, as the fallback: jobs that have waited ``POLL_AFTER_S``."""
+        if self._free_slots() > 0:
+            waited = int((time.time() - POLL_AFTER_S) * 1000)
+            found = await self.pool.zrangebyscore(
+                self.queue_name, "-inf", waited, start=0, num=self.queue_read_limit
+            )
+            await self._start_jobs(found)
+        for arq_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[arq_id]
+        await self.heart_beat()  # arq's health check
+
+    async def _start_jobs(self, wake_ups: list[bytes]) -> list[bytes]:
+        """Claim as many of these jobs (wake-ups or arq ids) as there is room for, in one
+        round trip, and start them without waiting for it: each awaits its own claim.
+        Returns the wake-ups it had no room for.
 
         Replaces arq's loop, which spends a WATCH/MULTI transaction (four round trips) on
         every id, and then two more in ``run_job`` before the job's code even starts.
         """
-        arq_ids = [i for i in dict.fromkeys(j.decode() for j in job_ids) if i not in self.tasks]
-        arq_ids = arq_ids[: self._free_slots()]
-        if not arq_ids:
-            return
-        settings: Settings = self.ctx["settings"]
-        log: EventLog = self.ctx["event_log"]
+        room = 0 if self._stopping else self._free_slots()
+        jobs: dict[str, bytes | None] = {}
+        left: list[bytes] = []
+        for wake_up in wake_ups:
+            arq_id, early = _parse_wake_up(wake_up)
+            if arq_id in self.tasks or arq_id in jobs:
+                continue
+            if len(jobs) < room:
+                jobs[arq_id] = early
+            else:
+                left.append(wake_up)
         attempts = [
             (arq_id.split(".", 1)[0], arq_id, f"{self.ctx['worker_name']}:{secrets.token_hex(4)}")
-            for arq_id in arq_ids
+            for arq_id in jobs
         ]
-        claims = await log.claim_many(attempts, int(settings.alive_ttl_s * 1000))
+        if not attempts:
+            return left
+        settings: Settings = self.ctx["settings"]
+        log: EventLog = self.ctx["event_log"]
+        claims = _each(
+            asyncio.ensure_future(log.claim_many(attempts, int(settings.alive_ttl_s * 1000))),
+            len(attempts),
+        )
         for (job_id, arq_id, owner), claim in zip(attempts, claims, strict=True):
             await self.sem.acquire()
             self.job_counter += 1
-            ctx = {**self.ctx, "job_id": arq_id, "owner": owner, "claim": claim}
+            ctx = {
+                **self.ctx,
+                "job_id": arq_id,
+                "owner": owner,
+                "claim": claim,
+                "early_request": jobs[arq_id],
+            }
             task = self.loop.create_task(self._run(job_id, ctx))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[arq_id] = task
+        return left
 
     async def _run(self, job_id: str, ctx: dict[str, Any]) -> None:
         """Run one claimed job under the job timeout: arq's ``run_job``, minus its round
@@ -137,15 +184,49 @@ class PushWorker(Worker):
             logger.exception("job %s failed", job_id)
             self.jobs_failed += 1
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the worker is stopping
-            # Only the job was stopped (its heartbeat saw it cancelled, or nobody reading),
-            # while it was cleaning up: it has ended. arq's poll must not see an error here.
+            # The worker is stopping, or the job's heartbeat stopped it (cancelled, nobody
+            # reading): the job has handed itself back or ended. Returning, as arq's own
+            # run_job does, keeps arq's poll and its shutdown from seeing an error.
             self.jobs_failed += 1
         finally:
             del self.job_tasks[arq_id]
 
+    def handle_sig(self, signum: signal.Signals) -> None:
+        # The main loop must end even though its cancellation may not: redis-py can swallow
+        # the cancellation of a blocking read and return what it popped (seen with BLMPOP).
+        self._stopping = True
+        super().handle_sig(signum)
+
     async def close(self) -> None:
         await super().close()
         await self.wake_redis.aclose()
+
+
+def _parse_wake_up(wake_up: bytes) -> tuple[str, bytes | None]:
+    """A wake-up (or a bare arq id from the poll): the arq id, and the request if it
+    carries one recent enough to send before the claim."""
+    arq_id, _, rest = wake_up.partition(b" ")
+    enqueued_ms, _, request = rest.partition(b" ")
+    if not request or time.time() * 1000 - int(enqueued_ms) > EARLY_WITHIN_S * 1000:
+        return arq_id.decode(), None
+    return arq_id.decode(), request
+
+
+def _each(claims: asyncio.Future[list[Claim]], count: int) -> list[asyncio.Future[Claim]]:
+    """One future per job of a ``claim_many``: each job awaits its own."""
+    loop = asyncio.get_running_loop()
+    each: list[asyncio.Future[Claim]] = [loop.create_future() for _ in range(count)]
+
+    def settle(done: asyncio.Future[list[Claim]]) -> None:
+        for index, future in enumerate(each):
+            if future.done():
+                continue
+            if done.cancelled():
+                future.cancel()
+            elif (error := done.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(done.result()[index])
+
+    claims.add_done_callback(settle)
+    return each
