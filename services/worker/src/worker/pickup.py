@@ -148,6 +148,10 @@ class PushWorker(Worker):
             asyncio.ensure_future(log.claim_many(attempts, int(settings.alive_ttl_s * 1000))),
             len(attempts),
         )
+        # Let the claim reach the socket before the jobs start: their first step builds the
+        # LLM request (~2 ms of CPU in the SDK), which would otherwise go first (measured:
+        # enqueue -> started 2.1 ms without this, 0.7 ms with it).
+        await asyncio.sleep(0)
         for (job_id, arq_id, owner), claim in zip(attempts, claims, strict=True):
             await self.sem.acquire()
             self.job_counter += 1
