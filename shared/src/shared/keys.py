@@ -10,7 +10,8 @@ QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
 PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time (ms)
 WAKE = "sg:wake"  # per job enqueued: its arq id, or "<arq id> <enqueued ms> <request JSON>"
 # for a new job whose request is small; idle workers block on it (capped list)
-WAKE_CAP = 64  # more pushes than idle workers wake nobody more
+WAKE_CAP = 1024  # as many as MAX_QUEUED_JOBS (1000) by default: a trimmed wake-up waits for
+# the fallback poll (POLL_AFTER_S); at most 16 MB of requests
 WAKE_REQUEST_MAX = 16_384  # bytes of request a wake-up carries, at most
 RUNNING = "sg:running"  # running job ids scored by when their heartbeat lapses (ms): lets
 # any gateway's watchdog find a dead worker's job that nobody is reading

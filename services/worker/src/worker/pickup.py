@@ -47,7 +47,7 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "chat"  # the one kind of job: ``chat(ctx, job_id)``
-POLL_AFTER_S = 2.0  # the fallback poll takes jobs that have waited this long
+POLL_AFTER_S = 1.0  # the fallback poll takes jobs that have waited this long
 EARLY_WITHIN_S = 1.0  # a request is sent before its claim only this soon after its enqueue
 
 Claim = tuple[ClaimResult, bytes | None]
