@@ -174,6 +174,7 @@
     els.empty.hidden = true;
     const t = {
       prompt,
+      key: apiKey, // the key this turn was sent with
       userEl: null,
       el: el("article", "msg assistant"),
       body: el("div", "answer"),
@@ -380,6 +381,10 @@
       if (t.userEl) t.userEl.remove();
       if (!els.log.querySelector(".msg")) els.empty.hidden = false;
       els.prompt.value = t.prompt || "";
+      if (t.key !== apiKey) {
+        send(els.prompt.value); // refused an older key: the one saved since may do
+        return;
+      }
       setStatus("An API key is needed.");
       askForKey(refusedKey(), () => send(els.prompt.value));
       return;
@@ -486,10 +491,13 @@
   function askForKey(reason, then) {
     els.keyReason.textContent =
       reason || "This server asks for an API key. It is kept in this browser only.";
-    afterKeySaved = then || null;
-    els.keyPanel.hidden = false;
-    els.keyInput.value = "";
-    els.keyInput.focus();
+    if (then || els.keyPanel.hidden) afterKeySaved = then || null;
+    if (els.keyPanel.hidden) {
+      // Opened once: a second refusal must not wipe what the user is typing.
+      els.keyPanel.hidden = false;
+      els.keyInput.value = "";
+      els.keyInput.focus();
+    }
   }
 
   function saveKey(event) {
@@ -511,9 +519,12 @@
 
   async function loadRoles() {
     let roles;
+    const key = apiKey;
     try {
       const response = await fetch("/roles", { headers: authHeaders() });
-      if (response.status === 401 && els.keyPanel.hidden) askForKey(refusedKey(), null);
+      if (response.status === 401 && els.keyPanel.hidden && key === apiKey) {
+        askForKey(refusedKey(), null);
+      }
       if (!response.ok) throw new Error(String(response.status));
       roles = await response.json();
     } catch {
