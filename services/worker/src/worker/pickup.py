@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import signal
 import time
 from typing import Any
 
@@ -56,7 +55,6 @@ Claim = tuple[ClaimResult, bytes | None]
 class PushWorker(Worker):
     def __init__(self, *args: Any, wake_redis_url: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._stopping = False
         self.wake_redis = connect(
             wake_redis_url, socket_connect_timeout=2, socket_timeout=self.poll_delay_s + 5
         )
@@ -82,6 +80,14 @@ class PushWorker(Worker):
                 logger.warning("worker lost Redis (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    @property
+    def _stopping(self) -> bool:
+        """arq stops the main loop by cancelling it (at once, or after the shutdown grace).
+        redis-py can swallow that cancellation during a blocking read and return what it
+        popped (seen with BLMPOP), but the request stays counted on the task."""
+        task = self.main_task
+        return task is not None and task.cancelling() > 0
 
     def _free_slots(self) -> int:
         return self.max_jobs - self.job_counter if self.allow_pick_jobs else 0
@@ -194,12 +200,6 @@ class PushWorker(Worker):
             self.jobs_failed += 1
         finally:
             del self.job_tasks[arq_id]
-
-    def handle_sig(self, signum: signal.Signals) -> None:
-        # The main loop must end even though its cancellation may not: redis-py can swallow
-        # the cancellation of a blocking read and return what it popped (seen with BLMPOP).
-        self._stopping = True
-        super().handle_sig(signum)
 
     async def close(self) -> None:
         await super().close()
