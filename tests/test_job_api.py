@@ -54,6 +54,10 @@ def test_events_url_works_before_a_worker_starts_the_job(
     job_id = post(client, stack, "hello")
     stream = events(client, stack, job_id, stop_after=1)
     assert stream.events == [{"lifecycle": "queued", "job_id": job_id, "position": 1}]
+    # The place in the queue is written by the enqueue script: the next job is second.
+    second = post(client, stack, "hello again")
+    stream = events(client, stack, second, stop_after=1)
+    assert stream.events == [{"lifecycle": "queued", "job_id": second, "position": 2}]
 
 
 @pytest.mark.parametrize(

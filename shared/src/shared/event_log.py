@@ -39,6 +39,7 @@ FINAL = b"f"
 MAX_REQUEUES = 3
 
 ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost", "unwatched"]
+Claim = tuple[ClaimResult, bytes | None]  # and the job's request, for "run"
 
 
 def _job_keys(job_id: str) -> list[str]:
@@ -109,9 +110,7 @@ class EventLog:
         ]
         return int(await self._create(keys=script_keys, args=args))
 
-    async def claim(
-        self, job_id: str, queued_as: str, owner: str, alive_ms: int
-    ) -> tuple[ClaimResult, bytes | None]:
+    async def claim(self, job_id: str, queued_as: str, owner: str, alive_ms: int) -> Claim:
         """Make ``owner`` the job's running attempt, returning "run" and the job's request;
         anything but "run" means do not run it. ``queued_as`` is the arq id the job came
         under: it leaves arq's queue and the waiting set now, whatever the outcome."""
@@ -120,7 +119,7 @@ class EventLog:
 
     async def claim_many(
         self, attempts: Sequence[tuple[str, str, str]], alive_ms: int
-    ) -> list[tuple[ClaimResult, bytes | None]]:
+    ) -> list[Claim]:
         """``claim`` for several ``(job_id, queued_as, owner)`` at once, in one round trip."""
         lapse_ms = int(time.time() * 1000) + alive_ms
         calls: list[tuple[list[str], list[bytes | str | int]]] = []

@@ -75,8 +75,8 @@ async def run_agent(
         text: list[str] = []
         assembler = ToolCallAssembler()
         sent_at: float | None = time.monotonic()
-        opened, first = None, opened
-        async for delta in upstream.stream(messages, schemas, first):
+        sent, opened = opened, None  # only the first round's request was sent ahead
+        async for delta in upstream.stream(messages, schemas, sent):
             if sent_at is not None:
                 metrics.upstream_first_token.observe(time.monotonic() - sent_at)
                 sent_at = None

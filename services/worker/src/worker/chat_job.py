@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from shared import events as ev
-from shared.event_log import EventLog
+from shared.event_log import Claim, EventLog
 from shared.roles import Roles
 from shared.settings import Settings
 
@@ -43,14 +43,13 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     if early is not None and not early.get("session"):
         messages = messages_for(ctx["roles"], early, [])
         opening = upstream.open(messages, ctx["tools"].schemas() or None)
-    claim: str
-    raw_request: bytes | None
+    claim_future: asyncio.Future[Claim] = ctx["claim"]
     try:
-        claim, raw_request = await asyncio.shield(ctx["claim"])
+        claim, raw_request = await asyncio.shield(claim_future)
     except BaseException:
         if opening is not None:
             await upstream.abandon(opening)
-        await _hand_back_if_claimed(ctx["claim"], log, job_id, owner)
+        await _hand_back_if_claimed(claim_future, log, job_id, owner)
         raise
     metrics: WorkerMetrics = ctx["metrics"]
     if claim != "run":
@@ -131,7 +130,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
 
 
 async def _hand_back_if_claimed(
-    claim: asyncio.Future[tuple[str, bytes | None]], log: EventLog, job_id: str, owner: str
+    claim: asyncio.Future[Claim], log: EventLog, job_id: str, owner: str
 ) -> None:
     """Stopped while the claim was on its way: if it made this attempt the owner, hand the
     job back now rather than leave it to the watchdog once the heartbeat lapses."""

@@ -38,7 +38,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.event_log import ClaimResult, EventLog
+from shared.event_log import Claim, EventLog
 from shared.logs import job_id_var
 from shared.redis_conn import connect
 from shared.settings import Settings
@@ -48,8 +48,6 @@ logger = logging.getLogger(__name__)
 JOB_FUNCTION = "chat"  # the one kind of job: ``chat(ctx, job_id)``
 POLL_AFTER_S = 1.0  # the fallback poll takes jobs that have waited this long
 EARLY_WITHIN_S = 1.0  # a request is sent before its claim only this soon after its enqueue
-
-Claim = tuple[ClaimResult, bytes | None]
 
 
 class PushWorker(Worker):
