@@ -1,0 +1,79 @@
+"""The worker's heartbeat: one script call per few hundred jobs renews the jobs this attempt
+still owns and stops the others, each job getting its own verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shared import keys
+from shared.redis_conn import connect
+from worker import heartbeat as hb
+
+from .harness import private_db, release_db
+
+
+@pytest.fixture
+def db_url(redis_url: str) -> Iterator[str]:
+    url = private_db(redis_url)
+    yield url
+    release_db(url)
+
+
+def test_each_job_gets_its_own_verdict_across_script_batches(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hb, "BEAT_BATCH", 2)  # 7 jobs: 4 script calls in one round trip
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000)
+        # job: (owner in Redis, GET job?, has a reader?) -> expected stop reason
+        cases = {
+            "ours": ("me", False, False, None),
+            "ours-get-read": ("me", True, True, None),
+            "ours-get-unread": ("me", True, False, "unwatched"),
+            "taken-over": ("other", False, False, "not-owner"),
+            "ended": ("-", True, True, "not-owner"),
+            "gone": (None, False, False, "not-owner"),
+            "ours-too": ("me", False, False, None),
+        }
+        for job_id, (owner, _, read, _) in cases.items():
+            if owner is not None:
+                await redis.hset(keys.meta_key(job_id), "owner", owner)  # type: ignore[misc]
+            if read:
+                await redis.set(keys.watched_key(job_id), b"1")
+        await redis.zadd(keys.RUNNING, {"finished-before": 1})
+        beat._finished.append("finished-before")
+
+        stops: dict[str, str | None] = {}
+        release = asyncio.Event()
+
+        async def job(job_id: str, watched: bool) -> None:
+            with beat.track(job_id, "me", watched) as running:
+                try:
+                    await release.wait()
+                finally:
+                    stops[job_id] = running.stop_reason
+
+        tasks = [asyncio.create_task(job(j, c[1])) for j, c in cases.items()]
+        await asyncio.sleep(0)
+        before = int(time.time() * 1000)
+        await beat.beat()
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        assert stops == {job_id: c[3] for job_id, c in cases.items()}
+        running = dict(await redis.zrange(keys.RUNNING, 0, -1, withscores=True))
+        renewed = {j for j, c in cases.items() if c[0] == "me"}
+        assert {k.decode() for k in running} == renewed  # finished-before left the index
+        assert all(score >= before + 5000 for score in running.values())
+        for job_id in cases:
+            ttl = await redis.pttl(keys.alive_key(job_id))
+            assert (0 < ttl <= 5000) if job_id in renewed else ttl == -2, job_id
+        await redis.aclose()
+
+    asyncio.run(scenario())
