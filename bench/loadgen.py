@@ -30,13 +30,14 @@ from urllib.parse import quote
 
 import orjson
 
-_TOKEN = re.compile(rb"t(\d+)")
+_TOKEN = re.compile(rb"t(\d+)(?:@(\d+))?")  # "@<µs>": when the demo LLM sent it ([stamp])
 CONNECT_TIMEOUT_S = 10.0
 
 
-def prompt_for(tokens: int, delay_s: float, tag: str) -> str:
-    """The demo LLM's directives for ``tokens`` numbered tokens, ``delay_s`` apart."""
-    return f"[long {tokens}] [delay {delay_s:f}] bench {tag}"
+def prompt_for(tokens: int, delay_s: float, tag: str, stamp: bool = False) -> str:
+    """The demo LLM's directives for ``tokens`` numbered tokens, ``delay_s`` apart (each
+    stamped with when the LLM sent it, if ``stamp``)."""
+    return f"[long {tokens}] [delay {delay_s:f}]{' [stamp]' if stamp else ''} bench {tag}"
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Spec:
     ready_on: str | None = None  # "started", "headers" or "token": print READY when all are
     timeout_s: float = 120.0
     record_lateness: bool = False
+    stamp: bool = False  # tokens carry the LLM's send time: the relay's delay per token
     progress_s: float = 2.0
 
 
@@ -79,6 +81,7 @@ class Tracker:
     started_at: float | None = None
     text: list[bytes] = field(default_factory=list)
     arrivals: dict[int, float] = field(default_factory=dict)
+    sent: dict[int, float] = field(default_factory=dict)  # by the demo LLM ([stamp])
     closed_by_bench: bool = False
 
     def on_event(self, block: bytes, now: float) -> None:
@@ -104,7 +107,10 @@ class Tracker:
             if self.first_token_at is None:
                 self.first_token_at = now
             for match in _TOKEN.finditer(raw):
-                self.arrivals.setdefault(int(match.group(1)), now)
+                i = int(match.group(1))
+                self.arrivals.setdefault(i, now)
+                if match.group(2):
+                    self.sent.setdefault(i, int(match.group(2)) / 1e6)
         elif event.get("lifecycle") == "done":
             self.final = "done"
             self.end_at = now
@@ -181,6 +187,12 @@ class Tracker:
             if record_lateness:
                 out["late"] = [round(x, 5) for x in late]
                 out["gaps"] = [round(x, 5) for x in gaps]
+        if self.sent:
+            # Both clocks are CLOCK_MONOTONIC of one machine: comparable across processes.
+            delays = [self.arrivals[i] - sent for i, sent in self.sent.items()]
+            out["delay_max"] = max(delays)
+            if record_lateness:
+                out["delays"] = [round(x, 5) for x in delays]
         return out
 
 
@@ -351,7 +363,7 @@ class Load:
         spec = self.spec
         loop = asyncio.get_running_loop()
         tag = f"{spec.label}-{n}-{r}"
-        path = f"{spec.path}?prompt={quote(prompt_for(spec.tokens, spec.delay_s, tag))}"
+        path = f"{spec.path}?prompt={quote(prompt_for(spec.tokens, spec.delay_s, tag, spec.stamp))}"
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {spec.host}\r\nAccept: text/event-stream\r\n"
             "Connection: close\r\n\r\n"

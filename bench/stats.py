@@ -31,6 +31,8 @@ class Summary:
     late: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     late_max: list[float] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)  # LLM sent -> client read, per token
+    delay_max: list[float] = field(default_factory=list)  # per stream
     first_start: float = math.inf
     last_end: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
@@ -65,8 +67,11 @@ class Summary:
                 self.to_started.append(r["to_started"])
             if "late_max" in r:
                 self.late_max.append(r["late_max"])
+            if "delay_max" in r:
+                self.delay_max.append(r["delay_max"])
             self.late += r.get("late", ())
             self.gaps += r.get("gaps", ())
+            self.delays += r.get("delays", ())
         return self
 
     def add_summary(self, other: Summary) -> Summary:
@@ -87,7 +92,7 @@ class Summary:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in (
             "ttft", "durations", "enqueue_to_start_ms", "to_queued", "to_started", "late", "gaps",
-            "late_max",
+            "late_max", "delays", "delay_max",
         ):  # fmt: skip
             getattr(self, name).extend(getattr(other, name))
         self.first_start = min(self.first_start, other.first_start)

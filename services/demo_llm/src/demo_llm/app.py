@@ -146,6 +146,11 @@ def _tool_call_deltas(script: Script) -> list[dict[str, Any]]:
     return deltas
 
 
+def _stamped(token: str) -> str:
+    word = token.rstrip()
+    return f"{word}@{time.monotonic_ns() // 1000}{token[len(word) :]}"
+
+
 async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIterator[bytes]:
     stats.open_streams += 1
     finished = False
@@ -156,7 +161,7 @@ async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIter
         for token in script.tokens:
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
-            yield _chunk(completion_id, {"content": token})
+            yield _chunk(completion_id, {"content": _stamped(token) if script.stamp else token})
         if script.tool_calls:
             for delta in _tool_call_deltas(script):
                 if script.delay_s:

@@ -14,6 +14,8 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
+| ``[stamp]``        | each token ends with ``@<µs>``: when it was sent (the monotonic  |
+|                    | clock), for benchmarks to measure the delay after the model      |
 
 Tools, when the request offers them (``tools``): "calculate 2 + 3 * 4" calls ``calculator``,
 "time" (optionally "time in Europe/Oslo") calls ``current_time``, both at once make two
@@ -55,7 +57,7 @@ HARD_TOKENS = [
 ]
 
 _DIRECTIVE = re.compile(
-    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo)(?:\s+([\d.]+))?\]"
+    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp)(?:\s+([\d.]+))?\]"
 )
 
 
@@ -68,6 +70,7 @@ class Script:
     wait_s: float = 0.0  # silence before the first token
     tool_calls: list[PlannedCall] = field(default_factory=list)
     with_index: bool = True  # False: tool call deltas without "index" (Ollama)
+    stamp: bool = False  # each token ends with "@<µs>", the monotonic clock when sent
 
 
 @dataclass
@@ -160,4 +163,4 @@ def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = F
     for name, then in (("fail-mid", "fail"), ("error-mid", "error"), ("stall", "stall")):
         if name in directives:
             return Script(tokens[:3], delay, then=then, wait_s=wait)
-    return Script(tokens, delay, wait_s=wait)
+    return Script(tokens, delay, wait_s=wait, stamp="stamp" in directives)
