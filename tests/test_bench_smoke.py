@@ -42,3 +42,24 @@ def test_quick_bench_prints_a_table_with_every_token_delivered() -> None:
     _, direct, streamgate, *_ = _row(table, "time to first token p50, 1 client")
     assert direct.endswith(" ms") and streamgate.endswith(" ms"), table
     assert "[" in run.stderr, "no progress lines on stderr"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the bench starts redis-server")
+def test_quick_paced_bench_measures_each_tokens_delay_after_the_llm() -> None:
+    """paced200's tokens carry the demo LLM's send time ([stamp]): the table gives the
+    delay from the LLM's write to the client's read, for both targets."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-write", "--scenario", "paced200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, f"bench failed:\n{run.stderr[-4000:]}"
+    table = run.stdout
+    _, direct, streamgate, *_ = _row(table, "tokens lost / duplicated / reordered")
+    assert (direct, streamgate) == ("0 / 0 / 0", "0 / 0 / 0"), table
+    for metric in ("delay LLM sent → client read p50", "delay LLM sent → client read p100"):
+        _, direct, streamgate, *_ = _row(table, metric)
+        for cell in (direct, streamgate):
+            assert cell.endswith(" ms") and 0 <= float(cell.split()[0]) < 5000, table

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 
 from gateway.reader import PING, Reader
+from shared import keys
 
 from . import sse
 from .harness import Stack
@@ -90,3 +95,45 @@ def test_a_reader_joining_mid_stream_from_the_start_misses_nothing(
                 seen += next(chunks)
             late = sse.read(client, url)  # joins while the first reader's reads go on
         assert late.text == expected
+
+
+def test_past_the_multiplex_limit_streams_follow_the_doorbell_without_losing_events(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Over RELAY_MULTIPLEX_MAX streams the relay reads only the streams that rang the
+    doorbell; as streams start and end it switches between both ways of reading, and
+    every reader, a late joiner's included, still gets every event in order, as it comes
+    (the watchdog's once-a-second read of silent streams would show as gaps)."""
+    stack = make_stack(RELAY_MULTIPLEX_MAX="2", WORKER_LOST_TIMEOUT_S="20", QUEUE_TIMEOUT_S="20")
+    expected = "".join(f"t{i} " for i in range(120))
+
+    def one(n: int) -> tuple[str, float]:
+        arrivals: list[float] = []
+        raw = b""
+        params = {"prompt": f"[long 120] [delay 0.01] {n}"}
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("GET", stack.gateway.url + "/chat", params=params) as response,
+        ):
+            for chunk in response.iter_raw():
+                raw += chunk
+                if b'"token"' in chunk:
+                    arrivals.append(time.monotonic())
+        text = "".join(m.data.get("token", "") for m in sse.parse(raw)[0])
+        return text, max(b - a for a, b in itertools.pairwise(arrivals))
+
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(8) as pool:
+        runs = [pool.submit(one, n) for n in range(6)]
+        job_id = client.post(
+            stack.gateway.url + "/chat", json={"prompt": "[long 120] [delay 0.01] joined"}
+        ).json()["job_id"]
+        url = f"{stack.gateway.url}/chat/{job_id}/events"
+        early = sse.read(client, url, stop_after=30)
+        late = sse.read(client, url)  # a second reader, from the start, mid-stream
+        results = [r.result() for r in runs]
+    assert [text for text, _ in results] == [expected] * 6
+    assert max(gap for _, gap in results) < 0.6, results
+    assert expected.startswith(early.text) and late.text == expected
+    doorbell = redis.Redis.from_url(stack.redis_url)
+    assert doorbell.xlen(keys.ACTIVITY) > 0  # every write rang
+    doorbell.close()

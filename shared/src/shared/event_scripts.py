@@ -5,9 +5,21 @@ order; most add more after them). Each script runs atomically, so the checks and
 writes of one step cannot interleave with another gateway's or worker's.
 """
 
-_FINALIZE = """
+from . import keys
+
+# Every write to a job's stream rings the doorbell (keys.ACTIVITY; gateway/relay.py).
+_RING = f"""
+local function ring()
+  redis.call('XADD', '{keys.ACTIVITY}', 'MAXLEN', '~', '{keys.ACTIVITY_LEN}', '*', 'k', KEYS[2])
+end
+"""
+
+_FINALIZE = (
+    _RING
+    + """
 local function finalize(data, retention)
   redis.call('XADD', KEYS[2], '*', 'd', data, 'f', '1')
+  ring()
   redis.call('HSET', KEYS[1], 'final', '1', 'owner', '-')
   redis.call('EXPIRE', KEYS[1], retention)
   redis.call('EXPIRE', KEYS[2], retention)
@@ -18,6 +30,7 @@ local function owned()
   return owner and owner ~= ''
 end
 """
+)
 
 # Meta hash fields: kind, request (JSON), key (digest of the creating API key), owner (''
 # while waiting, the attempt's token while running, '-' once ended), batch (the owner's
@@ -60,6 +73,7 @@ redis.call('ZADD', KEYS[6], ARGV[8], KEYS[1]:match('{(.-)}'))
 redis.call('DEL', KEYS[4])
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
   redis.call('XADD', KEYS[2], '*', 'd', ARGV[3])
+  ring()
 end
 return {'run', redis.call('HGET', KEYS[1], 'request')}
 """
@@ -82,6 +96,7 @@ for i = 5, #ARGV, 2 do
   end
   redis.call('XADD', KEYS[2], '*', 'd', ARGV[i])
 end
+ring()
 return 1
 """
 )
@@ -150,6 +165,7 @@ return count
 # the rest of the script through.
 CREATE = (
     "#!lua\n"
+    + _RING
     + _QUEUE_AGAIN
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[10]) - tonumber(ARGV[5]))
@@ -157,6 +173,7 @@ local waiting = redis.call('ZCARD', KEYS[7])
 if waiting >= tonumber(ARGV[9]) then return -waiting end
 redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'request', ARGV[2], 'owner', '', 'key', ARGV[8])
 redis.call('XADD', KEYS[2], '*', 'd', ARGV[3] .. (waiting + 1) .. ARGV[4])
+ring()
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
 if ARGV[7] ~= '0' then redis.call('SET', KEYS[9], '1', 'PX', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])

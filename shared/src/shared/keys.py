@@ -13,6 +13,9 @@ WAKE = "sg:wake"  # per job enqueued: its arq id, or "<arq id> <enqueued ms> <re
 WAKE_CAP = 1024  # as many as MAX_QUEUED_JOBS (1000) by default: a trimmed wake-up waits for
 # the fallback poll (POLL_AFTER_S); at most 16 MB of requests
 WAKE_REQUEST_MAX = 16_384  # bytes of request a wake-up carries, at most
+ACTIVITY = "sg:activity"  # the doorbell: every write to a job's stream adds that stream's
+# key here, so a gateway relaying thousands of streams blocks on this one (capped) stream
+ACTIVITY_LEN = 100_000  # entries kept, approximately: seconds of writes at the busiest
 RUNNING = "sg:running"  # running job ids scored by when their heartbeat lapses (ms): lets
 # any gateway's watchdog find a dead worker's job that nobody is reading
 

@@ -9,6 +9,13 @@ Decisions a reader might want to undo:
 - A new reader must not wait out a BLOCK: it appends to this process's private *wake*
   stream, which the loop always reads, so the XREAD returns and is re-issued with the new
   stream in it.
+- Past ``RELAY_MULTIPLEX_MAX`` streams, naming every stream in each XREAD costs Redis more
+  than the events do (~2.4 µs per stream and call). The loop then blocks on the doorbell
+  instead: every write to a job's stream also appends that stream's key to one shared
+  stream (``sg:activity``, in the same script), and the loop reads just the streams that
+  rang, from their cursors. After any Redis error it reads every stream once (doorbells may
+  have been lost), and jobs silent for a watchdog tick are read anyway: a doorbell trimmed
+  away unread costs a tick, never an event.
 - Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
   fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
 - A watchdog checks the jobs that have been silent for a while: it ends those whose worker
@@ -44,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
 READ_COUNT = 512
-WATCH_BATCH = 1000  # jobs per script call or MGET of the watchdog
+WATCH_BATCH = 1000  # jobs per script call or MGET of the watchdog, streams per direct XREAD
+RING_COUNT = 4096  # doorbells per read
 
 # Marks every key in KEYS watched for ARGV[1] ms: one call for a thousand relayed jobs,
 # where a SET each cost the gateway ~20 µs of CPU per job and renewal.
@@ -90,6 +98,8 @@ class Relay:
         self.jobs: dict[str, _Job] = {}
         self._wake_key = f"sg:gateway-wake:{secrets.token_hex(8)}"
         self._wake_cursor = "0-0"
+        self._activity_cursor: str | None = None  # None: not following the doorbell
+        self._fresh: set[str] = set()  # jobs to read at once (doorbell mode)
         self._wake_pending = False
         self._wake_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,6 +149,7 @@ class Relay:
         if job is None:
             job = self.jobs[job_id] = _Job(job_id, self._now())
         job.readers.add(reader)
+        self._fresh.add(job_id)
         self._wake()
         return reader
 
@@ -180,16 +191,14 @@ class Relay:
     async def _read_loop(self) -> None:
         delay = 0.05
         while True:
-            streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
-            for job in self.jobs.values():
-                streams[job.key] = job.cursor()
             try:
-                response = await self.blocking_redis.xread(
-                    streams,
-                    count=READ_COUNT,
-                    block=BLOCK_MS,
-                )
+                if len(self.jobs) > self.settings.relay_multiplex_max:
+                    await self._read_rung()
+                else:
+                    self._activity_cursor = None
+                    await self._read_all()
             except (RedisError, OSError) as exc:
+                self._activity_cursor = None  # doorbells may have been lost
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
                     logger.warning("relay lost Redis (%s); retrying", exc)
@@ -200,14 +209,58 @@ class Relay:
                 logger.info("relay reached Redis again")
                 self._redis_down_since = None
             delay = 0.05
-            for key, entries in response or ():
-                if key == self._wake_key.encode():
-                    self._wake_cursor = entries[-1][0].decode()
-                else:
-                    self._deliver(key, entries)
+
+    async def _read_all(self) -> None:
+        """One blocking XREAD over every stream this process relays."""
+        streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
+        for job in self.jobs.values():
+            streams[job.key] = job.cursor()
+        self._fresh.clear()  # this read covers them
+        response = await self.blocking_redis.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        for key, entries in response or ():
+            if key == self._wake_key.encode():
+                self._wake_cursor = entries[-1][0].decode()
+            else:
+                self._deliver(key, entries)
+
+    async def _read_rung(self) -> None:
+        """Block on the doorbell, then read the streams that rang (and new readers')."""
+        if self._activity_cursor is None:
+            last = await self.blocking_redis.xrevrange(keys.ACTIVITY, count=1)
+            self._activity_cursor = last[0][0].decode() if last else "0-0"
+            self._fresh.update(self.jobs)  # whatever rang before is read from each stream
+        streams: dict[Any, Any] = {
+            self._wake_key: self._wake_cursor,
+            keys.ACTIVITY: self._activity_cursor,
+        }
+        response = await self.blocking_redis.xread(
+            streams, count=RING_COUNT, block=None if self._fresh else BLOCK_MS
+        )
+        for key, entries in response or ():
+            if key == self._wake_key.encode():
+                self._wake_cursor = entries[-1][0].decode()
+                continue
+            self._activity_cursor = entries[-1][0].decode()
+            for _, fields in entries:
+                job_id = _job_id(fields[b"k"])
+                if job_id in self.jobs:
+                    self._fresh.add(job_id)
+        fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
+        self._fresh.clear()
+        for start in range(0, len(fresh), WATCH_BATCH):
+            chunk = [self.jobs[j] for j in fresh[start : start + WATCH_BATCH] if j in self.jobs]
+            if not chunk:
+                continue
+            found = await self.blocking_redis.xread(
+                {job.key: job.cursor() for job in chunk}, count=READ_COUNT
+            )
+            for key, entries in found or ():
+                self._deliver(key, entries)
+                if len(entries) >= READ_COUNT:
+                    self._fresh.add(_job_id(key))  # more may be waiting
 
     def _deliver(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        job_id = key.decode().split("{", 1)[1].split("}", 1)[0]
+        job_id = _job_id(key)
         job = self.jobs.get(job_id)
         if job is None:
             return
@@ -325,6 +378,9 @@ class Relay:
         idle = [job_id for job_id, job in self.jobs.items() if job.last_activity <= idle_since]
         if not idle:
             return
+        if self._activity_cursor is not None:
+            self._fresh.update(idle)  # in case a doorbell was trimmed away unread
+            self._wake()
         # A job whose worker's heartbeat is alive needs no check: one MGET tells them
         # apart, so slow streams (a token a second, thousands of them) cost no script each.
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -344,3 +400,8 @@ class Relay:
                     ms, seq = reader.after
                     reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
                 del self.jobs[job_id]
+
+
+def _job_id(key: bytes) -> str:
+    """The job of an events stream key, ``sg:{<job_id>}:events``."""
+    return key.decode().split("{", 1)[1].split("}", 1)[0]
