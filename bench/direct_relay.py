@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shared.gc_tuning import tune_gc
+
 SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
 SYSTEM_PROMPT = "You are a helpful assistant."  # what Streamgate's worker sends too
 DONE = b'data: {"lifecycle":"done"}\n\n'
@@ -111,8 +113,10 @@ async def _relay(client: httpx.AsyncClient, url: str, body: bytes) -> AsyncItera
 
 def main() -> None:
     base_url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8001/v1").rstrip("/")
+    app = create_app(base_url)
+    tune_gc()  # the same collector settings as the gateway: a like-for-like baseline
     uvicorn.run(
-        create_app(base_url),
+        app,
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "8100")),
         log_level="warning",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -34,7 +35,13 @@ def main() -> None:
     args = parser.parse_args()
     port = args.port or int(_setting("PORT", "8001", int, 1, 65535))
     delay = float(_setting("DEMO_LLM_DELAY_S", "0.03", float, 0, 60))
-    uvicorn.run(create_app(delay), host=args.host, port=port, log_level="warning")
+    app = create_app(delay)
+    # As the gateway does (shared/gc_tuning.py, not a dependency here): with thousands of
+    # streams open, a full collection would pause every stream for a few hundred ms.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    uvicorn.run(app, host=args.host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging, uvicorn_log_config
 from shared.settings import load_address, load_settings
 
@@ -14,8 +15,10 @@ def main() -> None:
     settings = load_settings()
     address = load_address(default_port=8000)
     configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    tune_gc()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=address.host,
         port=address.port,
         log_level=settings.log_level.lower(),

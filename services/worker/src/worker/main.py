@@ -20,6 +20,7 @@ from arq.worker import func
 
 from shared import keys
 from shared.event_log import EventLog
+from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
 from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
@@ -119,7 +120,9 @@ def main() -> None:
         sys.exit(f"Streamgate cannot start: invalid setting(s)\n  TOOLS: {exc}")
     # uvloop: a third less CPU per socket event than asyncio's own loop, on every token.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    create_worker(settings, tools, load_roles(settings.roles_file or None)).run()
+    worker = create_worker(settings, tools, load_roles(settings.roles_file or None))
+    tune_gc()
+    worker.run()
 
 
 if __name__ == "__main__":
