@@ -14,8 +14,8 @@ Decisions a reader might want to undo:
   instead: every write to a job's stream also appends that stream's key to one shared
   stream (``sg:activity``, in the same script), and the loop reads just the streams that
   rang, from their cursors. After any Redis error it reads every stream once (doorbells may
-  have been lost), and jobs silent for a watchdog tick are read anyway: a doorbell trimmed
-  away unread costs a tick, never an event.
+  have been lost), and silent streams are read anyway every ``SWEEP_S``: a doorbell
+  trimmed away unread costs a few seconds, never an event.
 - Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
   fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
 - A watchdog checks the jobs that have been silent for a while: it ends those whose worker
@@ -53,6 +53,7 @@ BLOCK_MS = 5000
 READ_COUNT = 512
 WATCH_BATCH = 1000  # jobs per script call or MGET of the watchdog, streams per direct XREAD
 RING_COUNT = 4096  # doorbells per read
+SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
 
 # Marks every key in KEYS watched for ARGV[1] ms: one call for a thousand relayed jobs,
 # where a SET each cost the gateway ~20 µs of CPU per job and renewal.
@@ -63,13 +64,14 @@ return #KEYS
 
 
 class _Job:
-    __slots__ = ("key", "last_activity", "prefix", "read_from", "readers")
+    __slots__ = ("key", "last_activity", "prefix", "read_from", "readers", "swept")
 
     def __init__(self, job_id: str, now: float) -> None:
         self.key = keys.events_key(job_id).encode()
         self.prefix = b"id: " + job_id.encode() + b"_"
         self.readers: set[Reader] = set()
         self.last_activity = now
+        self.swept = now  # when the watchdog last read it regardless of the doorbell
         self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
 
     def cursor(self) -> str:
@@ -379,8 +381,15 @@ class Relay:
         if not idle:
             return
         if self._activity_cursor is not None:
-            self._fresh.update(idle)  # in case a doorbell was trimmed away unread
-            self._wake()
+            # In case a doorbell was trimmed away unread: each silent stream is read again,
+            # at most every SWEEP_S (reading 10,000 every tick cost a third of the relay).
+            now = self._now()
+            sweep = [j for j in idle if now - self.jobs[j].swept >= SWEEP_S]
+            for job_id in sweep:
+                self.jobs[job_id].swept = now
+            if sweep:
+                self._fresh.update(sweep)
+                self._wake()
         # A job whose worker's heartbeat is alive needs no check: one MGET tells them
         # apart, so slow streams (a token a second, thousands of them) cost no script each.
         async with self.redis.pipeline(transaction=False) as pipe:
