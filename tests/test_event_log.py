@@ -138,3 +138,34 @@ def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
         assert 0 < await log.redis.ttl(keys.meta_key(job_id)) <= 60
 
     run(db_url, scenario)
+
+
+def test_appends_in_one_round_trip_survive_a_failing_call_and_a_script_flush(
+    db_url: str,
+) -> None:
+    """Many jobs' batches share a round trip: a call Redis refuses fails alone (the others
+    are written and the connection stays in step), and scripts a restarted Redis no longer
+    has are loaded again without losing a batch."""
+
+    async def scenario(log: EventLog) -> None:
+        first, second = await new_job(log), await new_job(log)
+        for job_id in (first, second):
+            assert (await log.claim(job_id, job_id, "w", 5000))[0] == "run"
+        # A batch "number" that is not a number makes that call's script fail in Redis.
+        results = await log.append_many(
+            [
+                (first, "w", 1, [ev.Token("a")]),
+                (second, "w", "x", [ev.Token("never")]),  # type: ignore[list-item]
+                (second, "w", 1, [ev.Token("b")]),
+            ]
+        )
+        assert results[0] is True and results[2] is True
+        assert isinstance(results[1], Exception)
+        await log.redis.script_flush()
+        assert await log.append_many(
+            [(first, "w", 2, [ev.Token("c")]), (second, "w", 2, [ev.Token("d")])]
+        ) == [True, True]
+        texts = [[e.get("token") for e in await events(log, j)] for j in (first, second)]
+        assert texts == [[None, None, "a", "c"], [None, None, "b", "d"]]  # queued, started
+
+    run(db_url, scenario)

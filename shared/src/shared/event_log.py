@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from . import events as ev
 from . import keys
@@ -184,17 +184,13 @@ class EventLog:
         self, script: str, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
     ) -> list[Any]:
         """Run ``script`` once per ``(keys, args)``, in one pipelined round trip; per call,
-        its result or the error Redis gave for it alone. EVALSHA straight on the pipeline:
+        its result or the error Redis gave for it alone. EVALSHA straight on the wire:
         a registered script would add a SCRIPT EXISTS round trip every time."""
         sha = self._shas[script]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    script_keys, args = calls[i]
-                    pipe.evalsha(sha, len(script_keys), *script_keys, *args)  # type: ignore[arg-type]
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._evalsha_many(sha, [calls[i] for i in todo])
             for i, reply in zip(todo, replies, strict=True):
                 results[i] = reply
             todo = [i for i in todo if isinstance(results[i], NoScriptError)]
@@ -202,6 +198,30 @@ class EventLog:
                 break
             await self.redis.script_load(script)  # a new (or restarted) Redis
         return results
+
+    async def _evalsha_many(
+        self, sha: str, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
+    ) -> list[Any]:
+        """The EVALSHAs written at once on one connection, their replies read in order. Not
+        redis-py's pipeline object: it costs ~40 µs more CPU per round trip (84 vs 43 µs
+        measured), and when tokens trickle in, a worker makes a round trip per token."""
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # this call's alone: its reply was read whole
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: out of step
+            raise
+        finally:
+            await pool.release(conn)
 
     async def release(self, job_id: str, owner: str) -> int:
         """Hand a job without output back to the queue, and queue it for arq again. Returns
