@@ -60,6 +60,7 @@ class Upstream:
         self.base_url = settings.openai_base_url
         self.model = settings.openai_model
         self.idle_timeout_s = settings.upstream_idle_timeout_s
+        self._turns = asyncio.Lock()
         self.client = openai.AsyncOpenAI(
             base_url=settings.openai_base_url,
             # The SDK refuses an empty key; servers without auth (the demo LLM, Ollama) ignore it.
@@ -83,6 +84,14 @@ class Upstream:
     async def close(self) -> None:
         await self.client.close()
 
+    async def _take_turn(self) -> None:
+        """Let one request through per event-loop round. Building a request costs the SDK
+        ~0.7 ms of CPU before its first await: 200 jobs starting at once would hold the
+        loop for ~150 ms, and every running stream's tokens with it (paced200 measured
+        tokens 60-110 ms late at p99). One at a time, the loop reads sockets in between."""
+        async with self._turns:
+            await asyncio.sleep(0)
+
     def open(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> Opening:
@@ -100,6 +109,7 @@ class Upstream:
     async def _post(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> openai.AsyncAPIResponse[object]:
+        await self._take_turn()
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
         if tools:
             body["tools"] = tools
