@@ -103,7 +103,7 @@ def test_past_the_multiplex_limit_streams_follow_the_doorbell_without_losing_eve
     """Over RELAY_MULTIPLEX_MAX streams the relay reads only the streams that rang the
     doorbell; as streams start and end it switches between both ways of reading, and
     every reader, a late joiner's included, still gets every event in order, as it comes
-    (the watchdog's once-a-second read of silent streams would show as gaps)."""
+    (the watchdog's read of streams silent for 5 s would show as gaps)."""
     stack = make_stack(RELAY_MULTIPLEX_MAX="2", WORKER_LOST_TIMEOUT_S="20", QUEUE_TIMEOUT_S="20")
     expected = "".join(f"t{i} " for i in range(120))
 
@@ -132,7 +132,7 @@ def test_past_the_multiplex_limit_streams_follow_the_doorbell_without_losing_eve
         late = sse.read(client, url)  # a second reader, from the start, mid-stream
         results = [r.result() for r in runs]
     assert [text for text, _ in results] == [expected] * 6
-    assert max(gap for _, gap in results) < 0.6, results
+    assert max(gap for _, gap in results) < 2.0, results  # a missed doorbell waits ~5 s
     assert expected.startswith(early.text) and late.text == expected
     doorbell = redis.Redis.from_url(stack.redis_url)
     assert doorbell.xlen(keys.ACTIVITY) > 0  # every write rang

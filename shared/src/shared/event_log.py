@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
 
 from . import events as ev
 from . import keys
 from .event_scripts import APPEND, CHECK, CLAIM, CREATE, END, RELEASE
 from .job_queue import arq_job
+from .lua import Scripts
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (stream entry id, fields) as Redis returns them
 DATA = b"d"
@@ -57,10 +57,9 @@ class EventLog:
         self.retention_s = retention_s
         self.queue_timeout_ms = int(queue_timeout_s * 1000)
         self._create = redis.register_script(CREATE)
-        self._shas = {s: redis.register_script(s).sha for s in (CLAIM, APPEND)}
+        self._scripts = Scripts(redis)
         self._release = redis.register_script(RELEASE)
         self._end = redis.register_script(END)
-        self._check = redis.register_script(CHECK)
         self._too_many = ev.encode(ev.Error(ev.TOO_MANY_ATTEMPTS))
         self._worker_lost = ev.encode(ev.Error(ev.WORKER_LOST))
         self._no_worker = ev.encode(ev.Error(ev.NO_WORKER))
@@ -146,7 +145,7 @@ class EventLog:
             ]
             calls.append((script_keys, args))
         claimed = []
-        for result in await self._run_many(CLAIM, calls):
+        for result in await self._scripts.run_many(CLAIM, calls):
             if isinstance(result, Exception):
                 raise result
             claimed.append((result[0].decode(), result[1] if len(result) > 1 else None))
@@ -177,51 +176,8 @@ class EventLog:
             for event in batch:
                 args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
             calls.append((_job_keys(job_id), args))
-        results = await self._run_many(APPEND, calls)
+        results = await self._scripts.run_many(APPEND, calls)
         return [r if isinstance(r, Exception) else bool(r) for r in results]
-
-    async def _run_many(
-        self, script: str, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
-    ) -> list[Any]:
-        """Run ``script`` once per ``(keys, args)``, in one pipelined round trip; per call,
-        its result or the error Redis gave for it alone. EVALSHA straight on the wire:
-        a registered script would add a SCRIPT EXISTS round trip every time."""
-        sha = self._shas[script]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            replies = await self._evalsha_many(sha, [calls[i] for i in todo])
-            for i, reply in zip(todo, replies, strict=True):
-                results[i] = reply
-            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
-            if not todo or attempt == 1:
-                break
-            await self.redis.script_load(script)  # a new (or restarted) Redis
-        return results
-
-    async def _evalsha_many(
-        self, sha: str, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
-    ) -> list[Any]:
-        """The EVALSHAs written at once on one connection, their replies read in order. Not
-        redis-py's pipeline object: it costs ~40 µs more CPU per round trip (84 vs 43 µs
-        measured), and when tokens trickle in, a worker makes a round trip per token."""
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # this call's alone: its reply was read whole
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            await conn.disconnect()  # replies may be left unread: out of step
-            raise
-        finally:
-            await pool.release(conn)
 
     async def release(self, job_id: str, owner: str) -> int:
         """Hand a job without output back to the queue, and queue it for arq again. Returns
@@ -262,11 +218,14 @@ class EventLog:
             MAX_REQUEUES,
             self._too_many,
         ]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                script_keys, queue_args = self._queue_again(job_id)
-                await self._check(keys=script_keys, args=[*base, *queue_args], client=pipe)
-            results = await pipe.execute()
+        calls = []
+        for job_id in job_ids:
+            script_keys, queue_args = self._queue_again(job_id)
+            calls.append((script_keys, [*base, *queue_args]))
+        results = await self._scripts.run_many(CHECK, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
     async def is_over(self, job_id: str) -> bool:

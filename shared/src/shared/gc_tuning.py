@@ -1,4 +1,5 @@
-"""Garbage collector settings for the long-running services (gateway, worker).
+"""Garbage collector settings for the long-running services (gateway, worker; the demo LLM
+and the bench's direct relay use the same).
 
 A full collection walks every object the collector tracks, and each open stream brings
 hundreds: with 3,000 streams held, the gateway, each worker and the demo LLM paused

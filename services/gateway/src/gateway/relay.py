@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from shared import events as ev
 from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
+from shared.lua import Scripts
 from shared.settings import Settings
 
 from .metrics import GatewayMetrics
@@ -71,7 +72,7 @@ class _Job:
         self.prefix = b"id: " + job_id.encode() + b"_"
         self.readers: set[Reader] = set()
         self.last_activity = now
-        self.swept = now  # when the watchdog last read it regardless of the doorbell
+        self.swept = now  # when the watchdog last had it read regardless of the doorbell
         self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
 
     def cursor(self) -> str:
@@ -92,7 +93,7 @@ class Relay:
         metrics: GatewayMetrics,
     ) -> None:
         self.redis = redis
-        self._renew = redis.register_script(RENEW_WATCHED)
+        self._scripts = Scripts(redis)
         self.metrics = metrics
         self.blocking_redis = blocking_redis
         self.log = log
@@ -180,6 +181,9 @@ class Relay:
             self._wake_task = asyncio.create_task(self._send_wake())
 
     async def _send_wake(self) -> None:
+        # Cleared before the write: a reader arriving while it is in flight may have missed
+        # the read it wakes, so it sends its own.
+        self._wake_pending = False
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=16, approximate=True)
@@ -187,8 +191,6 @@ class Relay:
                 await pipe.execute()
         except RedisError:
             pass  # the read loop is failing too; it will pick the reader up when Redis is back
-        finally:
-            self._wake_pending = False
 
     async def _read_loop(self) -> None:
         delay = 0.05
@@ -204,6 +206,12 @@ class Relay:
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
                     logger.warning("relay lost Redis (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            except Exception:  # never let one bad entry stop every stream of this process
+                logger.exception("relay read failed; reading every stream again")
+                self._activity_cursor = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -331,12 +339,13 @@ class Relay:
         # reader leaves (``unsubscribe`` sets the key to exactly DISCONNECT_GRACE_S).
         grace_ms = int((self.settings.disconnect_grace_s * 3 + 5) * 1000)
         watched = [keys.watched_key(job_id) for job_id in self.jobs]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(watched), WATCH_BATCH):
-                await self._renew(
-                    keys=watched[start : start + WATCH_BATCH], args=[grace_ms], client=pipe
-                )
-            await pipe.execute()
+        calls = [
+            (watched[start : start + WATCH_BATCH], [grace_ms])
+            for start in range(0, len(watched), WATCH_BATCH)
+        ]
+        for result in await self._scripts.run_many(RENEW_WATCHED, calls):
+            if isinstance(result, Exception):
+                raise result
 
     async def _check_unread(self) -> None:
         """Jobs whose heartbeat lapsed, or that waited past the queue timeout, whether or

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.lua import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +39,22 @@ class Running:
 
 
 # KEYS: the running index, then per job its meta hash, alive key and watched key.
-# ARGV: alive ms, when the heartbeat lapses (ms), then per job its id, this attempt's owner
-# token and '1' for a GET job (it needs a reader). Per job: 0 go on, 1 no longer this
-# attempt's (nothing renewed), 2 nobody relays it.
+# ARGV: alive ms, when the heartbeat lapses (ms), how many ended jobs leave the index, their
+# ids, then per job its id, this attempt's owner token and '1' for a GET job (it needs a
+# reader). Per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody relays it.
 BEAT = """
+local ended = tonumber(ARGV[3])
+for i = 4, 3 + ended do redis.call('ZREM', KEYS[1], ARGV[i]) end
+local a = 3 + ended
 local out = {}
 for i = 0, (#KEYS - 1) / 3 - 1 do
   local meta, alive, watched = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
-  if redis.call('HGET', meta, 'owner') ~= ARGV[4 + 3 * i] then
+  if redis.call('HGET', meta, 'owner') ~= ARGV[a + 2 + 3 * i] then
     out[i + 1] = 1
   else
     redis.call('SET', alive, '1', 'PX', ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3 + 3 * i])
-    out[i + 1] = (ARGV[5 + 3 * i] == '1' and redis.call('EXISTS', watched) == 0) and 2 or 0
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[a + 1 + 3 * i])
+    out[i + 1] = (ARGV[a + 3 + 3 * i] == '1' and redis.call('EXISTS', watched) == 0) and 2 or 0
   end
 end
 return out
@@ -63,7 +67,7 @@ class Heartbeat:
         self.redis = redis
         self.interval_s = interval_s
         self.alive_ms = alive_ms
-        self._beat = redis.register_script(BEAT)
+        self._scripts = Scripts(redis)
         self.jobs: dict[str, Running] = {}
         self._finished: list[str] = []  # to leave the RUNNING index at the next beat
 
@@ -93,22 +97,24 @@ class Heartbeat:
             return
         lapses_at = int(time.time() * 1000) + self.alive_ms
         finished, self._finished = self._finished, []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if finished:
-                pipe.zrem(keys.RUNNING, *finished)
-            for start in range(0, len(jobs), BEAT_BATCH):
-                script_keys = [keys.RUNNING]
-                args: list[str | int] = [self.alive_ms, lapses_at]
-                for job_id, running in jobs[start : start + BEAT_BATCH]:
-                    script_keys += [
-                        keys.meta_key(job_id),
-                        keys.alive_key(job_id),
-                        keys.watched_key(job_id),
-                    ]
-                    args += [job_id, running.owner, "1" if running.watched else "0"]
-                await self._beat(keys=script_keys, args=args, client=pipe)
-            results = await pipe.execute()
-        verdicts = [v for batch in results[1 if finished else 0 :] for v in batch]
+        calls = []
+        for start in range(0, max(len(jobs), 1), BEAT_BATCH):
+            script_keys = [keys.RUNNING]
+            ended = finished if start == 0 else []
+            args: list[str | int] = [self.alive_ms, lapses_at, len(ended), *ended]
+            for job_id, running in jobs[start : start + BEAT_BATCH]:
+                script_keys += [
+                    keys.meta_key(job_id),
+                    keys.alive_key(job_id),
+                    keys.watched_key(job_id),
+                ]
+                args += [job_id, running.owner, "1" if running.watched else "0"]
+            calls.append((script_keys, args))
+        verdicts = []
+        for batch in await self._scripts.run_many(BEAT, calls):
+            if isinstance(batch, Exception):
+                raise batch
+            verdicts += batch
         for (_, running), verdict in zip(jobs, verdicts, strict=True):
             if verdict == 1:
                 self._stop(running, "not-owner")

@@ -85,10 +85,11 @@ class Upstream:
         await self.client.close()
 
     async def _take_turn(self) -> None:
-        """Let one request through per event-loop round. Building a request costs the SDK
-        ~0.7 ms of CPU before its first await: 200 jobs starting at once would hold the
-        loop for ~150 ms, and every running stream's tokens with it (paced200 measured
-        tokens 60-110 ms late at p99). One at a time, the loop reads sockets in between."""
+        """Let requests through one at a time, an event-loop round or two apart.
+        Building a request costs the SDK ~0.7 ms of CPU before its first await: 200 jobs
+        starting at once would hold the loop for ~150 ms, and every running stream's
+        tokens with it (paced200 measured tokens 60-110 ms late at p99). One at a time,
+        the loop reads sockets in between."""
         async with self._turns:
             await asyncio.sleep(0)
 

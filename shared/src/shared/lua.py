@@ -1,0 +1,62 @@
+"""Running a Lua script many times in one round trip.
+
+EVALSHA straight on the wire: redis-py's registered scripts, queued on a pipeline, send a
+SCRIPT EXISTS first on every execute (a round trip more), and its pipeline object costs
+~40 µs more CPU per round trip than writing the commands at once on one connection (84 vs
+43 µs measured); a worker makes a round trip per token when tokens trickle in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
+
+Call = tuple[Sequence[str], Sequence[bytes | str | int]]  # a call's KEYS and ARGV
+
+
+class Scripts:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._shas: dict[str, str] = {}
+
+    async def run_many(self, script: str, calls: Sequence[Call]) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)``, in order, in one round trip; per call,
+        its result or the error Redis gave for it alone. A Redis that does not know the
+        script (new, restarted, flushed) gets it loaded and the calls it refused again."""
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            replies = await self._evalsha_many(sha, [calls[i] for i in todo])
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+            if not todo or attempt == 1:
+                break
+            await self.redis.script_load(script)
+        return results
+
+    async def _evalsha_many(self, sha: str, calls: Sequence[Call]) -> list[Any]:
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # this call's alone: its reply was read whole
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: out of step
+            raise
+        finally:
+            await pool.release(conn)
