@@ -254,14 +254,19 @@ def table(
     dh, sh = pair(hold, lambda p: p.held_streams)
     # Memory a process kept from streams that already failed would be charged to the
     # survivors: the figure only stands when every stream was open at once.
-    full = all(n is None or n >= o.hold for n in (dh, sh))
-    held = f"{o.hold} open" if full else f"open: {num(dh)} / {num(sh)} of {o.hold}, not valid"
+    # Each column stands on its own: a stream the direct relay lost voids only its figure.
+    d_full, s_full = (n is not None and n >= o.hold for n in (dh, sh))
+
+    def rss(value: float | None, full: bool, open_now: int | None) -> str:
+        text = num(None if value is None else value / 1024, "{:.1f}", " KB")
+        return text if full or value is None else f"{text} (not valid: {num(open_now)} open)"
+
     t.add(
-        f"RSS per open stream ({held}, a token every {o.hold_delay:g} s)",
-        num(None if d is None else d / 1024, "{:.1f}", " KB"),
-        num(None if s is None else s / 1024, "{:.1f}", " KB"),
-        ratio(s, d),
-        verdict(None if s is None or not full else s <= 50 * 1024, "≤ 50 KB"),
+        f"RSS per open stream ({o.hold} open, a token every {o.hold_delay:g} s)",
+        rss(d, d_full, dh),
+        rss(s, s_full, sh),
+        ratio(s, d) if d_full and s_full else "",
+        verdict(None if s is None or not s_full else s <= 50 * 1024, "≤ 50 KB"),
     )
     for label, phases in ((where, paced), (f"{o.hold} streams held", hold)):
         sg = phases.get("streamgate")
