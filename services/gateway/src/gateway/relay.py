@@ -18,12 +18,7 @@ Decisions a reader might want to undo:
   trimmed away unread costs a few seconds, never an event.
 - Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
   fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
-- A watchdog checks the jobs that have been silent for a while: it ends those whose worker
-  stopped its heartbeat after output or that no worker started in time (the end is written
-  to the stream, so every reader on every gateway sees the same final event), enqueues
-  again those whose worker died before any output, tells readers of jobs Redis no longer
-  knows, and keeps relayed jobs marked as watched so that a ``GET /chat`` job with readers
-  is not cancelled.
+- A watchdog (watchdog.py) checks the jobs that have been silent for a while.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from typing import Any
 
 import anyio
@@ -42,26 +36,19 @@ from redis.exceptions import RedisError
 from shared import events as ev
 from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
-from shared.lua import Scripts
 from shared.settings import Settings
 
 from .metrics import GatewayMetrics
 from .reader import Reader, entry_key
+from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
 READ_COUNT = 512
-WATCH_BATCH = 1000  # jobs per script call or MGET of the watchdog, streams per direct XREAD
+READ_BATCH = 1000  # doorbell mode: streams per XREAD of the streams that rang
 RING_COUNT = 4096  # doorbells per read
 SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
-
-# Marks every key in KEYS watched for ARGV[1] ms: one call for a thousand relayed jobs,
-# where a SET each cost the gateway ~20 µs of CPU per job and renewal.
-RENEW_WATCHED = """
-for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'PX', ARGV[1]) end
-return #KEYS
-"""
 
 
 class _Job:
@@ -93,7 +80,6 @@ class Relay:
         metrics: GatewayMetrics,
     ) -> None:
         self.redis = redis
-        self._scripts = Scripts(redis)
         self.metrics = metrics
         self.blocking_redis = blocking_redis
         self.log = log
@@ -113,13 +99,18 @@ class Relay:
         self._now = loop_time
 
     @property
+    def redis_down_since(self) -> float | None:
+        """Since when (loop time) the read loop cannot reach Redis, or None."""
+        return self._redis_down_since
+
+    @property
     def open_readers(self) -> int:
         return sum(len(job.readers) for job in self.jobs.values())
 
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="relay-read"),
-            asyncio.create_task(self._watch_loop(), name="relay-watch"),
+            asyncio.create_task(Watchdog(self).run(), name="relay-watch"),
             asyncio.create_task(self._close_on_shutdown(), name="relay-shutdown"),
         ]
 
@@ -257,8 +248,8 @@ class Relay:
                     self._fresh.add(job_id)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
         self._fresh.clear()
-        for start in range(0, len(fresh), WATCH_BATCH):
-            chunk = [self.jobs[j] for j in fresh[start : start + WATCH_BATCH] if j in self.jobs]
+        for start in range(0, len(fresh), READ_BATCH):
+            chunk = [self.jobs[j] for j in fresh[start : start + READ_BATCH] if j in self.jobs]
             if not chunk:
                 continue
             found = await self.blocking_redis.xread(
@@ -307,117 +298,34 @@ class Relay:
         if final:
             self.metrics.time_to_final.observe(now - reader.started_at)
 
-    async def _watch_loop(self) -> None:
-        s = self.settings
-        renew_every = s.disconnect_grace_s / 3
-        tick = min(s.watch_tick_s, renew_every)
-        last_renew = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            now = self._now()
-            try:
-                if now - last_renew >= renew_every:
-                    await self._renew_watched()
-                    last_renew = now
-                await self._check_idle(now - tick)
-                await self._check_unread()
-            except RedisError as exc:
-                logger.debug("relay watchdog: Redis unreachable (%s)", exc)
-            down = self._redis_down_since
-            # Long enough for Redis to restart, so a reader learns whether its job survived.
-            if down is not None and now - down > max(30.0, 2 * s.worker_lost_timeout_s):
-                # Streams may resume once Redis is back: close cleanly, clients reconnect.
-                logger.warning(
-                    "Redis down for %.0f s: closing %d streams", now - down, self.open_readers
-                )
-                self.close_all()
+    def idle_since(self, since: float) -> list[str]:
+        """The jobs relayed here that have delivered nothing since ``since`` (loop time)."""
+        return [job_id for job_id, job in self.jobs.items() if job.last_activity <= since]
 
-    async def _renew_watched(self) -> None:
-        if not self.jobs:
+    def sweep(self, idle: list[str]) -> None:
+        """In doorbell mode, read silent streams regardless, each at most every SWEEP_S, in
+        case a doorbell was trimmed away unread (reading 10,000 streams every watchdog tick
+        cost a third of the relay)."""
+        if self._activity_cursor is None:
             return
-        # Generous: a busy gateway may renew late. The grace proper starts when the last
-        # reader leaves (``unsubscribe`` sets the key to exactly DISCONNECT_GRACE_S).
-        grace_ms = int((self.settings.disconnect_grace_s * 3 + 5) * 1000)
-        watched = [keys.watched_key(job_id) for job_id in self.jobs]
-        calls = [
-            (watched[start : start + WATCH_BATCH], [grace_ms])
-            for start in range(0, len(watched), WATCH_BATCH)
-        ]
-        for result in await self._scripts.run_many(RENEW_WATCHED, calls):
-            if isinstance(result, Exception):
-                raise result
+        now = self._now()
+        sweep = [j for j in idle if j in self.jobs and now - self.jobs[j].swept >= SWEEP_S]
+        for job_id in sweep:
+            self.jobs[job_id].swept = now
+        if sweep:
+            self._fresh.update(sweep)
+            self._wake()
 
-    async def _check_unread(self) -> None:
-        """Jobs whose heartbeat lapsed, or that waited past the queue timeout, whether or
-        not anyone reads them: a POST job's worker may die with nobody watching."""
-        now_ms = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(keys.RUNNING, "-inf", now_ms, start=0, num=200)
-            pipe.zrangebyscore(
-                keys.PENDING,
-                "-inf",
-                now_ms - int(self.settings.queue_timeout_s * 1000),
-                start=0,
-                num=200,
-            )
-            lapsed, late = await pipe.execute()
-        job_ids = {i.decode().split(".", 1)[0] for i in [*lapsed, *late]} - set(self.jobs)
-        if not job_ids:
+    def end_lost(self, job_id: str) -> None:
+        """Redis no longer knows the job (restarted empty, or the stream expired): its
+        readers here get the job-lost error after their cursor."""
+        job = self.jobs.pop(job_id, None)
+        if job is None:
             return
-        results = await self.log.check_stalled(sorted(job_ids))
-        for job_id, result in results.items():
-            self._count(job_id, result)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # Checked: each has ended, or is queued again, or (alive after all) is indexed
-            # again by its worker's next heartbeat; none can start late.
-            if lapsed:
-                pipe.zrem(keys.RUNNING, *lapsed)
-            if late:
-                pipe.zrem(keys.PENDING, *late)
-            await pipe.execute()
-
-    def _count(self, job_id: str, result: int) -> None:
-        if result in (1, 3, 4):
-            outcome = {1: "worker_lost", 3: "expired", 4: "error"}[result]
-            self.metrics.jobs.labels(outcome).inc()
-        if result == 2:
-            logger.warning(
-                "its worker died before any output; queued to run again", extra={"job_id": job_id}
-            )
-
-    async def _check_idle(self, idle_since: float) -> None:
-        idle = [job_id for job_id, job in self.jobs.items() if job.last_activity <= idle_since]
-        if not idle:
-            return
-        if self._activity_cursor is not None:
-            # In case a doorbell was trimmed away unread: each silent stream is read again,
-            # at most every SWEEP_S (reading 10,000 every tick cost a third of the relay).
-            now = self._now()
-            sweep = [j for j in idle if now - self.jobs[j].swept >= SWEEP_S]
-            for job_id in sweep:
-                self.jobs[job_id].swept = now
-            if sweep:
-                self._fresh.update(sweep)
-                self._wake()
-        # A job whose worker's heartbeat is alive needs no check: one MGET tells them
-        # apart, so slow streams (a token a second, thousands of them) cost no script each.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(idle), WATCH_BATCH):
-                pipe.mget([keys.alive_key(job_id) for job_id in idle[start : start + WATCH_BATCH]])
-            alive = [v for batch in await pipe.execute() for v in batch]
-        idle = [job_id for job_id, beating in zip(idle, alive, strict=True) if beating is None]
-        if not idle:
-            return
-        for job_id, result in (await self.log.check_stalled(idle)).items():
-            self._count(job_id, result)
-            job = self.jobs.get(job_id)
-            if result == -1 and job is not None:
-                # Redis no longer knows the job (restarted empty, or the stream expired).
-                data = ev.encode(ev.Error(ev.JOB_LOST))
-                for reader in job.readers:
-                    ms, seq = reader.after
-                    reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
-                del self.jobs[job_id]
+        data = ev.encode(ev.Error(ev.JOB_LOST))
+        for reader in job.readers:
+            ms, seq = reader.after
+            reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
 
 
 def _job_id(key: bytes) -> str:
