@@ -23,16 +23,21 @@ def _row(table: str, metric: str) -> list[str]:
     raise AssertionError(f"no row {metric!r} in:\n{table}")
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the bench starts redis-server")
-def test_quick_bench_prints_a_table_with_every_token_delivered() -> None:
+def _quick_bench(*args: str) -> subprocess.CompletedProcess[str]:
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--no-write"],
+        [sys.executable, "-m", "bench", "--quick", "--no-write", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=90,
     )
     assert run.returncode == 0, f"bench failed:\n{run.stderr[-4000:]}"
+    return run
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the bench starts redis-server")
+def test_quick_bench_prints_a_table_with_every_token_delivered() -> None:
+    run = _quick_bench()
     table = run.stdout
     assert "| metric | direct relay | Streamgate |" in table
     _, direct, streamgate, *_ = _row(table, "tokens lost / duplicated / reordered")
@@ -48,15 +53,7 @@ def test_quick_bench_prints_a_table_with_every_token_delivered() -> None:
 def test_quick_paced_bench_measures_each_tokens_delay_after_the_llm() -> None:
     """paced200's tokens carry the demo LLM's send time ([stamp]): the table gives the
     delay from the LLM's write to the client's read, for both targets."""
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--no-write", "--scenario", "paced200"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert run.returncode == 0, f"bench failed:\n{run.stderr[-4000:]}"
-    table = run.stdout
+    table = _quick_bench("--scenario", "paced200").stdout
     _, direct, streamgate, *_ = _row(table, "tokens lost / duplicated / reordered")
     assert (direct, streamgate) == ("0 / 0 / 0", "0 / 0 / 0"), table
     for metric in ("delay LLM sent → client read p50", "delay LLM sent → client read p100"):
