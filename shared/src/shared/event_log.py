@@ -211,8 +211,8 @@ class EventLog:
         worker died before any output), 3 ended now (no worker in time), 4 ended now
         (handed back too often), -1 unknown."""
         base: list[bytes | str | int] = [
-            ev.encode(ev.Error(ev.WORKER_LOST)),
-            ev.encode(ev.Error(ev.NO_WORKER)),
+            self._worker_lost,
+            self._no_worker,
             self.retention_s,
             self.queue_timeout_ms,
             MAX_REQUEUES,
