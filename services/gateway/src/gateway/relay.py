@@ -37,6 +37,7 @@ from shared import events as ev
 from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 from .metrics import GatewayMetrics
 from .reader import Reader, entry_key
@@ -128,9 +129,9 @@ class Relay:
 
     async def stop(self) -> None:
         self.close_all()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, self._wake_task])
+        if self._side_tasks:  # the grace of jobs whose readers just left must be recorded
+            await asyncio.wait(self._side_tasks, timeout=5)
         with contextlib.suppress(RedisError):
             await self.redis.delete(self._wake_key)
 

@@ -26,6 +26,7 @@ from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, load_settings
+from shared.tasks import cancel_and_wait
 
 from .chat_job import chat
 from .heartbeat import Heartbeat
@@ -69,9 +70,10 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    task: asyncio.Task[None] | None = ctx.get("heartbeat_task")
-    if task is not None:
-        task.cancel()
+    await cancel_and_wait([ctx.get("heartbeat_task")])
+    batcher: Batcher | None = ctx.get("batcher")
+    if batcher is not None:  # the jobs have ended: nothing is left to write
+        await batcher.stop()
     upstream: Upstream | None = ctx.get("upstream")
     if upstream is not None:
         await upstream.close()

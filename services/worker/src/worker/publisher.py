@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events as ev
 from shared.event_log import EventLog
+from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ class Batcher:
             self._task = asyncio.create_task(self._run(), name="event-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
         while True:
