@@ -15,12 +15,15 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from .held_connection import HeldConnection
+
 Call = tuple[Sequence[str], Sequence[bytes | str | int]]  # a call's KEYS and ARGV
 
 
 class Scripts:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._held = HeldConnection(redis)  # one round trip after another, mostly
         self._shas: dict[str, str] = {}
 
     async def run_many(self, script: str, calls: Sequence[Call]) -> list[Any]:
@@ -43,20 +46,18 @@ class Scripts:
         return results
 
     async def _evalsha_many(self, sha: str, calls: Sequence[Call]) -> list[Any]:
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
+        conn = await self._held.take()
+        in_step = False
         try:
             commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
-            await conn.send_packed_command(conn.pack_commands(commands))
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:
                     replies.append(await conn.read_response())
                 except ResponseError as exc:  # this call's alone: its reply was read whole
                     replies.append(exc)
+            in_step = True
             return replies
-        except BaseException:
-            await conn.disconnect()  # replies may be left unread: out of step
-            raise
         finally:
-            await pool.release(conn)
+            await self._held.give(conn, in_step)

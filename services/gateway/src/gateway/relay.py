@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from shared import events as ev
 from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
+from shared.held_connection import HeldConnection
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 
@@ -82,7 +83,7 @@ class Relay:
     ) -> None:
         self.redis = redis
         self.metrics = metrics
-        self.blocking_redis = blocking_redis
+        self._reads = HeldConnection(blocking_redis)  # one XREAD after another
         self.log = log
         self.settings = settings
         self.jobs: dict[str, _Job] = {}
@@ -218,8 +219,7 @@ class Relay:
         for job in self.jobs.values():
             streams[job.key] = job.cursor()
         self._fresh.clear()  # this read covers them
-        response = await self.blocking_redis.xread(streams, count=READ_COUNT, block=BLOCK_MS)
-        for key, entries in response or ():
+        for key, entries in await self._xread(streams, READ_COUNT, BLOCK_MS):
             if key == self._wake_key.encode():
                 self._wake_cursor = entries[-1][0].decode()
             else:
@@ -228,23 +228,21 @@ class Relay:
     async def _read_rung(self) -> None:
         """Block on the doorbell, then read the streams that rang (and new readers')."""
         if self._activity_cursor is None:
-            last = await self.blocking_redis.xrevrange(keys.ACTIVITY, count=1)
+            last = await self._reads.call("XREVRANGE", keys.ACTIVITY, "+", "-", "COUNT", 1)
             self._activity_cursor = last[0][0].decode() if last else "0-0"
             self._fresh.update(self.jobs)  # whatever rang before is read from each stream
         streams: dict[Any, Any] = {
             self._wake_key: self._wake_cursor,
             keys.ACTIVITY: self._activity_cursor,
         }
-        response = await self.blocking_redis.xread(
-            streams, count=RING_COUNT, block=None if self._fresh else BLOCK_MS
-        )
-        for key, entries in response or ():
+        rung = await self._xread(streams, RING_COUNT, None if self._fresh else BLOCK_MS)
+        for key, entries in rung:
             if key == self._wake_key.encode():
                 self._wake_cursor = entries[-1][0].decode()
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                job_id = _job_id(fields[b"k"])
+                job_id = _job_id(fields[1])  # [b"k", <the stream's key>]
                 if job_id in self.jobs:
                     self._fresh.add(job_id)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
@@ -253,15 +251,23 @@ class Relay:
             chunk = [self.jobs[j] for j in fresh[start : start + READ_BATCH] if j in self.jobs]
             if not chunk:
                 continue
-            found = await self.blocking_redis.xread(
-                {job.key: job.cursor() for job in chunk}, count=READ_COUNT
-            )
-            for key, entries in found or ():
+            found = await self._xread({job.key: job.cursor() for job in chunk}, READ_COUNT)
+            for key, entries in found:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
                     self._fresh.add(_job_id(key))  # more may be waiting
 
-    def _deliver(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def _xread(
+        self, streams: dict[Any, Any], count: int, block: int | None = None
+    ) -> list[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
+        """XREAD's raw reply: per stream, its entries as (id, [field, value, ...])."""
+        args: list[Any] = ["XREAD", "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        args += ["STREAMS", *streams.keys(), *streams.values()]
+        return await self._reads.call(*args) or []
+
+    def _deliver(self, key: bytes, entries: list[tuple[bytes, list[bytes]]]) -> None:
         job_id = _job_id(key)
         job = self.jobs.get(job_id)
         if job is None:
@@ -270,7 +276,8 @@ class Relay:
         readers = list(job.readers)
         read_from = job.read_from
         now = job.last_activity
-        for entry_id, fields in entries:
+        for entry_id, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             position = entry_key(entry_id)
             final = FINAL in fields
             data = fields[DATA]
