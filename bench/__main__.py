@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from . import compare, scenarios
 from .options import Options, parse
 from .processes import Cluster, raise_file_limit
-from .report import Table, load_average, record, section
+from .report import Table, cpu_reference, load_average, record, section
 from .runner import Bench, progress
 
 
@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = datetime.datetime.now(datetime.UTC)
     load = load_average()
+    reference = cpu_reference()
     began = time.monotonic()
     progress(
         f"bench {o.key}: starting Redis, the demo LLM, the direct relay, a gateway and"
         f" {o.workers} worker(s); logs in {logdir}; open files up to {files};"
-        f" load average {load}"
+        f" load average {load}; CPU reference {reference}"
     )
     ok = False
     try:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for table in tables:
         print(f"\n## {table.title}\n\n{table.markdown()}\n", flush=True)
     if o.write:
-        record(o.key, section(o.key, tables, started, seconds, load))
+        record(o.key, section(o.key, tables, started, seconds, load, reference))
         progress(f"recorded in docs/benchmarks.md (section {o.key})")
     progress(f"done in {seconds:.0f} s")
     return 0

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +130,26 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_reference() -> str:
+    """How fast one core runs Python here (best of three): µs figures from two machines,
+    or from one VM on two days, compare only through it."""
+    best = min(_time_reference_loop() for _ in range(3))
+    return f"{best * 1000:.0f} ms"
+
+
+def _time_reference_loop() -> float:
+    started = time.process_time()
+    sum(range(10**7))
+    return time.process_time() - started
+
+
 def section(
-    key: str, tables: list[Table], started: datetime.datetime, seconds: float, load: str
+    key: str,
+    tables: list[Table],
+    started: datetime.datetime,
+    seconds: float,
+    load: str,
+    reference: str,
 ) -> str:
     when = started.strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -141,6 +160,8 @@ def section(
         f"- machine: {machine()}",
         f"- date: {when}; revision {revision()}; the run took {seconds:.0f} s",
         f"- load average (1 / 5 / 15 min) when it began: {load}",
+        f"- CPU reference: `sum(range(10**7))` takes {reference} of CPU on one core (best"
+        " of 3, before the run); CPU figures scale with it",
         "",
     ]
     for table in tables:
