@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.held_connection import HeldConnection
 from shared.redis_conn import connect
@@ -57,6 +58,21 @@ def test_a_cancelled_round_trip_leaves_no_reply_behind(redis_url: str) -> None:
             with pytest.raises(Exception, match="wrong number of arguments"):
                 await held.call("GET")
             assert await held.call("ECHO", "still in step") == b"still in step"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_round_trip_past_its_time_fails_and_the_next_is_in_step(redis_url: str) -> None:
+    async def main() -> None:
+        client = connect(redis_url)  # no socket timeout: the held connection bounds calls
+        held = HeldConnection(client, timeout_s=0.2)
+        try:
+            with pytest.raises(RedisTimeoutError, match=r"did not answer XREAD within 0\.2 s"):
+                await held.call("XREAD", "BLOCK", 600, "STREAMS", "sg:test:held", "$")
+            await asyncio.sleep(0.6)  # the XREAD's nil reply would have arrived by now
+            assert await held.call("ECHO", "mine") == b"mine"
         finally:
             await client.aclose()
 

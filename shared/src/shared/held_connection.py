@@ -10,17 +10,22 @@ server closed it (Redis restarted) since its last use, seen from the reader's EO
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class HeldConnection:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, timeout_s: float | None = None) -> None:
+        """``timeout_s`` bounds each ``call`` whole, for a client made without a socket
+        timeout: redis-py starts a task per command sent under one (``wait_for``)."""
         self._pool = redis.connection_pool
         self._idle: AbstractConnection | None = None
+        self._timeout_s = timeout_s
 
     async def take(self) -> AbstractConnection:
         """The kept connection, or one from the pool while another caller has it."""
@@ -48,13 +53,17 @@ class HeldConnection:
         conn = await self.take()
         in_step = False
         try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-            try:
-                reply = await conn.read_response()
-            except ResponseError:
-                in_step = True  # an error reply is read whole
-                raise
+            async with asyncio.timeout(self._timeout_s):
+                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                try:
+                    reply = await conn.read_response()
+                except ResponseError:
+                    in_step = True  # an error reply is read whole
+                    raise
             in_step = True
             return reply
+        except TimeoutError:
+            answer = f"Redis did not answer {args[0]} within {self._timeout_s} s"
+            raise RedisTimeoutError(answer) from None
         finally:
             await self.give(conn, in_step)

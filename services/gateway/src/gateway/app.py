@@ -34,7 +34,7 @@ from .errors import (
     handle_redis_full,
 )
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
-from .relay import BLOCK_MS, Relay
+from .relay import Relay
 from .state import State
 
 
@@ -67,10 +67,9 @@ def create_app(settings: Settings) -> Starlette:
         arq = connect_arq(
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5, max_connections=128
         )
-        # The relay's XREAD BLOCK: one command at a time, so one connection.
-        blocking = connect(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=BLOCK_MS / 1000 + 5
-        )
+        # The relay's XREAD BLOCK: one command at a time, so one connection. The relay
+        # bounds each round trip itself (a socket timeout costs a task per command).
+        blocking = connect(settings.redis_url, socket_connect_timeout=2)
         log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
         relay = Relay(arq, blocking, log, settings, metrics)
         sessions = SessionStore(

@@ -54,7 +54,7 @@ SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
 
 
 class _Job:
-    __slots__ = ("key", "last_activity", "prefix", "read_from", "readers", "swept")
+    __slots__ = ("_cursor", "key", "last_activity", "prefix", "read_from", "readers", "swept")
 
     def __init__(self, job_id: str, now: float) -> None:
         self.key = keys.events_key(job_id).encode()
@@ -63,13 +63,19 @@ class _Job:
         self.last_activity = now
         self.swept = now  # when the watchdog last had it read regardless of the doorbell
         self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
+        self._cursor = b""
 
-    def cursor(self) -> str:
+    def cursor(self) -> bytes:
         """Where the next XREAD of this job starts: its furthest-behind reader; noted, since
         only readers at or past it may take what that read returns."""
-        self.read_from = min(reader.after for reader in self.readers)
-        ms, seq = self.read_from
-        return f"{ms}-{seq}"
+        if len(self.readers) == 1:
+            start = next(iter(self.readers)).after
+        else:
+            start = min(reader.after for reader in self.readers)
+        if start != self.read_from:  # most streams of an XREAD have not moved since the last
+            self.read_from = start
+            self._cursor = b"%d-%d" % start
+        return self._cursor
 
 
 class Relay:
@@ -83,7 +89,8 @@ class Relay:
     ) -> None:
         self.redis = redis
         self.metrics = metrics
-        self._reads = HeldConnection(blocking_redis)  # one XREAD after another
+        # One XREAD after another; the client has no socket timeout, this bounds each.
+        self._reads = HeldConnection(blocking_redis, timeout_s=BLOCK_MS / 1000 + 5)
         self.log = log
         self.settings = settings
         self.jobs: dict[str, _Job] = {}
