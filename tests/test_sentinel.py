@@ -52,7 +52,8 @@ def _server(args: list[str], port: int) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[Topology]:
     primary_port, replica_port = free_port(), free_port()
-    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    # --dir: a replica stores the primary's snapshot there (else in the checkout).
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
     primary = _server(["--port", str(primary_port), *common], primary_port)
     replica = _server(
         ["--port", str(replica_port), *common, "--replicaof", "127.0.0.1", str(primary_port)],
