@@ -4,10 +4,13 @@ a round trip cut short."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.held_connection import HeldConnection
@@ -41,39 +44,70 @@ def test_a_restart_of_redis_costs_no_failed_command(own_redis: RedisServer) -> N
     asyncio.run(main())
 
 
-def test_a_cancelled_round_trip_leaves_no_reply_behind(redis_url: str) -> None:
+def test_a_connection_with_a_reply_unread_is_not_kept_in_that_state(redis_url: str) -> None:
     async def main() -> None:
         client = connect(redis_url, socket_timeout=5)
         held = HeldConnection(client)
         try:
+            conn = await held.take()
+            await conn.send_packed_command(conn.pack_command("ECHO", "stale"))
+            await held.give(conn, in_step=False)  # as after a round trip cut short
+            assert await held.call("ECHO", "fresh") == b"fresh"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_error_reply_keeps_the_connection_and_a_cut_round_trip_replaces_it(
+    redis_url: str,
+) -> None:
+    async def main() -> None:
+        client = connect(redis_url)  # no socket timeout: the held connection bounds calls
+        held = HeldConnection(client, timeout_s=0.2)
+        try:
+            first = await held.call("CLIENT", "ID")
+            with pytest.raises(ResponseError, match="wrong number of arguments"):
+                await held.call("GET")
+            assert await held.call("CLIENT", "ID") == first  # read whole: kept
+
+            with pytest.raises(RedisTimeoutError, match=r"did not answer XREAD within 0\.2 s"):
+                await held.call("XREAD", "BLOCK", 600, "STREAMS", "sg:test:held", "$")
+            second = await held.call("CLIENT", "ID")
+            assert second != first  # its nil reply was still to come: a new connection
+
             blocked = asyncio.create_task(
-                held.call("XREAD", "BLOCK", 300, "STREAMS", "sg:test:held", "$")
+                held.call("XREAD", "BLOCK", 600, "STREAMS", "sg:test:held", "$")
             )
             await asyncio.sleep(0.05)
             blocked.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await blocked
-            await asyncio.sleep(0.4)  # the XREAD's nil reply would have arrived by now
+            await asyncio.sleep(0.7)  # the XREAD's nil reply would have arrived by now
             assert await held.call("ECHO", "mine") == b"mine"
-            with pytest.raises(Exception, match="wrong number of arguments"):
-                await held.call("GET")
-            assert await held.call("ECHO", "still in step") == b"still in step"
+            assert await held.call("CLIENT", "ID") not in (first, second)
         finally:
             await client.aclose()
 
     asyncio.run(main())
 
 
-def test_a_round_trip_past_its_time_fails_and_the_next_is_in_step(redis_url: str) -> None:
-    async def main() -> None:
-        client = connect(redis_url)  # no socket timeout: the held connection bounds calls
-        held = HeldConnection(client, timeout_s=0.2)
-        try:
-            with pytest.raises(RedisTimeoutError, match=r"did not answer XREAD within 0\.2 s"):
-                await held.call("XREAD", "BLOCK", 600, "STREAMS", "sg:test:held", "$")
-            await asyncio.sleep(0.6)  # the XREAD's nil reply would have arrived by now
-            assert await held.call("ECHO", "mine") == b"mine"
-        finally:
-            await client.aclose()
+def test_a_server_that_accepts_but_never_answers_fails_the_call_in_time() -> None:
+    # A paused Redis, or a proxy in front of one: connecting succeeds, nothing answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
 
-    asyncio.run(main())
+        async def main() -> float:
+            client = connect(f"redis://127.0.0.1:{port}/0")
+            held = HeldConnection(client, timeout_s=0.3)
+            began = time.monotonic()
+            try:
+                with pytest.raises(RedisTimeoutError):  # not the test's own TimeoutError
+                    await asyncio.wait_for(held.call("PING"), 5)  # handshake included
+                return time.monotonic() - began
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(main()) < 2
