@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from .held_connection import HeldConnection
 
@@ -46,18 +46,4 @@ class Scripts:
         return results
 
     async def _evalsha_many(self, sha: str, calls: Sequence[Call]) -> list[Any]:
-        conn = await self._held.take()
-        in_step = False
-        try:
-            commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # this call's alone: its reply was read whole
-                    replies.append(exc)
-            in_step = True
-            return replies
-        finally:
-            await self._held.give(conn, in_step)
+        return await self._held.run([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
