@@ -43,6 +43,8 @@ def test_every_setting_is_in_the_readme_table() -> None:
     [
         ("REDIS_URL", "localhost:6379"),
         ("REDIS_URL", "redis://host:port/0"),
+        ("REDIS_URL", "redis://localhost:6379/0?protocol=3"),
+        ("REDIS_URL", "redis+sentinel://s1:26379/mymaster/0?decode_responses=true"),
         ("PING_INTERVAL_S", "soon"),
         ("MAX_PROMPT_CHARS", "-1"),
         ("OPENAI_BASE_URL", "not a url"),

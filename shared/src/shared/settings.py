@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         from .redis_conn import sentinel_target  # raises ValueError on a bad Sentinel URL
 
+        options = parse_qs(urlsplit(value).query)
+        # Both change what every reply looks like; the relay and the scripts read RESP2 bytes.
+        if options.get("protocol", ["2"])[-1] != "2":
+            raise ValueError("protocol=3 is not supported (Streamgate speaks RESP2): drop it")
+        decode = options.get("decode_responses", [""])[-1]
+        if decode and decode.upper() not in ("0", "F", "FALSE", "N", "NO"):
+            raise ValueError("decode_responses is not supported (replies stay bytes): drop it")
         if sentinel_target(value) is not None:
             return value
         parts = urlsplit(value)
