@@ -47,6 +47,15 @@ def redis_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone, which it may stop and start (Redis restarts)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(redis_source: tuple[str, object]) -> RedisServer | None:
     """Our own redis-server, or None when REDIS_URL or a container provides Redis."""

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -249,14 +249,6 @@ def test_a_posted_job_no_worker_started_never_runs(
     assert stream.events[-1] == {"error": ev.NO_WORKER}
     time.sleep(1)
     assert stack.llm_stats()["requests"] == 0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_redis_restart_mid_stream(

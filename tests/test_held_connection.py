@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from redis.exceptions import ResponseError
@@ -17,14 +15,6 @@ from shared.held_connection import HeldConnection
 from shared.redis_conn import connect
 
 from .harness import RedisServer
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_restart_of_redis_costs_no_failed_command(own_redis: RedisServer) -> None:
