@@ -145,9 +145,7 @@ class EventLog:
             ]
             calls.append((script_keys, args))
         claimed = []
-        for result in await self._scripts.run_many(CLAIM, calls):
-            if isinstance(result, Exception):
-                raise result
+        for result in await self._scripts.run_all(CLAIM, calls):
             claimed.append((result[0].decode(), result[1] if len(result) > 1 else None))
         return claimed
 
@@ -222,10 +220,7 @@ class EventLog:
         for job_id in job_ids:
             script_keys, queue_args = self._queue_again(job_id)
             calls.append((script_keys, [*base, *queue_args]))
-        results = await self._scripts.run_many(CHECK, calls)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+        results = await self._scripts.run_all(CHECK, calls)
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
     async def is_over(self, job_id: str) -> bool:

@@ -36,7 +36,9 @@ class Scripts:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            replies = await self._evalsha_many(sha, [calls[i] for i in todo])
+            replies = await self._held.run(
+                [("EVALSHA", sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo]
+            )
             for i, reply in zip(todo, replies, strict=True):
                 results[i] = reply
             todo = [i for i in todo if isinstance(results[i], NoScriptError)]
@@ -45,5 +47,10 @@ class Scripts:
             await self.redis.script_load(script)
         return results
 
-    async def _evalsha_many(self, sha: str, calls: Sequence[Call]) -> list[Any]:
-        return await self._held.run([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
+    async def run_all(self, script: str, calls: Sequence[Call]) -> list[Any]:
+        """``run_many`` for callers that need every call to succeed: the first error raised."""
+        results = await self.run_many(script, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results

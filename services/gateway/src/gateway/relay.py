@@ -94,8 +94,9 @@ class Relay:
         self.log = log
         self.settings = settings
         self.jobs: dict[str, _Job] = {}
-        self._wake_key = f"sg:gateway-wake:{secrets.token_hex(8)}"
-        self._wake_cursor = "0-0"
+        # Bytes, as XREAD's raw reply names streams and entries.
+        self._wake_key = f"sg:gateway-wake:{secrets.token_hex(8)}".encode()
+        self._wake_cursor = b"0-0"
         self._activity_cursor: str | None = None  # None: not following the doorbell
         self._fresh: set[str] = set()  # jobs to read at once (doorbell mode)
         self._wake_pending = False
@@ -227,8 +228,8 @@ class Relay:
             streams[job.key] = job.cursor()
         self._fresh.clear()  # this read covers them
         for key, entries in await self._xread(streams, READ_COUNT, BLOCK_MS):
-            if key == self._wake_key.encode():
-                self._wake_cursor = entries[-1][0].decode()
+            if key == self._wake_key:
+                self._wake_cursor = entries[-1][0]
             else:
                 self._deliver(key, entries)
 
@@ -244,8 +245,8 @@ class Relay:
         }
         rung = await self._xread(streams, RING_COUNT, None if self._fresh else BLOCK_MS)
         for key, entries in rung:
-            if key == self._wake_key.encode():
-                self._wake_cursor = entries[-1][0].decode()
+            if key == self._wake_key:
+                self._wake_cursor = entries[-1][0]
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:

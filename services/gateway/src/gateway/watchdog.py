@@ -84,9 +84,7 @@ class Watchdog:
             (watched[start : start + WATCH_BATCH], [grace_ms])
             for start in range(0, len(watched), WATCH_BATCH)
         ]
-        for result in await self._scripts.run_many(RENEW_WATCHED, calls):
-            if isinstance(result, Exception):
-                raise result
+        await self._scripts.run_all(RENEW_WATCHED, calls)
 
     async def _check_unread(self) -> None:
         """Jobs whose heartbeat lapsed, or that waited past the queue timeout, whether or

@@ -111,9 +111,7 @@ class Heartbeat:
                 args += [job_id, running.owner, "1" if running.watched else "0"]
             calls.append((script_keys, args))
         verdicts = []
-        for batch in await self._scripts.run_many(BEAT, calls):
-            if isinstance(batch, Exception):
-                raise batch
+        for batch in await self._scripts.run_all(BEAT, calls):
             verdicts += batch
         for (_, running), verdict in zip(jobs, verdicts, strict=True):
             if verdict == 1:
