@@ -56,10 +56,7 @@ class EventLog:
         self.redis = redis
         self.retention_s = retention_s
         self.queue_timeout_ms = int(queue_timeout_s * 1000)
-        self._create = redis.register_script(CREATE)
         self._scripts = Scripts(redis)
-        self._release = redis.register_script(RELEASE)
-        self._end = redis.register_script(END)
         self._too_many = ev.encode(ev.Error(ev.TOO_MANY_ATTEMPTS))
         self._worker_lost = ev.encode(ev.Error(ev.WORKER_LOST))
         self._no_worker = ev.encode(ev.Error(ev.NO_WORKER))
@@ -107,7 +104,8 @@ class EventLog:
             keys.WAKE_CAP - 1,
             keys.WAKE_REQUEST_MAX,
         ]
-        return int(await self._create(keys=script_keys, args=args))
+        (position,) = await self._scripts.run_all(CREATE, [(script_keys, args)])
+        return int(position)
 
     async def claim(self, job_id: str, queued_as: str, owner: str, alive_ms: int) -> Claim:
         """Make ``owner`` the job's running attempt, returning "run" and the job's request;
@@ -190,7 +188,8 @@ class EventLog:
             self.retention_s,
             *queue_args,
         ]
-        return int(await self._release(keys=script_keys, args=args))
+        (handed_back,) = await self._scripts.run_all(RELEASE, [(script_keys, args)])
+        return int(handed_back)
 
     def _queue_again(self, job_id: str) -> tuple[list[str], list[bytes | str | int]]:
         """The keys, and the arguments that end them, for a script that may queue the job
@@ -202,7 +201,8 @@ class EventLog:
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
         args: list[bytes | str | int] = [ev.encode(ev.Error(error)), self.retention_s]
-        return int(await self._end(keys=_job_keys(job_id), args=args)) == 1
+        (ended,) = await self._scripts.run_all(END, [(_job_keys(job_id), args)])
+        return int(ended) == 1
 
     async def check_stalled(self, job_ids: Sequence[str]) -> dict[str, int]:
         """Per job: 0 fine, 1 ended now (worker lost), 2 handed back and queued again (its
