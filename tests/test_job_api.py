@@ -209,6 +209,22 @@ def test_bad_cursors(stack: Stack, client: httpx.Client, cursor: str, status: in
     assert enqueued(stack) == before
 
 
+@pytest.mark.parametrize("entry", [f"{2**64}-0", f"1-{2**64}", f"{2**64 - 1}-{2**64 - 1}"])
+def test_cursors_past_what_redis_can_hold_are_a_400(
+    stack: Stack, client: httpx.Client, entry: str
+) -> None:
+    """Digits that pass the pattern but not Redis (each half of an entry id is 64 bits)."""
+    job_id = post(client, stack, "[long 2]")
+    cursor = f"{job_id}_{entry}"
+    for url, headers in (
+        (f"/chat/{job_id}/events?last_event_id={cursor}", {}),
+        ("/chat?prompt=hi", {"Last-Event-ID": cursor}),
+    ):
+        response = client.get(stack.gateway.url + url, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]
+
+
 def test_foreign_cursors_are_refused(stack: Stack, client: httpx.Client) -> None:
     one = post(client, stack, "[long 5]")
     other = post(client, stack, "[long 5]")

@@ -14,6 +14,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _CURSOR = re.compile(r"([0-9a-f]{32})_(\d{1,20}-\d{1,20})")
 
 START = "0-0"  # the stream position before the first event
+_MAX_ID_PART = 2**64 - 1  # each half of a stream entry id is an unsigned 64-bit number
 
 
 class Cursor(NamedTuple):
@@ -37,4 +38,7 @@ def parse_cursor(value: str) -> Cursor | None:
     match = _CURSOR.fullmatch(value.strip())
     if match is None:
         return None
+    ms, _, seq = match.group(2).partition("-")
+    if int(ms) > _MAX_ID_PART or int(seq) > _MAX_ID_PART:
+        return None  # Redis refuses such an entry id; no stream of ours holds one
     return Cursor(match.group(1), match.group(2))
