@@ -9,6 +9,7 @@ from shared.logs import configure_logging, uvicorn_log_config
 from shared.settings import load_address, load_settings
 
 from .app import create_app
+from .http_protocol import protocol_for
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
         # Streams close at once on SIGTERM (sse-starlette); this bounds the rest.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         access_log=False,
+        http=protocol_for(settings.max_prompt_chars),
     )
 
 

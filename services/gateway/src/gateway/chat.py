@@ -13,7 +13,14 @@ from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
 from .errors import BadRequest, NotFound
-from .inputs import ChatRequest, chat_request, cursor_of, json_body, query_params
+from .inputs import (
+    ChatRequest,
+    chat_request,
+    cursor_of,
+    json_body,
+    max_request_bytes,
+    query_params,
+)
 from .jobs import check_session, enqueue
 from .state import State
 
@@ -45,7 +52,7 @@ async def chat_post(request: Request) -> Response:
     state: State = request.app.state.sg
     identity = state.access.identify(request)
     # Up to 12 bytes a character: JSON may escape one as two \uXXXX surrogates.
-    body = await json_body(request, limit=state.settings.max_prompt_chars * 12 + 4096)
+    body = await json_body(request, limit=max_request_bytes(state.settings.max_prompt_chars))
     chat = _checked(state, chat_request(body, state.settings.max_prompt_chars))
     async with state.access.count_chat(request, identity):
         job_id = await enqueue(state, chat, "post", identity)

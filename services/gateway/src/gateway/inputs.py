@@ -30,6 +30,12 @@ class ChatRequest:
     role: str | None = None
 
 
+def max_request_bytes(max_prompt_chars: int) -> int:
+    """The most bytes a request target or JSON body needs for a prompt within the limit: 12
+    a character (4 UTF-8 bytes, percent-encoded or JSON-escaped), and 4 KB besides."""
+    return 12 * max_prompt_chars + 4096
+
+
 def query_params(request: Request) -> dict[str, str]:
     raw: bytes = request.scope.get("query_string", b"")
     if _BAD_PERCENT.search(raw):

@@ -1,0 +1,70 @@
+"""Long GET prompts: any prompt within MAX_PROMPT_CHARS fits a GET (the only method a
+browser's EventSource has); a request line past what one needs is a 414 with a JSON error."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from urllib.parse import quote, urlsplit
+
+import orjson
+
+from . import sse
+from .harness import Stack
+
+LIMIT = 32000  # MAX_PROMPT_CHARS's default, the stack's
+
+
+def get(stack: Stack, target: str) -> tuple[int, bytes]:
+    """A GET with http.client: httpx refuses URLs over 64 KB itself."""
+    address = urlsplit(stack.gateway.url)
+    conn = http.client.HTTPConnection(address.hostname or "", address.port, timeout=60)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_get_prompt_of_the_limit_in_emoji_reaches_the_model_whole(stack: Stack) -> None:
+    prompt = "[echo] " + "😀" * (LIMIT - 7)  # 384 KB percent-encoded, past httptools' 64 KB
+    status, raw = get(stack, f"/chat?prompt={quote(prompt)}")
+    assert status == 200, raw[:300]
+    messages, _, after_final = sse.parse(raw)
+    assert messages[-1].data == {"lifecycle": "done"}
+    assert after_final == b""
+    text = "".join(m.data["token"] for m in messages if "token" in m.data)
+    assert orjson.loads(text)[-1] == {"role": "user", "content": prompt}
+
+
+def test_one_character_over_is_a_413(stack: Stack) -> None:
+    status, body = get(stack, f"/chat?prompt={quote('é' * (LIMIT + 1))}")
+    assert status == 413
+    assert "MAX_PROMPT_CHARS" in orjson.loads(body)["error"]
+
+
+def test_a_request_line_past_any_prompt_is_a_414(stack: Stack) -> None:
+    for target in (
+        "/chat?prompt=" + "%F0%9F%98%80" * (LIMIT + 400),  # a query past the limit
+        "/" + "a" * 70_000,  # a path longer than httptools can parse
+    ):
+        status, body = get(stack, target)
+        assert status == 414, body[:300]
+        assert "POST /chat" in orjson.loads(body)["error"]
+
+
+def test_the_connection_serves_on_after_a_long_target(stack: Stack) -> None:
+    """Keep-alive: a long target's request and the next one on the same connection."""
+    address = urlsplit(stack.gateway.url)
+    long_head = f"HEAD /chat?prompt={'%C3%A9' * 20_000} HTTP/1.1\r\nHost: x\r\n\r\n"
+    short = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall((long_head + short).encode())
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 2:
+            chunk = conn.recv(65536)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"text/event-stream" in received
