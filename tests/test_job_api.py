@@ -246,8 +246,28 @@ def test_head_on_the_events_url(stack: Stack, client: httpx.Client) -> None:
     assert client.head(f"{stack.gateway.url}/chat/{'0' * 32}/events").status_code == 404
 
 
-def test_405_names_the_allowed_methods(stack: Stack, client: httpx.Client) -> None:
-    response = client.put(stack.gateway.url + "/chat")
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/chat", "GET, HEAD, POST"),  # two routes serve /chat
+        ("GET", "/chat/{job}", "DELETE"),
+        ("PUT", "/chat/{job}", "DELETE"),
+        ("DELETE", "/chat/{job}/events", "GET, HEAD"),
+        ("POST", "/roles", "GET, HEAD"),
+    ],
+)
+def test_405_names_every_allowed_method(
+    stack: Stack, client: httpx.Client, method: str, path: str, allow: str
+) -> None:
+    url = stack.gateway.url + path.format(job="0" * 32)
+    response = client.request(method, url)
     assert response.status_code == 405
-    assert "GET" in response.headers["allow"]
-    assert response.json()["error"]
+    assert response.headers["allow"] == allow
+    assert method in response.json()["error"]
+
+
+def test_other_paths_under_chat_are_404(stack: Stack, client: httpx.Client) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(method, stack.gateway.url + "/chat/a/b/c")
+        assert response.status_code == 404
+        assert response.json()["error"]

@@ -27,7 +27,9 @@ from shared.settings import Settings
 from . import chat, health
 from .access import Access
 from .errors import (
+    CATCH_ALL,
     ApiError,
+    allowed_methods,
     error_response,
     handle_api_error,
     handle_redis_down,
@@ -40,11 +42,12 @@ from .state import State
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
+    allowed = allowed_methods(request) if exc.status_code == 405 else set()
+    if exc.status_code == 404 or (exc.status_code == 405 and not allowed):
         return error_response(404, f"no such endpoint: {request.url.path}")
     if exc.status_code == 405:
         response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
-        response.headers.update(exc.headers or {})  # Allow: the methods that are
+        response.headers["Allow"] = ", ".join(sorted(allowed))
         return response
     return error_response(exc.status_code, str(exc.detail))
 
@@ -96,7 +99,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat", chat.chat_post, methods=["POST"]),
         Route("/chat/{job_id}/events", chat.chat_events, methods=["GET"]),
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
-        Route("/chat/{rest:path}", chat.not_a_job, methods=["GET", "DELETE"]),
+        Route("/chat/{rest:path}", chat.not_a_job, methods=["GET", "DELETE"], name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),

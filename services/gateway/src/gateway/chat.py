@@ -12,7 +12,7 @@ from shared import events as ev
 from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, allowed_methods, method_not_allowed
 from .inputs import (
     ChatRequest,
     chat_request,
@@ -90,7 +90,10 @@ async def list_roles(request: Request) -> Response:
 
 
 async def not_a_job(request: Request) -> Response:
-    """Any other path under /chat/, such as ``../`` shapes: never a job."""
+    """Any other path or method under /chat/: a job URL asked with a method it does not
+    serve is a 405 (with ``Allow``), anything else is never a job."""
+    if allowed_methods(request):
+        raise method_not_allowed()
     raise NotFound("no such job URL: use /chat/<job_id>/events or /chat/<job_id>")
 
 

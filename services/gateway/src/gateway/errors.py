@@ -5,8 +5,12 @@ Once a stream has begun, errors travel as events instead (see relay.py).
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+CATCH_ALL = "not-a-job"  # the name of the route that answers 404 for other /chat/ paths
 
 
 class ApiError(Exception):
@@ -71,3 +75,18 @@ async def handle_redis_full(request: Request, exc: Exception) -> Response:
     return error_response(
         503, "Redis is out of memory (maxmemory, noeviction); retry once old streams expire", 30
     )
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at this path: Starlette's 405 names only the first
+    route's (``PUT /chat`` said ``GET, HEAD``; ``POST`` is served there too)."""
+    path = request.scope["path"]
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.name != CATCH_ALL and route.path_regex.match(path):
+            allowed |= route.methods or set()
+    return allowed
+
+
+def method_not_allowed() -> HTTPException:
+    return HTTPException(405)
