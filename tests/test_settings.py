@@ -51,6 +51,11 @@ def test_every_setting_is_in_the_readme_table() -> None:
         ("ROLES_FILE", "/nonexistent/roles.toml"),
         ("WORKER_LOST_TIMEOUT_S", "inf"),
         ("PING_INTERVAL_S", "1e400"),
+        ("API_KEYS", " , "),
+        ("API_KEYS_FILE", "/dev/null"),
+        ("CORS_ALLOW_ORIGINS", "not a url"),
+        ("CORS_ALLOW_ORIGINS", "https://app.example.com/"),
+        ("CORS_ALLOW_ORIGINS", "https://ok.example.com, example.com"),
     ],
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:

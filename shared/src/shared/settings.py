@@ -112,23 +112,51 @@ class Settings(BaseSettings):
         load_roles(value or None)
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: str) -> str:
+        # Blank keys are dropped: a value of nothing else would turn the keys off unseen.
+        if value.strip() and not _key_lines(value.split(",")):
+            raise ValueError("holds no key, only commas and blanks; leave it empty for no keys")
+        return value
+
     @field_validator("api_keys_file")
     @classmethod
     def _keys_file(cls, value: str) -> str:
         if value:
             try:
-                Path(value).read_text(encoding="utf-8")
+                text = Path(value).read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValueError(f"cannot read {value}: {exc.strerror}") from exc
+            if not _key_lines(text.splitlines()):
+                raise ValueError(f"{value} holds no key (one a line; '#' starts a comment)")
+        return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _cors_origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",")):
+            parts = urlsplit(origin)
+            # Browsers send an origin as scheme://host[:port], nothing after: any other
+            # spelling ("example.com", a trailing slash) would match no request.
+            if (
+                origin
+                and origin != "*"
+                and (not parts.scheme or not parts.netloc or parts.path or parts.query)
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin: use scheme://host[:port] with nothing"
+                    " after it (https://app.example.com), or * for any (development only)"
+                )
         return value
 
     @property
     def keys(self) -> list[str]:
         """Every accepted API key: API_KEYS plus the lines of API_KEYS_FILE."""
-        found = [k.strip() for k in self.api_keys.split(",")]
+        found = _key_lines(self.api_keys.split(","))
         if self.api_keys_file:
-            found += [line.strip() for line in Path(self.api_keys_file).read_text().splitlines()]
-        return [k for k in found if k and not k.startswith("#")]
+            found += _key_lines(Path(self.api_keys_file).read_text().splitlines())
+        return found
 
     @property
     def cors_origins(self) -> list[str]:
@@ -149,6 +177,11 @@ class Settings(BaseSettings):
     def heartbeat_interval_s(self) -> float:
         """How often a worker proves each job alive and checks it should go on."""
         return min(0.5, self.alive_ttl_s / 3, self.disconnect_grace_s / 3)
+
+
+def _key_lines(lines: list[str]) -> list[str]:
+    stripped = (line.strip() for line in lines)
+    return [key for key in stripped if key and not key.startswith("#")]
 
 
 class ServerAddress(BaseSettings):
