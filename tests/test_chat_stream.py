@@ -170,6 +170,8 @@ def test_cors_allows_configured_origins(make_stack, client: httpx.Client) -> Non
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
     )
     assert refused.status_code == 400
+    assert "origin" in refused.json()["error"]  # JSON, like every request error
+    assert refused.headers["vary"].startswith("Origin")  # Starlette's headers kept
     simple = client.get(stack.gateway.url + "/healthz", headers={"Origin": "https://app.example"})
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
 

@@ -130,6 +130,7 @@ def test_api_keys(keyed: Stack, client: httpx.Client) -> None:
     assert client.get(url + "/healthz").status_code == 200
     missing = client.get(url + "/chat", params={"prompt": "hi"})
     assert missing.status_code == 401 and "API key" in missing.json()["error"]
+    assert missing.headers["www-authenticate"].startswith("Bearer")  # RFC 9110: 401 names it
     wrong = client.post(
         url + "/chat", json={"prompt": "hi"}, headers={"Authorization": "Bearer nope"}
     )

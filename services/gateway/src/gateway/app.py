@@ -12,7 +12,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -26,6 +25,7 @@ from shared.settings import Settings
 
 from . import chat, health
 from .access import Access
+from .cors import JsonCORSMiddleware
 from .errors import (
     CATCH_ALL,
     ApiError,
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> Starlette:
     middleware = [
         Middleware(RequestMetrics, metrics=metrics),
         Middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],

@@ -5,6 +5,8 @@ Once a stream has begun, errors travel as events instead (see relay.py).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,6 +18,7 @@ CATCH_ALL = "not-a-job"  # the name of the route that answers 404 for other /cha
 class ApiError(Exception):
     status = 400
     retry_after: int | None = None
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -28,6 +31,7 @@ class BadRequest(ApiError):
 
 class Unauthorized(ApiError):
     status = 401
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="streamgate"'}
 
 
 class NotFound(ApiError):
@@ -62,7 +66,9 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message, exc.retry_after)
+    response = error_response(exc.status, exc.message, exc.retry_after)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def handle_redis_down(request: Request, exc: Exception) -> Response:
