@@ -184,13 +184,21 @@ def _key_lines(lines: list[str]) -> list[str]:
     return [key for key in stripped if key and not key.startswith("#")]
 
 
+DEFAULT_HOST = "127.0.0.1"  # the containers set HOST=0.0.0.0
+
+
 class ServerAddress(BaseSettings):
     """Where an HTTP process listens: ``HOST`` and ``PORT`` (the Procfile's convention)."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+def listen_host() -> str:
+    """``HOST`` alone, for listeners without a ``PORT`` of their own (a worker's metrics)."""
+    return os.environ.get("HOST") or DEFAULT_HOST
 
 
 def load_address(default_port: int) -> ServerAddress:

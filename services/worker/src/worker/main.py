@@ -25,7 +25,7 @@ from shared.logs import configure_logging
 from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, listen_host, load_settings
 from shared.tasks import cancel_and_wait
 
 from .chat_job import chat
@@ -43,7 +43,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
-    ctx["metrics"].serve(settings.metrics_port)
+    ctx["metrics"].serve(settings.metrics_port, listen_host())
     ctx["sessions"] = SessionStore(
         redis,
         settings.session_max_turns,

@@ -50,15 +50,15 @@ class WorkerMetrics:
             registry=r,
         )
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str) -> None:
         if not port:
             return
         try:
-            start_http_server(port, registry=self.registry)
+            start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             # Several workers on one host (a local run) cannot share a port; the first wins.
             logger.warning(
                 "metrics not served: port %d is taken (%s); set METRICS_PORT", port, exc.strerror
             )
         else:
-            logger.info("metrics on http://0.0.0.0:%d/metrics", port)
+            logger.info("metrics on http://%s:%d/metrics", host, port)
