@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -91,6 +92,7 @@ def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
 
 def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
+        await log.redis.zadd(keys.WORKERS, {"alive": time.time() * 1000 + 60_000})
         job_id = await new_job(log)
         for attempt in range(1, MAX_REQUEUES + 2):
             assert (await log.claim(job_id, job_id, f"attempt-{attempt}", 20))[0] == "run"
@@ -98,6 +100,22 @@ def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str)
             result = (await log.check_stalled([job_id]))[job_id]
             assert result == (2 if attempt <= MAX_REQUEUES else 4)
         assert (await events(log, job_id))[-1] == {"error": ev.TOO_MANY_ATTEMPTS}
+
+    run(db_url, scenario)
+
+
+def test_a_job_without_output_ends_at_once_when_no_worker_is_alive_to_rerun_it(
+    db_url: str,
+) -> None:
+    """Its client hears within WORKER_LOST_TIMEOUT_S, not QUEUE_TIMEOUT_S later."""
+
+    async def scenario(log: EventLog) -> None:
+        await log.redis.zadd(keys.WORKERS, {"lapsed": time.time() * 1000 - 1})
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "dead", 20))[0] == "run"
+        await asyncio.sleep(0.05)
+        assert (await log.check_stalled([job_id]))[job_id] == 1
+        assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
     run(db_url, scenario)
 

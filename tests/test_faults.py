@@ -116,6 +116,21 @@ def test_worker_killed_before_any_output_is_replaced_transparently(
     ]
 
 
+def test_the_only_worker_killed_before_any_output_ends_the_job_in_time(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    """No worker is left to run it again: the client hears within WORKER_LOST_TIMEOUT_S,
+    not once QUEUE_TIMEOUT_S has passed with the job queued again."""
+    stack = make_stack(workers=1, QUEUE_TIMEOUT_S="60")
+    job_id = post(client, stack, "[long 100] [wait 30]")
+    stack.workers[worker_running(stack, job_id)].kill()
+    killed_at = time.monotonic()
+    stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+    assert time.monotonic() - killed_at < LOST_TIMEOUT + 2
+    assert stream.events[-1] == {"error": ev.WORKER_LOST}
+    assert stream.text == ""
+
+
 def test_killed_gateway_client_resumes_on_another_exactly(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:

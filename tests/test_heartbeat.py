@@ -30,7 +30,7 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
 
     async def scenario() -> None:
         redis = connect(db_url)
-        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w1")
         # job: (owner in Redis, GET job?, has a reader?) -> expected stop reason
         cases = {
             "ours": ("me", False, False, None),
@@ -74,6 +74,23 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
         for job_id in cases:
             ttl = await redis.pttl(keys.alive_key(job_id))
             assert (0 < ttl <= 5000) if job_id in renewed else ttl == -2, job_id
+        assert await redis.zscore(keys.WORKERS, "w1") >= before + 5000
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_worker_beats_too(db_url: str) -> None:
+    """The workers index says whether a dead worker's job can run again elsewhere."""
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        await redis.zadd(keys.WORKERS, {"long-gone": 1})
+        before = int(time.time() * 1000)
+        await hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="idle").beat()
+        workers = dict(await redis.zrange(keys.WORKERS, 0, -1, withscores=True))
+        assert list(workers) == [b"idle"]  # a day past its lapse, a worker leaves the index
+        assert workers[b"idle"] >= before + 5000
         await redis.aclose()
 
     asyncio.run(scenario())

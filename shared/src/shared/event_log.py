@@ -219,7 +219,7 @@ class EventLog:
         calls = []
         for job_id in job_ids:
             script_keys, queue_args = self._queue_again(job_id)
-            calls.append((script_keys, [*base, *queue_args]))
+            calls.append(([*script_keys, keys.WORKERS], [*base, *queue_args]))
         results = await self._scripts.run_all(CHECK, calls)
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 

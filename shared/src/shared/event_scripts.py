@@ -198,12 +198,13 @@ return 1
 """
 )
 
-# The watchdog's check of a job that has been silent. KEYS 5-8 as for RELEASE. ARGV:
-# worker-lost error, no-worker error, retention s, queue timeout ms, max requeues,
-# too-many error, arq id, arq job payload, enqueue time ms, the wake list's last index.
-# Returns 0 healthy (or already ended), -1 gone, 1 ended now (worker lost), 2 handed back
-# and queued again (its worker died before any output), 3 ended now (no worker started it
-# in time), 4 ended now (handed back too often).
+# The watchdog's check of a job that has been silent. KEYS 5-8 as for RELEASE, then the
+# workers index. ARGV: worker-lost error, no-worker error, retention s, queue timeout ms,
+# max requeues, too-many error, arq id, arq job payload, enqueue time (now) ms, the wake
+# list's last index. Returns 0 healthy (or already ended), -1 gone, 1 ended now (worker
+# lost: it had output, or no worker is alive to run it again, so the client hears within
+# WORKER_LOST_TIMEOUT_S), 2 handed back and queued again (its worker died before any
+# output), 3 ended now (no worker started it in time), 4 ended now (handed back too often).
 CHECK = (
     _FINALIZE
     + _HAND_BACK
@@ -213,7 +214,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
 if owned() then
   if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-  if redis.call('HEXISTS', KEYS[1], 'published') == 1 then
+  if redis.call('HEXISTS', KEYS[1], 'published') == 1
+    or redis.call('ZCOUNT', KEYS[9], '(' .. ARGV[9], '+inf') == 0 then
     finalize(ARGV[1], ARGV[3])
     return 1
   end

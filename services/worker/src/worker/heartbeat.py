@@ -38,17 +38,20 @@ class Running:
     stop_reason: str | None = None  # "not-owner" or "unwatched" once the heartbeat stopped it
 
 
-# KEYS: the running index, then per job its meta hash, alive key and watched key.
-# ARGV: alive ms, when the heartbeat lapses (ms), how many ended jobs leave the index, their
-# ids, then per job its id, this attempt's owner token and '1' for a GET job (it needs a
-# reader). Per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody relays it.
+# KEYS: the running index, the workers index, then per job its meta hash, alive key and
+# watched key. ARGV: alive ms, when the heartbeat lapses (ms), this worker's name, how many
+# ended jobs leave the index, their ids, then per job its id, this attempt's owner token and
+# '1' for a GET job (it needs a reader). Per job: 0 go on, 1 no longer this attempt's
+# (nothing renewed), 2 nobody relays it. Workers gone for a day leave the workers index.
 BEAT = """
-local ended = tonumber(ARGV[3])
-for i = 4, 3 + ended do redis.call('ZREM', KEYS[1], ARGV[i]) end
-local a = 3 + ended
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - 86400000)
+local ended = tonumber(ARGV[4])
+for i = 5, 4 + ended do redis.call('ZREM', KEYS[1], ARGV[i]) end
+local a = 4 + ended
 local out = {}
-for i = 0, (#KEYS - 1) / 3 - 1 do
-  local meta, alive, watched = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+for i = 0, (#KEYS - 2) / 3 - 1 do
+  local meta, alive, watched = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   if redis.call('HGET', meta, 'owner') ~= ARGV[a + 2 + 3 * i] then
     out[i + 1] = 1
   else
@@ -63,8 +66,9 @@ BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between cal
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, interval_s: float, alive_ms: int) -> None:
+    def __init__(self, redis: Redis, interval_s: float, alive_ms: int, name: str) -> None:
         self.redis = redis
+        self.name = name  # in the workers index, beaten even while idle
         self.interval_s = interval_s
         self.alive_ms = alive_ms
         self._scripts = Scripts(redis)
@@ -93,15 +97,13 @@ class Heartbeat:
 
     async def beat(self) -> None:
         jobs = list(self.jobs.items())
-        if not jobs and not self._finished:
-            return
         lapses_at = int(time.time() * 1000) + self.alive_ms
         finished, self._finished = self._finished, []
         calls = []
         for start in range(0, max(len(jobs), 1), BEAT_BATCH):
-            script_keys = [keys.RUNNING]
+            script_keys = [keys.RUNNING, keys.WORKERS]
             ended = finished if start == 0 else []
-            args: list[str | int] = [self.alive_ms, lapses_at, len(ended), *ended]
+            args: list[str | int] = [self.alive_ms, lapses_at, self.name, len(ended), *ended]
             for job_id, running in jobs[start : start + BEAT_BATCH]:
                 script_keys += [
                     keys.meta_key(job_id),

@@ -57,6 +57,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         redis,
         interval_s=settings.heartbeat_interval_s,
         alive_ms=int(settings.alive_ttl_s * 1000),
+        name=ctx["worker_name"],
     )
     ctx["heartbeat"] = heartbeat
     ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
