@@ -200,7 +200,7 @@ class EventLog:
 
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
-        args: list[bytes | str | int] = [ev.encode(ev.Error(error)), self.retention_s]
+        args: list[bytes | str | int] = [ev.encode(ev.Error(error)), self.retention_s, job_id]
         (ended,) = await self._scripts.run_all(END, [(_job_keys(job_id), args)])
         return int(ended) == 1
 

@@ -187,13 +187,15 @@ return waiting + 1
 """
 )
 
-# ARGV: error event, retention s. Returns 1 if it ended the job, 0 if ended before, -1 if gone.
+# ARGV: error event, retention s, the job id. Returns 1 if it ended the job (and told its
+# worker, on keys.ENDED), 0 if ended before, -1 if gone.
 END = (
     _FINALIZE
-    + """
+    + f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
 finalize(ARGV[1], ARGV[2])
+redis.call('PUBLISH', '{keys.ENDED}', ARGV[3])
 return 1
 """
 )

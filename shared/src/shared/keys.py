@@ -18,6 +18,8 @@ ACTIVITY = "sg:activity"  # the doorbell: every write to a job's stream adds tha
 ACTIVITY_LEN = 100_000  # entries kept, approximately: seconds of writes at the busiest
 RUNNING = "sg:running"  # running job ids scored by when their heartbeat lapses (ms): lets
 # any gateway's watchdog find a dead worker's job that nobody is reading
+ENDED = "sg:ended"  # pub/sub channel: the id of each job ended from outside (DELETE), so
+# that its worker stops the upstream request at once rather than at its next heartbeat
 WORKERS = "sg:workers"  # worker names scored by when their heartbeat lapses (ms), idle ones
 # too: a dead worker's job goes back to the queue only while some worker is alive to take it
 

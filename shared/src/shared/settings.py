@@ -175,8 +175,9 @@ class Settings(BaseSettings):
 
     @property
     def heartbeat_interval_s(self) -> float:
-        """How often a worker proves each job alive and checks it should go on."""
-        return min(0.5, self.alive_ttl_s / 3, self.disconnect_grace_s / 3)
+        """How often a worker proves each job alive and checks it should go on (a cancel
+        does not wait for it: worker/ended_jobs.py)."""
+        return min(self.alive_ttl_s / 3, self.disconnect_grace_s / 3)
 
 
 def _key_lines(lines: list[str]) -> list[str]:

@@ -121,6 +121,12 @@ class Heartbeat:
             elif verdict == 2:
                 self._stop(running, "unwatched")
 
+    def stop_ended(self, job_id: str) -> None:
+        """The job was ended from outside (cancelled): stop it now, if it runs here."""
+        running = self.jobs.get(job_id)
+        if running is not None:
+            self._stop(running, "not-owner")
+
     @staticmethod
     def _stop(running: Running, reason: str) -> None:
         if running.stop_reason is None:

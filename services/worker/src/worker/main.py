@@ -29,6 +29,7 @@ from shared.settings import Settings, listen_host, load_settings
 from shared.tasks import cancel_and_wait
 
 from .chat_job import chat
+from .ended_jobs import follow_ended_jobs
 from .heartbeat import Heartbeat
 from .llm import Upstream
 from .metrics import WorkerMetrics
@@ -61,6 +62,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     )
     ctx["heartbeat"] = heartbeat
     ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
+    ctx["ended_task"] = asyncio.create_task(follow_ended_jobs(redis, heartbeat))
     logger.info(
         "worker %s ready: LLM %s, model %s, up to %d jobs at once",
         ctx["worker_name"],
@@ -71,7 +73,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    await cancel_and_wait([ctx.get("heartbeat_task")])
+    await cancel_and_wait([ctx.get("heartbeat_task"), ctx.get("ended_task")])
     batcher: Batcher | None = ctx.get("batcher")
     if batcher is not None:  # the jobs have ended: nothing is left to write
         await batcher.stop()

@@ -1,0 +1,62 @@
+"""A job ended from outside (DELETE) is stopped by its worker at once, not at its next
+heartbeat, and still after Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared import keys
+from shared.redis_conn import connect
+from shared.tasks import cancel_and_wait
+from worker.ended_jobs import follow_ended_jobs
+from worker.heartbeat import Heartbeat
+
+from .harness import RedisServer
+
+
+async def subscribed(client: Redis) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        with contextlib.suppress(RedisConnectionError):  # the test's own pooled connection
+            if (await client.pubsub_numsub(keys.ENDED))[0][1] == 1:
+                return
+        assert time.monotonic() < deadline, "the worker does not follow ended jobs"
+        await asyncio.sleep(0.05)
+
+
+def test_an_ended_job_stops_at_once_across_a_redis_restart(own_redis: RedisServer) -> None:
+    async def main() -> None:
+        client = connect(own_redis.url, socket_timeout=5)
+        beat = Heartbeat(client, interval_s=3600, alive_ms=5000, name="w")
+        follower = asyncio.create_task(follow_ended_jobs(client, beat))
+        reasons: dict[str, str | None] = {}
+
+        async def job(job_id: str) -> None:
+            with beat.track(job_id, "me", watched=False) as running:
+                try:
+                    await asyncio.sleep(30)
+                finally:
+                    reasons[job_id] = running.stop_reason
+
+        try:
+            for job_id in ("before-restart", "after-restart"):
+                task = asyncio.create_task(job(job_id))
+                other = asyncio.create_task(job(f"{job_id}-untouched"))
+                await subscribed(client)
+                await client.publish(keys.ENDED, job_id)
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 2)
+                assert reasons[job_id] == "not-owner"
+                assert not other.done()  # only the job named
+                other.cancel()
+                own_redis.stop()
+                own_redis.start()
+        finally:
+            await cancel_and_wait([follower])
+            await client.aclose()
+
+    asyncio.run(main())
