@@ -94,3 +94,30 @@ def test_an_idle_worker_beats_too(db_url: str) -> None:
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_cancel_heard_before_the_job_is_tracked_stops_it_once_it_is(db_url: str) -> None:
+    """DELETE may land between a job's claim (its ``started`` event) and ``track``."""
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
+        beat.stop_ended("early")
+        reasons: dict[str, str | None] = {}
+
+        async def job(job_id: str) -> None:
+            with beat.track(job_id, "me", watched=False) as running:
+                try:
+                    await asyncio.sleep(5)
+                finally:
+                    reasons[job_id] = running.stop_reason
+
+        await asyncio.wait_for(asyncio.gather(job("early"), return_exceptions=True), 1)
+        assert reasons == {"early": "not-owner"}
+        other = asyncio.create_task(job("early"))  # remembered once, not for ever
+        await asyncio.sleep(0.05)
+        assert not other.done()
+        other.cancel()
+        await redis.aclose()
+
+    asyncio.run(scenario())

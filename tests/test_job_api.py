@@ -229,9 +229,16 @@ def test_bad_cursors(stack: Stack, client: httpx.Client, cursor: str, status: in
     assert enqueued(stack) == before
 
 
-@pytest.mark.parametrize("entry", [f"{2**64}-0", f"1-{2**64}", f"{2**64 - 1}-{2**64 - 1}"])
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        (f"{2**64}-0", "not a cursor"),
+        (f"1-{2**64}", "not a cursor"),
+        (f"{2**64 - 1}-{2**64 - 1}", "does not point into"),  # the largest id Redis takes
+    ],
+)
 def test_cursors_past_what_redis_can_hold_are_a_400(
-    stack: Stack, client: httpx.Client, entry: str
+    stack: Stack, client: httpx.Client, entry: str, words: str
 ) -> None:
     """Digits that pass the pattern but not Redis (each half of an entry id is 64 bits)."""
     job_id = post(client, stack, "[long 2]")
@@ -242,7 +249,7 @@ def test_cursors_past_what_redis_can_hold_are_a_400(
     ):
         response = client.get(stack.gateway.url + url, headers=headers)
         assert response.status_code == 400, response.text
-        assert response.json()["error"]
+        assert words in response.json()["error"]
 
 
 def test_foreign_cursors_are_refused(stack: Stack, client: httpx.Client) -> None:
@@ -287,7 +294,14 @@ def test_405_names_every_allowed_method(
 
 
 def test_other_paths_under_chat_are_404(stack: Stack, client: httpx.Client) -> None:
-    for method in ("GET", "PUT", "DELETE"):
-        response = client.request(method, stack.gateway.url + "/chat/a/b/c")
-        assert response.status_code == 404
-        assert response.json()["error"]
+    for path in ("/chat/a/b/c", "/chat/not-a-job-id", "/chat/not-a-job-id/events"):
+        for method in ("GET", "PUT", "DELETE"):
+            response = client.request(method, stack.gateway.url + path)
+            assert response.status_code == 404, (method, path)
+            assert response.json()["error"]
+
+
+def test_a_static_file_names_its_own_methods(stack: Stack, client: httpx.Client) -> None:
+    response = client.post(stack.gateway.url + "/static/app.js")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -47,11 +48,24 @@ def test_one_character_over_is_a_413(stack: Stack) -> None:
 def test_a_request_line_past_any_prompt_is_a_414(stack: Stack) -> None:
     for target in (
         "/chat?prompt=" + "%F0%9F%98%80" * (LIMIT + 400),  # a query past the limit
+        "/chat?prompt=" + "a" * 5_000_000,  # far past: still read whole, the 414 not lost
         "/" + "a" * 70_000,  # a path longer than httptools can parse
     ):
         status, body = get(stack, target)
         assert status == 414, body[:300]
         assert "POST /chat" in orjson.loads(body)["error"]
+
+
+def test_a_414_reaches_a_client_still_sending(stack: Stack) -> None:
+    """The gateway refuses early but reads on: a close with the client's bytes unread
+    would reset the connection, and the reset drop the 414 before the client reads it."""
+    address = urlsplit(stack.gateway.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall(b"GET /chat?prompt=" + b"a" * 5_000_000)
+        time.sleep(0.3)  # the refusal is written meanwhile
+        conn.sendall(b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = conn.recv(65536)
+    assert received.startswith(b"HTTP/1.1 414"), received[:100]
 
 
 def test_the_connection_serves_on_after_a_long_target(stack: Stack) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
         ("CORS_ALLOW_ORIGINS", "not a url"),
         ("CORS_ALLOW_ORIGINS", "https://app.example.com/"),
         ("CORS_ALLOW_ORIGINS", "https://ok.example.com, example.com"),
+        ("CORS_ALLOW_ORIGINS", "https://app.example.com#top"),
     ],
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
@@ -100,3 +102,16 @@ def test_a_bad_port_stops_the_server_naming_it(module: str, port: str) -> None:
     )
     assert result.returncode != 0
     assert "PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_keys_that_are_there_are_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty keys file beside API_KEYS turns nothing off; "null" is an origin."""
+    empty = tmp_path / "keys"
+    empty.write_text("# none yet\n")
+    monkeypatch.setenv("API_KEYS", "k1")
+    monkeypatch.setenv("API_KEYS_FILE", str(empty))
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "null, https://app.example.com:8443")
+    assert Settings().keys == ["k1"]
+    monkeypatch.setenv("API_KEYS", "")
+    with pytest.raises(ValueError, match="API_KEYS_FILE: holds no key"):
+        Settings()

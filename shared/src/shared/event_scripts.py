@@ -195,7 +195,7 @@ END = (
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
 finalize(ARGV[1], ARGV[2])
-redis.call('PUBLISH', '{keys.ENDED}', ARGV[3])
+redis.pcall('PUBLISH', '{keys.ENDED}', ARGV[3])  -- a Redis user without the channel: heartbeat
 return 1
 """
 )
@@ -216,8 +216,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'final') == 1 then return 0 end
 if owned() then
   if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if redis.call('HEXISTS', KEYS[1], 'published') == 1
-    or redis.call('ZCOUNT', KEYS[9], '(' .. ARGV[9], '+inf') == 0 then
+    or redis.call('ZCOUNT', KEYS[9], '(' .. now, '+inf') == 0 then
     finalize(ARGV[1], ARGV[3])
     return 1
   end

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Finite and at most a year: "inf" would overflow timers deep inside asyncio and Redis.
@@ -112,14 +112,6 @@ class Settings(BaseSettings):
         load_roles(value or None)
         return value
 
-    @field_validator("api_keys")
-    @classmethod
-    def _api_keys(cls, value: str) -> str:
-        # Blank keys are dropped: a value of nothing else would turn the keys off unseen.
-        if value.strip() and not _key_lines(value.split(",")):
-            raise ValueError("holds no key, only commas and blanks; leave it empty for no keys")
-        return value
-
     @field_validator("api_keys_file")
     @classmethod
     def _keys_file(cls, value: str) -> str:
@@ -128,9 +120,19 @@ class Settings(BaseSettings):
                 text = Path(value).read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValueError(f"cannot read {value}: {exc.strerror}") from exc
-            if not _key_lines(text.splitlines()):
-                raise ValueError(f"{value} holds no key (one a line; '#' starts a comment)")
+            del text  # read for the error above; whether any key is left is checked below
         return value
+
+    @model_validator(mode="after")
+    def _some_key(self) -> Settings:
+        # Keys asked for and none found would turn them off unseen.
+        if (self.api_keys.strip() or self.api_keys_file) and not self.keys:
+            name = "API_KEYS_FILE" if self.api_keys_file else "API_KEYS"
+            raise ValueError(
+                f"{name}: holds no key (API_KEYS: comma-separated; API_KEYS_FILE: one a line,"
+                " '#' starts a comment); leave both empty to accept requests without keys"
+            )
+        return self
 
     @field_validator("cors_allow_origins")
     @classmethod
@@ -139,10 +141,9 @@ class Settings(BaseSettings):
             parts = urlsplit(origin)
             # Browsers send an origin as scheme://host[:port], nothing after: any other
             # spelling ("example.com", a trailing slash) would match no request.
-            if (
-                origin
-                and origin != "*"
-                and (not parts.scheme or not parts.netloc or parts.path or parts.query)
+            # "null" is what file:// pages and sandboxed frames send.
+            if origin not in ("", "*", "null") and (
+                not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment
             ):
                 raise ValueError(
                     f"{origin!r} is not an origin: use scheme://host[:port] with nothing"
@@ -220,6 +221,10 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = str(error["loc"][0]).upper() if error["loc"] else "?"
+            if not error["loc"]:  # a check across settings: its message names them, and
+                # its input is every setting, secrets included
+                lines.append("  " + error["msg"].removeprefix("Value error, "))
+                continue
+            name = str(error["loc"][0]).upper()
             lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
         sys.exit("Streamgate cannot start: invalid setting(s)\n" + "\n".join(lines))

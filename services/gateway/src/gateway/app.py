@@ -42,17 +42,22 @@ from .state import State
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    allowed = allowed_methods(request) if exc.status_code == 405 else set()
-    if exc.status_code == 404 or (exc.status_code == 405 and not allowed):
-        return error_response(404, f"no such endpoint: {request.url.path}")
     if exc.status_code == 405:
-        response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
-        response.headers["Allow"] = ", ".join(sorted(allowed))
-        return response
+        # Starlette's Allow names the first route's methods only; a mount's (static files)
+        # is its own.
+        allowed = ", ".join(sorted(allowed_methods(request))) or (exc.headers or {}).get("Allow")
+        if allowed:
+            response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
+            response.headers["Allow"] = allowed
+            return response
+    if exc.status_code in (404, 405):
+        return error_response(404, f"no such endpoint: {request.url.path}")
     return error_response(exc.status_code, str(exc.detail))
 
 
 STATIC = Path(__file__).parent / "static"
+# The catch-all under /chat/ takes every method: it tells a 405 (a job URL) from a 404.
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 async def _index(request: Request) -> Response:
@@ -99,7 +104,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat", chat.chat_post, methods=["POST"]),
         Route("/chat/{job_id}/events", chat.chat_events, methods=["GET"]),
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
-        Route("/chat/{rest:path}", chat.not_a_job, methods=["GET", "DELETE"], name=CATCH_ALL),
+        Route("/chat/{rest:path}", chat.not_a_job, methods=EVERY_METHOD, name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),

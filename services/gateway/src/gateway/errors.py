@@ -12,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shared.cursors import is_job_id
+
 CATCH_ALL = "not-a-job"  # the name of the route that answers 404 for other /chat/ paths
 
 
@@ -89,7 +91,11 @@ def allowed_methods(request: Request) -> set[str]:
     path = request.scope["path"]
     allowed: set[str] = set()
     for route in request.app.router.routes:
-        if isinstance(route, Route) and route.name != CATCH_ALL and route.path_regex.match(path):
+        if not isinstance(route, Route) or route.name == CATCH_ALL:
+            continue
+        match = route.path_regex.match(path)
+        # A job URL with something else for a job id names no job: a 404, whatever the method.
+        if match and is_job_id(match.groupdict().get("job_id", "0" * 32)):
             allowed |= route.methods or set()
     return allowed
 

@@ -10,12 +10,15 @@ no further.
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .inputs import max_request_bytes
 
 PARSE_URL_MAX = 65_535  # httptools.parse_url's limit
+LINGER_S = 5.0  # after a 414, how long the rest of the request is read and dropped
 
 
 class _TargetTooLong(Exception):
@@ -24,10 +27,18 @@ class _TargetTooLong(Exception):
 
 class LongTargetHttpProtocol(HttpToolsProtocol):
     max_target_bytes = 1 << 20  # set per process by ``protocol_for``
+    _refused = False  # a 414 was sent: what the client still sends is read and dropped
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self.max_target_bytes:
-            self._refuse_target()
+            self._refuse_target(
+                f"the request line is over {self.max_target_bytes} bytes, more than any"
+                " prompt within MAX_PROMPT_CHARS needs"
+            )
             raise _TargetTooLong  # stops the parser; uvicorn's own 400 is skipped below
         super().on_url(url)
 
@@ -38,7 +49,7 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
         target = self.url
         path, mark, query = target.partition(b"?")
         if len(path) > PARSE_URL_MAX:
-            self._refuse_target()
+            self._refuse_target(f"the request's path is over {PARSE_URL_MAX} bytes")
             raise _TargetTooLong
         self.url = path + mark
         try:
@@ -49,22 +60,22 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
         self.scope["query_string"] = query.partition(b"#")[0]
 
     def send_400_response(self, msg: str) -> None:
-        if not self.transport.is_closing():  # closed: the 414 went out instead
+        if not self._refused:  # refused: the 414 went out instead
             super().send_400_response(msg)
 
-    def _refuse_target(self) -> None:
-        body = orjson.dumps(
-            {
-                "error": f"the request line is over {self.max_target_bytes} bytes, more than"
-                " any prompt within MAX_PROMPT_CHARS needs; send long prompts with POST /chat"
-            }
-        )
+    def _refuse_target(self, reason: str) -> None:
+        self._refused = True
+        body = orjson.dumps({"error": f"{reason}; send long prompts with POST /chat"})
         head = (
             b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         )
         self.transport.write(head + body)
-        self.transport.close()
+        # Closed with the client's bytes unread, the socket would answer with a reset, and
+        # the client could lose the 414: end our side, read on, close a little later.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
 
 def protocol_for(max_prompt_chars: int) -> type[LongTargetHttpProtocol]:

@@ -42,10 +42,13 @@ class Running:
 # watched key. ARGV: alive ms, when the heartbeat lapses (ms), this worker's name, how many
 # ended jobs leave the index, their ids, then per job its id, this attempt's owner token and
 # '1' for a GET job (it needs a reader). Per job: 0 go on, 1 no longer this attempt's
-# (nothing renewed), 2 nobody relays it. Workers gone for a day leave the workers index.
+# (nothing renewed), 2 nobody relays it. The workers index is scored on Redis's clock (the
+# check that reads it runs there too); workers gone for a day leave it.
 BEAT = """
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]) - 86400000)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400000)
 local ended = tonumber(ARGV[4])
 for i = 5, 4 + ended do redis.call('ZREM', KEYS[1], ARGV[i]) end
 local a = 4 + ended
@@ -63,6 +66,7 @@ end
 return out
 """
 BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between calls
+ENDED_MEMORY_S = 60.0  # how long a cancel of a job not (yet) running here is remembered
 
 
 class Heartbeat:
@@ -74,6 +78,9 @@ class Heartbeat:
         self._scripts = Scripts(redis)
         self.jobs: dict[str, Running] = {}
         self._finished: list[str] = []  # to leave the RUNNING index at the next beat
+        # Jobs ended from outside before they were tracked here (a cancel between the claim
+        # and ``track``), by when the note is forgotten.
+        self._ended: dict[str, float] = {}
 
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
@@ -81,6 +88,8 @@ class Heartbeat:
         assert task is not None
         running = Running(owner, watched, task)
         self.jobs[job_id] = running
+        if self._ended.pop(job_id, None) is not None:
+            self._stop(running, "not-owner")
         try:
             yield running
         finally:
@@ -88,12 +97,17 @@ class Heartbeat:
             self._finished.append(job_id)
 
     async def run(self) -> None:
+        """Beat at once (a new worker counts as alive from its start), then every interval;
+        after a failed beat, every second until one succeeds, so that a Redis outage ends
+        with this worker and its jobs proven alive again as soon as it can be."""
         while True:
-            await asyncio.sleep(self.interval_s)
             try:
                 await self.beat()
             except RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
+                await asyncio.sleep(min(1.0, self.interval_s))
+            else:
+                await asyncio.sleep(self.interval_s)
 
     async def beat(self) -> None:
         jobs = list(self.jobs.items())
@@ -122,10 +136,16 @@ class Heartbeat:
                 self._stop(running, "unwatched")
 
     def stop_ended(self, job_id: str) -> None:
-        """The job was ended from outside (cancelled): stop it now, if it runs here."""
+        """The job was ended from outside (cancelled): stop it now if it runs here, or as
+        soon as it is tracked, if that comes within a minute (its claim may be on its way)."""
         running = self.jobs.get(job_id)
         if running is not None:
             self._stop(running, "not-owner")
+            return
+        now = time.monotonic()
+        if self._ended and next(iter(self._ended.values())) < now:
+            self._ended = {j: until for j, until in self._ended.items() if until >= now}
+        self._ended[job_id] = now + ENDED_MEMORY_S
 
     @staticmethod
     def _stop(running: Running, reason: str) -> None:
