@@ -15,7 +15,7 @@ from shared import keys
 from shared.cursors import new_job_id
 from shared.event_log import FINAL, MAX_REQUEUES, EventLog
 
-from .harness import private_db, release_db
+from .harness import RedisServer, private_db, release_db
 
 T = TypeVar("T")
 
@@ -187,3 +187,24 @@ def test_appends_in_one_round_trip_survive_a_failing_call_and_a_script_flush(
         assert texts == [[None, None, "a", "c"], [None, None, "b", "d"]]  # queued, started
 
     run(db_url, scenario)
+
+
+def test_a_cancel_by_a_redis_user_without_channels_still_ends_the_job(
+    own_redis: RedisServer,
+) -> None:
+    """Redis 7 gives new ACL users no pub/sub channels; the end's PUBLISH must not fail it."""
+
+    async def main() -> None:
+        admin = Redis.from_url(own_redis.url)
+        await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all")
+        app = Redis.from_url(own_redis.url.replace("redis://", "redis://app:pw@"))
+        try:
+            log = EventLog(app, retention_s=60, queue_timeout_s=5)
+            job_id = await new_job(log)
+            assert await log.end(job_id, ev.CANCELLED)
+            assert (await events(log, job_id))[-1] == {"error": ev.CANCELLED}
+        finally:
+            await app.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())

@@ -295,7 +295,7 @@ def test_405_names_every_allowed_method(
 
 def test_other_paths_under_chat_are_404(stack: Stack, client: httpx.Client) -> None:
     for path in ("/chat/a/b/c", "/chat/not-a-job-id", "/chat/not-a-job-id/events"):
-        for method in ("GET", "PUT", "DELETE"):
+        for method in ("GET", "PUT", "DELETE", "TRACE"):
             response = client.request(method, stack.gateway.url + path)
             assert response.status_code == 404, (method, path)
             assert response.json()["error"]

@@ -43,9 +43,8 @@ from .state import State
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        # Starlette's Allow names the first route's methods only; a mount's (static files)
-        # is its own.
-        allowed = ", ".join(sorted(allowed_methods(request))) or (exc.headers or {}).get("Allow")
+        # Starlette's Allow names the first route's methods only.
+        allowed = ", ".join(sorted(allowed_methods(request)))
         if allowed:
             response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
             response.headers["Allow"] = allowed

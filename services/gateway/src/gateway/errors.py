@@ -10,7 +10,7 @@ from typing import ClassVar
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from shared.cursors import is_job_id
 
@@ -91,6 +91,8 @@ def allowed_methods(request: Request) -> set[str]:
     path = request.scope["path"]
     allowed: set[str] = set()
     for route in request.app.router.routes:
+        if isinstance(route, Mount) and route.path_regex.match(path):
+            allowed |= {"GET", "HEAD"}  # the one mount serves static files
         if not isinstance(route, Route) or route.name == CATCH_ALL:
             continue
         match = route.path_regex.match(path)

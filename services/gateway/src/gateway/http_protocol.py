@@ -72,10 +72,15 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + body)
         # Closed with the client's bytes unread, the socket would answer with a reset, and
-        # the client could lose the 414: end our side, read on, close a little later.
-        if self.transport.can_write_eof():
+        # the client could lose the 414: end our side, read on, close a little later. Not
+        # while an earlier (pipelined) request's response is still being written.
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+        elif self.transport.can_write_eof():
             self.transport.write_eof()
-        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def protocol_for(max_prompt_chars: int) -> type[LongTargetHttpProtocol]:

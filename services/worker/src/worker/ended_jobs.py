@@ -34,12 +34,9 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
     delay = 0.1
     failing = False
     while True:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = redis.pubsub()
         try:
-            await pubsub.subscribe(keys.ENDED)
-            if failing:
-                logger.info("following cancelled jobs again")
-            delay, failing = 0.1, False
+            await pubsub.subscribe(keys.ENDED)  # only sent: a refusal (ACL) is read below
             heard = next_ping = loop.time()
             while True:
                 message = await pubsub.get_message(timeout=POLL_S)
@@ -48,6 +45,10 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
                     heard = now
                     if message["type"] == "message":
                         heartbeat.stop_ended(message["data"].decode())
+                    elif message["type"] == "subscribe":  # confirmed: following
+                        if failing:
+                            logger.info("following cancelled jobs again")
+                        delay, failing = 0.1, False
                 if now - heard > 3 * PING_S:
                     raise RedisConnectionError(f"no answer to a ping for {3 * PING_S:g} s")
                 if now >= next_ping:

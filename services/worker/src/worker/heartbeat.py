@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class Heartbeat:
         self._finished: list[str] = []  # to leave the RUNNING index at the next beat
         # Jobs ended from outside before they were tracked here (a cancel between the claim
         # and ``track``), by when the note is forgotten.
-        self._ended: dict[str, float] = {}
+        self._ended: OrderedDict[str, float] = OrderedDict()
 
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
@@ -143,8 +144,9 @@ class Heartbeat:
             self._stop(running, "not-owner")
             return
         now = time.monotonic()
-        if self._ended and next(iter(self._ended.values())) < now:
-            self._ended = {j: until for j, until in self._ended.items() if until >= now}
+        while self._ended and next(iter(self._ended.values())) < now:
+            self._ended.popitem(last=False)  # the oldest first: every note lives as long
+        self._ended.pop(job_id, None)
         self._ended[job_id] = now + ENDED_MEMORY_S
 
     @staticmethod
