@@ -60,3 +60,39 @@ def test_an_ended_job_stops_at_once_across_a_redis_restart(own_redis: RedisServe
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_cancel_published_before_the_worker_follows_is_caught_once_it_does(
+    own_redis: RedisServer,
+) -> None:
+    """A cancel published while nobody listens is lost to pub/sub; the beat that each
+    confirmed subscription asks for finds the job no longer this attempt's."""
+
+    async def main() -> None:
+        client = connect(own_redis.url, socket_timeout=5)
+        beat = Heartbeat(client, interval_s=3600, alive_ms=5000, name="w")
+        stopped = asyncio.Event()
+
+        async def job() -> None:
+            with beat.track("missed", "me", watched=False) as running:
+                try:
+                    await asyncio.sleep(30)
+                finally:
+                    assert running.stop_reason == "not-owner"
+                    stopped.set()
+
+        await client.hset(keys.meta_key("missed"), mapping={"owner": "me"})
+        beating = asyncio.create_task(beat.run())
+        task = asyncio.create_task(job())
+        await asyncio.sleep(0.2)  # the first beat has run and renewed the job
+        assert not task.done()
+        await client.hset(keys.meta_key("missed"), "owner", "-")  # ended, as the end script does
+        await client.publish(keys.ENDED, "missed")  # to nobody
+        follower = asyncio.create_task(follow_ended_jobs(client, beat))
+        try:
+            await asyncio.wait_for(stopped.wait(), 2)
+        finally:
+            await cancel_and_wait([follower, beating, task])
+            await client.aclose()
+
+    asyncio.run(main())

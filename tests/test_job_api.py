@@ -129,18 +129,19 @@ def test_cancel_ends_the_stream_and_closes_the_upstream(stack: Stack, client: ht
 def test_a_cancel_does_not_wait_for_the_heartbeat(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
-    """A job the model is silent on (no token to fence) and a heartbeat 7 s apart: the
-    cancel reaches the worker by itself, and the upstream request closes at once."""
-    stack = make_stack(WORKER_LOST_TIMEOUT_S="30", DISCONNECT_GRACE_S="30")
+    """A job the model is silent on (no token to fence) and a heartbeat 14 s apart: the
+    cancel reaches the worker by itself, and the upstream request closes within the
+    contract's second."""
+    stack = make_stack(WORKER_LOST_TIMEOUT_S="60", DISCONNECT_GRACE_S="60")
     closed_before = stack.llm_stats()["closed_early"]
-    for _ in range(3):  # a beat may fall in the half second; three in a row cannot all
+    for _ in range(3):  # a beat may fall in the second; three in a row cannot all
         job_id = post(client, stack, "[long 10] [wait 30]")
         started = events(client, stack, job_id, stop_after=2)
         assert started.events[-1]["lifecycle"] == "started"
         cancelled_at = time.monotonic()
         assert client.delete(f"{stack.gateway.url}/chat/{job_id}").status_code == 204
         while stack.llm_stats()["closed_early"] == closed_before:
-            assert time.monotonic() - cancelled_at < 0.5, "the upstream request is still open"
+            assert time.monotonic() - cancelled_at < 1.0, "the upstream request is still open"
             time.sleep(0.02)
         closed_before = stack.llm_stats()["closed_early"]
 

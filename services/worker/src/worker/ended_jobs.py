@@ -4,7 +4,8 @@ The event log's ``end`` script publishes the job's id on ``keys.ENDED``; the wor
 it cancels its task, which closes the upstream request, well within the contract's second.
 The subscription is pinged, so a connection that died silently (a host lost, an idle
 connection dropped by the network) is noticed and made again. A message lost meanwhile is
-caught by the job's next append (fenced) or by the heartbeat's ownership check, so the beat
+caught by the job's next append (fenced) or by the heartbeat's ownership check, run at once
+each time the subscription is confirmed (a worker's first included), so the beat
 itself can come every few seconds rather than twice a second (at 10,000 held streams, the
 beats were most of Redis's work).
 """
@@ -46,6 +47,7 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
                     if message["type"] == "message":
                         heartbeat.stop_ended(message["data"].decode())
                     elif message["type"] == "subscribe":  # confirmed: following
+                        heartbeat.beat_soon()  # for cancels published before this
                         if failing:
                             logger.info("following cancelled jobs again")
                         delay, failing = 0.1, False

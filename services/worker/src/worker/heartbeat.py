@@ -15,6 +15,7 @@ streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -82,6 +83,7 @@ class Heartbeat:
         # Jobs ended from outside before they were tracked here (a cancel between the claim
         # and ``track``), by when the note is forgotten.
         self._ended: OrderedDict[str, float] = OrderedDict()
+        self._wake = asyncio.Event()
 
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
@@ -106,9 +108,19 @@ class Heartbeat:
                 await self.beat()
             except RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
-                await asyncio.sleep(min(1.0, self.interval_s))
+                await self._sleep(min(1.0, self.interval_s))
             else:
-                await asyncio.sleep(self.interval_s)
+                await self._sleep(self.interval_s)
+
+    def beat_soon(self) -> None:
+        """Beat now rather than at the next interval: cancels published while the worker
+        did not follow them were missed, and the beat's ownership check catches them."""
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def beat(self) -> None:
         jobs = list(self.jobs.items())
