@@ -53,6 +53,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
         ("WORKER_LOST_TIMEOUT_S", "inf"),
         ("PING_INTERVAL_S", "1e400"),
         ("API_KEYS", " , "),
+        ("API_KEYS", "   "),
         ("API_KEYS_FILE", "/dev/null"),
         ("CORS_ALLOW_ORIGINS", "not a url"),
         ("CORS_ALLOW_ORIGINS", "https://app.example.com/"),

@@ -125,8 +125,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _some_key(self) -> Settings:
-        # Keys asked for and none found would turn them off unseen.
-        if (self.api_keys.strip() or self.api_keys_file) and not self.keys:
+        # Keys asked for and none found would turn them off unseen (blanks included: a
+        # template that lost its value).
+        if (self.api_keys or self.api_keys_file) and not self.keys:
             name = "API_KEYS_FILE" if self.api_keys_file else "API_KEYS"
             raise ValueError(
                 f"{name}: holds no key (API_KEYS: comma-separated; API_KEYS_FILE: one a line,"
