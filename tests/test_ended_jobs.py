@@ -96,3 +96,44 @@ def test_a_cancel_published_before_the_worker_follows_is_caught_once_it_does(
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_worker_that_cannot_follow_cancels_beats_them_within_the_second(
+    own_redis: RedisServer,
+) -> None:
+    """A Redis user without the channel (Redis 7's default for a new ACL user) cannot
+    subscribe: the heartbeat, however long its interval, then beats twice a second and
+    stops an ended job within the contract's second."""
+
+    async def main() -> None:
+        admin = Redis.from_url(own_redis.url)
+        await admin.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", "~*", "+@all")
+        client = connect(own_redis.url.replace("redis://", "redis://nochan:pw@"), socket_timeout=5)
+        beat = Heartbeat(client, interval_s=3600, alive_ms=5000, name="w")
+        beating = asyncio.create_task(beat.run())
+        follower = asyncio.create_task(follow_ended_jobs(client, beat))
+        stopped = asyncio.Event()
+
+        async def job() -> None:
+            with beat.track("ended", "me", watched=False) as running:
+                try:
+                    await asyncio.sleep(30)
+                finally:
+                    assert running.stop_reason == "not-owner"
+                    stopped.set()
+
+        await admin.hset(keys.meta_key("ended"), mapping={"owner": "me"})
+        task = asyncio.create_task(job())
+        try:
+            await asyncio.sleep(1.2)  # beats have come and gone: the job goes on
+            assert not task.done()
+            await admin.hset(keys.meta_key("ended"), "owner", "-")  # as the end script does
+            ended_at = time.monotonic()
+            await asyncio.wait_for(stopped.wait(), 2)
+            assert time.monotonic() - ended_at < 1.0
+        finally:
+            await cancel_and_wait([follower, beating, task])
+            await client.aclose()
+            await admin.aclose()
+
+    asyncio.run(main())

@@ -5,9 +5,10 @@ it cancels its task, which closes the upstream request, well within the contract
 The subscription is pinged, so a connection that died silently (a host lost, an idle
 connection dropped by the network) is noticed and made again. A message lost meanwhile is
 caught by the job's next append (fenced) or by the heartbeat's ownership check, run at once
-each time the subscription is confirmed (a worker's first included), so the beat
-itself can come every few seconds rather than twice a second (at 10,000 held streams, the
-beats were most of Redis's work).
+each time the subscription is confirmed (a worker's first included). So the beat itself
+comes every few seconds rather than twice a second (at 10,000 held streams, the beats were
+most of Redis's work), except while the subscription is down or refused (a Redis user
+without the channel): then the beat carries cancels again, every half second.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
                     if message["type"] == "message":
                         heartbeat.stop_ended(message["data"].decode())
                     elif message["type"] == "subscribe":  # confirmed: following
-                        heartbeat.beat_soon()  # for cancels published before this
+                        heartbeat.following(True)
                         if failing:
                             logger.info("following cancelled jobs again")
                         delay, failing = 0.1, False
@@ -58,6 +59,7 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
                     next_ping = now + PING_S
         except Exception as exc:  # never stop following; Redis errors are the usual cause
             if not failing:
+                heartbeat.following(False)  # the beat carries cancels until this is back
                 logger.warning(
                     "cannot follow cancelled jobs (%s); retrying, and the heartbeat stops"
                     " them meanwhile (a Redis user needs the channel: ACL &%s)",

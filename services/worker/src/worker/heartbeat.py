@@ -68,6 +68,7 @@ end
 return out
 """
 BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between calls
+CANCEL_FALLBACK_S = 0.5  # the beat's interval while cancels are not followed
 ENDED_MEMORY_S = 60.0  # how long a cancel of a job not (yet) running here is remembered
 
 
@@ -84,6 +85,7 @@ class Heartbeat:
         # and ``track``), by when the note is forgotten.
         self._ended: OrderedDict[str, float] = OrderedDict()
         self._wake = asyncio.Event()
+        self._following = False  # until the cancel subscription is confirmed
 
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
@@ -102,19 +104,29 @@ class Heartbeat:
     async def run(self) -> None:
         """Beat at once (a new worker counts as alive from its start), then every interval;
         after a failed beat, every second until one succeeds, so that a Redis outage ends
-        with this worker and its jobs proven alive again as soon as it can be."""
+        with this worker and its jobs proven alive again as soon as it can be. While
+        cancels are not followed (``following``), every half second at most: the beat's
+        ownership check then carries them, within the contract's second."""
         while True:
             try:
                 await self.beat()
-            except RedisError as exc:
-                logger.warning("heartbeat failed: %s", exc)
-                await self._sleep(min(1.0, self.interval_s))
+            except Exception as exc:  # never stop beating: the jobs' alive keys would lapse
+                if isinstance(exc, RedisError):
+                    logger.warning("heartbeat failed: %s", exc)
+                else:
+                    logger.exception("heartbeat failed")
+                await self._sleep(min(1.0, self.interval_s, self._fallback_s()))
             else:
-                await self._sleep(self.interval_s)
+                await self._sleep(min(self.interval_s, self._fallback_s()))
 
-    def beat_soon(self) -> None:
-        """Beat now rather than at the next interval: cancels published while the worker
-        did not follow them were missed, and the beat's ownership check catches them."""
+    def _fallback_s(self) -> float:
+        return float("inf") if self._following else CANCEL_FALLBACK_S
+
+    def following(self, on: bool) -> None:
+        """Whether cancels reach this worker by themselves (worker/ended_jobs.py). Either
+        way, beat now: after a gap, cancels published meanwhile were missed, and the
+        beat's ownership check catches them; a gap starting needs the fast beats at once."""
+        self._following = on
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
