@@ -6,6 +6,7 @@ workers never write over each other's figures; Prometheus adds them up.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -56,9 +57,16 @@ class WorkerMetrics:
         try:
             start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            # Several workers on one host (a local run) cannot share a port; the first wins.
-            logger.warning(
-                "metrics not served: port %d is taken (%s); set METRICS_PORT", port, exc.strerror
-            )
+            if exc.errno == errno.EADDRINUSE:
+                # Several workers on one host (a local run) cannot share a port; the first wins.
+                logger.warning("metrics not served: port %d is taken; set METRICS_PORT", port)
+            else:
+                logger.error(
+                    "metrics not served: cannot listen on HOST %r, port %d (%s); set HOST to"
+                    " an address of this machine (0.0.0.0 for every one)",
+                    host,
+                    port,
+                    exc.strerror or exc,
+                )
         else:
             logger.info("metrics on http://%s:%d/metrics", host, port)
