@@ -3,6 +3,7 @@ browser's EventSource has); a request line past what one needs is a 414 with a J
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import time
@@ -82,3 +83,20 @@ def test_the_connection_serves_on_after_a_long_target(stack: Stack) -> None:
             received += chunk
     assert received.startswith(b"HTTP/1.1 200")
     assert b"text/event-stream" in received
+
+
+def test_a_414_never_lands_inside_a_pipelined_response(stack: Stack) -> None:
+    """A long target pipelined behind a streaming answer: HTTP/1.1 answers in order, so the
+    connection ends rather than a 414 written into the middle of that answer's body."""
+    address = urlsplit(stack.gateway.url)
+    first = "GET /chat?prompt=%5Blong%2040%5D%20%5Bdelay%200.05%5D HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall(first.encode())
+        received = conn.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200"), received[:100]
+        conn.sendall(b"GET /chat?prompt=" + b"a" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):  # closed with the long one unread
+            while chunk := conn.recv(65536):
+                received += chunk
+    assert b"HTTP/1.1 414" not in received
+    assert b"text/event-stream" in received.partition(b"\r\n\r\n")[0]

@@ -65,6 +65,12 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
 
     def _refuse_target(self, reason: str) -> None:
         self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier (pipelined) request's response is still being written: a 414 now
+            # would land inside it. HTTP/1.1 answers in order, so close after it instead:
+            # the client sees that response cut short and retries the long one.
+            self.transport.close()
+            return
         body = orjson.dumps({"error": f"{reason}; send long prompts with POST /chat"})
         head = (
             b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\n"
@@ -72,11 +78,8 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + body)
         # Closed with the client's bytes unread, the socket would answer with a reset, and
-        # the client could lose the 414: end our side, read on, close a little later. Not
-        # while an earlier (pipelined) request's response is still being written.
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()
-        elif self.transport.can_write_eof():
+        # the client could lose the 414: end our side, read on, close a little later.
+        if self.transport.can_write_eof():
             self.transport.write_eof()
             asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
         else:
