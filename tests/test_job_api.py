@@ -12,7 +12,7 @@ import redis
 from shared import keys
 
 from . import sse
-from .harness import Stack
+from .harness import Stack, wait_until
 
 
 def post(client: httpx.Client, stack: Stack, prompt: str) -> str:
@@ -138,6 +138,8 @@ def test_a_cancel_does_not_wait_for_the_heartbeat(
         job_id = post(client, stack, "[long 10] [wait 30]")
         started = events(client, stack, job_id, stop_after=2)
         assert started.events[-1]["lifecycle"] == "started"
+        # The request is at the model (a cancel before it is sent closes nothing there).
+        wait_until(lambda: stack.llm_stats()["open_streams"] == 1, 5, "the request at the LLM")
         cancelled_at = time.monotonic()
         assert client.delete(f"{stack.gateway.url}/chat/{job_id}").status_code == 204
         while stack.llm_stats()["closed_early"] == closed_before:

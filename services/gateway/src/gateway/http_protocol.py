@@ -67,8 +67,8 @@ class LongTargetHttpProtocol(HttpToolsProtocol):
         self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:
             # An earlier (pipelined) request's response is still being written: a 414 now
-            # would land inside it. HTTP/1.1 answers in order, so close after it instead:
-            # the client sees that response cut short and retries the long one.
+            # would land inside it. HTTP/1.1 answers in order, so close instead: the client
+            # sees that response cut short, and no answer to the long request.
             self.transport.close()
             return
         body = orjson.dumps({"error": f"{reason}; send long prompts with POST /chat"})

@@ -115,12 +115,12 @@ class Heartbeat:
                     logger.warning("heartbeat failed: %s", exc)
                 else:
                     logger.exception("heartbeat failed")
-                await self._sleep(min(1.0, self.interval_s, self._fallback_s()))
+                await self._sleep(min(1.0, self._next_beat_s()))
             else:
-                await self._sleep(min(self.interval_s, self._fallback_s()))
+                await self._sleep(self._next_beat_s())
 
-    def _fallback_s(self) -> float:
-        return float("inf") if self._following else CANCEL_FALLBACK_S
+    def _next_beat_s(self) -> float:
+        return self.interval_s if self._following else min(self.interval_s, CANCEL_FALLBACK_S)
 
     def following(self, on: bool) -> None:
         """Whether cancels reach this worker by themselves (worker/ended_jobs.py). Either
