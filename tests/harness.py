@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,17 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
+def redis_server_binary() -> str:
+    """The server the tests start: STREAMGATE_TEST_REDIS_SERVER, else redis-server from PATH,
+    else what scripts/run would start (the embedded Valkey)."""
+    chosen = os.environ.get("STREAMGATE_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if chosen:
+        return chosen
+    from launcher.redis_server import find_server
+
+    return find_server().path
+
+
 def procfile() -> dict[str, str]:
     entries = {}
     for line in (ROOT / "Procfile").read_text().splitlines():
@@ -60,7 +72,7 @@ def procfile() -> dict[str, str]:
 
 
 class RedisServer:
-    """A redis-server of our own on a free port, which fault tests may stop and start."""
+    """A Redis of our own on a free port, which fault tests may stop and start."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
@@ -75,7 +87,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                "redis-server",
+                redis_server_binary(),
                 "--port",
                 str(self.port),
                 "--bind",

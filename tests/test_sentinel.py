@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from . import sse
-from .harness import Stack, free_port, wait_for_port
+from .harness import Stack, free_port, redis_server_binary, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ class Topology:
 
 def _server(args: list[str], port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        ["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [redis_server_binary(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_for_port(port, proc=proc)
     return proc

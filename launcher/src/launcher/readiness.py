@@ -1,0 +1,100 @@
+"""Is it up yet: ports, HTTP and Redis, asked the way a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.redis_conn import connect
+
+from .errors import LaunchError
+
+POLL_S = 0.05
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` (as uvicorn does, with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def answers_http(url: str) -> None:
+    """Until ``url`` answers 200."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(POLL_S)
+
+
+async def upstream_problem(base_url: str, api_key: str | None) -> str | None:
+    """Why the configured model's ``GET /models`` fails, or None when it answers."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(base_url.rstrip("/") + "/models", headers=headers)
+    except httpx.HTTPError as exc:
+        return f"OPENAI_BASE_URL {base_url} does not answer ({exc or type(exc).__name__})"
+    if response.status_code >= 400:
+        return f"OPENAI_BASE_URL {base_url} answered GET /models with {response.status_code}"
+    return None
+
+
+async def redis_answers(url: str) -> None:
+    """Until the Redis at ``url`` answers PING."""
+    client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                if await client.ping():
+                    return
+            await asyncio.sleep(POLL_S)
+    finally:
+        await client.aclose()
+
+
+async def check_redis_url(url: str) -> None:
+    """REDIS_URL, once: it must answer now, or the run stops saying so."""
+    shown = _without_password(url)
+    try:
+        client = connect(url, socket_connect_timeout=3, socket_timeout=3)
+    except ValueError as exc:
+        raise LaunchError(f"REDIS_URL {shown} is not a Redis URL ({exc})") from None
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise LaunchError(
+            f"REDIS_URL {shown} does not answer ({exc}): start that Redis, or unset REDIS_URL "
+            "to run a private one"
+        ) from None
+    finally:
+        await client.aclose()
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
