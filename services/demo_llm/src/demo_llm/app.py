@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .scripts import Script, plan
+from .scripts import DirectiveError, Script, plan
 
 MODEL = "streamgate-demo"
 
@@ -79,7 +79,10 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
         except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
             return _error(400, "the body must be JSON with a 'messages' list")
         stats.requests += 1
-        script = plan(messages, delay_s, tools=bool(body.get("tools")))
+        try:
+            script = plan(messages, delay_s, tools=bool(body.get("tools")))
+        except DirectiveError as exc:
+            return _error(400, str(exc))
         if script.http_status is not None:
             return _error(script.http_status, f"demo error {script.http_status} as requested")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

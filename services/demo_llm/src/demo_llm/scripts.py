@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
@@ -57,13 +58,46 @@ HARD_TOKENS = [
 ]
 
 _DIRECTIVE = re.compile(
-    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp)(?:\s+([\d.]+))?\]"
+    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp)(?:\s+([^\]\s]+))?\]"
 )
+# What each directive's number may be: anything else is a 400, not a crash, and no prompt
+# makes the model hold more than one token at a time (``[long N]`` is made as it is sent).
+LIMITS: dict[str, tuple[type[int] | type[float], float, float]] = {
+    "long": (int, 1, 10_000_000),
+    "delay": (float, 0, 60),
+    "wait": (float, 0, 3600),
+    "http": (int, 400, 599),
+}
+
+
+class DirectiveError(ValueError):
+    """A directive whose number is out of range or not a number."""
+
+
+class NumberedTokens(Sequence[str]):
+    """``t0 ``, ``t1 ``, ...: ``[long N]``'s tokens, made when asked for."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
+        if not -self.size <= index < self.size:
+            raise IndexError(index)
+        return f"t{index % self.size} "
 
 
 @dataclass
 class Script:
-    tokens: list[str]
+    tokens: Sequence[str]
     delay_s: float
     http_status: int | None = None
     then: str | None = None  # "fail", "error" or "stall" after the tokens
@@ -137,12 +171,29 @@ def demo_answer(prompt: str) -> list[str]:
     return re.findall(r"\S+\s*", text)
 
 
+def _number(directive: str, text: str) -> float:
+    if directive not in LIMITS:
+        raise DirectiveError(f"[{directive}] takes no number (got {text!r})")
+    kind, low, high = LIMITS[directive]
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        what, shown = ("a whole number", ",.0f") if kind is int else ("a number", "g")
+        raise DirectiveError(
+            f"[{directive} N]: N must be {what} from {low:{shown}} to {high:{shown}}"
+        )
+    return value
+
+
 def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = False) -> Script:
     prompt = last_user_text(messages)
     directives = {name: arg for name, arg in _DIRECTIVE.findall(prompt)}
-    delay = float(directives["delay"]) if directives.get("delay") else default_delay_s
+    numbers = {name: _number(name, arg) for name, arg in directives.items() if arg}
+    delay = numbers.get("delay", default_delay_s)
     if "http" in directives:
-        return Script([], delay, http_status=int(directives["http"] or 500))
+        return Script([], delay, http_status=int(numbers.get("http", 500)))
     after_tools = bool(messages) and messages[-1].get("role") == "tool"
     if tools and (not after_tools or "[tool-loop]" in prompt):
         calls, with_index = plan_tool_calls(prompt)
@@ -152,14 +203,14 @@ def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = F
         return Script([orjson.dumps(messages).decode()], delay)
     if after_tools:
         return Script(answer_from_tools(messages), delay)
+    tokens: Sequence[str]
     if "hard" in directives:
         tokens = list(HARD_TOKENS)
     elif "long" in directives:
-        count = int(directives["long"] or 1000)
-        tokens = [f"t{i} " for i in range(count)]
+        tokens = NumberedTokens(int(numbers.get("long", 1000)))
     else:
         tokens = demo_answer(prompt)
-    wait = float(directives["wait"]) if directives.get("wait") else 0.0
+    wait = numbers.get("wait", 0.0)
     for name, then in (("fail-mid", "fail"), ("error-mid", "error"), ("stall", "stall")):
         if name in directives:
             return Script(tokens[:3], delay, then=then, wait_s=wait)
