@@ -100,9 +100,9 @@ def make_stack(redis_url: str, logdir: Path) -> Iterator[Callable[..., Stack]]:
     made: list[Stack] = []
 
     def make(gateways: int = 1, workers: int = 1, **env: str) -> Stack:
-        new = Stack(private_db(redis_url), logdir, env).start(gateways, workers)
-        made.append(new)
-        return new
+        new = Stack(private_db(redis_url), logdir, env)
+        made.append(new)  # stopped at the end even if it fails to start
+        return new.start(gateways, workers)
 
     yield make
     for each in made:

@@ -40,7 +40,7 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None):
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -140,7 +140,7 @@ class Service:
             wait_for_port(self.port, proc=self.proc)
         return self
 
-    def wait_ready(self, text: str, timeout: float = 20.0) -> None:
+    def wait_ready(self, text: str, timeout: float = 60.0) -> None:
         """Wait until the log shows ``text`` (for processes without a port)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
