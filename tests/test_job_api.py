@@ -255,6 +255,26 @@ def test_cursors_past_what_redis_can_hold_are_a_400(
         assert words in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "entry",
+    ["0-0", "\u0661-0", "1-\u0660", "{last} ", "{last}\n", " {last}"],
+    ids=["start", "arabic-digit", "arabic-seq", "trailing-space", "newline", "leading-space"],
+)
+def test_a_cursor_that_names_no_event_of_its_job_is_a_400(
+    stack: Stack, client: httpx.Client, entry: str
+) -> None:
+    """Only what the job's ``id:`` lines spell: not its start, nor look-alike digits (Redis
+    refused those with a plain-text 500), nor one with blanks around it."""
+    job_id = post(client, stack, "[long 2]")
+    last = events(client, stack, job_id).last_id.split("_", 1)[1]
+    cursor = f"{job_id}_{entry.format(last=last)}"
+    response = client.get(
+        f"{stack.gateway.url}/chat/{job_id}/events", params={"last_event_id": cursor}
+    )
+    assert response.status_code == 400, response.text
+    assert "not a cursor" in response.json()["error"]
+
+
 def test_foreign_cursors_are_refused(stack: Stack, client: httpx.Client) -> None:
     one = post(client, stack, "[long 5]")
     other = post(client, stack, "[long 5]")

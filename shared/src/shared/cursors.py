@@ -11,7 +11,8 @@ import secrets
 from typing import NamedTuple
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-_CURSOR = re.compile(r"([0-9a-f]{32})_(\d{1,20}-\d{1,20})")
+# [0-9], not \d: \d takes any script's digits, which Redis refuses as an entry id.
+_CURSOR = re.compile(r"([0-9a-f]{32})_([0-9]{1,20}-[0-9]{1,20})")
 
 START = "0-0"  # the stream position before the first event
 _MAX_ID_PART = 2**64 - 1  # each half of a stream entry id is an unsigned 64-bit number
@@ -35,8 +36,10 @@ def is_job_id(value: str) -> bool:
 
 
 def parse_cursor(value: str) -> Cursor | None:
-    match = _CURSOR.fullmatch(value.strip())
-    if match is None:
+    """The cursor ``value`` spells exactly, or None; ``<job>_0-0`` names no event (the
+    start of a job's events is its URL without a cursor)."""
+    match = _CURSOR.fullmatch(value)
+    if match is None or match.group(2) == START:
         return None
     ms, _, seq = match.group(2).partition("-")
     if int(ms) > _MAX_ID_PART or int(seq) > _MAX_ID_PART:
