@@ -79,7 +79,7 @@ def parse(raw: bytes) -> tuple[list[Message], list[str], bytes]:
 def read(
     client: httpx.Client,
     url: str,
-    params: dict[str, str] | None = None,
+    params: dict[str, str] | list[tuple[str, str]] | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     stop_after: int | None = None,

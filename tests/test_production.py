@@ -142,6 +142,13 @@ def test_api_keys(keyed: Stack, client: httpx.Client) -> None:
     assert sse.read(client, events_url, headers=one).events[-1] == {"lifecycle": "done"}
     by_query = sse.read(client, events_url, params={"access_token": "key-one"})
     assert by_query.events[-1] == {"lifecycle": "done"}
+    # Repeated, the first value counts, as for every parameter.
+    first_wrong = client.get(
+        events_url, params=[("access_token", "nope"), ("access_token", "key-one")]
+    )
+    assert first_wrong.status_code == 401
+    first_right = [("access_token", "key-one"), ("access_token", "nope")]
+    assert sse.read(client, events_url, params=first_right).events[-1] == {"lifecycle": "done"}
     # Another key (one from the file) does not see the job at all.
     three = {"Authorization": "Bearer key-three"}
     assert client.get(events_url, headers=three).status_code == 404

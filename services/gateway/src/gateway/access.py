@@ -68,7 +68,8 @@ class Access:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         key = token.strip() if scheme.lower() == "bearer" else ""
-        key = key or request.query_params.get("access_token", "")
+        # The first value counts, as for every parameter (inputs.query_params).
+        key = key or next(iter(request.query_params.getlist("access_token")), "")
         if not key:
             raise Unauthorized(
                 "this gateway needs an API key: send 'Authorization: Bearer <key>'"
