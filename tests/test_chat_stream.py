@@ -95,11 +95,29 @@ def test_upstream_failures_end_with_one_error_event(
     assert words in stream.events[-1]["error"]
 
 
+@pytest.mark.parametrize("prompt", ["[http 500]", "[http 401]", "[error-mid]"])
+def test_upstream_error_bodies_stay_in_the_log(
+    stack: Stack, client: httpx.Client, prompt: str
+) -> None:
+    stream = chat(client, stack, prompt)
+    error = stream.events[-1]["error"]
+    assert "demo error" not in error and "said" not in error, error
+    job_id = stream.events[0]["job_id"]
+    log = stack.workers[0].log()
+    assert any(job_id in line and "said" in line for line in log.splitlines())
+
+
 def test_unreachable_upstream_is_an_error_event(make_stack, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
     stack = make_stack(OPENAI_BASE_URL="http://127.0.0.1:9/v1")
     stream = chat(client, stack, "hello")
     assert_well_formed(stream)
-    assert "could not reach the LLM at http://127.0.0.1:9/v1" in stream.events[-1]["error"]
+    assert stream.events[-1]["error"] == "could not reach the LLM"
+    assert "at http://127.0.0.1:9/v1; check OPENAI_BASE_URL" in stack.workers[0].log()
+    # The operator's detail reaches users only when asked for.
+    stack.workers.pop().stop()
+    stack.add_worker(EXPOSE_ERROR_DETAILS="true")
+    detailed = chat(client, stack, "hello")
+    assert "could not reach the LLM (at http://127.0.0.1:9/v1" in detailed.events[-1]["error"]
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,29 @@ def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("module", ["gateway", "worker"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "redis://:hunter2@localhost:6379/zero"),
+        ("REDIS_URL", "rediss://app:hunter2@localhost:port/0"),
+        ("REDIS_URL", "redis+sentinel://:hunter2@s1:26379/mymaster/0?protocol=3"),
+        ("OPENAI_BASE_URL", "ftp://user:hunter2@example.com/v1"),
+    ],
+)
+def test_a_bad_value_never_shows_a_password(module: str, name: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0 and name in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout, result.stderr
+
+
 def test_an_unknown_tool_stops_the_worker() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker"],

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.redis_conn import connect
+from shared.settings import without_password
 
 from .errors import LaunchError
 
@@ -76,7 +76,7 @@ async def redis_answers(url: str) -> None:
 
 async def check_redis_url(url: str) -> None:
     """REDIS_URL, once: it must answer now, or the run stops saying so."""
-    shown = _without_password(url)
+    shown = without_password(url)
     try:
         client = connect(url, socket_connect_timeout=3, socket_timeout=3)
     except ValueError as exc:
@@ -90,11 +90,3 @@ async def check_redis_url(url: str) -> None:
         ) from None
     finally:
         await client.aclose()
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))

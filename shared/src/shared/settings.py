@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     send_timeout_s: PositiveSeconds = 30.0
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    expose_error_details: bool = False  # upstream URLs and error bodies in error events
     log_prompts: bool = False  # log prompts and answers (debugging only: they may be private)
     api_keys_file: str = ""  # a file of keys, one a line, added to API_KEYS
     max_streams_per_key: Annotated[int, Field(ge=0)] = 0  # open streams per key, per gateway
@@ -227,5 +228,29 @@ def load_settings() -> Settings:
                 lines.append("  " + error["msg"].removeprefix("Value error, "))
                 continue
             name = str(error["loc"][0]).upper()
-            lines.append(f"  {name}: {error['msg']} (got {error.get('input')!r})")
+            lines.append(f"  {name}: {error['msg']} (got {_shown(name, error.get('input'))})")
         sys.exit("Streamgate cannot start: invalid setting(s)\n" + "\n".join(lines))
+
+
+_URLS = {"REDIS_URL", "OPENAI_BASE_URL"}
+
+
+def _shown(name: str, value: object) -> str:
+    """A setting's bad value as an error message may show it: never a password."""
+    if name in _URLS and isinstance(value, str):
+        return repr(without_password(value))
+    return repr(value)
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password, if any, as ``***``."""
+    parts = urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        password = None
+    if not password:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -92,7 +92,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             final = ev.Done()
         except UpstreamError as exc:
             metrics.upstream_errors.labels(exc.kind).inc()
-            final = ev.Error(str(exc))
+            logger.warning("job %s: %s", job_id, exc.detailed)
+            final = ev.Error(exc.detailed if settings.expose_error_details else exc.message)
         except Fenced:
             final = None  # ended from outside: its final event is already written
         except asyncio.CancelledError:

@@ -26,11 +26,19 @@ RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 
 
 class UpstreamError(Exception):
-    """The LLM request failed; the message says what happened in words a user can act on."""
+    """The LLM request failed. ``message`` says what happened in words a user can act on;
+    ``detail`` is the operator's part (the upstream's URL, its error body), logged with the
+    job and shown to users only with EXPOSE_ERROR_DETAILS."""
 
-    def __init__(self, message: str, kind: str = "other") -> None:
+    def __init__(self, message: str, kind: str = "other", detail: str = "") -> None:
         super().__init__(message)
+        self.message = message
         self.kind = kind  # for metrics: auth, rate_limit, status, timeout, connection, ...
+        self.detail = detail
+
+    @property
+    def detailed(self) -> str:
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,23 +160,26 @@ class Upstream:
                 await response.close()  # closes the upstream request: no more tokens billed
         except openai.AuthenticationError as exc:
             raise UpstreamError(
-                f"the LLM refused the API key (HTTP 401); check OPENAI_API_KEY ({_detail(exc)})",
+                "the LLM refused the service's API key (HTTP 401)",
                 "auth",
+                f"check OPENAI_API_KEY; the LLM said: {_detail(exc)}",
             ) from exc
         except openai.RateLimitError as exc:
             raise UpstreamError(
-                f"the LLM is rate limiting requests (HTTP 429); retry later ({_detail(exc)})",
+                "the LLM is rate limiting requests (HTTP 429); retry later",
                 "rate_limit",
+                f"the LLM said: {_detail(exc)}",
             ) from exc
         except openai.APIStatusError as exc:
             raise UpstreamError(
-                f"the LLM answered HTTP {exc.status_code} ({_detail(exc)})", "status"
+                f"the LLM answered HTTP {exc.status_code}", "status", f"it said: {_detail(exc)}"
             ) from exc
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             if _caused_by(exc, httpx2.ConnectTimeout):  # also how aiohttp reports a refusal
                 raise UpstreamError(
-                    f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL",
+                    "could not reach the LLM",
                     "connection",
+                    f"at {self.base_url}; check OPENAI_BASE_URL",
                 ) from exc
             raise UpstreamError(
                 f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
@@ -177,12 +188,15 @@ class Upstream:
             ) from exc
         except openai.APIConnectionError as exc:
             raise UpstreamError(
-                f"could not reach the LLM at {self.base_url}; check OPENAI_BASE_URL", "connection"
+                "could not reach the LLM",
+                "connection",
+                f"at {self.base_url}; check OPENAI_BASE_URL: {exc}",
             ) from exc
         except (httpx2.TransportError, httpx2.StreamError) as exc:
             raise UpstreamError(
                 "the connection to the LLM was lost mid-answer; the answer is incomplete",
                 "connection",
+                f"{type(exc).__name__}: {exc}",
             ) from exc
 
 
@@ -230,7 +244,9 @@ def parse_chunk(payload: bytes) -> list[Delta]:
     if chunk.get("error"):
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
-        raise UpstreamError(f"the LLM reported an error mid-answer: {message}", "stream")
+        raise UpstreamError(
+            "the LLM reported an error mid-answer", "stream", f"it said: {str(message)[:300]}"
+        )
     deltas: list[Delta] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}

@@ -150,7 +150,8 @@ class ToolRegistry:
             return _failed(parsed, str(exc) or f"{name} refused its arguments")
         except Exception as exc:
             logger.exception("tool %s failed", name)
-            return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__}: {exc})")
+            # Its text stays in the log: it may name hosts, paths or data users must not see.
+            return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__})")
         return ToolRun(parsed, output if isinstance(output, str) else str(output), ok=True)
 
 
