@@ -27,7 +27,7 @@ def main() -> None:
         # Streams close at once on SIGTERM (sse-starlette); this bounds the rest.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         access_log=False,
-        http=protocol_for(settings.max_prompt_chars),
+        http=protocol_for(settings),
     )
 
 
