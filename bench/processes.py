@@ -168,6 +168,8 @@ class Cluster:
             "OPENAI_BASE_URL": f"{self.llm_url}/v1",
             "OPENAI_MAX_RETRIES": "0",
             "LOG_LEVEL": "INFO",
+            # Every client of a bench is one address: the per-address cap would refuse most.
+            "MAX_STREAMS_PER_KEY": "0",
         }
         if self.worker_max_jobs is not None:
             env["WORKER_MAX_JOBS"] = str(self.worker_max_jobs)

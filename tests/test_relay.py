@@ -36,13 +36,31 @@ def test_a_reader_gets_frames_in_order_and_stops_after_the_final_one() -> None:
     assert reader.after == (2, 0)
 
 
-def test_a_reader_that_falls_too_far_behind_is_dropped_and_holds_nothing() -> None:
-    reader = Reader("a" * 32, "0-0", bound=3, started_at=None)
-    for i in range(5):
-        reader.push(b"frame", (i + 1, 0), final=False)
-    assert reader.ended
-    assert reader.frames == []
-    assert frames_of(reader) == []  # a clean close: the client resumes from its cursor
+def test_a_full_reader_pauses_until_its_client_takes_what_it_holds() -> None:
+    drained: list[Reader] = []
+    reader = Reader("a" * 32, "0-0", bound=3, started_at=None, on_drained=drained.append)
+    taken = [reader.push(b"frame", (i + 1, 0), final=False) for i in range(5)]
+    assert taken == [True, True, True, False, False]  # the rest is read again later
+    assert reader.paused and reader.after == (3, 0) and not reader.ended
+    assert drained == []
+
+    async def take_one() -> bytes:
+        chunks = reader.frames_until_end(1)
+        chunk = await anext(chunks)
+        await chunks.aclose()
+        return chunk
+
+    assert asyncio.run(take_one()) == b"frame" * 3
+    assert drained == [reader] and not reader.paused  # the relay reads on from (3, 0)
+    assert reader.push(b"next", (4, 0), final=False)
+
+
+def test_a_reader_holds_at_most_its_bytes() -> None:
+    reader = Reader("a" * 32, "0-0", bound=1000, started_at=None, bound_bytes=10_000)
+    pushed = 0
+    while reader.push(b"x" * 4000, (pushed + 1, 0), final=False):
+        pushed += 1
+    assert pushed == 3 and reader.pending_bytes == 12_000  # full at 10,000: one frame over
 
 
 def test_an_idle_reader_pings() -> None:

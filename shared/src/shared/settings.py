@@ -43,17 +43,22 @@ class Settings(BaseSettings):
     job_timeout_s: PositiveSeconds = 900.0
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 20.0
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
+    relay_buffer_bytes: Annotated[int, Field(ge=4096)] = 131_072
     # Streams one blocking XREAD covers; a gateway relaying more waits on the doorbell
     # (keys.ACTIVITY) and reads only the streams that changed: Redis spends ~2.4 µs per
     # stream named in each XREAD, 24 ms per call at 10,000.
     relay_multiplex_max: Annotated[int, Field(ge=0)] = 512
     send_timeout_s: PositiveSeconds = 30.0
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32_768
+    header_timeout_s: PositiveSeconds = 10.0
+    body_timeout_s: PositiveSeconds = 30.0
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     expose_error_details: bool = False  # upstream URLs and error bodies in error events
     log_prompts: bool = False  # log prompts and answers (debugging only: they may be private)
     api_keys_file: str = ""  # a file of keys, one a line, added to API_KEYS
-    max_streams_per_key: Annotated[int, Field(ge=0)] = 0  # open streams per key, per gateway
+    # Open streams per key (per client address without keys), per gateway; 0 is off.
+    max_streams_per_key: Annotated[int, Field(ge=0)] = 1000
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9100  # worker metrics; 0 is off
     roles_file: str = ""  # empty: the built-in roles (shared/roles.toml)
     tools: str = "all"  # "all", "none", or comma-separated tool names

@@ -6,8 +6,10 @@
   request with another key is told the job does not exist, so ids leak nothing.
 - The rate limit counts chats (not reads) per key, or per client address without keys, over
   the last minute (a sliding window) in Redis, so it holds across gateway replicas.
-- The cap on open streams per key is counted in this gateway process: a restart forgets
-  nothing that still exists, which a count in Redis could not promise after a crash.
+- The cap on open streams per key (per client address without keys) is counted in this
+  gateway process: a restart forgets nothing that still exists, which a count in Redis
+  could not promise after a crash. A stream holds its slot from the handler's check to its
+  last byte.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import hmac
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -109,22 +111,32 @@ class Access:
             await self.redis.zrem(key, member)
             raise
 
-    def check_stream_slot(self, identity: str) -> None:
-        """429 if ``identity`` already holds as many open streams as it may."""
-        if self.max_streams and self._streams[identity] >= self.max_streams:
+    def take_stream_slot(self, request: Request, identity: str) -> Callable[[], None]:
+        """Count one open stream for the caller (its key, or its address without keys) from
+        now until the returned release is called; 429 if it holds as many as it may. Taken
+        in the handler, before any await, so concurrent requests cannot all pass the check."""
+        if not self.max_streams:
+            return _nothing
+        holder = identity or f"addr:{request.client.host if request.client else 'unknown'}"
+        if self._streams[holder] >= self.max_streams:
             raise RateLimited(
-                f"too many open streams for this key ({self.max_streams},"
-                " MAX_STREAMS_PER_KEY); close one and retry",
+                f"too many open streams for this {'key' if identity else 'address'}"
+                f" ({self.max_streams}, MAX_STREAMS_PER_KEY); close one and retry",
                 5,
             )
+        self._streams[holder] += 1
+        released = False
 
-    @contextmanager
-    def stream_slot(self, identity: str) -> Iterator[None]:
-        """Count one open stream for ``identity`` while the block runs."""
-        self._streams[identity] += 1
-        try:
-            yield
-        finally:
-            self._streams[identity] -= 1
-            if not self._streams[identity]:
-                del self._streams[identity]
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._streams[holder] -= 1
+                if not self._streams[holder]:
+                    del self._streams[holder]
+
+        return release
+
+
+def _nothing() -> None:
+    pass

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -13,6 +12,7 @@ from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
 from .errors import BadRequest, NotFound, allowed_methods, method_not_allowed
+from .event_stream import EventStream
 from .inputs import (
     ChatRequest,
     chat_request,
@@ -41,10 +41,14 @@ async def chat_get(request: Request) -> Response:
         await state.arq.ping()  # Redis down: 503
         await check_session(state, chat, identity)
         return _headers_only()
-    state.access.check_stream_slot(identity)
-    async with state.access.count_chat(request, identity):
-        job_id = await enqueue(state, chat, "get", identity)
-    return _stream(request, job_id, START, identity, new_chat=True)
+    release = state.access.take_stream_slot(request, identity)
+    try:
+        async with state.access.count_chat(request, identity):
+            job_id = await enqueue(state, chat, "get", identity)
+    except BaseException:
+        release()
+        raise
+    return _stream(request, job_id, START, release, new_chat=True)
 
 
 async def chat_post(request: Request) -> Response:
@@ -129,8 +133,8 @@ async def _resume(request: Request, cursor: Cursor, identity: str) -> Response:
             return Response(status_code=204)  # stops a browser's EventSource for good
     if request.method == "HEAD":
         return _headers_only()
-    state.access.check_stream_slot(identity)
-    return _stream(request, cursor.job_id, cursor.entry_id, identity)
+    release = state.access.take_stream_slot(request, identity)
+    return _stream(request, cursor.job_id, cursor.entry_id, release)
 
 
 def _headers_only() -> Response:
@@ -138,28 +142,27 @@ def _headers_only() -> Response:
 
 
 def _stream(
-    request: Request, job_id: str, after: str, identity: str, new_chat: bool = False
+    request: Request,
+    job_id: str,
+    after: str,
+    release: Callable[[], None],
+    new_chat: bool = False,
 ) -> Response:
     state: State = request.app.state.sg
 
     async def frames() -> AsyncIterator[bytes]:
         # Subscribed here, not in the handler: a response that never starts holds nothing.
-        with state.access.stream_slot(identity):
-            reader = state.relay.subscribe(job_id, after, new_chat)
-            try:
-                async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
-                    yield chunk
-            finally:
-                state.relay.unsubscribe(reader)
+        reader = state.relay.subscribe(job_id, after, new_chat)
+        try:
+            async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
+                yield chunk
+        finally:
+            state.relay.unsubscribe(reader)
 
-    return EventSourceResponse(
+    return EventStream(
         frames(),
         headers=SSE_HEADERS,
-        ping=0,  # pings come from the reader, in order with events, never after the last
-        send_timeout=state.settings.send_timeout_s,
-        sep="\n",
-        # On SIGTERM the relay closes every reader when this is set; the grace lets each
-        # response end cleanly instead of being cut.
+        send_timeout_s=state.settings.send_timeout_s,
+        release=release,
         shutdown_event=state.relay.shutting_down,
-        shutdown_grace_period=2,
     )

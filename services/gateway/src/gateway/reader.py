@@ -2,18 +2,19 @@
 
 The relay pushes pre-encoded frames; the client's response drains them, joined into one
 write, and sends a ``: ping`` comment when nothing came for a while. Pings come from here,
-in order with the events, so none can follow the final event. A reader that falls more than
-``bound`` frames behind is dropped (its frames released at once): the client reconnects
-with its last cursor and misses nothing.
+in order with the events, so none can follow the final event.
+
+A mailbox holding ``bound`` frames or ``bound_bytes`` bytes is full: the reader is paused,
+takes nothing more, and the relay leaves it out of its reads until the client has taken
+what it holds; then ``on_drained`` asks the relay to read on from the reader's cursor. So a
+client that reads slowly (or not at all) holds at most a mailbox, whatever the job's size,
+and the relay never waits on it; one that takes nothing for SEND_TIMEOUT_S is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator
-
-logger = logging.getLogger(__name__)
+from collections.abc import AsyncIterator, Callable
 
 PING = b": ping\n\n"
 
@@ -30,42 +31,55 @@ class Reader:
     __slots__ = (
         "after",
         "bound",
+        "bound_bytes",
         "ended",
         "finished",
         "first_token",
         "frames",
         "job_id",
+        "on_drained",
+        "paused",
+        "pending_bytes",
         "started_at",
         "waiter",
     )
 
-    def __init__(self, job_id: str, after: str, bound: int, started_at: float | None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        after: str,
+        bound: int,
+        started_at: float | None,
+        bound_bytes: int = 1 << 20,
+        on_drained: Callable[[Reader], None] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.started_at = started_at  # set for a new chat: its latencies are measured
         self.first_token = started_at is not None  # the first token is still to be timed
         self.after = entry_key(after)
         self.bound = bound
+        self.bound_bytes = bound_bytes
+        self.on_drained = on_drained
+        self.paused = False  # full: takes nothing until the client has taken what it holds
+        self.pending_bytes = 0
         self.frames: list[bytes] = []
         self.ended = False  # no more frames will come: final event queued, or dropped
         self.finished = False  # the final event was queued: the client has it all
         self.waiter: asyncio.Future[bool] | None = None  # the response waiting for frames
 
-    def push(self, frame: bytes, key: tuple[int, int], final: bool) -> None:
-        if self.ended:
-            return
+    def push(self, frame: bytes, key: tuple[int, int], final: bool) -> bool:
+        """Take the frame after this reader's cursor; False when it takes no more now."""
+        if self.ended or self.paused:
+            return False
         self.after = key
         self.frames.append(frame)
+        self.pending_bytes += len(frame)
         if final:
             self.ended = self.finished = True
-        elif len(self.frames) > self.bound:
-            logger.warning(
-                "job %s: a reader fell %d events behind; dropping it so it resumes from its cursor",
-                self.job_id,
-                self.bound,
-            )
-            self.frames.clear()
-            self.ended = True
+        elif len(self.frames) >= self.bound or self.pending_bytes >= self.bound_bytes:
+            self.paused = True
         _settle(self.waiter, True)
+        return True
 
     def close(self, frame: bytes | None = None) -> None:
         """End this reader, with a last frame or cleanly (the client may resume)."""
@@ -82,6 +96,11 @@ class Reader:
             if self.frames:
                 chunk = b"".join(self.frames)
                 self.frames.clear()
+                self.pending_bytes = 0
+                if self.paused:
+                    self.paused = False
+                    if self.on_drained is not None:
+                        self.on_drained(self)
                 yield chunk
                 continue
             if self.ended:

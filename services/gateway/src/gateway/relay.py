@@ -16,8 +16,10 @@ Decisions a reader might want to undo:
   rang, from their cursors. After any Redis error it reads every stream once (doorbells may
   have been lost), and silent streams are read anyway every ``SWEEP_S``: a doorbell
   trimmed away unread costs a few seconds, never an event.
-- Each client has a bounded mailbox of pre-encoded SSE frames. A client that stops reading
-  fills it and is disconnected (it resumes from its cursor); the loop never waits on one.
+- Each client has a bounded mailbox of pre-encoded SSE frames (reader.py). A client that
+  reads slower than its job's events come fills it and is paused: the loop leaves it out of
+  its reads (never waiting on it) until the client has taken what it holds, then reads on
+  from its cursor. However large the job, a client holds at most one mailbox.
 - A watchdog (watchdog.py) checks the jobs that have been silent for a while.
 """
 
@@ -65,13 +67,18 @@ class _Job:
         self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
         self._cursor = b""
 
-    def cursor(self) -> bytes:
-        """Where the next XREAD of this job starts: its furthest-behind reader; noted, since
-        only readers at or past it may take what that read returns."""
+    def cursor(self) -> bytes | None:
+        """Where the next XREAD of this job starts: its furthest-behind reader that is not
+        paused (None: every reader is, so the job is not read); noted, since only readers
+        at or past it may take what that read returns."""
         if len(self.readers) == 1:
-            start = next(iter(self.readers)).after
+            only = next(iter(self.readers))
+            start = None if only.paused else only.after
         else:
-            start = min(reader.after for reader in self.readers)
+            start = min((r.after for r in self.readers if not r.paused), default=None)
+        if start is None:
+            self.read_from = None
+            return None
         if start != self.read_from:  # most streams of an XREAD have not moved since the last
             self.read_from = start
             self._cursor = b"%d-%d" % start
@@ -146,7 +153,12 @@ class Relay:
 
     def subscribe(self, job_id: str, after: str, new_chat: bool = False) -> Reader:
         reader = Reader(
-            job_id, after, self.settings.relay_buffer_events, self._now() if new_chat else None
+            job_id,
+            after,
+            self.settings.relay_buffer_events,
+            self._now() if new_chat else None,
+            bound_bytes=self.settings.relay_buffer_bytes,
+            on_drained=self._drained,
         )
         self.metrics.open_streams.inc()
         job = self.jobs.get(job_id)
@@ -156,6 +168,12 @@ class Relay:
         self._fresh.add(job_id)
         self._wake()
         return reader
+
+    def _drained(self, reader: Reader) -> None:
+        """A paused reader's client took what it held: read on from its cursor."""
+        if reader.job_id in self.jobs:
+            self._fresh.add(reader.job_id)
+            self._wake()
 
     def unsubscribe(self, reader: Reader) -> None:
         self.metrics.open_streams.dec()
@@ -225,7 +243,8 @@ class Relay:
         """One blocking XREAD over every stream this process relays."""
         streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
         for job in self.jobs.values():
-            streams[job.key] = job.cursor()
+            if (cursor := job.cursor()) is not None:
+                streams[job.key] = cursor
         self._fresh.clear()  # this read covers them
         for key, entries in await self._xread(streams, READ_COUNT, BLOCK_MS):
             if key == self._wake_key:
@@ -257,9 +276,10 @@ class Relay:
         self._fresh.clear()
         for start in range(0, len(fresh), READ_BATCH):
             chunk = [self.jobs[j] for j in fresh[start : start + READ_BATCH] if j in self.jobs]
-            if not chunk:
+            cursors = {job.key: c for job in chunk if (c := job.cursor()) is not None}
+            if not cursors:
                 continue
-            found = await self._xread({job.key: job.cursor() for job in chunk}, READ_COUNT)
+            found = await self._xread(cursors, READ_COUNT)
             for key, entries in found:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
@@ -295,9 +315,10 @@ class Relay:
                 # A reader that joined behind the read in flight must not take its entries:
                 # it would skip those in between. The next read starts at its cursor.
                 if position > reader.after and read_from is not None and reader.after >= read_from:
+                    if not reader.push(frame, position, final):
+                        continue  # paused: it is read again from its cursor once drained
                     if reader.started_at is not None:
                         self._measure(reader, now, token, final)
-                    reader.push(frame, position, final)
                     if token:
                         self.metrics.tokens.inc()
         for reader in readers:

@@ -22,6 +22,10 @@ from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
+# Characters one merged token event holds at most: a fast model and a slow Redis would
+# otherwise make one event of a whole answer, and a gateway reads up to 512 events at once.
+MERGE_MAX = 4096
+
 
 class Fenced(Exception):
     """This attempt no longer owns the job: it was cancelled, ended or taken over."""
@@ -49,8 +53,9 @@ class Publisher:
         if isinstance(event, ev.Token):
             if not event.text:
                 return  # empty tokens are not sent
-            if self.pending and isinstance(self.pending[-1], ev.Token):
-                self.pending[-1] = ev.Token(self.pending[-1].text + event.text)
+            last = self.pending[-1] if self.pending else None
+            if isinstance(last, ev.Token) and len(last.text) + len(event.text) <= MERGE_MAX:
+                self.pending[-1] = ev.Token(last.text + event.text)
                 return
         self.pending.append(event)
         self.batcher.mark(self)
