@@ -44,6 +44,16 @@ class Stream:
         return self.messages[-1].id
 
 
+def is_done(event: dict[str, Any]) -> bool:
+    """``done``, whatever else it carries (finish_reason, usage)."""
+    return event.get("lifecycle") == "done" and "error" not in event
+
+
+def ends_done(stream: Stream) -> bool:
+    """One final event, and it is ``done``."""
+    return len(stream.finals) == 1 and is_done(stream.finals[0])
+
+
 def is_final(event: dict[str, Any]) -> bool:
     return "error" in event or event.get("lifecycle") == "done"
 

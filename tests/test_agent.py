@@ -100,7 +100,7 @@ def test_tool_failures_become_outputs_for_the_model(
     assert call["arguments"] == arguments
     assert call["output"].startswith("error: ")
     assert words in call["output"]
-    assert stream.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(stream.events[-1])
 
 
 def test_the_round_limit_ends_with_an_error(agent_stack: Stack) -> None:
@@ -138,9 +138,7 @@ def echo_history(stack: Stack, session: str, **params: str) -> list[dict[str, An
 
 
 def test_memory_across_three_prompts(agent_stack: Stack) -> None:
-    assert chat(agent_stack, "my name is Ada", session="s-three").events[-1] == {
-        "lifecycle": "done"
-    }
+    assert sse.is_done(chat(agent_stack, "my name is Ada", session="s-three").events[-1])
     chat(agent_stack, "I like tea", session="s-three")
     sent = echo_history(agent_stack, "s-three")
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
@@ -185,7 +183,7 @@ def test_double_texting_is_a_409(agent_stack: Stack, client: httpx.Client) -> No
     assert first.json()["job_id"] in second.json()["error"]
     assert client.post(url, json={"prompt": "again", "session": "busy"}).status_code == 409
     sse.read(client, agent_stack.gateway.url + first.json()["events_url"])
-    assert chat(agent_stack, "now", session="busy").events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(chat(agent_stack, "now", session="busy").events[-1])
 
 
 def test_roles(agent_stack: Stack, client: httpx.Client) -> None:

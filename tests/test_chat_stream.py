@@ -42,7 +42,7 @@ def test_streams_the_demo_answer(stack: Stack, client: httpx.Client) -> None:
     assert stream.events[0]["lifecycle"] == "queued"
     assert stream.events[0]["position"] >= 1
     assert stream.events[1] == {"lifecycle": "started", "job_id": stream.events[0]["job_id"]}
-    assert stream.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(stream.events[-1])
     assert "Streamgate demo model" in stream.text
     assert '"hello"' in stream.text
     assert all(e["token"] for e in stream.events if "token" in e), "empty tokens are not sent"
@@ -52,7 +52,7 @@ def test_hard_tokens_arrive_exactly(stack: Stack, client: httpx.Client) -> None:
     stream = chat(client, stack, "[hard]")
     assert_well_formed(stream)
     assert stream.text == HARD_TEXT
-    assert stream.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(stream.events[-1])
 
 
 def test_long_answer_loses_nothing(stack: Stack, client: httpx.Client) -> None:
@@ -73,7 +73,8 @@ def test_pings_while_waiting_and_never_after_the_end(stack: Stack, client: httpx
     stream = chat(client, stack, "[long 3] [delay 1.3]")
     assert_well_formed(stream)
     assert stream.comments and set(stream.comments) == {"ping"}
-    assert stream.raw.endswith(b'data: {"lifecycle":"done"}\n\n')
+    last_line = stream.raw.removesuffix(b"\n\n").rsplit(b"\n", 1)[1]
+    assert last_line.startswith(b'data: {"lifecycle":"done"') and last_line.endswith(b"}")
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,7 @@ def test_pings_while_waiting_and_never_after_the_end(stack: Stack, client: httpx
         ("[fail-mid]", "lost mid-answer"),
         ("[error-mid]", "error mid-answer"),
         ("[stall]", "sent nothing for 2 s"),
+        ("[cut]", "ended without [DONE] or a finish reason"),
     ],
 )
 def test_upstream_failures_end_with_one_error_event(
@@ -93,6 +95,16 @@ def test_upstream_failures_end_with_one_error_event(
     stream = chat(client, stack, prompt)
     assert_well_formed(stream)
     assert words in stream.events[-1]["error"]
+
+
+def test_done_carries_the_finish_reason_and_the_upstreams_usage(
+    stack: Stack, client: httpx.Client
+) -> None:
+    done = chat(client, stack, "[long 4]").events[-1]
+    assert done["lifecycle"] == "done" and done["finish_reason"] == "stop"
+    usage = done["usage"]
+    assert usage["completion_tokens"] == 4
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 4 and usage["prompt_tokens"] > 0
 
 
 @pytest.mark.parametrize("prompt", ["[http 500]", "[http 401]", "[error-mid]"])

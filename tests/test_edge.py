@@ -169,7 +169,7 @@ def test_readers_that_never_read_hold_little_count_against_the_cap_and_are_let_g
 ) -> None:
     created = client.post(edge.gateway.url + "/chat", json={"prompt": "[long 1000000] [delay 0]"})
     events_url = edge.gateway.url + created.json()["events_url"]
-    assert sse.read(client, events_url, timeout=120).finals == [{"lifecycle": "done"}]
+    assert sse.read(client, events_url, sse.ends_done(timeout=120))
     gateway = psutil.Process(edge.gateway.proc.pid)  # type: ignore[union-attr]
     before = gateway.memory_info().rss
     stuck = []
@@ -192,7 +192,7 @@ def test_readers_that_never_read_hold_little_count_against_the_cap_and_are_let_g
                 while sock.recv(1 << 20):
                     pass
         wait_until(lambda: metric(edge, "streamgate_open_streams ")[0].endswith(" 0.0"), 5, "0")
-        assert sse.read(client, events_url, timeout=120).finals == [{"lifecycle": "done"}]
+        assert sse.read(client, events_url, sse.ends_done(timeout=120))
     finally:
         for sock in stuck:
             sock.close()

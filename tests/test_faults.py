@@ -97,7 +97,7 @@ def test_killed_worker_mid_stream_ends_with_an_error_in_time(
     # The survivor takes new work.
     again = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 100]"})
     assert again.text == LONG
-    assert again.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(again.events[-1])
 
 
 def test_worker_killed_before_any_output_is_replaced_transparently(
@@ -155,7 +155,7 @@ def test_killed_gateway_client_resumes_on_another_exactly(
     partial = head[0] if head else None
     assert partial is not None and partial.messages and not partial.finals
     rest = sse.read(client, second.url + "/chat", headers={"Last-Event-ID": partial.last_id})
-    assert rest.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(rest.events[-1])
     job_id = partial.events[0]["job_id"]
     whole = sse.read(client, f"{second.url}/chat/{job_id}/events")
     assert partial.text + rest.text == whole.text
@@ -195,7 +195,7 @@ def test_a_worker_sigterm_lets_the_running_job_finish(
     stack.workers[0].kill(signal.SIGTERM)
     stream = background.join(20)
     assert stream.text == LONG
-    assert stream.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(stream.events[-1])
     assert stack.workers[0].proc is not None and stack.workers[0].proc.wait(10) == 0
 
 
@@ -237,7 +237,7 @@ def test_a_post_job_runs_to_its_end_unread(
     time.sleep(4)
     stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
     assert stream.text == LONG
-    assert stream.events[-1] == {"lifecycle": "done"}
+    assert sse.is_done(stream.events[-1])
 
 
 def test_no_worker_means_an_error_in_time_and_the_job_never_runs(
@@ -295,7 +295,7 @@ def test_redis_restart_mid_stream(
         )
         again = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 100]"})
         assert again.text == LONG
-        assert again.events[-1] == {"lifecycle": "done"}
+        assert sse.is_done(again.events[-1])
     finally:
         stack.stop()
 
@@ -313,7 +313,7 @@ def test_200_streams_each_read_twice_arrive_exactly(redis_url: str, logdir: Path
         first, second = await asyncio.gather(sse.aread(client, url), sse.aread(client, url))
         for stream in (first, second):
             assert stream.text == expected
-            assert stream.events[-1] == {"lifecycle": "done"}
+            assert sse.is_done(stream.events[-1])
             assert len(stream.finals) == 1
 
     async def main() -> None:

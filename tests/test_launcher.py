@@ -147,7 +147,7 @@ def test_one_command_runs_everything_and_ctrl_c_stops_it_all(
     llm_port = int(run.found(r"ready: LLM http://127\.0\.0\.1:(\d+)/v1").group(1))
 
     stream = chat(run.url, "remember the word marmalade", "launcher")
-    assert stream.status == 200 and stream.finals == [{"lifecycle": "done"}], stream.raw
+    assert stream.status == 200 and sse.ends_done(stream), stream.raw
 
     assert run.interrupt() == 0, run.output
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -178,7 +178,7 @@ def test_with_redis_url_and_a_model_in_dotenv_it_starts_neither(
         assert not [c for c in commands if "demo_llm" in c or "-server" in c], commands
         assert run.output.count(f" ready: LLM {model.url}/v1, model from-dotenv,") == 2
         stream = chat(run.url, "hello", "elsewhere")
-        assert stream.finals == [{"lifecycle": "done"}]
+        assert sse.ends_done(stream)
         assert httpx.get(model.url + "/demo/stats").json()["requests"] == 1
         job_id = stream.events[0]["job_id"]
         client = redis.Redis.from_url(db)

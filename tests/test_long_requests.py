@@ -34,7 +34,7 @@ def test_a_get_prompt_of_the_limit_in_emoji_reaches_the_model_whole(stack: Stack
     status, raw = get(stack, f"/chat?prompt={quote(prompt)}")
     assert status == 200, raw[:300]
     messages, _, after_final = sse.parse(raw)
-    assert messages[-1].data == {"lifecycle": "done"}
+    assert sse.is_done(messages[-1].data)
     assert after_final == b""
     text = "".join(m.data["token"] for m in messages if "token" in m.data)
     assert orjson.loads(text)[-1] == {"role": "user", "content": prompt}

@@ -72,9 +72,59 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+    def data(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
+    finish_reason: str | None = None  # the model's: stop, length, content_filter, tool_calls
+    usage: Usage | None = None  # summed over the job's upstream requests, when all reported it
+
     def data(self) -> dict[str, Any]:
-        return {"lifecycle": "done"}
+        done: dict[str, Any] = {"lifecycle": "done"}
+        if self.finish_reason:
+            done["finish_reason"] = self.finish_reason
+        if self.usage is not None:
+            done["usage"] = self.usage.data()
+        return done
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolCall:
+    call_id: str
+    name: str
+    arguments: str  # as the model sent it: the client parses and runs it
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolCalls:
+    """The model's calls of tools the client declared: the client runs them (OpenAI API)."""
+
+    calls: list[ClientToolCall] = field(default_factory=list)
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "client_tool_calls": [
+                {"id": c.call_id, "name": c.name, "arguments": c.arguments} for c in self.calls
+            ]
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +135,10 @@ class Error:
         return {"error": self.message}
 
 
-Event = Token | ToolCallStarted | ToolsCalled | Queued | Started | Done | Error
+Event = Token | ToolCallStarted | ToolsCalled | ClientToolCalls | Queued | Started | Done | Error
 
 # Events that show the job has produced output: once one is published, the job never re-runs.
-OUTPUT_EVENTS = (Token, ToolCallStarted, ToolsCalled)
+OUTPUT_EVENTS = (Token, ToolCallStarted, ToolsCalled, ClientToolCalls)
 
 
 def is_final(event: Event) -> bool:

@@ -86,10 +86,20 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
         if script.http_status is not None:
             return _error(script.http_status, f"demo error {script.http_status} as requested")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and 0 < limit < len(script.tokens):
+            script.tokens, finish = script.tokens[:limit], "length"
+        # Counted as the demo counts tokens: words of the messages, tokens sent.
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages)
+        usage = _usage(prompt_tokens, len(script.tokens) + len(script.tool_calls))
         if not body.get("stream"):
-            return JSONResponse(_complete(completion_id, script))
+            return JSONResponse(_complete(completion_id, script, finish, usage))
+        options = body.get("stream_options") or {}
+        with_usage = usage if isinstance(options, dict) and options.get("include_usage") else None
         return StreamingResponse(
-            _stream(completion_id, script, stats), media_type="text/event-stream"
+            _stream(completion_id, script, stats, finish, with_usage),
+            media_type="text/event-stream",
         )
 
     async def demo_stats(request: Request) -> Response:
@@ -104,7 +114,17 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
     )
 
 
-def _complete(completion_id: str, script: Script) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _complete(
+    completion_id: str, script: Script, finish: str, usage: dict[str, int]
+) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -113,10 +133,11 @@ def _complete(completion_id: str, script: Script) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "finish_reason": "stop",
+                "finish_reason": finish,
                 "message": {"role": "assistant", "content": "".join(script.tokens)},
             }
         ],
+        "usage": usage,
     }
 
 
@@ -154,7 +175,25 @@ def _stamped(token: str) -> str:
     return f"{word}@{time.monotonic_ns() // 1000}{token[len(word) :]}"
 
 
-async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIterator[bytes]:
+def _usage_chunk(completion_id: str, usage: dict[str, int]) -> bytes:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": MODEL,
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def _stream(
+    completion_id: str,
+    script: Script,
+    stats: Stats,
+    finish: str = "stop",
+    usage: dict[str, int] | None = None,
+) -> AsyncIterator[bytes]:
     stats.open_streams += 1
     finished = False
     try:
@@ -171,6 +210,8 @@ async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIter
                     await asyncio.sleep(script.delay_s)
                 yield _chunk(completion_id, {"tool_calls": [delta]})
             yield _chunk(completion_id, {}, finish="tool_calls")
+            if usage is not None:
+                yield _usage_chunk(completion_id, usage)
             yield b"data: [DONE]\n\n"
             finished = True
             return
@@ -185,7 +226,12 @@ async def _stream(completion_id: str, script: Script, stats: Stats) -> AsyncIter
             return
         if script.then == "stall":
             await asyncio.sleep(3600)
-        yield _chunk(completion_id, {}, finish="stop")
+        if script.then == "cut":
+            finished = True
+            return  # the HTTP response ends cleanly, the answer does not
+        yield _chunk(completion_id, {}, finish=finish)
+        if usage is not None:
+            yield _usage_chunk(completion_id, usage)
         yield b"data: [DONE]\n\n"
         finished = True
     finally:

@@ -14,6 +14,8 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
+| ``[cut]``          | a few tokens, then the stream ends without ``[DONE]`` or a      |
+|                    | finish reason (an incomplete answer)                            |
 | ``[stamp]``        | each token ends with ``@<µs>``: when it was sent (the monotonic  |
 |                    | clock), for benchmarks to measure the delay after the model      |
 
@@ -58,7 +60,7 @@ HARD_TOKENS = [
 ]
 
 _DIRECTIVE = re.compile(
-    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp)(?:\s+([^\]\s]+))?\]"
+    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp|cut)(?:\s+([^\]\s]+))?\]"
 )
 # What each directive's number may be: anything else is a 400, not a crash, and no prompt
 # makes the model hold more than one token at a time (``[long N]`` is made as it is sent).
@@ -100,7 +102,7 @@ class Script:
     tokens: Sequence[str]
     delay_s: float
     http_status: int | None = None
-    then: str | None = None  # "fail", "error" or "stall" after the tokens
+    then: str | None = None  # "fail", "error", "stall" or "cut" after the tokens
     wait_s: float = 0.0  # silence before the first token
     tool_calls: list[PlannedCall] = field(default_factory=list)
     with_index: bool = True  # False: tool call deltas without "index" (Ollama)
@@ -211,7 +213,12 @@ def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = F
     else:
         tokens = demo_answer(prompt)
     wait = numbers.get("wait", 0.0)
-    for name, then in (("fail-mid", "fail"), ("error-mid", "error"), ("stall", "stall")):
+    for name, then in (
+        ("fail-mid", "fail"),
+        ("error-mid", "error"),
+        ("stall", "stall"),
+        ("cut", "cut"),
+    ):
         if name in directives:
             return Script(tokens[:3], delay, then=then, wait_s=wait)
     return Script(tokens, delay, wait_s=wait, stamp="stamp" in directives)

@@ -7,6 +7,10 @@ at a known index starts a new call. When the model stops to call tools, all call
 once, each with a timeout, and one ``tools_called`` event reports them before the results go
 back as ``role: tool`` messages. A model that keeps calling tools is stopped after
 ``max_rounds`` rounds with an error, rather than looping (and billing) forever.
+
+A request that declares its own tools (the OpenAI API's ``tools``) is offered those alone,
+and the model's calls of them end the job: one ``client_tool_calls`` event carries them
+back, for the client to run and send the results in its next request, as with OpenAI.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from shared import events as ev
 
-from .llm import Opening, TextDelta, ToolCallDelta, Upstream, UpstreamError
+from .llm import Finish, Opening, TextDelta, ToolCallDelta, Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Publisher
 from .tools import ToolRegistry
@@ -58,6 +62,13 @@ class ToolCallAssembler:
         return started
 
 
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str | None = None  # the last upstream request's
+    usage: ev.Usage | None = None  # summed over the rounds; None unless every one reported it
+
+
 async def run_agent(
     upstream: Upstream,
     tools: ToolRegistry,
@@ -67,16 +78,21 @@ async def run_agent(
     tool_timeout_s: float,
     metrics: WorkerMetrics,
     opened: Opening | None = None,
-) -> str:
-    """Run the conversation to the model's final answer; returns that answer's text.
-    ``opened``: the first request, already sent for these messages."""
-    schemas = tools.schemas() or None
+    client_tools: list[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Answer:
+    """Run the conversation to the model's final answer (or, with ``client_tools``, to its
+    calls of them). ``opened``: the first request, already sent for these messages."""
+    schemas = client_tools or tools.schemas() or None
+    usage: ev.Usage | None = ev.Usage(0, 0, 0)
     for round_number in range(max_rounds + 1):
         text: list[str] = []
         assembler = ToolCallAssembler()
         sent_at: float | None = time.monotonic()
         sent, opened = opened, None  # only the first round's request was sent ahead
-        async for delta in upstream.stream(messages, schemas, sent):
+        finish: str | None = None
+        reported: ev.Usage | None = None
+        async for delta in upstream.stream(messages, schemas, sent, params):
             if sent_at is not None:
                 metrics.upstream_first_token.observe(time.monotonic() - sent_at)
                 sent_at = None
@@ -88,8 +104,19 @@ async def run_agent(
                 started = assembler.add(delta)
                 if started is not None:
                     publisher.emit(ev.ToolCallStarted(started.call_id, started.name))
+            elif isinstance(delta, Finish):
+                finish = delta.reason
+            else:
+                reported = delta
+        usage = usage + reported if usage is not None and reported is not None else None
         if not assembler.calls:
-            return "".join(text)
+            return Answer("".join(text), finish, usage)
+        if client_tools:
+            asked = [
+                ev.ClientToolCall(c.call_id, c.name, "".join(c.arguments)) for c in assembler.calls
+            ]
+            publisher.emit(ev.ClientToolCalls(asked))
+            return Answer("".join(text), "tool_calls", usage)
         if round_number == max_rounds:
             break
         calls = assembler.calls

@@ -42,7 +42,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     opening = None
     if early is not None and not early.get("session"):
         messages = messages_for(ctx["roles"], early, [])
-        opening = upstream.open(messages, ctx["tools"].schemas() or None)
+        tools = early.get("tools") or ctx["tools"].schemas() or None
+        opening = upstream.open(messages, tools, early.get("params"))
     claim_future: asyncio.Future[Claim] = ctx["claim"]
     try:
         claim, raw_request = await asyncio.shield(claim_future)
@@ -83,13 +84,16 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
                 settings.tool_timeout_s,
                 metrics,
                 opened=opening,
+                client_tools=request.get("tools"),
+                params=request.get("params"),
             )
             if settings.log_prompts:
-                logger.info("job %s prompt %r answer %r", job_id, request["prompt"], answer)
-            if request.get("session"):
+                asked = request.get("prompt") or request.get("messages")
+                logger.info("job %s prompt %r answer %r", job_id, asked, answer.text)
+            if request.get("session") and "prompt" in request:
                 # Memory before `done`: a client that asks again at once sees this turn.
-                await ctx["sessions"].append(request["session"], request["prompt"], answer)
-            final = ev.Done()
+                await ctx["sessions"].append(request["session"], request["prompt"], answer.text)
+            final = ev.Done(answer.finish_reason, answer.usage)
         except UpstreamError as exc:
             metrics.upstream_errors.labels(exc.kind).inc()
             logger.warning("job %s: %s", job_id, exc.detailed)
@@ -161,7 +165,8 @@ def _outcome(final: ev.Event) -> str:
 def messages_for(
     roles: Roles, request: dict[str, Any], history: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """The role's system prompt, the session's earlier turns, then the prompt."""
+    """The role's system prompt, the session's earlier turns, then the prompt (or the
+    client's whole conversation, from the OpenAI API)."""
     role = roles.get(request.get("role"))
     if role is None:
         logger.warning(
@@ -174,5 +179,5 @@ def messages_for(
     return [
         {"role": "system", "content": role.system_prompt},
         *history,
-        {"role": "user", "content": request["prompt"]},
+        *(request.get("messages") or [{"role": "user", "content": request["prompt"]}]),
     ]

@@ -19,6 +19,7 @@ import httpx2
 import openai
 import orjson
 
+from shared import events as ev
 from shared.settings import Settings
 
 # What ``with_streaming_response`` sends: the SDK then returns the response unparsed.
@@ -59,7 +60,7 @@ class Finish:
     reason: str
 
 
-Delta = TextDelta | ToolCallDelta | Finish
+Delta = TextDelta | ToolCallDelta | Finish | ev.Usage
 Opening = asyncio.Future[openai.AsyncAPIResponse[object]]  # a request sent, not yet read
 
 
@@ -102,11 +103,14 @@ class Upstream:
             await asyncio.sleep(0)
 
     def open(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        params: dict[str, Any] | None = None,
     ) -> Opening:
         """Send the request now, in the background; ``stream(opened=...)`` reads it, or
         ``abandon`` closes it. Errors surface in ``stream``."""
-        return asyncio.ensure_future(self._post(messages, tools))
+        return asyncio.ensure_future(self._post(messages, tools, params))
 
     async def abandon(self, opening: Opening) -> None:
         """Close a request ``open`` sent and nobody will read."""
@@ -116,12 +120,23 @@ class Upstream:
             await response.close()
 
     async def _post(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        params: dict[str, Any] | None,
     ) -> openai.AsyncAPIResponse[object]:
         await self._take_turn()
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
+        body: dict[str, Any] = {
+            **(params or {}),  # the client's temperature, max_tokens, tool_choice (checked)
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # for ``done``'s usage
+        }
         if tools:
             body["tools"] = tools
+        else:
+            body.pop("tool_choice", None)
         # The client's generic POST (the SDK's documented way to any endpoint), asking for
         # the raw streamed response: the typed ``create`` re-validates the messages and
         # tools of every request, a millisecond of CPU spent on data built here.
@@ -142,11 +157,14 @@ class Upstream:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         opened: Opening | None = None,
+        params: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream one chat completion as deltas (of the request ``opened`` sent for these
-        messages, if given); raises UpstreamError on any failure."""
+        messages, if given); raises UpstreamError on any failure, an answer that ends
+        without ``[DONE]`` or a finish reason included (it is incomplete)."""
         try:
-            response = await (opened if opened is not None else self._post(messages, tools))
+            response = await (opened if opened is not None else self._post(messages, tools, params))
+            finished = False
             try:
                 async for line in sse_lines(response.iter_bytes()):
                     if not line.startswith(b"data:"):
@@ -155,7 +173,14 @@ class Upstream:
                     if payload == b"[DONE]":
                         return
                     for delta in parse_chunk(payload):
+                        finished = finished or isinstance(delta, Finish)
                         yield delta
+                if not finished:
+                    raise UpstreamError(
+                        "the LLM's answer ended without [DONE] or a finish reason; the answer"
+                        " is incomplete",
+                        "incomplete",
+                    )
             finally:
                 await response.close()  # closes the upstream request: no more tokens billed
         except openai.AuthenticationError as exc:
@@ -265,4 +290,9 @@ def parse_chunk(payload: bytes) -> list[Delta]:
             )
         if choice.get("finish_reason"):
             deltas.append(Finish(choice["finish_reason"]))
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+        if all(isinstance(n, int) for n in counts):
+            deltas.append(ev.Usage(*counts))  # type: ignore[arg-type]
     return deltas
