@@ -23,7 +23,7 @@ from shared.roles import load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
-from . import chat, health
+from . import chat, health, openai_chat
 from .access import Access
 from .cors import JsonCORSMiddleware
 from .errors import (
@@ -46,12 +46,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # Starlette's Allow names the first route's methods only.
         allowed = ", ".join(sorted(allowed_methods(request)))
         if allowed:
-            response = error_response(405, f"{request.method} is not allowed on {request.url.path}")
+            response = error_response(
+                405, f"{request.method} is not allowed on {request.url.path}", request=request
+            )
             response.headers["Allow"] = allowed
             return response
     if exc.status_code in (404, 405):
-        return error_response(404, f"no such endpoint: {request.url.path}")
-    return error_response(exc.status_code, str(exc.detail))
+        return error_response(404, f"no such endpoint: {request.url.path}", request=request)
+    return error_response(exc.status_code, str(exc.detail), request=request)
 
 
 STATIC = Path(__file__).parent / "static"
@@ -105,6 +107,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
         Route("/chat/{rest:path}", chat.not_a_job, methods=EVERY_METHOD, name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
+        Route("/v1/models", openai_chat.list_models, methods=["GET"]),
+        Route("/v1/chat/completions", openai_chat.chat_completions, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -21,6 +21,8 @@ class ApiError(Exception):
     status = 400
     retry_after: int | None = None
     headers: ClassVar[dict[str, str]] = {}
+    param: str | None = None  # for the OpenAI API's error shape: the field at fault
+    code: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -61,27 +63,64 @@ class Unavailable(ApiError):
     retry_after = 5
 
 
-def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+OPENAI_PREFIX = "/v1/"
+# The OpenAI API's error types by status (its SDKs raise by status; the type is for people).
+OPENAI_TYPES = {
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+
+
+def error_response(
+    status: int,
+    message: str,
+    retry_after: int | None = None,
+    request: Request | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """The JSON error: ``{"error": message}``, or under /v1/ the OpenAI API's shape."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body: dict[str, object] = {"error": message}
+    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
+        body = {
+            "error": {
+                "message": message,
+                "type": OPENAI_TYPES.get(status, "invalid_request_error"),
+                "param": param,
+                "code": code or OPENAI_CODES.get(status),
+            }
+        }
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    response = error_response(exc.status, exc.message, exc.retry_after)
+    response = error_response(
+        exc.status, exc.message, exc.retry_after, request, param=exc.param, code=exc.code
+    )
     response.headers.update(exc.headers)
     return response
 
 
 async def handle_redis_down(request: Request, exc: Exception) -> Response:
     return error_response(
-        503, "Redis is unreachable, so no chat can be started or read now; retry shortly", 5
+        503,
+        "Redis is unreachable, so no chat can be started or read now; retry shortly",
+        5,
+        request,
     )
 
 
 async def handle_redis_full(request: Request, exc: Exception) -> Response:
     return error_response(
-        503, "Redis is out of memory (maxmemory, noeviction); retry once old streams expire", 30
+        503,
+        "Redis is out of memory (maxmemory, noeviction); retry once old streams expire",
+        30,
+        request,
     )
 
 

@@ -4,7 +4,7 @@ count it into the queue, open its stream, hand it to arq and wake a worker."""
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -34,11 +34,20 @@ async def enqueue(
         await _take_session(state.log, state.sessions, session, job_id, shown=chat.session)
         chat = replace(chat, session=session)
     try:
-        await _enqueue(state.log, state.settings, chat, kind, job_id, identity)
+        await _enqueue(state.log, state.settings, asdict(chat), kind, job_id, identity)
     except BaseException:
         if chat.session:
             await state.sessions.unlock(chat.session, job_id)
         raise
+    return job_id
+
+
+async def enqueue_request(
+    state: State, request: dict[str, Any], kind: Literal["get", "post"], identity: str
+) -> str:
+    """Enqueue a job for an OpenAI API request (its conversation comes whole, no session)."""
+    job_id = new_job_id()
+    await _enqueue(state.log, state.settings, request, kind, job_id, identity)
     return job_id
 
 
@@ -73,12 +82,12 @@ async def _take_session(
 async def _enqueue(
     log: EventLog,
     settings: Settings,
-    chat: ChatRequest,
+    fields: dict[str, Any],
     kind: Literal["get", "post"],
     job_id: str,
     identity: str,
 ) -> None:
-    request = orjson.dumps({**asdict(chat), "kind": kind})
+    request = orjson.dumps({**fields, "kind": kind})
     ttl_s = int(settings.queue_timeout_s + settings.job_timeout_s) + settings.stream_retention_s
     position = await log.create(
         job_id,

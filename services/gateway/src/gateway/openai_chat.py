@@ -1,0 +1,219 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI's Chat Completions over
+Streamgate's jobs.
+
+A chat completion is a job like any other (queued, run by a worker, its events in the one
+log); only its reader differs: the relay's frames, decoded here, become
+``chat.completion.chunk`` events (streamed) or one ``chat.completion`` (not). The native
+dialect's relay is untouched: it never decodes an event. A completion is a ``GET /chat``
+kind of job: a client that goes away has it cancelled after ``DISCONNECT_GRACE_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shared.cursors import START
+
+from .chat import SSE_HEADERS
+from .errors import error_response
+from .event_stream import EventStream
+from .inputs import json_body, max_request_bytes
+from .jobs import enqueue_request
+from .openai_inputs import InvalidField, chat_completion
+from .reader import PING
+from .state import State
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models``: one model per role, the default role first."""
+    state: State = request.app.state.sg
+    state.access.identify(request)
+    roles = state.roles
+    names = sorted(roles.roles, key=lambda name: name != roles.default)
+    models = [{"id": n, "object": "model", "created": 0, "owned_by": "streamgate"} for n in names]
+    return JSONResponse({"object": "list", "data": models})
+
+
+async def chat_completions(request: Request) -> Response:
+    state: State = request.app.state.sg
+    settings = state.settings
+    identity = state.access.identify(request)
+    body = await json_body(request, limit=max_request_bytes(settings.max_prompt_chars))
+    conversation = chat_completion(
+        body, state.roles, settings.openai_model, settings.max_prompt_chars
+    )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidField("stream", "must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidField("stream_options", "must be an object")
+    release = state.access.take_stream_slot(request, identity)
+    try:
+        async with state.access.count_chat(request, identity):
+            job_id = await enqueue_request(state, conversation.job_request(), "get", identity)
+    except BaseException:
+        release()
+        raise
+    chunks = ChatChunks(job_id, str(body["model"]), options.get("include_usage") is True)
+    if stream:
+        return EventStream(
+            _encoded(state, job_id, chunks),
+            headers=SSE_HEADERS,
+            send_timeout_s=settings.send_timeout_s,
+            release=release,
+            shutdown_event=state.relay.shutting_down,
+        )
+    try:
+        return await _until_done(request, state, job_id, chunks)
+    finally:
+        release()
+
+
+async def _events(state: State, job_id: str) -> AsyncIterator[dict[str, Any] | None]:
+    """The job's events from its start, decoded from the relay's frames; None for a ping."""
+    reader = state.relay.subscribe(job_id, START, new_chat=True)
+    try:
+        async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
+            if chunk == PING:
+                yield None
+                continue
+            for frame in chunk.split(b"\n\n"):
+                _, found, data = frame.partition(b"\ndata: ")
+                if found:
+                    yield orjson.loads(data)
+    finally:
+        state.relay.unsubscribe(reader)
+
+
+async def _encoded(state: State, job_id: str, chunks: ChatChunks) -> AsyncIterator[bytes]:
+    async for event in _events(state, job_id):
+        if event is None:
+            yield PING
+        elif out := chunks.encode(event):
+            yield b"".join(out)
+
+
+async def _until_done(request: Request, state: State, job_id: str, chunks: ChatChunks) -> Response:
+    """The whole answer, once the job ends; a client that leaves first is a reader gone."""
+
+    async def collect() -> Response:
+        async for event in _events(state, job_id):
+            if event is not None:
+                chunks.add(event)
+        if chunks.error is not None:
+            return error_response(500, chunks.error, request=request)
+        return JSONResponse(chunks.completion())
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            task.cancel()
+    if answer.done() and not answer.cancelled():
+        return answer.result()
+    return Response(status_code=499)  # nobody is there to read it
+
+
+class ChatChunks:
+    """One job's events as a chat completion: streamed chunks, or the whole at the end."""
+
+    def __init__(self, job_id: str, model: str, include_usage: bool) -> None:
+        self.id = f"chatcmpl-{job_id}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        self.started = False
+        self.text: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self.finish_reason = "stop"
+        self.usage: dict[str, int] | None = None
+        self.error: str | None = None
+
+    def encode(self, event: dict[str, Any]) -> list[bytes]:
+        """The SSE events of one job event (none for those a client of this API never sees:
+        the lifecycle, Streamgate's own tools)."""
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        if "token" in event:
+            out.append(self._chunk({"content": event["token"]}))
+        elif "client_tool_calls" in event:
+            for index, call in enumerate(event["client_tool_calls"]):
+                out.append(self._chunk({"tool_calls": [_tool_call(call, index)]}))
+        elif event.get("lifecycle") == "done":
+            out.append(self._chunk({}, event.get("finish_reason") or "stop"))
+            if self.include_usage:
+                out.append(_data({**self._head(), "choices": [], "usage": event.get("usage")}))
+            out.append(b"data: [DONE]\n\n")
+        elif "error" in event:
+            error = {"message": event["error"], "type": "server_error", "code": None}
+            out.append(_data({"error": error}))
+        return out
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Take one event into the whole answer."""
+        if "token" in event:
+            self.text.append(event["token"])
+        elif "client_tool_calls" in event:
+            self.calls += [_tool_call(c) for c in event["client_tool_calls"]]
+        elif event.get("lifecycle") == "done":
+            self.finish_reason = event.get("finish_reason") or "stop"
+            self.usage = event.get("usage")
+        elif "error" in event:
+            self.error = event["error"]
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        if self.calls:
+            message["tool_calls"] = self.calls
+        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage,
+        }
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return _data({**self._head(), "choices": [choice]})
+
+
+def _tool_call(call: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": call["name"], "arguments": call["arguments"]},
+    }
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def _data(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
