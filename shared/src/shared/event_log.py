@@ -19,7 +19,7 @@ Every job stream thus ends with exactly one final event, and nothing follows it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
 from arq.constants import job_key_prefix
@@ -239,3 +239,21 @@ class EventLog:
         """The entry at exactly ``entry_id``, to tell whether a cursor is real and final."""
         found = await self.redis.xrange(keys.events_key(job_id), entry_id, entry_id, count=1)
         return found[0] if found else None
+
+    async def request_of(self, job_id: str) -> bytes | None:
+        """The request the job was created with (JSON), or None if it is unknown."""
+        request: bytes | None = await self.redis.hget(keys.meta_key(job_id), "request")  # type: ignore[misc]
+        return request
+
+    async def entries(self, job_id: str, page: int = 512) -> AsyncIterator[Entry]:
+        """Every entry of the job's stream so far, read a page at a time."""
+        start = "-"
+        while True:
+            found: list[Entry] = await self.redis.xrange(
+                keys.events_key(job_id), start, "+", count=page
+            )
+            for entry in found:
+                yield entry
+            if len(found) < page:
+                return
+            start = "(" + found[-1][0].decode()

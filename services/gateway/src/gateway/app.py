@@ -23,7 +23,7 @@ from shared.roles import load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
-from . import chat, health, openai_chat
+from . import chat, health, openai_chat, openai_responses
 from .access import Access
 from .cors import JsonCORSMiddleware
 from .errors import (
@@ -109,6 +109,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/v1/models", openai_chat.list_models, methods=["GET"]),
         Route("/v1/chat/completions", openai_chat.chat_completions, methods=["POST"]),
+        Route("/v1/responses", openai_responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", openai_responses.retrieve_response, methods=["GET"]),
+        Route(
+            "/v1/responses/{response_id}/cancel",
+            openai_responses.cancel_response,
+            methods=["POST"],
+        ),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

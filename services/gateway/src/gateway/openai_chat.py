@@ -10,7 +10,6 @@ kind of job: a client that goes away has it cancelled after ``DISCONNECT_GRACE_S
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,12 +18,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from shared.cursors import START
-
 from .chat import SSE_HEADERS
 from .errors import error_response
 from .event_stream import EventStream
 from .inputs import json_body, max_request_bytes
+from .job_events import relayed, unless_client_leaves
 from .jobs import enqueue_request
 from .openai_inputs import InvalidField, chat_completion
 from .reader import PING
@@ -77,27 +75,11 @@ async def chat_completions(request: Request) -> Response:
         release()
 
 
-async def _events(state: State, job_id: str) -> AsyncIterator[dict[str, Any] | None]:
-    """The job's events from its start, decoded from the relay's frames; None for a ping."""
-    reader = state.relay.subscribe(job_id, START, new_chat=True)
-    try:
-        async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
-            if chunk == PING:
-                yield None
-                continue
-            for frame in chunk.split(b"\n\n"):
-                _, found, data = frame.partition(b"\ndata: ")
-                if found:
-                    yield orjson.loads(data)
-    finally:
-        state.relay.unsubscribe(reader)
-
-
 async def _encoded(state: State, job_id: str, chunks: ChatChunks) -> AsyncIterator[bytes]:
-    async for event in _events(state, job_id):
-        if event is None:
+    async for entry in relayed(state, job_id, new_chat=True):
+        if entry is None:
             yield PING
-        elif out := chunks.encode(event):
+        elif out := chunks.encode(entry[1]):
             yield b"".join(out)
 
 
@@ -105,27 +87,14 @@ async def _until_done(request: Request, state: State, job_id: str, chunks: ChatC
     """The whole answer, once the job ends; a client that leaves first is a reader gone."""
 
     async def collect() -> Response:
-        async for event in _events(state, job_id):
-            if event is not None:
-                chunks.add(event)
+        async for entry in relayed(state, job_id, new_chat=True):
+            if entry is not None:
+                chunks.add(entry[1])
         if chunks.error is not None:
             return error_response(500, chunks.error, request=request)
         return JSONResponse(chunks.completion())
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    answer = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (answer, gone):
-            task.cancel()
-    if answer.done() and not answer.cancelled():
-        return answer.result()
-    return Response(status_code=499)  # nobody is there to read it
+    return await unless_client_leaves(request, collect())
 
 
 class ChatChunks:

@@ -85,13 +85,18 @@ def chat_completion(
     if not isinstance(messages, list) or not messages:
         raise InvalidField("messages", "required: a non-empty list of messages")
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
-    chars = sum(len(m.get("content") or "") for m in checked)
+    check_size(checked, max_chars)
+    return Conversation(role, checked, tools_of(body.get("tools")), params_of(body))
+
+
+def check_size(messages: list[dict[str, Any]], max_chars: int) -> None:
+    """MAX_PROMPT_CHARS bounds all the text of a conversation (413 past it)."""
+    chars = sum(len(m.get("content") or "") for m in messages)
     if chars > max_chars:
         raise PromptTooLong(
             f"the messages hold {chars} characters of text; the limit is {max_chars}"
             " (MAX_PROMPT_CHARS)"
         )
-    return Conversation(role, checked, _tools(body.get("tools")), _params(body))
 
 
 def _message(message: object, where: str) -> dict[str, Any]:
@@ -153,7 +158,7 @@ def _assistant_calls(calls: object, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: object) -> list[dict[str, Any]] | None:
+def tools_of(tools: object) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
     if not isinstance(tools, list):
@@ -176,7 +181,7 @@ def _tools(tools: object) -> list[dict[str, Any]] | None:
     return out or None
 
 
-def _params(body: dict[str, Any]) -> dict[str, Any]:
+def params_of(body: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, (low, high) in _NUMBERS.items():
         value = body.get(name)

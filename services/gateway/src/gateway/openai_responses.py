@@ -1,0 +1,181 @@
+"""OpenAI's Responses API over Streamgate's jobs: create (foreground or ``background``,
+streamed or not), retrieve (``stream=true&starting_after=N`` resumes), cancel.
+
+A response is a job: ``resp_<job_id>``. Its events are numbered by ``response_events``
+from the job's event log, so any gateway can serve any reader of it, from any point, for
+``STREAM_RETENTION_S`` after its end. A background response runs to its end whether or not
+anyone reads it (a ``POST /chat`` job); a foreground one is cancelled when its client has
+been gone for ``DISCONNECT_GRACE_S`` (a ``GET /chat`` job).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shared import events as ev
+
+from .chat import SSE_HEADERS
+from .errors import BadRequest, NotFound
+from .event_stream import EventStream
+from .inputs import json_body, max_request_bytes
+from .job_events import relayed, stored, unless_client_leaves
+from .jobs import enqueue_request
+from .openai_inputs import InvalidField
+from .reader import PING
+from .response_events import ResponseEvents, conversation_after
+from .responses_inputs import RESPONSE_ID, response_request
+from .state import State
+
+
+async def create_response(request: Request) -> Response:
+    state: State = request.app.state.sg
+    settings = state.settings
+    identity = state.access.identify(request)
+    body = await json_body(request, limit=max_request_bytes(settings.max_prompt_chars))
+    earlier: list[dict[str, Any]] = []
+    if body.get("previous_response_id") is not None:
+        earlier = await _continued(state, body["previous_response_id"], identity)
+    conversation, echoed = response_request(
+        body, state.roles, settings.openai_model, settings.max_prompt_chars, earlier
+    )
+    background, stream = body.get("background", False), body.get("stream", False)
+    job_request = {**conversation.job_request(), "response": echoed}
+    release = state.access.take_stream_slot(request, identity) if stream or not background else None
+    try:
+        async with state.access.count_chat(request, identity):
+            job_id = await enqueue_request(
+                state, job_request, "post" if background else "get", identity
+            )
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+    if release is None:  # background, not streamed: the response as it stands, queued
+        return JSONResponse(ResponseEvents(job_id, echoed, time.time()).response())
+    if stream:
+        return _event_stream(state, job_id, echoed, -1, release, new_chat=True)
+    try:
+        return await _until_done(request, state, job_id, echoed)
+    finally:
+        release()
+
+
+async def retrieve_response(request: Request) -> Response:
+    """``GET /v1/responses/{id}``: the response as it stands, or with ``stream=true`` its
+    events after ``starting_after``, then on as they come."""
+    state: State = request.app.state.sg
+    identity = state.access.identify(request)
+    job_id, echoed = await _find(state, request.path_params["response_id"], identity)
+    if request.query_params.get("stream", "false").lower() != "true":
+        return JSONResponse((await _as_stored(state, job_id, echoed)).response())
+    raw = request.query_params.get("starting_after", "-1")
+    if not raw.lstrip("-").isdigit() or int(raw) < -1:
+        raise InvalidField("starting_after", "must be a sequence number (0 or more)")
+    release = state.access.take_stream_slot(request, identity)
+    return _event_stream(state, job_id, echoed, int(raw), release)
+
+
+async def cancel_response(request: Request) -> Response:
+    """``POST /v1/responses/{id}/cancel``: as ``DELETE /chat/<job_id>``; the response as it
+    ended (cancelled, or as it had already ended)."""
+    state: State = request.app.state.sg
+    identity = state.access.identify(request)
+    job_id, echoed = await _find(state, request.path_params["response_id"], identity)
+    if await state.log.end(job_id, ev.CANCELLED):
+        state.metrics.jobs.labels("cancelled").inc()
+    return JSONResponse((await _as_stored(state, job_id, echoed)).response())
+
+
+async def _find(state: State, response_id: str, identity: str) -> tuple[str, dict[str, Any]]:
+    """The job of a response this caller may see, and what its object echoes; else 404."""
+    match = RESPONSE_ID.fullmatch(response_id)
+    job_id = match.group(1) if match else None
+    raw = await state.log.request_of(job_id) if job_id else None
+    job = orjson.loads(raw) if raw is not None else {}
+    if job_id is None or "response" not in job or await state.log.key_of(job_id) != identity:
+        raise NotFound(f"no response {response_id[:80]!r}: unknown, or its events have expired")
+    return job_id, job["response"]
+
+
+async def _continued(state: State, response_id: object, identity: str) -> list[dict[str, Any]]:
+    """The conversation a ``previous_response_id`` ended with, to go on from."""
+    if not isinstance(response_id, str):
+        raise InvalidField("previous_response_id", "must be a response id (resp_...)")
+    try:
+        job_id, echoed = await _find(state, response_id, identity)
+    except NotFound as exc:
+        exc.param = "previous_response_id"
+        raise
+    previous = await _as_stored(state, job_id, echoed)
+    if previous.status not in ("completed", "incomplete"):
+        raise _NotFinished(
+            f"previous_response_id: response {response_id} is {previous.status}; continue"
+            " from one that has completed"
+        )
+    raw = await state.log.request_of(job_id)
+    messages = orjson.loads(raw or b"{}").get("messages", [])
+    return conversation_after(messages, echoed, previous.output)
+
+
+class _NotFinished(BadRequest):
+    param = "previous_response_id"
+
+
+async def _as_stored(state: State, job_id: str, echoed: dict[str, Any]) -> ResponseEvents:
+    encoder: ResponseEvents | None = None
+    async for at, event in stored(state, job_id):
+        encoder = encoder or ResponseEvents(job_id, echoed, at)
+        encoder.feed(event)
+    return encoder or ResponseEvents(job_id, echoed, time.time())
+
+
+def _event_stream(
+    state: State,
+    job_id: str,
+    echoed: dict[str, Any],
+    starting_after: int,
+    release: Callable[[], None],
+    new_chat: bool = False,
+) -> Response:
+    async def frames() -> AsyncIterator[bytes]:
+        encoder: ResponseEvents | None = None
+        async for entry in relayed(state, job_id, new_chat):
+            if entry is None:
+                yield PING
+                continue
+            encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
+            out = [e for e in encoder.feed(entry[1]) if e["sequence_number"] > starting_after]
+            if out:
+                yield b"".join(
+                    b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in out
+                )
+
+    return EventStream(
+        frames(),
+        headers=SSE_HEADERS,
+        send_timeout_s=state.settings.send_timeout_s,
+        release=release,
+        shutdown_event=state.relay.shutting_down,
+    )
+
+
+async def _until_done(
+    request: Request, state: State, job_id: str, echoed: dict[str, Any]
+) -> Response:
+    """A foreground response that is not streamed: the whole, once the job ends."""
+
+    async def collect() -> Response:
+        encoder: ResponseEvents | None = None
+        async for entry in relayed(state, job_id, new_chat=True):
+            if entry is not None:
+                encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
+                encoder.feed(entry[1])
+        return JSONResponse((encoder or await _as_stored(state, job_id, echoed)).response())
+
+    return await unless_client_leaves(request, collect())

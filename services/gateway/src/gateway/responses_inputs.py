@@ -1,0 +1,162 @@
+"""Reading a ``POST /v1/responses`` body: its input items become the job's conversation (in
+Chat Completions' shape, which every OpenAI-compatible server takes), its function tools
+and parameters theirs; what the response object must echo is kept beside them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shared.roles import Roles
+
+from .openai_inputs import Conversation, InvalidField, check_size, params_of, role_of, tools_of
+
+RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
+_TEXT_PARTS = {"input_text", "output_text", "text"}
+_MESSAGE_ROLES = {"user", "system", "developer", "assistant"}
+
+
+def response_request(
+    body: dict[str, Any],
+    roles: Roles,
+    upstream_model: str,
+    max_chars: int,
+    earlier: list[dict[str, Any]],
+) -> tuple[Conversation, dict[str, Any]]:
+    """The conversation (``earlier`` turns first: the previous response's) and what the
+    response object echoes."""
+    role = role_of(body.get("model"), roles, upstream_model)
+    for name in ("background", "stream"):
+        if not isinstance(body.get(name, False), bool):
+            raise InvalidField(name, "must be true or false")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidField("instructions", "must be a string")
+    turns = [*earlier, *_items(body.get("input"))]
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + turns
+    check_size(messages, max_chars)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidField("tools", "must be a list of function tools")
+    chat_tools = tools_of([_chat_tool(t, i) for i, t in enumerate(tools or [])])
+    params = _params(body)
+    echoed = {
+        "model": body["model"],
+        "instructions": instructions,
+        "background": body.get("background", False),
+        "previous_response_id": body.get("previous_response_id"),
+        "tools": [t for t in tools or []],
+        "tool_choice": body.get("tool_choice", "auto"),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": body.get("metadata") or {},
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+    }
+    return Conversation(role, messages, chat_tools, params), echoed
+
+
+def _items(value: object) -> list[dict[str, Any]]:
+    """Input items as chat messages: messages, and function calls with their outputs."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise InvalidField("input", "required: a string or a non-empty list of items")
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidField(where, "must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            if item.get("role") not in _MESSAGE_ROLES:
+                raise InvalidField(
+                    f"{where}.role", f"must be one of {', '.join(sorted(_MESSAGE_ROLES))}"
+                )
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append(
+                {"role": role, "content": _text(item.get("content"), f"{where}.content")}
+            )
+        elif kind == "function_call":
+            call = _call(item, where)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)  # parallel calls: one assistant message
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not isinstance(output, str):
+                raise InvalidField(
+                    where, "a function_call_output needs a call_id and an output string"
+                )
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        else:
+            raise InvalidField(
+                f"{where}.type",
+                "only message, function_call and function_call_output items are supported",
+            )
+    return messages
+
+
+def _text(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidField(where, "must be a string or a list of text parts")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+            raise InvalidField(f"{where}[{i}]", "only text parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise InvalidField(f"{where}[{i}].text", "must be a string")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    fields = [item.get(k) for k in ("call_id", "name", "arguments")]
+    if not all(isinstance(f, str) for f in fields):
+        raise InvalidField(where, "a function_call needs a call_id, a name and arguments")
+    call_id, name, arguments = fields
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _chat_tool(tool: object, index: int) -> dict[str, Any]:
+    """A Responses function tool (flat) as Chat Completions' (nested under ``function``)."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        raise InvalidField(f"tools[{index}]", "only function tools are supported")
+    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+    if function.get("strict") is None:
+        function.pop("strict", None)
+    return {"type": "function", "function": function}
+
+
+def _params(body: dict[str, Any]) -> dict[str, Any]:
+    chat_like: dict[str, Any] = {
+        k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None
+    }
+    if body.get("max_output_tokens") is not None:
+        chat_like["max_tokens"] = body["max_output_tokens"]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        chat_like["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice is not None:
+        chat_like["tool_choice"] = choice
+    text_format = (
+        (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    )
+    if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
+        schema = {k: text_format[k] for k in ("name", "schema", "strict") if k in text_format}
+        chat_like["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif isinstance(text_format, dict) and text_format.get("type") == "json_object":
+        chat_like["response_format"] = {"type": "json_object"}
+    try:
+        return params_of(chat_like)
+    except InvalidField as exc:
+        if exc.param == "max_tokens":
+            raise InvalidField(
+                "max_output_tokens", "must be a whole number of at least 1"
+            ) from None
+        raise
