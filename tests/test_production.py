@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,6 +158,31 @@ def test_api_keys(keyed: Stack, client: httpx.Client) -> None:
     stream = sse.read(client, url + "/chat", params={"prompt": "hi", "access_token": "key-three"})
     assert sse.is_done(stream.events[-1])
     assert client.get(url + "/roles", headers=one).status_code == 200
+
+
+def test_the_openai_api_takes_the_same_keys_and_keeps_jobs_apart(keyed: Stack) -> None:
+    base = keyed.gateway.url + "/v1"
+    with openai.OpenAI(base_url=base, api_key="nope", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.models.list()
+        assert refused.value.code == "invalid_api_key"
+    with (
+        openai.OpenAI(base_url=base, api_key="key-one", max_retries=0) as one,
+        openai.OpenAI(base_url=base, api_key="key-three", max_retries=0) as three,
+    ):
+        asked = [{"role": "user", "content": "[long 2]"}]
+        answer = one.chat.completions.create(model="assistant", messages=asked)  # type: ignore[arg-type]
+        assert answer.choices[0].message.content == "t0 t1 "
+        response = one.responses.create(model="assistant", input="[long 2]")
+        assert one.responses.retrieve(response.id).output_text == "t0 t1 "
+        with pytest.raises(openai.NotFoundError):
+            three.responses.retrieve(response.id)
+        with pytest.raises(openai.NotFoundError):
+            three.responses.cancel(response.id)
+        with pytest.raises(openai.NotFoundError):
+            three.responses.create(
+                model="assistant", input="go on", previous_response_id=response.id
+            )
 
 
 def test_rate_limit_holds_across_two_gateways(
