@@ -77,6 +77,8 @@ async def retrieve_response(request: Request) -> Response:
     raw = request.query_params.get("starting_after", "-1")
     if not raw.lstrip("-").isdigit() or int(raw) < -1:
         raise InvalidField("starting_after", "must be a sequence number (0 or more)")
+    if request.method == "HEAD":  # what a stream would answer, without one
+        return Response(media_type="text/event-stream", headers=SSE_HEADERS)
     release = state.access.take_stream_slot(request, identity)
     return _event_stream(state, job_id, echoed, int(raw), release)
 
