@@ -227,3 +227,14 @@ def test_a_dropped_foreground_stream_is_cancelled_after_the_grace(
         stats = lambda: client.get(two.llm.url + "/demo/stats").json()  # noqa: E731
         wait_until(lambda: stats()["closed_early"] > before, 15, "the cancel")
         assert oa.responses.retrieve(response_id).status == "cancelled"
+
+
+def test_head_on_a_running_responses_stream_never_hangs(two: Stack) -> None:
+    with sdk(two.gateway.url) as client:
+        running = client.responses.create(
+            model="assistant", input="[long 100] [delay 0.1]", background=True
+        )
+        url = f"{two.gateway.url}/v1/responses/{running.id}?stream=true"
+        head = httpx.head(url, timeout=5)
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/event")
+        client.responses.cancel(running.id)
