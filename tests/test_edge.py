@@ -79,6 +79,17 @@ def test_many_headers_past_the_cap_are_a_431(edge: Stack) -> None:
         assert answer_of(sock)[0] == 200
 
 
+def test_large_bodies_are_never_taken_for_headers(edge: Stack) -> None:
+    """A body's last bytes arrive in the read that ends the request: they are not a head."""
+    body = orjson.dumps({"prompt": "[long 1]", "padding": "x" * 300_000})
+    head = b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for _ in range(5):
+        with connect(edge) as sock:
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 202"), answer[:200]
+
+
 @pytest.mark.parametrize(
     "sent",
     [b"", b"GET /healthz HTTP/1.1\r\nHost", b"GET /chat?prompt=hel"],
@@ -169,7 +180,7 @@ def test_readers_that_never_read_hold_little_count_against_the_cap_and_are_let_g
 ) -> None:
     created = client.post(edge.gateway.url + "/chat", json={"prompt": "[long 1000000] [delay 0]"})
     events_url = edge.gateway.url + created.json()["events_url"]
-    assert sse.read(client, events_url, sse.ends_done(timeout=120))
+    assert sse.ends_done(sse.read(client, events_url, timeout=120))
     gateway = psutil.Process(edge.gateway.proc.pid)  # type: ignore[union-attr]
     before = gateway.memory_info().rss
     stuck = []
@@ -192,7 +203,7 @@ def test_readers_that_never_read_hold_little_count_against_the_cap_and_are_let_g
                 while sock.recv(1 << 20):
                     pass
         wait_until(lambda: metric(edge, "streamgate_open_streams ")[0].endswith(" 0.0"), 5, "0")
-        assert sse.read(client, events_url, sse.ends_done(timeout=120))
+        assert sse.ends_done(sse.read(client, events_url, timeout=120))
     finally:
         for sock in stuck:
             sock.close()

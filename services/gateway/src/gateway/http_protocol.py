@@ -58,7 +58,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _in_head = True  # the next bytes belong to a request's head
     _head_bytes = 0  # bytes of the current head received so far
     _header_bytes = 0  # bytes of the current head's header lines parsed so far
-    _began = False  # a request began during the current feed
+    _boundary = False  # a request began or ended during the current feed
     _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -72,19 +72,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._began = False
+        self._boundary = False
         super().data_received(data)
-        if self._in_head and not self._refused and not self._began:
+        if self._in_head and not self._refused and not self._boundary:
             # Bytes fed while a head was in progress from start to end of the feed are all
-            # head; a feed in which a request began is not counted (its part is unknown,
-            # and at most one read).
+            # head; a feed in which a request began or ended is not counted (how much of it
+            # is head is unknown, and it is at most one read).
             self._head_bytes += len(data)
             if self._head_bytes - len(getattr(self, "url", b"")) > self.max_header_bytes:
                 self._refuse(431, self._headers_too_large())
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._began = True
+        self._boundary = True
         self._in_head = True
         self._header_bytes = 0
         self._arm(self.header_timeout_s, self._head_too_slow)
@@ -130,6 +130,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._boundary = True
         self._disarm()
         self._in_head = True
         self._head_bytes = 0
