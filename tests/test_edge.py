@@ -155,6 +155,48 @@ def test_a_malformed_request_is_a_json_400(edge: Stack, request_bytes: bytes) ->
     assert status == 400 and "not valid HTTP/1.1" in body["error"]
 
 
+def test_a_pipelined_request_never_cuts_the_stream_ahead_of_it(edge: Stack) -> None:
+    """Its body is not read while the stream is answered, so its time starts after: the
+    stream ends whole, then the pipelined request gets its own 408."""
+    with connect(edge) as sock:
+        sock.sendall(
+            b"GET /chat?prompt=%5Blong%206%5D%20%5Bdelay%200.4%5D HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        time.sleep(0.3)
+        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                raw += chunk
+    stream, end, after = raw.partition(b"\r\n0\r\n\r\n")
+    assert end and b'"lifecycle":"done"' in stream and b"HTTP/1.1 4" not in stream
+    assert after.startswith(b"HTTP/1.1 408")
+    assert "Traceback" not in edge.gateway.log()
+
+
+def test_a_malformed_body_is_a_json_400(edge: Stack) -> None:
+    with connect(edge) as sock:
+        sock.sendall(
+            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n"
+        )
+        status, body = answer_of(sock)
+    assert status == 400 and "not valid HTTP/1.1" in body["error"]
+
+
+def test_a_malformed_request_waits_for_the_answers_ahead_of_it(edge: Stack) -> None:
+    with connect(edge) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /a b\x00 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                raw += chunk
+    first, _, second = raw.partition(b'{"status":"ok"}')
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 400"), raw
+
+
 def test_the_stream_cap_holds_exactly_under_a_burst(edge: Stack) -> None:
     """Without keys the cap is per client address; the slot is taken in the handler."""
 

@@ -87,7 +87,7 @@ def test_the_connection_serves_on_after_a_long_target(stack: Stack) -> None:
 
 def test_a_414_never_lands_inside_a_pipelined_response(stack: Stack) -> None:
     """A long target pipelined behind a streaming answer: HTTP/1.1 answers in order, so the
-    connection ends rather than a 414 written into the middle of that answer's body."""
+    414 comes once that answer has ended, never inside its body."""
     address = urlsplit(stack.gateway.url)
     first = "GET /chat?prompt=%5Blong%2040%5D%20%5Bdelay%200.05%5D HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
@@ -98,5 +98,7 @@ def test_a_414_never_lands_inside_a_pipelined_response(stack: Stack) -> None:
         with contextlib.suppress(ConnectionResetError):  # closed with the long one unread
             while chunk := conn.recv(65536):
                 received += chunk
-    assert b"HTTP/1.1 414" not in received
     assert b"text/event-stream" in received.partition(b"\r\n\r\n")[0]
+    stream, end, after = received.partition(b"\r\n0\r\n\r\n")  # the chunked body's end
+    assert end and b'"lifecycle":"done"' in stream and b"HTTP/1.1 414" not in stream
+    assert after.startswith(b"HTTP/1.1 414")

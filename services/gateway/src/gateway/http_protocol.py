@@ -12,7 +12,9 @@ would add are here:
   accented characters, far below ``MAX_PROMPT_CHARS``. Here a long target's path goes to
   that parser and its query is kept whole; a target longer than any prompt within the limit
   needs (``max_target_bytes``) is a 414.
-- Every refusal, a malformed request's 400 included, is a JSON error like the app's.
+- Every refusal, a malformed request's 400 included, is a JSON error like the app's, and
+  comes in order: a refused request pipelined behind others is answered once they are (a
+  pipelined request's body time starts when it runs: it is not read before).
 - ``scope["extensions"][ABORT]`` drops the connection with whatever is still unsent: the
   SSE response uses it on a client that takes nothing (a close would wait to flush).
 """
@@ -59,6 +61,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0  # bytes of the current head received so far
     _header_bytes = 0  # bytes of the current head's header lines parsed so far
     _boundary = False  # a request began or ended during the current feed
+    _deferred: tuple[int, str] | None = None  # a refusal waiting for earlier answers
     _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -110,7 +113,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
-        self._arm(self.body_timeout_s, self._body_too_slow)
+        if self._busy():
+            self._disarm()  # pipelined: its body is not read before the earlier answers end
+        else:
+            self._arm(self.body_timeout_s, self._body_too_slow)
         if len(self.url) <= PARSE_URL_MAX:
             super().on_headers_complete()
             return
@@ -135,12 +141,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred is not None and not self._busy():
+            self._answer(*self._deferred)
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            # A pipelined request now runs: its body is read from now on.
+            self._arm(self.body_timeout_s, self._body_too_slow)
+
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # refused: its own answer went out instead
             self._refuse(
                 400,
                 "the request is not valid HTTP/1.1 (a raw space, control character or"
-                " non-ASCII byte in its request line or headers?): percent-encode the URL",
+                " non-ASCII byte in its request line or headers, or a malformed body?)",
+                current=not self._in_head,  # in a body: the running request's own
             )
 
     def _headers_too_large(self) -> str:
@@ -150,32 +167,37 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refuse(408, f"the request's head did not arrive within {self.header_timeout_s:g} s")
 
     def _body_too_slow(self) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_started:
-            # The app may be waiting for the body: it sees a disconnect, and its answer,
-            # if it gives one, goes nowhere.
-            cycle.disconnected = True
-            cycle.message_event.set()
         reason = f"the request's body did not arrive within {self.body_timeout_s:g} s"
         self._refuse(408, reason, current=True)
 
+    def _busy(self) -> bool:
+        """Whether an earlier request is still being answered (or waits to be)."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
     def _refuse(self, status: int, reason: str, current: bool = False) -> None:
-        """Answer ``status`` with a JSON error and end the connection. ``current``: the
-        refusal is of the request whose cycle (app call) is running, not of a new head."""
+        """Answer ``status`` with a JSON error and end the connection; read no more.
+        ``current``: it refuses the running request (its body), else a new head."""
         self._refused = True
         self._disarm()
         logger.info("refused a request with %d: %s", status, reason)
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if current and cycle.response_started:
+        if current and cycle is not None:
+            if cycle.response_started and not cycle.response_complete:
                 self.transport.abort()  # its answer is under way: nothing can follow
                 return
-            if not current:
-                # An earlier (pipelined) request is still being answered: an answer now
-                # would land before or inside it. HTTP/1.1 answers in order, so close
-                # instead: the client sees that response cut short.
-                self.transport.close()
-                return
+            # The app may be waiting for the body: it sees a disconnect, and its answer,
+            # if it gives one, goes nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        elif self._busy():
+            # HTTP/1.1 answers in order: once the earlier requests have their answers.
+            self._deferred = (status, reason)
+            return
+        self._answer(status, reason)
+
+    def _answer(self, status: int, reason: str) -> None:
+        self._deferred = None
         body = orjson.dumps({"error": reason})
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n" % (status, REASONS[status])
         head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
