@@ -200,9 +200,12 @@ def test_a_malformed_request_waits_for_the_answers_ahead_of_it(edge: Stack) -> N
 def test_the_stream_cap_holds_exactly_under_a_burst(edge: Stack) -> None:
     """Without keys the cap is per client address; the slot is taken in the handler."""
 
-    async def one(client: httpx.AsyncClient) -> int:
+    async def one(client: httpx.AsyncClient, n: int) -> int:
         params = {"prompt": "[long 40] [delay 0.1]"}
-        async with client.stream("GET", edge.gateway.url + "/chat", params=params) as response:
+        # A client posing as other addresses is still itself: no proxy is believed.
+        posing = {"X-Forwarded-For": f"10.0.0.{n}"}
+        url = edge.gateway.url + "/chat"
+        async with client.stream("GET", url, params=params, headers=posing) as response:
             if response.status_code == 200:
                 await asyncio.sleep(2)  # held while every other request arrives
             else:
@@ -211,7 +214,7 @@ def test_the_stream_cap_holds_exactly_under_a_burst(edge: Stack) -> None:
 
     async def burst() -> Counter[int]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=60)) as c:
-            return Counter(await asyncio.gather(*(one(c) for _ in range(60))))
+            return Counter(await asyncio.gather(*(one(c, n) for n in range(60))))
 
     assert asyncio.run(burst()) == Counter({200: 3, 429: 57})
 

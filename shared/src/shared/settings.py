@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # stream named in each XREAD, 24 ms per call at 10,000.
     relay_multiplex_max: Annotated[int, Field(ge=0)] = 512
     send_timeout_s: PositiveSeconds = 30.0
+    # Proxies whose X-Forwarded-For the gateway believes; empty: none, so no client can pose
+    # as other addresses to get past the per-address caps.
+    forwarded_allow_ips: str = ""
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32_768
     header_timeout_s: PositiveSeconds = 10.0
     body_timeout_s: PositiveSeconds = 30.0

@@ -28,6 +28,8 @@ def main() -> None:
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         access_log=False,
         http=protocol_for(settings),
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 
