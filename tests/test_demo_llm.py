@@ -31,6 +31,7 @@ def ask(prompt: str, stream: bool = False) -> tuple[int, dict[str, object] | str
         ("[wait -1]", "[wait N]: N must be a number from 0 to 3600"),
         ("[http 7]", "[http N]: N must be a whole number from 400 to 599"),
         ("[hard 3]", "[hard] takes no number"),
+        ("[long \u0661\u0662]", "[long N]: N must be a whole number"),  # Arabic-Indic 12
     ],
 )
 def test_a_bad_directive_is_a_400_naming_it(prompt: str, said: str) -> None:

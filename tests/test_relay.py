@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
@@ -44,13 +45,15 @@ def test_a_full_reader_pauses_until_its_client_takes_what_it_holds() -> None:
     assert reader.paused and reader.after == (3, 0) and not reader.ended
     assert drained == []
 
-    async def take_one() -> bytes:
+    async def take_and_send() -> None:
         chunks = reader.frames_until_end(1)
-        chunk = await anext(chunks)
+        assert await anext(chunks) == b"frame" * 3
+        assert reader.paused and drained == [], "nothing more while the chunk is being sent"
+        with contextlib.suppress(TimeoutError):  # sent: it asks for more, then waits
+            await asyncio.wait_for(anext(chunks), 0.05)
         await chunks.aclose()
-        return chunk
 
-    assert asyncio.run(take_one()) == b"frame" * 3
+    asyncio.run(take_and_send())
     assert drained == [reader] and not reader.paused  # the relay reads on from (3, 0)
     assert reader.push(b"next", (4, 0), final=False)
 

@@ -165,7 +165,10 @@ class Run:
         for number in range(1, self.options.workers + 1):
             name = "worker" if self.options.workers == 1 else f"worker.{number}"
             metrics = env.get("METRICS_PORT", "")
-            metrics = "0" if metrics == "0" else str(free_port(host))
+            if metrics.isdigit() and metrics != "0":  # the user's: worker N takes it + N - 1
+                metrics = str(int(metrics) + number - 1)
+            elif metrics != "0":
+                metrics = str(free_port(host))
             worker_env = {**env, "METRICS_PORT": metrics}
             workers.append(
                 await self.supervisor.start(name, commands["worker"], worker_env, str(ROOT))
@@ -239,6 +242,8 @@ def main() -> None:
     except LaunchError as exc:
         print(f"scripts/run: {exc}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C before anything started: nothing to stop
+        code = 130
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
     sys.exit(code)

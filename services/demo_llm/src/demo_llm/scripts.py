@@ -72,6 +72,9 @@ LIMITS: dict[str, tuple[type[int] | type[float], float, float]] = {
 }
 
 
+_ASCII_NUMBER = re.compile(r"[0-9]*\.?[0-9]+|[0-9]+\.")
+
+
 class DirectiveError(ValueError):
     """A directive whose number is out of range or not a number."""
 
@@ -178,7 +181,7 @@ def _number(directive: str, text: str) -> float:
         raise DirectiveError(f"[{directive}] takes no number (got {text!r})")
     kind, low, high = LIMITS[directive]
     try:
-        value = kind(text)
+        value = kind(text) if _ASCII_NUMBER.fullmatch(text) else None  # int() takes "١٢"
     except ValueError:
         value = None
     if value is None or not low <= value <= high:

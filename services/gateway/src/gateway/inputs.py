@@ -53,12 +53,15 @@ def query_params(request: Request) -> dict[str, str]:
 
 def cursor_of(request: Request, params: dict[str, str]) -> Cursor | None:
     """The resume cursor from ``Last-Event-ID`` or ``last_event_id``; 400 if malformed."""
-    value = request.headers.get("last-event-id") or params.get("last_event_id")
+    header = request.headers.get("last-event-id", "").strip(" \t")  # a header's own blanks
+    value, source = (
+        (header, "Last-Event-ID") if header else (params.get("last_event_id"), "last_event_id")
+    )
     if not value:
         return None
     cursor = parse_cursor(value)
     if cursor is None:
-        raise BadRequest("Last-Event-ID is not a cursor from this service")
+        raise BadRequest(f"{source} is not a cursor from this service")
     return cursor
 
 

@@ -97,11 +97,12 @@ class Reader:
                 chunk = b"".join(self.frames)
                 self.frames.clear()
                 self.pending_bytes = 0
-                if self.paused:
+                resume = self.paused
+                yield chunk
+                if resume:  # taken and sent: one mailbox at a time, never two
                     self.paused = False
                     if self.on_drained is not None:
                         self.on_drained(self)
-                yield chunk
                 continue
             if self.ended:
                 return
