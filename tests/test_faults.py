@@ -62,14 +62,24 @@ def post(client: httpx.Client, stack: Stack, prompt: str) -> str:
 
 
 def worker_running(stack: Stack, job_id: str) -> int:
-    """Which worker took the job (a worker logs the job id when it takes it)."""
+    """Which worker runs the job, once its claim has run: the worker logs the job id when
+    it takes it, which may be before its claim reaches Redis, and a worker killed before
+    that never owned the job (it waits in the queue for another)."""
     found: list[int] = []
 
-    def taken() -> bool:
+    def claimed() -> bool:
         found[:] = [i for i, w in enumerate(stack.workers) if job_id in w.log()]
-        return bool(found)
+        events = redis.Redis.from_url(stack.redis_url)
+        try:
+            started = any(
+                b'"lifecycle":"started"' in fields[b"d"]
+                for _, fields in events.xrange(keys.events_key(job_id))
+            )
+        finally:
+            events.close()
+        return bool(found) and started
 
-    wait_until(taken, 10, f"a worker to take {job_id}")
+    wait_until(claimed, 10, f"a worker to claim {job_id}")
     return found[0]
 
 
