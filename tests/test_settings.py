@@ -38,6 +38,18 @@ def test_every_setting_is_in_the_readme_table() -> None:
         assert f"| `{name.upper()}` |" in readme, f"{name.upper()} is not documented"
 
 
+def start_with(module: str, name: str, value: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module`` with one setting, to its exit."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", name: value},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
 @pytest.mark.parametrize("module", ["gateway", "worker"])
 @pytest.mark.parametrize(
     ("name", "value"),
@@ -62,14 +74,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
     ],
 )
 def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", module],
-        env={"PATH": "/usr/bin:/bin", name: value},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    result = start_with(module, name, value)
     assert result.returncode != 0
     assert name in result.stderr
     assert "Traceback" not in result.stderr
@@ -86,14 +91,7 @@ def test_a_bad_value_stops_the_process_naming_it(module: str, name: str, value: 
     ],
 )
 def test_a_bad_value_never_shows_a_password(module: str, name: str, value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", module],
-        env={"PATH": "/usr/bin:/bin", name: value},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    result = start_with(module, name, value)
     assert result.returncode != 0 and name in result.stderr
     assert "hunter2" not in result.stderr + result.stdout, result.stderr
 

@@ -159,8 +159,16 @@ def _stream(
         finally:
             state.relay.unsubscribe(reader)
 
+    return event_stream(state, frames(), release)
+
+
+def event_stream(
+    state: State, frames: AsyncIterator[bytes], release: Callable[[], None]
+) -> EventStream:
+    """The SSE response of every stream, in any dialect: the stream slot ``release`` gives
+    back after the last byte."""
     return EventStream(
-        frames(),
+        frames,
         headers=SSE_HEADERS,
         send_timeout_s=state.settings.send_timeout_s,
         release=release,

@@ -18,9 +18,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .chat import SSE_HEADERS
+from .chat import event_stream
 from .errors import error_response
-from .event_stream import EventStream
 from .inputs import json_body, max_request_bytes
 from .job_events import relayed, unless_client_leaves
 from .jobs import enqueue_request
@@ -62,13 +61,7 @@ async def chat_completions(request: Request) -> Response:
         raise
     chunks = ChatChunks(job_id, str(body["model"]), options.get("include_usage") is True)
     if stream:
-        return EventStream(
-            _encoded(state, job_id, chunks),
-            headers=SSE_HEADERS,
-            send_timeout_s=settings.send_timeout_s,
-            release=release,
-            shutdown_event=state.relay.shutting_down,
-        )
+        return event_stream(state, _encoded(state, job_id, chunks), release)
     try:
         return await _until_done(request, state, job_id, chunks)
     finally:

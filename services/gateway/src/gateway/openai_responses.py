@@ -20,9 +20,8 @@ from starlette.responses import JSONResponse, Response
 
 from shared import events as ev
 
-from .chat import SSE_HEADERS
+from .chat import SSE_HEADERS, event_stream
 from .errors import BadRequest, NotFound
-from .event_stream import EventStream
 from .inputs import json_body, max_request_bytes
 from .job_events import relayed, stored, unless_client_leaves
 from .jobs import enqueue_request
@@ -158,13 +157,7 @@ def _event_stream(
                     b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in out
                 )
 
-    return EventStream(
-        frames(),
-        headers=SSE_HEADERS,
-        send_timeout_s=state.settings.send_timeout_s,
-        release=release,
-        shutdown_event=state.relay.shutting_down,
-    )
+    return event_stream(state, frames(), release)
 
 
 async def _until_done(

@@ -46,7 +46,7 @@ def response_request(
         "instructions": instructions,
         "background": body.get("background", False),
         "previous_response_id": body.get("previous_response_id"),
-        "tools": [t for t in tools or []],
+        "tools": list(tools or []),
         "tool_choice": body.get("tool_choice", "auto"),
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
