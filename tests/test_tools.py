@@ -18,7 +18,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import Field
 
-from worker.tools import BUILTIN_TOOLS, ToolRegistry
+from worker.tools import BUILTIN_TOOLS, FunctionTool, ToolRegistry
 from worker.tools.calculator import (
     MAX_EXPRESSION_CHARS,
     CalculatorError,
@@ -27,6 +27,12 @@ from worker.tools.calculator import (
     format_number,
 )
 from worker.tools.current_time import UnknownTimezoneError, current_time
+from worker.tools.loading import builtin_tools
+
+
+def _registry(*funcs: Callable[..., Any], timeout_s: float = 5) -> ToolRegistry:
+    return ToolRegistry([FunctionTool(f) for f in funcs], timeout_s=timeout_s)
+
 
 # --- schemas ------------------------------------------------------------------------------
 
@@ -39,7 +45,7 @@ def _function(registry: ToolRegistry, name: str) -> dict[str, Any]:
 
 
 def test_builtin_schemas_are_derived_from_the_signatures() -> None:
-    registry = ToolRegistry(BUILTIN_TOOLS)
+    registry = _registry(*BUILTIN_TOOLS)
     assert registry.names() == ["calculator", "current_time"]
 
     calc = _function(registry, "calculator")
@@ -67,8 +73,8 @@ def test_a_new_tool_needs_only_a_typed_documented_function() -> None:
         """
         return str(round(value, digits)) + unit
 
-    parameters = _function(ToolRegistry([convert]), "convert")["parameters"]
-    assert _function(ToolRegistry([convert]), "convert")["description"] == "Convert a length."
+    parameters = _function(_registry(convert), "convert")["parameters"]
+    assert _function(_registry(convert), "convert")["description"] == "Convert a length."
     assert parameters["required"] == ["value", "unit"]
     assert parameters["properties"]["value"]["type"] == "number"
     assert parameters["properties"]["unit"]["enum"] == ["m", "ft"]
@@ -89,11 +95,11 @@ def test_tools_without_docstring_or_types_or_unique_names_are_refused() -> None:
         return str(x)
 
     with pytest.raises(ValueError, match="docstring"):
-        ToolRegistry([undocumented])
+        _registry(undocumented)
     with pytest.raises(ValueError, match="needs a type"):
-        ToolRegistry([untyped])
+        _registry(untyped)
     with pytest.raises(ValueError, match="two tools"):
-        ToolRegistry([calculator, calculator])
+        _registry(calculator, calculator)
 
 
 # --- calculator ---------------------------------------------------------------------------
@@ -293,18 +299,18 @@ def crash() -> str:
 
 @pytest.fixture
 def registry() -> ToolRegistry:
-    return ToolRegistry([*BUILTIN_TOOLS, nap, add, refuse, crash])
+    return _registry(*BUILTIN_TOOLS, nap, add, refuse, crash)
 
 
 @pytest.mark.asyncio
 async def test_run_calls_sync_and_async_tools(registry: ToolRegistry) -> None:
-    run = await registry.run("calculator", '{"expression": "2 + 3 * 4"}', timeout_s=5)
+    run = await registry.run("calculator", '{"expression": "2 + 3 * 4"}')
     assert (run.ok, run.output, run.arguments) == (True, "14", {"expression": "2 + 3 * 4"})
-    run = await registry.run("add", '{"a": 2, "b": "3"}', timeout_s=5)
+    run = await registry.run("add", '{"a": 2, "b": "3"}')
     assert (run.ok, run.output) == (True, "5")
-    run = await registry.run("nap", '{"seconds": 0}', timeout_s=5)
+    run = await registry.run("nap", '{"seconds": 0}')
     assert (run.ok, run.output) == (True, "rested")
-    run = await registry.run("current_time", "", timeout_s=5)  # empty means no arguments
+    run = await registry.run("current_time", "")  # empty means no arguments
     assert run.ok and run.output.endswith("+00:00") and run.arguments == {}
 
 
@@ -328,7 +334,7 @@ async def test_run_calls_sync_and_async_tools(registry: ToolRegistry) -> None:
 async def test_run_turns_every_problem_into_an_error_output(
     registry: ToolRegistry, name: str, arguments: str, parsed: Any, says: str
 ) -> None:
-    run = await registry.run(name, arguments, timeout_s=5)
+    run = await registry.run(name, arguments)
     assert not run.ok
     assert run.output.startswith("error: ")
     assert says in run.output
@@ -338,7 +344,8 @@ async def test_run_turns_every_problem_into_an_error_output(
 @pytest.mark.asyncio
 async def test_run_stops_waiting_for_a_slow_async_tool(registry: ToolRegistry) -> None:
     started = time.perf_counter()
-    run = await registry.run("nap", '{"seconds": 30}', timeout_s=0.05)
+    registry.timeout_s = 0.05
+    run = await registry.run("nap", '{"seconds": 30}')
     assert time.perf_counter() - started < 1
     assert not run.ok
     assert run.output == "error: nap did not finish within 0.05 s"
@@ -354,7 +361,7 @@ async def test_run_stops_waiting_for_a_slow_sync_tool() -> None:
         return "late"
 
     try:
-        run = await ToolRegistry([stuck]).run("stuck", "{}", timeout_s=0.05)
+        run = await _registry(stuck, timeout_s=0.05).run("stuck", "{}")
     finally:
         release.set()  # let the thread end; it cannot be killed
     assert not run.ok
@@ -363,14 +370,15 @@ async def test_run_stops_waiting_for_a_slow_sync_tool() -> None:
 
 @pytest.mark.asyncio
 async def test_run_lets_cancellation_through(registry: ToolRegistry) -> None:
-    task = asyncio.create_task(registry.run("nap", '{"seconds": 30}', timeout_s=60))
+    registry.timeout_s = 60
+    task = asyncio.create_task(registry.run("nap", '{"seconds": 30}'))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
-# --- from_setting -------------------------------------------------------------------------
+# --- builtin_tools (the TOOLS setting) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -387,9 +395,9 @@ async def test_run_lets_cancellation_through(registry: ToolRegistry) -> None:
     ],
 )
 def test_from_setting(setting: str, names: list[str]) -> None:
-    assert ToolRegistry.from_setting(setting).names() == names
+    assert [tool.name for tool in builtin_tools(setting)] == names
 
 
 def test_from_setting_names_an_unknown_tool() -> None:
     with pytest.raises(ValueError, match="'weather'"):
-        ToolRegistry.from_setting("calculator, weather")
+        builtin_tools("calculator, weather")

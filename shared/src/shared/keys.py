@@ -22,6 +22,8 @@ ENDED = "sg:ended"  # pub/sub channel: the id of each job ended from outside (DE
 # that its worker stops the upstream request at once rather than at its next heartbeat
 WORKERS = "sg:workers"  # worker names scored by when their heartbeat lapses (ms), idle ones
 # too: a dead worker's job goes back to the queue only while some worker is alive to take it
+TOOL_CATALOGS = "sg:tool-catalogs"  # names of the workers that published their tools (a set;
+# a name whose catalog key has expired is dropped by the next reader)
 
 
 def events_key(job_id: str) -> str:
@@ -47,6 +49,11 @@ def deadline_key(job_id: str) -> str:
 def watched_key(job_id: str) -> str:
     """Renewed by every gateway relaying the job; lives DISCONNECT_GRACE_S unless renewed."""
     return f"sg:{{{job_id}}}:watched"
+
+
+def tool_catalog_key(worker: str) -> str:
+    """The tools a worker offers (JSON); lives CATALOG_TTL_S unless the worker renews it."""
+    return f"sg:tools:{worker}"
 
 
 def session_key(session: str) -> str:

@@ -1,5 +1,8 @@
 """Roles: named system prompts from a TOML file, read once at start by gateway and worker.
 
+A role may name the tools it offers (``tools = ["calculator", "tickets_*"]``, glob
+patterns; ``[]`` for none); without ``tools`` it offers every tool the workers have.
+
 The gateway refuses an unknown role before enqueueing; the worker turns the name into the
 system prompt. Both read the same file, so they agree on what exists.
 """
@@ -18,6 +21,7 @@ class Role:
     name: str
     description: str
     system_prompt: str
+    tools: tuple[str, ...] | None = None  # names or glob patterns it offers; None: every tool
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,13 @@ def load_roles(path: str | Path | None = None) -> Roles:
         prompt = fields.get("system_prompt") if isinstance(fields, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"role {name!r} in {source} has no system_prompt")
-        roles[name] = Role(name, str(fields.get("description", "")), prompt)
+        tools = fields.get("tools")
+        if tools is not None and (
+            not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools)
+        ):
+            raise ValueError(f"role {name!r} in {source}: tools must be a list of tool names")
+        description = str(fields.get("description", ""))
+        roles[name] = Role(name, description, prompt, None if tools is None else tuple(tools))
     default = data.get("default", next(iter(roles)))
     if default not in roles:
         raise ValueError(f"default role {default!r} is not defined in {source}")

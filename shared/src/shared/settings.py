@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9100  # worker metrics; 0 is off
     roles_file: str = ""  # empty: the built-in roles (shared/roles.toml)
     tools: str = "all"  # "all", "none", or comma-separated tool names
+    tools_file: str = ""  # TOML: Python tool modules and MCP servers (docs/tools.md)
     tool_timeout_s: PositiveSeconds = 10.0
+    tool_output_max_chars: Annotated[int, Field(ge=100, le=10_000_000)] = 20_000
+    agent: str = ""  # package.module:function, an async generator of events; empty: built-in
     max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = 4
     session_max_turns: Annotated[int, Field(ge=1)] = 20
     session_max_chars: Annotated[int, Field(ge=1)] = 24000
@@ -119,6 +122,21 @@ class Settings(BaseSettings):
         from .roles import load_roles  # a roles file that does not load stops the start too
 
         load_roles(value or None)
+        return value
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, value: str) -> str:
+        module, _, function = value.strip().partition(":")
+        if value.strip() and not (module and function.isidentifier()):
+            raise ValueError("must be package.module:function")
+        return value.strip()
+
+    @field_validator("tools_file")
+    @classmethod
+    def _tools_file(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value} is not a file")
         return value
 
     @field_validator("api_keys_file")

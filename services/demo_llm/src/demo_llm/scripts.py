@@ -26,11 +26,14 @@ parallel calls; the arguments stream in small pieces, as real models send them. 
 ``[tool-unknown]`` (a tool that does not exist), ``[tool-badjson]`` (arguments that are not
 JSON), ``[tool-invalid]`` (arguments that fail validation), ``[tool-loop]`` (a tool call
 in every round, to reach the round limit), ``[tool-noindex]`` (parallel calls without
-``index``, as Ollama sends them).
+``index``, as Ollama sends them). ``[call NAME {JSON}]`` calls any tool with exactly those
+arguments (the JSON object is optional; several directives make parallel calls), for
+trying a team's own tools.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Sequence
@@ -72,6 +75,7 @@ LIMITS: dict[str, tuple[type[int] | type[float], float, float]] = {
 }
 
 
+_JSON = json.JSONDecoder()
 _ASCII_NUMBER = re.compile(r"[0-9]*\.?[0-9]+|[0-9]+\.")
 
 
@@ -123,9 +127,31 @@ _CALCULATE = re.compile(r"calculate\s+([-+*/%().\d\s]+)", re.IGNORECASE)
 _TIME = re.compile(r"\btime\b(?:\s+in\s+([A-Za-z_]+(?:/[A-Za-z_]+)*))?", re.IGNORECASE)
 
 
+_CALL = re.compile(r"\[call\s+([A-Za-z0-9_-]{1,64})\s*")
+
+
+def named_calls(prompt: str) -> list[tuple[str, str]]:
+    """The ``[call NAME {JSON}]`` directives, as (name, arguments JSON)."""
+    calls = []
+    for match in _CALL.finditer(prompt):
+        arguments: Any = {}
+        end = match.end()
+        if prompt.startswith("{", end):
+            try:
+                arguments, end = _JSON.raw_decode(prompt, end)
+            except ValueError as exc:
+                raise DirectiveError(f"[call {match.group(1)} ...]: the arguments: {exc}") from None
+        if not isinstance(arguments, dict) or not prompt.startswith("]", end):
+            raise DirectiveError("[call NAME {JSON object}]: a name, then a JSON object, then ]")
+        calls.append((match.group(1), orjson.dumps(arguments).decode()))
+    return calls
+
+
 def plan_tool_calls(prompt: str) -> tuple[list[PlannedCall], bool]:
     """The calls the demo model makes for ``prompt``, and whether deltas carry an index."""
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple[str, str]] = named_calls(prompt)  # when asked for, these alone
+    if calls:
+        return [PlannedCall(f"call_{uuid.uuid4().hex[:12]}", n, a) for n, a in calls], True
     if "[tool-unknown]" in prompt:
         calls.append(("weather", '{"city": "Oslo"}'))
     if "[tool-badjson]" in prompt:

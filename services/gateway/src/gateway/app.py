@@ -107,6 +107,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{job_id}", chat.chat_cancel, methods=["DELETE"]),
         Route("/chat/{rest:path}", chat.not_a_job, methods=EVERY_METHOD, name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
+        Route("/tools", chat.list_tools, methods=["GET"]),
         Route("/v1/models", openai_chat.list_models, methods=["GET"]),
         Route("/v1/chat/completions", openai_chat.chat_completions, methods=["POST"]),
         Route("/v1/responses", openai_responses.create_response, methods=["POST"]),

@@ -1,17 +1,19 @@
-"""The chat endpoints: start a job, read its events, cancel it, list the roles."""
+"""The chat endpoints: start a job, read its events, cancel it, list the roles and tools."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import events as ev
+from shared import tool_catalog
 from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
-from .errors import BadRequest, NotFound, allowed_methods, method_not_allowed
+from .errors import BadRequest, NotFound, Unavailable, allowed_methods, method_not_allowed
 from .event_stream import EventStream
 from .inputs import (
     ChatRequest,
@@ -90,7 +92,34 @@ async def list_roles(request: Request) -> Response:
     state.access.identify(request)
     roles = state.roles
     ordered = sorted(roles.roles.values(), key=lambda r: r.name != roles.default)
-    return JSONResponse([{"name": r.name, "description": r.description} for r in ordered])
+    return JSONResponse(
+        [
+            {"name": r.name, "description": r.description}
+            | ({"tools": list(r.tools)} if r.tools is not None else {})
+            for r in ordered
+        ]
+    )
+
+
+async def list_tools(request: Request) -> Response:
+    """``GET /tools`` (``?role=NAME``): the tools a chat in that role (the default one) may
+    use, as the workers published them (a worker owns the MCP connections)."""
+    state: State = request.app.state.sg
+    state.access.identify(request)
+    name = query_params(request).get("role")
+    role = state.roles.get(name)
+    if role is None:
+        known = ", ".join(state.roles.roles)
+        raise BadRequest(f"unknown role {name!r}; the roles are: {known} (GET /roles)")
+    tools = await tool_catalog.read(state.arq)
+    if tools is None:
+        raise Unavailable("no worker has listed its tools: is a worker running? (retry)")
+    offered = [
+        tool
+        for tool in tools
+        if role.tools is None or any(fnmatch.fnmatchcase(tool["name"], p) for p in role.tools)
+    ]
+    return JSONResponse(offered)
 
 
 async def not_a_job(request: Request) -> Response:

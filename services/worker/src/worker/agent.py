@@ -1,4 +1,5 @@
-"""The agent loop: stream the model, run the tools it calls, stream its next answer.
+"""The built-in agent, the OpenAI tool loop: stream the model, run the tools it calls,
+stream its next answer.
 
 Tool calls arrive as deltas: the first piece of each has its id and name (``tool_call`` is
 published then), later pieces add slices of the arguments, several calls interleaved by
@@ -17,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from shared import events as ev
 
-from .llm import Finish, Opening, TextDelta, ToolCallDelta, Upstream, UpstreamError
+from .agents import AgentRequest
+from .llm import Finish, Opening, TextDelta, ToolCallDelta, UpstreamError
 from .metrics import WorkerMetrics
-from .publisher import Publisher
-from .tools import ToolRegistry
 
 
 class TooManyRounds(UpstreamError):
@@ -62,97 +62,87 @@ class ToolCallAssembler:
         return started
 
 
-@dataclass
-class Answer:
-    text: str
-    finish_reason: str | None = None  # the last upstream request's
-    usage: ev.Usage | None = None  # summed over the rounds; None unless every one reported it
+class OpenAIAgent:
+    """The default agent (``agents.py``'s interface): the OpenAI tool loop."""
 
+    def __init__(self, max_rounds: int, metrics: WorkerMetrics) -> None:
+        self.max_rounds = max_rounds
+        self.metrics = metrics
 
-async def run_agent(
-    upstream: Upstream,
-    tools: ToolRegistry,
-    publisher: Publisher,
-    messages: list[dict[str, Any]],
-    max_rounds: int,
-    tool_timeout_s: float,
-    metrics: WorkerMetrics,
-    opened: Opening | None = None,
-    client_tools: list[dict[str, Any]] | None = None,
-    params: dict[str, Any] | None = None,
-) -> Answer:
-    """Run the conversation to the model's final answer (or, with ``client_tools``, to its
-    calls of them). ``opened``: the first request, already sent for these messages."""
-    schemas = client_tools or tools.schemas() or None
-    usage: ev.Usage | None = ev.Usage(0, 0, 0)
-    for round_number in range(max_rounds + 1):
-        text: list[str] = []
-        assembler = ToolCallAssembler()
-        sent_at: float | None = time.monotonic()
-        sent, opened = opened, None  # only the first round's request was sent ahead
-        finish: str | None = None
-        reported: ev.Usage | None = None
-        async for delta in upstream.stream(messages, schemas, sent, params):
-            if sent_at is not None:
-                metrics.upstream_first_token.observe(time.monotonic() - sent_at)
-                sent_at = None
-            if isinstance(delta, TextDelta):
-                text.append(delta.text)
-                publisher.emit(ev.Token(delta.text))
-                metrics.tokens.inc()
-            elif isinstance(delta, ToolCallDelta):
-                started = assembler.add(delta)
-                if started is not None:
-                    publisher.emit(ev.ToolCallStarted(started.call_id, started.name))
-            elif isinstance(delta, Finish):
-                finish = delta.reason
-            else:
-                reported = delta
-        usage = usage + reported if usage is not None and reported is not None else None
-        if not assembler.calls:
-            return Answer("".join(text), finish, usage)
-        if client_tools:
-            asked = [
-                ev.ClientToolCall(c.call_id, c.name, "".join(c.arguments)) for c in assembler.calls
-            ]
-            publisher.emit(ev.ClientToolCalls(asked))
-            return Answer("".join(text), "tool_calls", usage)
-        if round_number == max_rounds:
-            break
-        calls = assembler.calls
-        runs = await asyncio.gather(
-            *(tools.run(c.name, "".join(c.arguments), tool_timeout_s) for c in calls)
-        )
-        for call, run in zip(calls, runs, strict=True):
-            metrics.tool_calls.labels(call.name, "ok" if run.ok else "error").inc()
-        publisher.emit(
-            ev.ToolsCalled(
+    async def __call__(
+        self, request: AgentRequest, opened: Opening | None = None
+    ) -> AsyncIterator[ev.Event]:
+        """Run the conversation to the model's final answer (or, with client tools, to its
+        calls of them). ``opened``: the first request, already sent for these messages."""
+        upstream, messages, client_tools = request.llm, request.messages, request.client_tools
+        schemas = client_tools or request.tools.schemas() or None
+        usage: ev.Usage | None = ev.Usage(0, 0, 0)
+        for round_number in range(self.max_rounds + 1):
+            text: list[str] = []
+            assembler = ToolCallAssembler()
+            sent_at: float | None = time.monotonic()
+            sent, opened = opened, None  # only the first round's request was sent ahead
+            finish: str | None = None
+            reported: ev.Usage | None = None
+            async for delta in upstream.stream(messages, schemas, sent, request.params):
+                if sent_at is not None:
+                    self.metrics.upstream_first_token.observe(time.monotonic() - sent_at)
+                    sent_at = None
+                if isinstance(delta, TextDelta):
+                    text.append(delta.text)
+                    yield ev.Token(delta.text)
+                elif isinstance(delta, ToolCallDelta):
+                    started = assembler.add(delta)
+                    if started is not None:
+                        yield ev.ToolCallStarted(started.call_id, started.name)
+                elif isinstance(delta, Finish):
+                    finish = delta.reason
+                else:
+                    reported = delta
+            usage = usage + reported if usage is not None and reported is not None else None
+            if not assembler.calls:
+                yield ev.Done(finish, usage)
+                return
+            if client_tools:
+                asked = [
+                    ev.ClientToolCall(c.call_id, c.name, "".join(c.arguments))
+                    for c in assembler.calls
+                ]
+                yield ev.ClientToolCalls(asked)
+                yield ev.Done("tool_calls", usage)
+                return
+            if round_number == self.max_rounds:
+                break
+            calls = assembler.calls
+            runs = await asyncio.gather(
+                *(request.tools.run(c.name, "".join(c.arguments)) for c in calls)
+            )
+            yield ev.ToolsCalled(
                 [
                     ev.ToolResult(c.call_id, c.name, r.arguments, r.output)
                     for c, r in zip(calls, runs, strict=True)
                 ]
             )
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "".join(text) or None,
+                    "tool_calls": [
+                        {
+                            "id": c.call_id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": "".join(c.arguments)},
+                        }
+                        for c in calls
+                    ],
+                }
+            )
+            messages += [
+                {"role": "tool", "tool_call_id": c.call_id, "content": r.output}
+                for c, r in zip(calls, runs, strict=True)
+            ]
+        raise TooManyRounds(
+            f"the model was still calling tools after {self.max_rounds} rounds"
+            " (MAX_TOOL_ROUNDS); stopped without a final answer",
+            "tool_rounds",
         )
-        messages.append(
-            {
-                "role": "assistant",
-                "content": "".join(text) or None,
-                "tool_calls": [
-                    {
-                        "id": c.call_id,
-                        "type": "function",
-                        "function": {"name": c.name, "arguments": "".join(c.arguments)},
-                    }
-                    for c in calls
-                ],
-            }
-        )
-        messages += [
-            {"role": "tool", "tool_call_id": c.call_id, "content": r.output}
-            for c, r in zip(calls, runs, strict=True)
-        ]
-    raise TooManyRounds(
-        f"the model was still calling tools after {max_rounds} rounds (MAX_TOOL_ROUNDS);"
-        " stopped without a final answer",
-        "tool_rounds",
-    )

@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from shared import events as ev
 from shared.event_log import Claim, EventLog
-from shared.roles import Roles
+from shared.roles import Role, Roles
 from shared.settings import Settings
 
-from .agent import run_agent
+from .agent import OpenAIAgent
+from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest
 from .heartbeat import Heartbeat
 from .llm import Upstream, UpstreamError
 from .metrics import WorkerMetrics
@@ -38,11 +40,15 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     owner: str = ctx["owner"]
     # With the request its wake-up carried, the LLM is called while the claim is on its way
     # (pickup.py); a session's history must be read first, so such a job waits.
+    # Only the built-in agent's first request is known in advance.
     early = orjson.loads(ctx["early_request"]) if ctx.get("early_request") else None
+    agent: Agent = ctx["agent"]
     opening = None
-    if early is not None and not early.get("session"):
-        messages = messages_for(ctx["roles"], early, [])
-        tools = early.get("tools") or ctx["tools"].schemas() or None
+    if early is not None and not early.get("session") and isinstance(agent, OpenAIAgent):
+        role = role_for(ctx["roles"], early)
+        toolbox = ctx["tools"].offered(role.tools)
+        messages = messages_for(role, early, [])
+        tools = early.get("tools") or toolbox.schemas() or None
         opening = upstream.open(messages, tools, early.get("params"))
     claim_future: asyncio.Future[Claim] = ctx["claim"]
     try:
@@ -65,35 +71,40 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     request = orjson.loads(raw_request or b"{}")
     if request.get("session"):
         await ctx["sessions"].refresh(request["session"], job_id)
+    history: list[dict[str, Any]] = []
     if opening is None:
-        history = (
-            await ctx["sessions"].history(request["session"]) if request.get("session") else []
-        )
-        messages = messages_for(ctx["roles"], request, history)
+        if request.get("session"):
+            history = await ctx["sessions"].history(request["session"])
+        role = role_for(ctx["roles"], request)
+        toolbox = ctx["tools"].offered(role.tools)
+        messages = messages_for(role, request, history)
+    asked = AgentRequest(
+        job_id,
+        messages,
+        history,
+        role,
+        toolbox,
+        upstream,
+        params=request.get("params") or {},
+        client_tools=request.get("tools"),
+    )
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
-            answer = await run_agent(
-                upstream,
-                ctx["tools"],
-                publisher,
-                messages,
-                settings.max_tool_rounds,
-                settings.tool_timeout_s,
-                metrics,
-                opened=opening,
-                client_tools=request.get("tools"),
-                params=request.get("params"),
-            )
+            events = agent(asked, opened=opening) if opening is not None else agent(asked)  # type: ignore[call-arg]
+            text, done = await relay_agent(events, publisher, metrics)
             if settings.log_prompts:
-                asked = request.get("prompt") or request.get("messages")
-                logger.info("job %s prompt %r answer %r", job_id, asked, answer.text)
+                prompt = request.get("prompt") or request.get("messages")
+                logger.info("job %s prompt %r answer %r", job_id, prompt, text)
             if request.get("session") and "prompt" in request:
                 # Memory before `done`: a client that asks again at once sees this turn.
-                await ctx["sessions"].append(request["session"], request["prompt"], answer.text)
-            final = ev.Done(answer.finish_reason, answer.usage)
+                await ctx["sessions"].append(request["session"], request["prompt"], text)
+            final = done
+        except AgentError as exc:
+            logger.warning("job %s: the agent stopped: %s", job_id, exc)
+            final = ev.Error(str(exc) or "the agent could not answer")
         except UpstreamError as exc:
             metrics.upstream_errors.labels(exc.kind).inc()
             logger.warning("job %s: %s", job_id, exc.detailed)
@@ -101,6 +112,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         except Fenced:
             final = None  # ended from outside: its final event is already written
         except asyncio.CancelledError:
+            asked.cancelled.set()
             if running.stop_reason == "unwatched":
                 final = ev.Error(ev.CLIENT_GONE)
             elif running.stop_reason is None:
@@ -119,6 +131,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
+            asked.cancelled.set()  # for threads an agent left running
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
@@ -162,11 +175,7 @@ def _outcome(final: ev.Event) -> str:
     )
 
 
-def messages_for(
-    roles: Roles, request: dict[str, Any], history: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The role's system prompt, the session's earlier turns, then the prompt (or the
-    client's whole conversation, from the OpenAI API)."""
+def role_for(roles: Roles, request: dict[str, Any]) -> Role:
     role = roles.get(request.get("role"))
     if role is None:
         logger.warning(
@@ -176,8 +185,41 @@ def messages_for(
         )
         role = roles.get(None)
     assert role is not None  # the default role always exists; the gateway checked the name
+    return role
+
+
+def messages_for(
+    role: Role, request: dict[str, Any], history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The role's system prompt, the session's earlier turns, then the prompt (or the
+    client's whole conversation, from the OpenAI API)."""
     return [
         {"role": "system", "content": role.system_prompt},
         *history,
         *(request.get("messages") or [{"role": "user", "content": request["prompt"]}]),
     ]
+
+
+async def relay_agent(
+    events: AsyncIterator[ev.Event | str], publisher: Publisher, metrics: WorkerMetrics
+) -> tuple[str, ev.Done]:
+    """Publish what an agent yields, up to its ``Done``; the answer's text and that ``Done``."""
+    text: list[str] = []
+    try:
+        async for item in events:
+            event = ev.Token(item) if isinstance(item, str) else item
+            if isinstance(event, ev.Done):
+                return "".join(text), event
+            if not isinstance(event, AGENT_EVENTS):
+                raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
+            if isinstance(event, ev.Token):
+                if not event.text:
+                    continue  # the contract sends no empty tokens
+                text.append(event.text)
+                metrics.tokens.inc()
+            publisher.emit(event)
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return "".join(text), ev.Done()

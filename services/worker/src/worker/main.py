@@ -9,6 +9,7 @@ from them rather than from a ``WorkerSettings`` class, since arq reads such a cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 import uvloop
 from arq.worker import func
 
-from shared import keys
+from shared import keys, tool_catalog
 from shared.event_log import EventLog
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
@@ -28,6 +29,8 @@ from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
 from shared.tasks import cancel_and_wait
 
+from .agent import OpenAIAgent
+from .agents import Agent, load_agent
 from .chat_job import chat
 from .ended_jobs import follow_ended_jobs
 from .heartbeat import Heartbeat
@@ -35,7 +38,7 @@ from .llm import Upstream
 from .metrics import WorkerMetrics
 from .pickup import PushWorker
 from .publisher import Batcher
-from .tools import ToolRegistry
+from .tools import ToolRegistry, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,12 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["heartbeat"] = heartbeat
     ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
     ctx["ended_task"] = asyncio.create_task(follow_ended_jobs(redis, heartbeat))
+    tools: ToolRegistry = ctx["tools"]
+    metrics: WorkerMetrics = ctx["metrics"]
+    tools.on_run = lambda name, ok: metrics.tool_calls.labels(name, "ok" if ok else "error").inc()
+    await tools.start()
+    await tool_catalog.publish(redis, ctx["worker_name"], tools.describe())  # before any job
+    ctx["catalog_task"] = asyncio.create_task(publish_tools(redis, ctx["worker_name"], tools))
     logger.info(
         "worker %s ready: LLM %s, model %s, up to %d jobs at once",
         ctx["worker_name"],
@@ -74,6 +83,10 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     await cancel_and_wait([ctx.get("heartbeat_task"), ctx.get("ended_task")])
+    await cancel_and_wait([ctx.get("catalog_task")])
+    with contextlib.suppress(Exception):
+        await tool_catalog.withdraw(ctx["redis"], ctx["worker_name"])
+    await ctx["tools"].close()
     batcher: Batcher | None = ctx.get("batcher")
     if batcher is not None:  # the jobs have ended: nothing is left to write
         await batcher.stop()
@@ -82,7 +95,22 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await upstream.close()
 
 
-def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> PushWorker:
+async def publish_tools(redis: Any, worker_name: str, tools: ToolRegistry) -> None:
+    """Keep this worker's tools listed for the gateways (``GET /tools``): at once, when an
+    MCP server's list changes, and often enough that the listing never lapses."""
+    while True:
+        tools.changed.clear()
+        try:
+            await tool_catalog.publish(redis, worker_name, tools.describe())
+        except Exception as exc:
+            logger.warning("could not publish this worker's tools: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tools.changed.wait(), tool_catalog.CATALOG_RENEW_S)
+
+
+def create_worker(
+    settings: Settings, tools: ToolRegistry, roles: Roles, agent: Agent, metrics: WorkerMetrics
+) -> PushWorker:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     return PushWorker(
         wake_redis_url=settings.redis_url,
@@ -100,7 +128,8 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
             "worker_name": worker_name,
             "tools": tools,
             "roles": roles,
-            "metrics": WorkerMetrics(),
+            "agent": agent,
+            "metrics": metrics,
         },
         max_jobs=settings.worker_max_jobs,
         # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in
@@ -119,13 +148,20 @@ def create_worker(settings: Settings, tools: ToolRegistry, roles: Roles) -> Push
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    metrics = WorkerMetrics()
     try:
-        tools = ToolRegistry.from_setting(settings.tools)
+        tools = load_registry(settings)
     except ValueError as exc:
-        sys.exit(f"Streamgate cannot start: invalid setting(s)\n  TOOLS: {exc}")
+        sys.exit(f"Streamgate cannot start: invalid setting(s)\n  {exc}")
+    try:
+        agent = load_agent(settings.agent) if settings.agent else None
+    except ValueError as exc:
+        sys.exit(f"Streamgate cannot start: invalid setting(s)\n  AGENT: {exc}")
     # uvloop: a third less CPU per socket event than asyncio's own loop, on every token.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    worker = create_worker(settings, tools, load_roles(settings.roles_file or None))
+    roles = load_roles(settings.roles_file or None)
+    builtin = OpenAIAgent(settings.max_tool_rounds, metrics)
+    worker = create_worker(settings, tools, roles, agent or builtin, metrics)
     tune_gc()
     worker.run()
 

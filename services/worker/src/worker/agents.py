@@ -1,0 +1,95 @@
+"""The agent interface: what ``AGENT=package.module:function`` names, and what it gets.
+
+An agent is an async generator function taking one :class:`AgentRequest` and yielding
+events: :class:`Token` (or a plain ``str``), :class:`ToolCallStarted`, :class:`ToolsCalled`,
+and optionally a last :class:`Done` carrying the finish reason and usage. Streamgate does the
+rest: the queue, publishing each event as it is yielded, the final event, the worker's
+liveness, resuming readers and cancelling. Raising :class:`AgentError` ends the job with
+that message as its ``error`` event; any other exception ends it with a generic error and
+its traceback in the worker's log.
+
+Cancelling (DELETE, every reader gone past the grace, the job timeout) cancels the task
+running the generator: the ``await`` it is in raises ``CancelledError``, so an agent stops
+within the contract's second as long as it awaits. Work that does not await (a thread)
+can poll ``request.cancelled``.
+
+The built-in OpenAI tool loop (``agent.py``) is an agent like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.events import (
+    ClientToolCalls,
+    Done,
+    Event,
+    Token,
+    ToolCallStarted,
+    ToolResult,
+    ToolsCalled,
+    Usage,
+)
+from shared.roles import Role
+
+from .llm import Upstream
+from .tools import Toolbox
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentRequest",
+    "Done",
+    "Token",
+    "ToolCallStarted",
+    "ToolResult",
+    "ToolsCalled",
+    "Usage",
+    "load_agent",
+]
+
+
+class AgentError(Exception):
+    """The agent cannot answer; the message, in words for the user, is the ``error`` event."""
+
+
+@dataclass
+class AgentRequest:
+    job_id: str
+    messages: list[dict[str, Any]]  # the role's system prompt, the history, the new turn
+    history: list[dict[str, Any]]  # the session's earlier turns (already in ``messages``)
+    role: Role
+    tools: Toolbox  # what the role offers: ``schemas()``, and ``run(name, arguments)``
+    llm: Upstream  # the configured model: ``stream(messages, tools)``, or ``client`` (openai)
+    params: dict[str, Any] = field(default_factory=dict)  # the client's sampling parameters
+    client_tools: list[dict[str, Any]] | None = None  # tools the client runs (OpenAI API)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set when stopped
+
+
+# What an agent may yield before its optional last ``Done`` (``str`` aside).
+AGENT_EVENTS = (Token, ToolCallStarted, ToolsCalled, ClientToolCalls)
+
+Agent = Callable[[AgentRequest], AsyncIterator[Event | str]]
+
+
+def load_agent(spec: str) -> Agent:
+    """The function ``package.module:function`` names; ValueError says what is wrong."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    agent = getattr(module, name, None)
+    if agent is None:
+        raise ValueError(f"module {module_name!r} has no {name!r}")
+    # A function, or an object whose __call__ is one (as the built-in agent is).
+    if not inspect.isasyncgenfunction(agent) and not inspect.isasyncgenfunction(
+        type(agent).__call__
+    ):
+        raise ValueError(f"{spec} must be an async generator function (async def with yield)")
+    return agent  # type: ignore[no-any-return]

@@ -1,0 +1,172 @@
+"""The tools one worker offers, from every source, and the runner a job calls them through.
+
+- Names are unique: two built-in or Python tools with one name stop the start; an MCP
+  tool whose name is taken (its server listed it later) is left out, with a warning.
+- :meth:`Toolbox.run` never raises for anything the model or a tool did wrong: each problem
+  becomes ``ok=False`` and an output starting with ``error: `` that the model can read and
+  act on. Only cancellation (the job being stopped) propagates.
+- Empty arguments (``""``) count as ``{}``: some OpenAI-compatible servers send that for a
+  call without arguments.
+- Every call is bounded in time (TOOL_TIMEOUT_S, or its MCP server's ``timeout_s``) and its
+  output in size (TOOL_OUTPUT_MAX_CHARS), the cut said at the end of the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import Tool, ToolFailure, ToolRun, describe, schema
+from .mcp_server import CONNECT_TIMEOUT_S, McpServer
+from .tools_file import McpServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ToolRegistry:
+    def __init__(
+        self,
+        tools: Sequence[Tool] = (),
+        mcp: Sequence[McpServerConfig] = (),
+        timeout_s: float = 10.0,
+        output_max_chars: int = 20_000,
+    ) -> None:
+        self._static: dict[str, Tool] = {}
+        for tool in tools:
+            if tool.name in self._static:
+                raise ValueError(f"two tools are named {tool.name!r}")
+            self._static[tool.name] = tool
+        self.changed = asyncio.Event()  # an MCP server's tool list changed
+        self.servers = [McpServer(config, self.changed.set) for config in mcp]
+        self.timeout_s = timeout_s
+        self.output_max_chars = output_max_chars
+        self.on_run: Callable[[str, bool], None] | None = None  # (tool, ok): for metrics
+        self._tasks: list[asyncio.Task[None]] = []
+        self._shadowed: set[tuple[str, str]] = set()
+
+    def tools(self) -> list[Tool]:
+        """Every tool offered now: built-ins, Python, then each MCP server's last listing."""
+        chosen = dict(self._static)
+        for server in self.servers:
+            for tool in server.tools:
+                if tool.name not in chosen:
+                    chosen[tool.name] = tool
+                elif (tool.source, tool.name) not in self._shadowed:
+                    self._shadowed.add((tool.source, tool.name))
+                    logger.warning(
+                        "%s's tool %r is left out: %s already has that name (set a prefix)",
+                        tool.source,
+                        tool.name,
+                        chosen[tool.name].source,
+                    )
+        return list(chosen.values())
+
+    def names(self) -> list[str]:
+        return [tool.name for tool in self.tools()]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [describe(tool) for tool in self.tools()]
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return self.offered(None).schemas()
+
+    def offered(self, patterns: Sequence[str] | None) -> Toolbox:
+        """The tools a role offers: all for None, else those matching a pattern (glob)."""
+        tools = [
+            tool
+            for tool in self.tools()
+            if patterns is None or any(fnmatch.fnmatchcase(tool.name, p) for p in patterns)
+        ]
+        return Toolbox(self, tools)
+
+    async def start(self) -> None:
+        """Connect to the MCP servers: return once each has connected or failed once (it
+        keeps trying in the background), so the first jobs see every server that is up."""
+        for server in self.servers:
+            self._tasks.append(asyncio.create_task(server.run(), name=f"mcp:{server.name}"))
+        if self.servers:
+            waits = [server.first_attempt() for server in self.servers]
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
+                    await asyncio.gather(*waits)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def run(self, name: str, arguments: str) -> ToolRun:
+        return await self.offered(None).run(name, arguments)
+
+
+class Toolbox:
+    """The tools one job may call: what it offers the model, and how it runs their calls."""
+
+    def __init__(self, registry: ToolRegistry, tools: list[Tool]) -> None:
+        self._registry = registry
+        self._tools = {tool.name: tool for tool in tools}
+
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def schemas(self) -> list[dict[str, Any]]:
+        """The OpenAI ``tools`` request parameter."""
+        return [schema(tool) for tool in self._tools.values()]
+
+    async def run(self, name: str, arguments: str) -> ToolRun:
+        """Validate and run one call; every problem is an ``error: ...`` output, not a raise."""
+        run = await self._run(name, arguments)
+        if self._registry.on_run is not None:
+            self._registry.on_run(name if name in self._tools else "(unknown)", run.ok)
+        return ToolRun(run.arguments, self._capped(run.output), run.ok)
+
+    async def _run(self, name: str, arguments: str) -> ToolRun:
+        try:
+            parsed: Any = json.loads(arguments) if arguments.strip() else {}
+            json_problem = ""
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+            parsed, json_problem = arguments, str(exc) or type(exc).__name__
+        tool = self._tools.get(name)
+        if tool is None:
+            known = ", ".join(self._tools) or "none"
+            return _failed(parsed, f"there is no tool named {name!r} (available: {known})")
+        if json_problem:
+            return _failed(parsed, f"the arguments are not valid JSON ({json_problem})")
+        if not isinstance(parsed, dict):
+            return _failed(parsed, "the arguments must be a JSON object")
+        timeout_s = getattr(tool, "timeout_s", None) or self._registry.timeout_s
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                output = await tool.call(parsed)
+        except TimeoutError as exc:
+            if deadline.expired():
+                return _failed(parsed, f"{name} did not finish within {timeout_s:g} s")
+            return _failed(parsed, f"{name} failed: {exc or 'it timed out'}")
+        except ToolFailure as exc:
+            return _failed(parsed, str(exc))
+        except Exception as exc:
+            logger.exception("tool %s failed", name)
+            # Its text stays in the log: it may name hosts, paths or data users must not see.
+            return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__})")
+        return ToolRun(parsed, output, ok=True)
+
+    def _capped(self, output: str) -> str:
+        cap = self._registry.output_max_chars
+        if len(output) <= cap:
+            return output
+        return (
+            f"{output[:cap]}\n[output cut: the tool returned {len(output):,} characters;"
+            f" the first {cap:,} are shown (TOOL_OUTPUT_MAX_CHARS)]"
+        )
+
+
+def _failed(arguments: Any, message: str) -> ToolRun:
+    return ToolRun(arguments, f"error: {message}", ok=False)
