@@ -32,6 +32,13 @@ class Stats:
         self.closed_early = 0
 
 
+def _tool_names(tools: object) -> list[str]:
+    if not isinstance(tools, list):
+        return []
+    functions = [t.get("function") for t in tools if isinstance(t, dict)]
+    return [str(f.get("name")) for f in functions if isinstance(f, dict)]
+
+
 def _error(status: int, message: str) -> JSONResponse:
     kinds = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
     body = {
@@ -80,7 +87,7 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
             return _error(400, "the body must be JSON with a 'messages' list")
         stats.requests += 1
         try:
-            script = plan(messages, delay_s, tools=bool(body.get("tools")))
+            script = plan(messages, delay_s, tools=_tool_names(body.get("tools")))
         except DirectiveError as exc:
             return _error(400, str(exc))
         if script.http_status is not None:

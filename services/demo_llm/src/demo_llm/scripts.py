@@ -14,6 +14,7 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
+| ``[tools]``        | the names of the tools the request offers, one token            |
 | ``[cut]``          | a few tokens, then the stream ends without ``[DONE]`` or a      |
 |                    | finish reason (an incomplete answer)                            |
 | ``[stamp]``        | each token ends with ``@<µs>``: when it was sent (the monotonic  |
@@ -218,7 +219,10 @@ def _number(directive: str, text: str) -> float:
     return value
 
 
-def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = False) -> Script:
+def plan(
+    messages: list[dict[str, Any]], default_delay_s: float, tools: Sequence[str] = ()
+) -> Script:
+    """What to send for these messages, ``tools`` being the names of the tools offered."""
     prompt = last_user_text(messages)
     directives = {name: arg for name, arg in _DIRECTIVE.findall(prompt)}
     numbers = {name: _number(name, arg) for name, arg in directives.items() if arg}
@@ -230,6 +234,8 @@ def plan(messages: list[dict[str, Any]], default_delay_s: float, tools: bool = F
         calls, with_index = plan_tool_calls(prompt)
         if calls:
             return Script([], delay, tool_calls=calls, with_index=with_index)
+    if "[tools]" in prompt:
+        return Script([f"Tools offered: {', '.join(tools) or 'none'}."], delay)
     if "echo" in directives:
         return Script([orjson.dumps(messages).decode()], delay)
     if after_tools:
