@@ -24,6 +24,14 @@ from .harness import Stack, free_port, private_db, wait_for_port, wait_until
 FIXTURES = Path(__file__).with_name("fixtures")
 PROBE = FIXTURES / "mcp_probe_server.py"
 OUTPUT_CAP = 1000
+SUPPORT_TOOLS = [
+    "lookup_ticket",
+    "probe_echo",
+    "probe_pid",
+    "probe_slow",
+    "probe_fail",
+    "probe_grow",
+]
 
 ROLES = """
 default = "assistant"
