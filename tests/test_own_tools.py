@@ -214,7 +214,7 @@ def test_per_role_tools_in_the_listing_and_upstream(tools_stack: Stack) -> None:
 
 @pytest.mark.parametrize("name", ["probe_echo", "local_echo"])
 def test_an_mcp_tool_gets_its_arguments_exactly(tools_stack: Stack, name: str) -> None:
-    arguments = {"text": 'héllo "data:" \n😀', "times": 2}
+    arguments: dict[str, Any] = {"text": 'héllo "data:" \n😀', "times": 2}
     stream = chat(tools_stack, call(name, arguments))
     result = the_call(stream)
     assert result["name"] == name
