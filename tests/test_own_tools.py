@@ -303,3 +303,33 @@ def test_an_mcp_server_killed_and_back(
         assert all(o.startswith("error: ") for o in outputs[:-1]), outputs
     finally:
         probe.kill()
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_stops_its_stdio_servers_promptly(
+    tmp_path: Path, make_stack: Callable[..., Stack]
+) -> None:
+    path = tmp_path / "tools.toml"
+    path.write_text(
+        f"""
+[mcp.files]
+command = "{sys.executable}"
+args = ["{PROBE}", "stdio"]
+
+[mcp.mute]                  # a server that never answers
+command = "sleep"
+args = ["1000"]
+"""
+    )
+    stack = make_stack(TOOLS_FILE=str(path), SHUTDOWN_GRACE_S="1")
+    [worker] = stack.workers
+    assert worker.proc is not None
+    servers = psutil.Process(worker.proc.pid).children(recursive=True)
+    assert len(servers) == 2
+    assert the_call(chat(stack, call("files_echo", {"text": "x"})))["output"] == "x"
+    stopped_at = time.monotonic()
+    assert worker.stop(timeout=20) == 0
+    assert time.monotonic() - stopped_at < 10
+    psutil.wait_procs(servers, timeout=5)
+    assert not [s for s in servers if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
+    assert "MCP server mute" in worker.log()  # the silent one was named in the log

@@ -12,6 +12,7 @@ import pytest
 from shared import events as ev
 from worker.chat_job import relay_agent
 from worker.metrics import WorkerMetrics
+from worker.tools import FunctionTool
 from worker.tools.naming import VALID_NAME, public_name
 from worker.tools.tools_file import load_tools_file
 
@@ -160,3 +161,21 @@ async def test_an_agent_yielding_something_else_fails_and_is_closed() -> None:
         await relay("a", ev.Error("nope"))
     with pytest.raises(TypeError, match="not an event it may send"):
         await relay({"token": "raw dict"})
+
+
+@pytest.mark.asyncio
+async def test_the_answer_is_the_text_after_the_last_tool_round_and_outputs_are_capped() -> None:
+    long_call = ev.ToolResult("c1", "mine", {}, "y" * 50_000)
+    text, _, emitted, _ = await relay("Let me look. ", ev.ToolsCalled([long_call]), "It is 14:00.")
+    assert text == "It is 14:00."
+    [called] = [e for e in emitted if isinstance(e, ev.ToolsCalled)]
+    assert called.calls[0].output.startswith("y" * 20_000 + "\n[output cut: the tool returned")
+
+
+def test_python_tool_names_must_suit_openai() -> None:
+    def søk(query: str) -> str:
+        """Search."""
+        return query
+
+    with pytest.raises(ValueError, match="tool names of 1 to 64"):
+        FunctionTool(søk)

@@ -28,6 +28,7 @@ from .heartbeat import Heartbeat
 from .llm import Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Fenced, Publisher
+from .tools.registry import cap_output
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
             events = agent(asked, opened=opening) if opening is not None else agent(asked)  # type: ignore[call-arg]
-            text, done = await relay_agent(events, publisher, metrics)
+            text, done = await relay_agent(
+                events, publisher, metrics, settings.tool_output_max_chars
+            )
             if settings.log_prompts:
                 prompt = request.get("prompt") or request.get("messages")
                 logger.info("job %s prompt %r answer %r", job_id, prompt, text)
@@ -201,12 +204,19 @@ def messages_for(
 
 
 async def relay_agent(
-    events: AsyncIterator[ev.Event | str], publisher: Publisher, metrics: WorkerMetrics
+    events: AsyncIterator[ev.Event | str],
+    publisher: Publisher,
+    metrics: WorkerMetrics,
+    output_max_chars: int = 20_000,
 ) -> tuple[str, ev.Done]:
-    """Publish what an agent yields, up to its ``Done``; the answer's text and that ``Done``."""
+    """Publish what an agent yields, up to its ``Done``: the final answer's text (what
+    follows its last tool round) and that ``Done``."""
     text: list[str] = []
+    task = asyncio.current_task()
     try:
         async for item in events:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # an agent that swallowed its cancel stops here
             event = ev.Token(item) if isinstance(item, str) else item
             if isinstance(event, ev.Done):
                 return "".join(text), event
@@ -217,9 +227,20 @@ async def relay_agent(
                     continue  # the contract sends no empty tokens
                 text.append(event.text)
                 metrics.tokens.inc()
+            elif isinstance(event, ev.ToolsCalled):
+                text.clear()  # what came before the tools is not the answer
+                event = ev.ToolsCalled([_capped(c, output_max_chars) for c in event.calls])
             publisher.emit(event)
     finally:
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
     return "".join(text), ev.Done()
+
+
+def _capped(call: ev.ToolResult, limit: int) -> ev.ToolResult:
+    """An agent's own tool output, capped as the toolbox caps outputs."""
+    output = cap_output(call.output, limit)
+    if output is call.output:
+        return call
+    return ev.ToolResult(call.call_id, call.name, call.arguments, output)

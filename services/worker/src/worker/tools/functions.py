@@ -14,22 +14,31 @@ Streamgate's. Decisions a reader might want to undo:
   for the model; anything else is a bug.
 - Sync functions run in a thread so the timeout and a cancel hold for the caller; a thread
   cannot be killed, though, so a sync tool must bound its own work (the calculator refuses
-  oversized inputs) rather than rely on the timeout.
+  oversized inputs) rather than rely on the timeout. A team's tools get their own pool,
+  so theirs hanging never starves the built-ins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import typing
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import docstring_parser
 import pydantic
 
 from .base import ToolFailure
+from .naming import VALID_NAME
+
+# Separate pools: a team's sync tools that hang (their threads cannot be killed) use up
+# their own threads, never those of the built-ins.
+_BUILTIN_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="builtin-tool")
+_TEAM_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="python-tool")
 
 
 class FunctionTool:
@@ -39,6 +48,10 @@ class FunctionTool:
         self.func = func
         self.name: str = func.__name__
         self.source = source
+        if not VALID_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"tool {self.name!r}: OpenAI takes tool names of 1 to 64 of A-Z a-z 0-9 _ -"
+            )
         doc = inspect.getdoc(func)
         if not doc:
             raise ValueError(f"tool {self.name!r} needs a docstring: it is the model's guide")
@@ -63,7 +76,9 @@ class FunctionTool:
             if self.is_async:
                 output = await self.func(**kwargs)
             else:
-                output = await asyncio.to_thread(self.func, **kwargs)
+                call = functools.partial(self.func, **kwargs)
+                threads = _BUILTIN_THREADS if self.source == "builtin" else _TEAM_THREADS
+                output = await asyncio.get_running_loop().run_in_executor(threads, call)
         except ValueError as exc:  # the tool refusing its input, in words
             raise ToolFailure(str(exc) or f"{self.name} refused its arguments") from exc
         return output if isinstance(output, str) else str(output)

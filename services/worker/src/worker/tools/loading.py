@@ -32,7 +32,7 @@ def load_registry(settings: Settings) -> ToolRegistry:
         where = "TOOLS" if config.builtins is None else f"TOOLS_FILE: {settings.tools_file}"
         raise ValueError(f"{where}: {exc}") from None
     if config.folder is not None and config.modules and str(config.folder) not in sys.path:
-        sys.path.insert(0, str(config.folder))  # modules beside the file import as they are
+        sys.path.append(str(config.folder))  # modules beside it import, shadowing nothing
     python: list[FunctionTool] = []
     for module in config.modules:
         try:

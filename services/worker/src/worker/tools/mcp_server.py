@@ -9,10 +9,12 @@ so reconnecting restarts it. The tool list is fetched again when the server says
 (``notifications/tools/list_changed`` on handshake-era servers, ``subscriptions/listen`` on
 2026-07-28 ones) and on every PROBE_S re-list, for servers that say nothing.
 
-Calls come from the jobs' tasks. While the server is down, a call asks for a reconnect at
-once and waits up to RECONNECT_WAIT_S for it; then it fails with an ``error: ...`` output
-for the model. A job cancelled mid-call cancels the SDK's request, which tells the server
-(``notifications/cancelled``, or the request's HTTP stream closed on 2026-07-28).
+Calls come from the jobs' tasks. While the server is down, a call brings the next attempt
+forward (unless one began under RECONNECT_EARLY_S ago) and waits up to RECONNECT_WAIT_S;
+then it fails with an ``error: ...`` output for the model. A job cancelled mid-call cancels
+the SDK's request, which tells the server (``notifications/cancelled``, or the request's
+HTTP stream closed on 2026-07-28). A re-list that hangs past CONNECT_TIMEOUT_S counts as
+a broken session, so a server that hangs rather than dies is replaced too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +49,9 @@ RECONNECT_MAX_S = 5.0
 CONNECT_TIMEOUT_S = 10.0  # the handshake and first listing
 PROBE_S = 10.0  # re-list: notices a dead server and a changed list nobody announced
 RECONNECT_WAIT_S = 2.0  # a call to a server that is down waits this long for it to return
-MAX_RESPONSE_BYTES = 32 << 20  # a bigger answer is refused; outputs are capped far below
+RECONNECT_EARLY_S = 1.0  # a call brings the next attempt forward if the last is this old
+MAX_RESPONSE_BYTES = 32 << 20  # an SSE event larger than this is refused (JSON and stdio
+# answers are not bounded by the SDK; outputs are capped after the answer is read)
 _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
 
 
@@ -78,6 +84,8 @@ class McpServer:
         self._broken = False
         self._wake = asyncio.Event()  # broken, or the tool list changed
         self._retry_now = asyncio.Event()
+        self._last_attempt = 0.0
+        self._scope: anyio.CancelScope | None = None  # made in run(): anyio needs the loop
 
     @property
     def connected(self) -> bool:
@@ -87,36 +95,55 @@ class McpServer:
         await self._tried.wait()
 
     async def run(self) -> None:
-        """Connect, watch, reconnect: until cancelled (the worker stopping)."""
+        """Connect, watch, reconnect, until :meth:`stop`. Timeouts and the stop are anyio
+        cancel scopes, not ``task.cancel()``: the SDK shields its teardown (closing a stdio
+        child) from anyio cancellation only, and a native cancel arriving mid-teardown left
+        the child running and this task stuck."""
         delay = RECONNECT_MIN_S
-        while True:
-            was_up = False
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                        client = await stack.enter_async_context(self._new_client())
-                        await self._list(client)
-                    was_up = True
-                    await self._serve(client)
-            except Exception as exc:
-                self.last_error = _reason(exc)
-                level = logging.WARNING if was_up or not self._tried.is_set() else logging.DEBUG
-                logger.log(level, "MCP server %s: %s", self.name, self.last_error)
-            finally:
-                self._client = None
-                self._up.clear()
-                self._tried.set()
-            if was_up:
-                delay = RECONNECT_MIN_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_now.wait(), delay)
-            self._retry_now.clear()
-            delay = min(delay * 2, RECONNECT_MAX_S)
+        self._scope = scope = anyio.CancelScope()
+        with scope:
+            while True:
+                was_up = False
+                self._last_attempt = time.monotonic()
+                try:
+                    # One scope around the whole session (the SDK's own scopes must nest in
+                    # it); its deadline bounds the handshake and first listing only.
+                    deadline = anyio.current_time() + CONNECT_TIMEOUT_S
+                    with anyio.CancelScope(deadline=deadline) as connecting:
+                        async with self._new_client() as client:
+                            await self._list(client)
+                            connecting.deadline = math.inf
+                            was_up = True
+                            await self._serve(client)
+                    if connecting.cancelled_caught:
+                        raise TimeoutError
+                except Exception as exc:
+                    if scope.cancel_called:
+                        return
+                    self.last_error = _reason(exc)
+                    level = logging.WARNING if was_up or not self._tried.is_set() else logging.DEBUG
+                    logger.log(level, "MCP server %s: %s", self.name, self.last_error)
+                finally:
+                    self._client = None
+                    self._up.clear()
+                    self._tried.set()
+                if was_up:
+                    delay = RECONNECT_MIN_S
+                with anyio.move_on_after(delay):
+                    await self._retry_now.wait()
+                self._retry_now.clear()
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def stop(self) -> None:
+        """End the session (a stdio server is stopped) and the task running :meth:`run`."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
         client = self._client
         if client is None:
-            self._retry_now.set()
+            if time.monotonic() - self._last_attempt >= RECONNECT_EARLY_S:
+                self._retry_now.set()  # a server that crashes at start is not hammered
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._up.wait(), RECONNECT_WAIT_S)
             client = self._client
@@ -129,7 +156,7 @@ class McpServer:
             result = await client.call_tool(tool, arguments)
         except MCPError as exc:
             if exc.code == mcp_types.CONNECTION_CLOSED:
-                self._lost(exc.message)
+                self._lost(client, exc.message)
                 raise ToolFailure(
                     f"the MCP server {self.name!r} went away during the call"
                 ) from exc
@@ -137,7 +164,7 @@ class McpServer:
                 f"the MCP server {self.name!r} refused the call: {exc.message}"
             ) from exc
         except (OSError, httpx2.HTTPError, *_CLOSED) as exc:
-            self._lost(_reason(exc))
+            self._lost(client, _reason(exc))
             raise ToolFailure(
                 f"the MCP server {self.name!r} went away during the call ({_reason(exc)})"
             ) from exc
@@ -146,7 +173,12 @@ class McpServer:
             raise ToolFailure(text or f"{tool} on MCP server {self.name!r} failed")
         return text
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, client: Client, reason: str) -> None:
+        """The session of ``client`` broke: no call goes to it any more; reconnect."""
+        if client is not self._client:
+            return  # an earlier session's news
+        self._client = None
+        self._up.clear()
         self.last_error = reason
         self._broken = True
         self._wake.set()
@@ -180,6 +212,7 @@ class McpServer:
         self._broken = False
         self._client = client
         self._up.set()
+        self._tried.set()
         self.last_error = ""
         logger.info(
             "MCP server %s connected (%s, protocol %s): %d tools",
@@ -195,12 +228,13 @@ class McpServer:
             listening = asyncio.create_task(self._listen(client))
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), PROBE_S)
+                with anyio.move_on_after(PROBE_S):
+                    await self._wake.wait()
                 self._wake.clear()
                 if self._broken:
                     raise ConnectionError(self.last_error or "the connection broke")
-                await self._list(client)
+                with anyio.fail_after(CONNECT_TIMEOUT_S):  # a hung server is a broken one
+                    await self._list(client)
         finally:
             if listening is not None:
                 listening.cancel()
@@ -213,7 +247,7 @@ class McpServer:
                 async for _ in subscription:
                     self._wake.set()
         except (SubscriptionLost, MCPError, OSError, httpx2.HTTPError) as exc:
-            self._lost(f"its change notifications stopped ({_reason(exc)})")
+            self._lost(client, f"its change notifications stopped ({_reason(exc)})")
 
     async def _list(self, client: Client) -> None:
         listed: list[mcp_types.Tool] = []

@@ -26,6 +26,8 @@ from .tools_file import McpServerConfig
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 5.0  # for every MCP session to end, stdio servers stopped
+
 
 class ToolRegistry:
     def __init__(
@@ -97,9 +99,14 @@ class ToolRegistry:
                 pass
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop every MCP session (and stdio server); bounded, so a shutdown never hangs."""
+        for server in self.servers:
+            await server.stop()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
+            for task in stuck:
+                logger.warning("MCP session %s did not stop in time", task.get_name())
+                task.cancel()
         self._tasks.clear()
 
     async def run(self, name: str, arguments: str) -> ToolRun:
@@ -125,7 +132,9 @@ class Toolbox:
         run = await self._run(name, arguments)
         if self._registry.on_run is not None:
             self._registry.on_run(name if name in self._tools else "(unknown)", run.ok)
-        return ToolRun(run.arguments, self._capped(run.output), run.ok)
+        return ToolRun(
+            run.arguments, cap_output(run.output, self._registry.output_max_chars), run.ok
+        )
 
     async def _run(self, name: str, arguments: str) -> ToolRun:
         try:
@@ -158,14 +167,21 @@ class Toolbox:
             return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__})")
         return ToolRun(parsed, output, ok=True)
 
-    def _capped(self, output: str) -> str:
-        cap = self._registry.output_max_chars
-        if len(output) <= cap:
-            return output
-        return (
-            f"{output[:cap]}\n[output cut: the tool returned {len(output):,} characters;"
-            f" the first {cap:,} are shown (TOOL_OUTPUT_MAX_CHARS)]"
-        )
+
+CUT_NOTE_MAX = 160  # characters the cut's note adds, at most
+
+
+def cap_output(output: str, limit: int) -> str:
+    """``output`` cut to ``limit`` characters, the cut said at its end (an output already
+    cut is at most ``limit + CUT_NOTE_MAX`` long, and is left as it is)."""
+    if len(output) <= limit or (
+        len(output) <= limit + CUT_NOTE_MAX and output.endswith("(TOOL_OUTPUT_MAX_CHARS)]")
+    ):
+        return output
+    return (
+        f"{output[:limit]}\n[output cut: the tool returned {len(output):,} characters;"
+        f" the first {limit:,} are shown (TOOL_OUTPUT_MAX_CHARS)]"
+    )
 
 
 def _failed(arguments: Any, message: str) -> ToolRun:
