@@ -56,6 +56,12 @@ def tool_catalog_key(worker: str) -> str:
     return f"sg:tools:{worker}"
 
 
+def aisdk_chat_key(identity: str, chat_id: str) -> str:
+    """An AI SDK chat's active answer (a job id), per API key digest; lives as long as the
+    job's events can (QUEUE_TIMEOUT_S + JOB_TIMEOUT_S + STREAM_RETENTION_S)."""
+    return f"sg:aisdk:{{{identity}:{chat_id}}}:active"
+
+
 def session_key(session: str) -> str:
     """A session's turns (JSON list entries); capped in length, expires SESSION_RETENTION_S
     after its last turn."""

@@ -23,7 +23,7 @@ from shared.roles import load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
 
-from . import chat, health, openai_chat, openai_responses
+from . import aisdk_chat, chat, health, openai_chat, openai_responses
 from .access import Access
 from .cors import JsonCORSMiddleware
 from .errors import (
@@ -108,6 +108,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{rest:path}", chat.not_a_job, methods=EVERY_METHOD, name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/tools", chat.list_tools, methods=["GET"]),
+        Route("/aisdk/chat", aisdk_chat.chat, methods=["POST"]),
+        Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.resume, methods=["GET"]),
+        Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.cancel, methods=["DELETE"]),
         Route("/v1/models", openai_chat.list_models, methods=["GET"]),
         Route("/v1/chat/completions", openai_chat.chat_completions, methods=["POST"]),
         Route("/v1/responses", openai_responses.create_response, methods=["POST"]),

@@ -192,13 +192,16 @@ def _stream(
 
 
 def event_stream(
-    state: State, frames: AsyncIterator[bytes], release: Callable[[], None]
+    state: State,
+    frames: AsyncIterator[bytes],
+    release: Callable[[], None],
+    headers: dict[str, str] | None = None,
 ) -> EventStream:
     """The SSE response of every stream, in any dialect: the stream slot ``release`` gives
     back after the last byte."""
     return EventStream(
         frames,
-        headers=SSE_HEADERS,
+        headers={**SSE_HEADERS, **(headers or {})},
         send_timeout_s=state.settings.send_timeout_s,
         release=release,
         shutdown_event=state.relay.shutting_down,

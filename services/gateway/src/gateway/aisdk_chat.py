@@ -1,0 +1,96 @@
+"""The AI SDK's chat endpoints, for ``useChat`` with ``DefaultChatTransport``:
+
+- ``POST /aisdk/chat``: start the chat's next answer (a job like any other, of the
+  ``GET /chat`` kind: a client that leaves, as ``stop()`` does, has it cancelled after
+  ``DISCONNECT_GRACE_S``) and stream it as the UI message stream;
+- ``GET /aisdk/chat/<chat id>/stream``: the chat's active answer, replayed from its start
+  (what ``resume: true`` asks for on mount), on any gateway; 204 when none is active;
+- ``DELETE /aisdk/chat/<chat id>/stream``: cancel the active answer at once.
+
+Which job is a chat's active answer lives in Redis (``keys.aisdk_chat_key``), per API key,
+so any gateway resumes it and one key's chat ids never reach another's answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import events as ev
+from shared import keys
+
+from .aisdk_inputs import chat_id_of, chat_turn
+from .chat import event_stream
+from .inputs import json_body, max_request_bytes
+from .job_events import relayed
+from .jobs import enqueue_request
+from .reader import PING
+from .state import State
+from .ui_message_stream import HEADERS, UIMessageParts
+
+
+async def chat(request: Request) -> Response:
+    state: State = request.app.state.sg
+    settings = state.settings
+    identity = state.access.identify(request)
+    # UI messages wrap the text in ids and parts: room for that beside the text's bytes.
+    body = await json_body(request, limit=2 * max_request_bytes(settings.max_prompt_chars))
+    turn = chat_turn(body, state.roles, settings.max_prompt_chars)
+    release = state.access.take_stream_slot(request, identity)
+    try:
+        async with state.access.count_chat(request, identity):
+            job_id = await enqueue_request(state, turn.job_request(), "get", identity)
+        lifetime = int(settings.queue_timeout_s + settings.job_timeout_s)
+        key = keys.aisdk_chat_key(identity, turn.chat_id)
+        await state.arq.set(key, job_id, ex=lifetime + settings.stream_retention_s)
+    except BaseException:
+        release()
+        raise
+    return _ui_stream(state, job_id, release, new_chat=True)
+
+
+async def resume(request: Request) -> Response:
+    state: State = request.app.state.sg
+    identity = state.access.identify(request)
+    job_id = await _active(state, identity, chat_id_of(request.path_params["chat_id"]))
+    if job_id is None:
+        return Response(status_code=204)  # nothing to resume: useChat carries on
+    release = state.access.take_stream_slot(request, identity)
+    return _ui_stream(state, job_id, release)
+
+
+async def cancel(request: Request) -> Response:
+    state: State = request.app.state.sg
+    identity = state.access.identify(request)
+    job_id = await _active(state, identity, chat_id_of(request.path_params["chat_id"]))
+    if job_id is not None and await state.log.end(job_id, ev.CANCELLED):
+        state.metrics.jobs.labels("cancelled").inc()
+    return Response(status_code=204)
+
+
+async def _active(state: State, identity: str, chat_id: str) -> str | None:
+    """The chat's answer still running (or queued), if any."""
+    found: bytes | None = await state.arq.get(keys.aisdk_chat_key(identity, chat_id))
+    if found is None:
+        return None
+    job_id = found.decode()
+    if await state.log.key_of(job_id) != identity or await state.log.is_over(job_id):
+        return None
+    return job_id
+
+
+def _ui_stream(
+    state: State, job_id: str, release: Callable[[], None], new_chat: bool = False
+) -> Response:
+    parts = UIMessageParts(job_id)
+
+    async def frames() -> AsyncIterator[bytes]:
+        async for entry in relayed(state, job_id, new_chat):
+            if entry is None:
+                yield PING
+            elif out := parts.encode(entry[1]):
+                yield b"".join(out)
+
+    return event_stream(state, frames(), release, headers=HEADERS)

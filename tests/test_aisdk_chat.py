@@ -1,0 +1,133 @@
+"""The AI SDK endpoint in a running stack, read with the strict SSE reader: its parts and
+headers, resume, cancel, and bad bodies refused before anything is enqueued."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .harness import Stack, private_db, wait_until
+
+
+@pytest.fixture(scope="module")
+def ai_stack(redis_url: str, logdir: Path) -> Iterator[Stack]:
+    stack = Stack(private_db(redis_url), logdir, {"API_KEYS": "key-a,key-b"}).start()
+    yield stack
+    stack.stop()
+
+
+def body(chat_id: str, *texts: str, **extra: Any) -> dict[str, Any]:
+    messages = [
+        {"id": f"m{i}", "role": "user" if i % 2 == 0 else "assistant",
+         "parts": [{"type": "text", "text": text}]}
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    return {"id": chat_id, "messages": messages, "trigger": "submit-message", **extra}
+
+
+def parts(response: httpx.Response) -> list[dict[str, Any]]:
+    """The stream's parts, checking its framing strictly: ``data:`` lines only, [DONE] last."""
+    blocks = [b for b in response.text.split("\n\n") if b and not b.startswith(":")]
+    assert blocks[-1] == "data: [DONE]"
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks)
+    return [json.loads(b[6:]) for b in blocks[:-1]]
+
+
+def auth(key: str = "key-a") -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_answer_as_ui_message_parts(ai_stack: Stack) -> None:
+    url = ai_stack.gateway.url
+    response = httpx.post(url + "/aisdk/chat", json=body("c1", "hello"), headers=auth(), timeout=30)
+    assert response.status_code == 200
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    assert response.headers["content-type"].startswith("text/event-stream")
+    got = parts(response)
+    types = [p["type"] for p in got]
+    assert types[:3] == ["start", "start-step", "text-start"]
+    assert types[-3:] == ["text-end", "finish-step", "finish"]
+    assert set(types[3:-3]) == {"text-delta"}
+    text = "".join(p["delta"] for p in got if p["type"] == "text-delta")
+    assert 'You said: "hello"' in text
+    ids = {p["id"] for p in got if p["type"].startswith("text-")}
+    assert len(ids) == 1
+    assert got[-1] == {"type": "finish", "finishReason": "stop"}
+
+
+def test_the_whole_conversation_reaches_the_model(ai_stack: Stack) -> None:
+    response = httpx.post(
+        ai_stack.gateway.url + "/aisdk/chat",
+        json=body("c2", "first", "an answer", "[echo]"),
+        headers=auth(),
+        timeout=30,
+    )
+    text = "".join(p["delta"] for p in parts(response) if p["type"] == "text-delta")
+    sent = json.loads(text)
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in sent[1:]] == ["first", "an answer", "[echo]"]
+
+
+def test_an_error_is_an_error_part(ai_stack: Stack) -> None:
+    response = httpx.post(
+        ai_stack.gateway.url + "/aisdk/chat", json=body("c3", "[http 500]"), headers=auth(),
+        timeout=30,
+    )  # fmt: skip
+    got = parts(response)
+    assert got[-1]["type"] == "error" and "HTTP 500" in got[-1]["errorText"]
+
+
+def test_resume_cancel_and_204(ai_stack: Stack) -> None:
+    url = ai_stack.gateway.url
+    with httpx.Client(timeout=30, headers=auth()) as client:
+        assert client.get(url + "/aisdk/chat/c4/stream").status_code == 204  # never started
+        with client.stream(
+            "POST", url + "/aisdk/chat", json=body("c4", "[long 1000] [delay 0.05]")
+        ) as started:
+            next(started.iter_raw())
+        # Another key's chat of that id is nothing of this one's.
+        assert client.get(url + "/aisdk/chat/c4/stream", headers=auth("key-b")).status_code == 204
+        asked_at = time.monotonic()
+        with client.stream("GET", url + "/aisdk/chat/c4/stream") as live:
+            assert live.status_code == 200
+            assert client.delete(url + "/aisdk/chat/c4/stream").status_code == 204
+            replay = "".join(chunk for chunk in live.iter_text())
+        assert time.monotonic() - asked_at < 10
+        assert '"type":"error","errorText":"cancelled"' in replay
+        assert replay.endswith("data: [DONE]\n\n")
+        wait_until(lambda: ai_stack.llm_stats()["open_streams"] == 0, 5, "the upstream to close")
+        assert client.get(url + "/aisdk/chat/c4/stream").status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("sent", "says"),
+    [
+        ({"messages": []}, "id:"),
+        (body("../x", "hi"), "id:"),
+        (body("c", "hi", trigger="retry"), "trigger:"),
+        ({"id": "c", "messages": []}, "messages:"),
+        ({"id": "c", "messages": [{"role": "user", "parts": [{"type": "file"}]}]}, "only text"),
+        (body("c", "hi", "there"), "the last message must be the user's"),
+        (body("c", "hi", role="nobody"), "unknown role"),
+        (body("c", "x" * 40_000), "MAX_PROMPT_CHARS"),
+    ],
+)
+def test_bad_bodies_are_refused_and_enqueue_nothing(
+    ai_stack: Stack, sent: dict[str, Any], says: str
+) -> None:
+    response = httpx.post(ai_stack.gateway.url + "/aisdk/chat", json=sent, headers=auth())
+    assert response.status_code in (400, 413), response.text
+    assert says in response.json()["error"]
+
+
+def test_keys_are_needed(ai_stack: Stack) -> None:
+    url = ai_stack.gateway.url
+    assert httpx.post(url + "/aisdk/chat", json=body("c5", "hi")).status_code == 401
+    assert httpx.get(url + "/aisdk/chat/c5/stream").status_code == 401
+    assert httpx.delete(url + "/aisdk/chat/c5/stream").status_code == 401
