@@ -7,6 +7,8 @@ Events the demo model cannot produce yet (tool calls) go through ``window.stream
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import (
     Browser,
@@ -171,18 +174,70 @@ def test_streams_the_answer_and_closes(page: Page) -> None:
     expect(page.locator(".msg.user").last).to_have_text("hello [delay 0.03]")
 
 
-def test_tokens_are_text_never_html(page: Page) -> None:
+def raw(answer: Locator) -> str:
+    """Every token the answer got, as sent (the page renders them as Markdown)."""
+    text: str = answer.evaluate("e => e.streamgateRaw")
+    return text
+
+
+def test_a_prompt_is_text_and_an_answer_keeps_every_token(page: Page) -> None:
     send(page, "<b>bold</b> <img src=x onerror=alert(1)>")
-    last = wait_state(page, "done")
-    assert last.locator("b, img").count() == 0
-    assert page.locator(".log b, .log img").count() == 0
-    assert "<b>bold</b> <img src=x onerror=alert(1)>" in (last.text_content() or "")
+    wait_state(page, "done")
+    user = page.locator(".msg.user").last
+    assert user.locator("b, img").count() == 0
+    assert user.text_content() == "<b>bold</b> <img src=x onerror=alert(1)>"
 
     send(page, "[hard]")
     last = wait_state(page, "done")
-    assert last.locator(".answer").text_content() == HARD_TEXT
-    style = last.locator(".answer").evaluate("e => getComputedStyle(e).whiteSpace")
-    assert style == "pre-wrap", "newlines in tokens must show"
+    assert raw(last) == HARD_TEXT
+
+
+def test_markdown_renders_as_it_streams(page: Page) -> None:
+    send(page, "[markdown] [delay 0.02]")
+    last = wait_state(page, "done")
+    body = last.locator(".answer")
+    expect(body.locator("h1")).to_have_text("A heading")
+    expect(body.locator("ul > li")).to_have_text(["one", "two", "three"])
+    expect(body.locator("pre code")).to_have_text("print('hello')\n")
+    expect(body.locator("pre button.copy-code")).to_have_text("Copy")
+    expect(body.locator("table tr")).to_have_count(3)
+    expect(body.locator("table td").first).to_have_text("a")
+    link = body.locator("a")
+    expect(link).to_have_attribute("href", "https://example.com/")
+    expect(link).to_have_attribute("target", "_blank")
+    assert "noopener" in (link.get_attribute("rel") or "")
+
+
+def test_html_in_an_answer_never_runs(page: Page) -> None:
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    send(page, "[html]")
+    last = wait_state(page, "done")
+    assert "a link" in (last.text_content() or "")
+    assert last.locator("a[href^='javascript']").count() == 0
+    send(page, "<img src=x onerror=alert(1)> <script>alert(2)</script>")  # echoed back
+    wait_state(page, "done")
+    page.wait_for_timeout(300)  # an image's error event would have fired by now
+    assert page.evaluate("window.__pwned") is None
+    assert dialogs == []
+    assert page.locator(".log script, .log [onerror], .log [onclick]").count() == 0
+
+
+def test_the_page_has_a_content_security_policy(stack: Stack) -> None:
+    response = httpx.get(stack.gateway.url + "/")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy
+    assert "<script>" not in response.text  # no inline script: every script is a file
+
+
+def test_the_vendored_libraries_are_the_stated_builds() -> None:
+    vendor = ROOT / "services" / "gateway" / "src" / "gateway" / "static" / "vendor"
+    stated = (vendor / "README.md").read_text()
+    for name in ("marked.umd.js", "purify.min.js"):
+        digest = hashlib.sha256((vendor / name).read_bytes()).hexdigest()
+        assert f"`{digest}`" in stated, f"{name} is not the build README.md names"
+    assert (vendor / "marked.umd.js").read_text().startswith("/**\n * marked v18.2.1")
+    assert "DOMPurify 3.4.18" in (vendor / "purify.min.js").read_text()[:200]
 
 
 def test_an_upstream_error_is_shown_in_words(page: Page) -> None:
@@ -265,7 +320,7 @@ def test_reconnects_and_resumes_the_same_job(
 
     wait_state(page, "done", timeout=15_000)
     expected = "".join(f"t{i} " for i in range(60))
-    assert last.locator(".answer").text_content() == expected, "nothing lost or repeated"
+    assert raw(last) == expected, "nothing lost or repeated"
     assert stack.llm_stats()["requests"] == before + 1, "one job, resumed, not a second one"
     assert len(requests) >= 2
     assert all(r.url == requests[0].url for r in requests), "the browser resumes the same URL"
@@ -317,9 +372,9 @@ def test_tool_calls_render_as_chips(page: Page) -> None:
     last = wait_state(page, "done")
     assert last.locator("img").count() == 0
     assert last.locator(".answer > *").evaluate_all("els => els.map(e => e.className)") == [
-        "text",
+        "text markdown",
         "tool-chip called",
-        "text",
+        "text markdown",
     ]
 
 
@@ -447,3 +502,30 @@ def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
     send(page, "again")
     last = wait_state(page, "error")
     expect(last.locator(".notice.error")).to_contain_text("still running")
+
+
+@pytest.mark.slow
+def test_a_2000_token_answer_at_100_a_second_keeps_the_page_responsive(page: Page) -> None:
+    """The worst case for the renderer: one paragraph with no blank line, so each frame
+    parses the whole text again. Frames are timed with requestAnimationFrame and long tasks
+    observed; the figures go to docs/benchmarks.md."""
+    page.evaluate("""() => {
+        window.__frames = []; window.__long = [];
+        new PerformanceObserver((list) => {
+            for (const entry of list.getEntries()) window.__long.push(entry.duration);
+        }).observe({ type: "longtask", buffered: false });
+        const tick = (now) => { window.__frames.push(now); requestAnimationFrame(tick); };
+        requestAnimationFrame(tick);
+    }""")
+    send(page, "[long 2000] [delay 0.01]")
+    last = wait_state(page, "done", timeout=60_000)
+    assert raw(last) == "".join(f"t{i} " for i in range(2000))
+    frames: list[float] = page.evaluate("window.__frames")
+    long_tasks: list[float] = page.evaluate("window.__long")
+    gaps = sorted(b - a for a, b in itertools.pairwise(frames))
+    p99, worst = gaps[int(len(gaps) * 0.99)], gaps[-1]
+    print(
+        f"\nrender: {len(frames)} frames, gap p99 {p99:.0f} ms, max {worst:.0f} ms;"
+        f" {len(long_tasks)} long tasks, max {max(long_tasks, default=0):.0f} ms"
+    )
+    assert worst < 250, "a frame took a quarter of a second: the page stalled"

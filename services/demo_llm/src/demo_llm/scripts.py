@@ -15,6 +15,9 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
 | ``[tools]``        | the names of the tools the request offers, one token            |
+| ``[markdown]``     | an answer in Markdown: headings, a list, a code block, a table  |
+| ``[html]``         | an answer holding raw HTML that would run script if rendered as |
+|                    | HTML unsanitized (``<img onerror>``, ``<script>``)               |
 | ``[cut]``          | a few tokens, then the stream ends without ``[DONE]`` or a      |
 |                    | finish reason (an incomplete answer)                            |
 | ``[stamp]``        | each token ends with ``@<µs>``: when it was sent (the monotonic  |
@@ -42,6 +45,18 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 import orjson
+
+MARKDOWN_ANSWER = (
+    "# A heading\n\nSome **bold** text and a [link](https://example.com/).\n\n"
+    "- one\n- two\n- three\n\n"
+    "```python\nprint('hello')\n```\n\n"
+    "| name | value |\n|---|---|\n| a | 1 |\n| b | 2 |\n"
+)
+HTML_ANSWER = (
+    'Look: <img src=x onerror="window.__pwned = 1"> and '
+    "<script>window.__pwned = 2</script> and "
+    '<a href="javascript:window.__pwned = 3">a link</a>.'
+)
 
 HARD_TOKENS = [
     "Hard cases:",
@@ -234,6 +249,9 @@ def plan(
         calls, with_index = plan_tool_calls(prompt)
         if calls:
             return Script([], delay, tool_calls=calls, with_index=with_index)
+    if "[markdown]" in prompt or "[html]" in prompt:
+        answer = MARKDOWN_ANSWER if "[markdown]" in prompt else HTML_ANSWER
+        return Script(re.findall(r"\S+\s*|\s+", answer), delay)
     if "[tools]" in prompt:
         return Script([f"Tools offered: {', '.join(tools) or 'none'}."], delay)
     if "echo" in directives:

@@ -61,8 +61,18 @@ STATIC = Path(__file__).parent / "static"
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+# The page runs its own scripts only (no inline script, no CDN): a model's answer that
+# slipped an HTML payload past the sanitizer still could not run it.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
 async def _index(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP}
+    return FileResponse(STATIC / "index.html", headers=headers)
 
 
 def create_app(settings: Settings) -> Starlette:

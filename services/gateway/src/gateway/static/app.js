@@ -6,7 +6,7 @@
 // - EventSource cannot show a failed response's status or send headers. The API key goes
 //   in the query (access_token=), and when a stream fails before its final event a HEAD
 //   request to the same URL (which never enqueues a job) tells us why.
-// - Tokens are never HTML: they go into Text nodes only, and CSS keeps their newlines.
+// - Answers are Markdown (markdown.js): rendered as they stream, sanitized, no script runs.
 // - handleEvent is exposed as window.streamgate.handleEvent so tests can render events
 //   (tool chips, say) that the demo model does not produce.
 "use strict";
@@ -179,7 +179,8 @@
       el: el("article", "msg assistant"),
       body: el("div", "answer"),
       notice: null,
-      text: null, // the Text node tokens are appended to
+      text: null, // the MarkdownBlock tokens are appended to (markdown.js)
+      raw: "", // every token of the answer, as sent
       chips: new Map(),
       source: null,
       url: "",
@@ -218,12 +219,13 @@
     appendKeepingScroll(() => {
       dropTyping(t);
       if (!t.text) {
-        const span = el("span", "text");
-        t.text = document.createTextNode("");
-        span.append(t.text);
-        t.body.append(span);
+        const block = el("div", "text markdown");
+        t.text = new window.streamgateMarkdown.MarkdownBlock(block);
+        t.body.append(block);
       }
-      t.text.appendData(token);
+      t.raw += token;
+      t.el.streamgateRaw = t.raw; // what was sent, for tests and debugging
+      t.text.append(token);
     });
   }
 
@@ -245,6 +247,7 @@
         dropTyping(t);
         t.body.append(node);
       });
+      if (t.text) t.text.finish();
       t.text = null; // later tokens start after the chip
     }
     return chip;
@@ -296,9 +299,10 @@
     clearTimeout(t.giveUpTimer);
     t.el.classList.remove("reconnecting");
     dropTyping(t);
+    if (t.text) appendKeepingScroll(() => t.text.finish());
     if (kind === "done") {
       t.el.dataset.state = "done";
-      if (!t.text && t.chips.size === 0) showNotice(t, "muted", "(The model sent an empty answer.)");
+      if (!t.raw && t.chips.size === 0) showNotice(t, "muted", "(The model sent an empty answer.)");
       setStatus("");
     } else if (message === "cancelled") {
       t.el.dataset.state = "stopped";
