@@ -131,3 +131,37 @@ def test_keys_are_needed(ai_stack: Stack) -> None:
     assert httpx.post(url + "/aisdk/chat", json=body("c5", "hi")).status_code == 401
     assert httpx.get(url + "/aisdk/chat/c5/stream").status_code == 401
     assert httpx.delete(url + "/aisdk/chat/c5/stream").status_code == 401
+
+
+def test_a_new_message_ends_the_chats_answer_still_running(ai_stack: Stack) -> None:
+    url = ai_stack.gateway.url
+    with httpx.Client(timeout=30, headers=auth()) as client:
+        with client.stream(
+            "POST", url + "/aisdk/chat", json=body("c6", "[long 1000] [delay 0.05]")
+        ) as old:
+            first = json.loads(next(old.iter_lines())[6:])
+        old_job = first["messageId"]
+        new = client.post(url + "/aisdk/chat", json=body("c6", "hello again"))
+        assert parts(new)[-1]["type"] == "finish"
+        events = client.get(f"{url}/chat/{old_job}/events").text
+        assert '{"error":"cancelled"}' in events
+
+
+def test_an_error_settles_the_tool_calls_it_interrupted() -> None:
+    from gateway.ui_message_stream import UIMessageParts
+
+    encoder = UIMessageParts("job")
+    out = [
+        *encoder.encode({"lifecycle": "queued", "job_id": "job", "position": 0}),
+        *encoder.encode({"tool_call": {"id": "call_0", "name": "slow"}}),
+        *encoder.encode({"error": "cancelled"}),
+    ]
+    sent = [json.loads(line[6:]) for line in out if line != b"data: [DONE]\n\n"]
+    assert [p["type"] for p in sent] == [
+        "start", "start-step", "tool-input-start", "tool-output-error", "finish-step", "error"
+    ]  # fmt: skip
+    assert sent[3] == {
+        "type": "tool-output-error", "toolCallId": "call_0", "errorText": "cancelled",
+        "dynamic": True,
+    }  # fmt: skip
+    assert out[-1] == b"data: [DONE]\n\n"

@@ -208,26 +208,55 @@ def test_markdown_renders_as_it_streams(page: Page) -> None:
     assert "noopener" in (link.get_attribute("rel") or "")
 
 
-def test_html_in_an_answer_never_runs(page: Page) -> None:
+def test_html_in_an_answer_is_shown_as_text_and_never_runs(page: Page) -> None:
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     send(page, "[html]")
     last = wait_state(page, "done")
-    assert "a link" in (last.text_content() or "")
-    assert last.locator("a[href^='javascript']").count() == 0
-    send(page, "<img src=x onerror=alert(1)> <script>alert(2)</script>")  # echoed back
-    wait_state(page, "done")
+    shown = last.locator(".answer").inner_text()
+    assert '<img src=x onerror="window.__pwned = 1">' in shown
+    assert "<script>window.__pwned = 2</script>" in shown
+    assert last.locator(".answer img, .answer script, .answer a").count() == 0
+    send(page, "Wrap it in a <div> and load it with a <script> tag.")
+    last = wait_state(page, "done")
+    assert "<div> and load it with a <script> tag." in last.locator(".answer").inner_text()
     page.wait_for_timeout(300)  # an image's error event would have fired by now
     assert page.evaluate("window.__pwned") is None
     assert dialogs == []
     assert page.locator(".log script, .log [onerror], .log [onclick]").count() == 0
 
 
-def test_the_page_has_a_content_security_policy(stack: Stack) -> None:
-    response = httpx.get(stack.gateway.url + "/")
+@pytest.mark.parametrize("path", ["/", "/static/index.html"])
+def test_the_page_has_a_content_security_policy(stack: Stack, path: str) -> None:
+    response = httpx.get(stack.gateway.url + path)
     policy = response.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy
+    assert "img-src data:" in policy and "media-src 'none'" in policy
     assert "<script>" not in response.text  # no inline script: every script is a file
+
+
+@pytest.mark.parametrize(
+    ("text", "cut"),
+    [
+        ("one\n\ntwo\n", "one\n\n"),
+        ("one\n\ntw", ""),  # the line after the blank one is not complete yet
+        ("```\na\n\nb\n```\n\nc\n", "```\na\n\nb\n```\n\n"),
+        ("````md\n```python\nx\n```\n\n# not a heading\n", ""),  # still inside ````
+        ("- item\n\n    indented code\n", ""),  # an indented line may continue the item
+        ("~~~\na\n```\n\nb\n", ""),  # ``` does not close ~~~
+    ],
+)
+def test_the_renderer_keeps_only_what_cannot_change(page: Page, text: str, cut: str) -> None:
+    end = page.evaluate("t => window.streamgateMarkdown.stableEnd(t)", text)
+    assert text[:end] == cut
+
+
+def test_the_log_follows_a_fast_answer(page: Page) -> None:
+    send(page, "[long 600] [delay 0.002]")
+    wait_state(page, "done", timeout=30_000)
+    gap = page.evaluate("() => { const l = document.getElementById('log');"
+                        " return l.scrollHeight - l.scrollTop - l.clientHeight; }")  # fmt: skip
+    assert gap < 48
 
 
 def test_the_vendored_libraries_are_the_stated_builds() -> None:
@@ -321,6 +350,7 @@ def test_reconnects_and_resumes_the_same_job(
     wait_state(page, "done", timeout=15_000)
     expected = "".join(f"t{i} " for i in range(60))
     assert raw(last) == expected, "nothing lost or repeated"
+    expect(last.locator(".answer")).to_have_text(expected.strip())  # and all of it shown
     assert stack.llm_stats()["requests"] == before + 1, "one job, resumed, not a second one"
     assert len(requests) >= 2
     assert all(r.url == requests[0].url for r in requests), "the browser resumes the same URL"

@@ -28,7 +28,9 @@ export function App() {
 
   async function stopNow() {
     stop(); // closes the stream; the gateway would cancel after its grace
-    await fetch(`${API}/${encodeURIComponent(id)}/stream`, { method: "DELETE" }); // at once
+    // At once, and exactly this answer: its message id is its Streamgate job id.
+    const answer = messages.findLast((message) => message.role === "assistant");
+    if (answer) await fetch(`/chat/${answer.id}`, { method: "DELETE" });
   }
 
   function submit(event) {

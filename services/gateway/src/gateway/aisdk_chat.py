@@ -2,7 +2,8 @@
 
 - ``POST /aisdk/chat``: start the chat's next answer (a job like any other, of the
   ``GET /chat`` kind: a client that leaves, as ``stop()`` does, has it cancelled after
-  ``DISCONNECT_GRACE_S``) and stream it as the UI message stream;
+  ``DISCONNECT_GRACE_S``; a chat's earlier answer still running is cancelled) and stream
+  it as the UI message stream;
 - ``GET /aisdk/chat/<chat id>/stream``: the chat's active answer, replayed from its start
   (what ``resume: true`` asks for on mount), on any gateway; 204 when none is active;
 - ``DELETE /aisdk/chat/<chat id>/stream``: cancel the active answer at once.
@@ -30,13 +31,17 @@ from .reader import PING
 from .state import State
 from .ui_message_stream import HEADERS, UIMessageParts
 
+MAX_BODY_BYTES = 8 << 20
+
 
 async def chat(request: Request) -> Response:
     state: State = request.app.state.sg
     settings = state.settings
     identity = state.access.identify(request)
-    # UI messages wrap the text in ids and parts: room for that beside the text's bytes.
-    body = await json_body(request, limit=2 * max_request_bytes(settings.max_prompt_chars))
+    # useChat sends the whole conversation, earlier tool parts (inputs, outputs) included,
+    # which are dropped here: room for them beside the text's bytes.
+    limit = max(2 * max_request_bytes(settings.max_prompt_chars), MAX_BODY_BYTES)
+    body = await json_body(request, limit=limit)
     turn = chat_turn(body, state.roles, settings.max_prompt_chars)
     release = state.access.take_stream_slot(request, identity)
     try:
@@ -44,7 +49,13 @@ async def chat(request: Request) -> Response:
             job_id = await enqueue_request(state, turn.job_request(), "get", identity)
         lifetime = int(settings.queue_timeout_s + settings.job_timeout_s)
         key = keys.aisdk_chat_key(identity, turn.chat_id)
-        await state.arq.set(key, job_id, ex=lifetime + settings.stream_retention_s)
+        before: bytes | None = await state.arq.set(
+            key, job_id, ex=lifetime + settings.stream_retention_s, get=True
+        )
+        # One answer per chat: a new message ends the one before (useChat stopped reading
+        # it, and neither resume nor DELETE could reach it any more).
+        if before is not None and await state.log.end(before.decode(), ev.CANCELLED):
+            state.metrics.jobs.labels("cancelled").inc()
     except BaseException:
         release()
         raise

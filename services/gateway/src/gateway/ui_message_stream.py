@@ -35,7 +35,7 @@ class UIMessageParts:
         self._in_step = False
         self._text_id: str | None = None
         self._texts = 0
-        self._tool_names: dict[str, str] = {}
+        self._tool_names: dict[str, str] = {}  # calls started and not yet answered
 
     def encode(self, event: dict[str, Any]) -> list[bytes]:
         """The parts for one event (none for those the stream does not show)."""
@@ -72,6 +72,9 @@ class UIMessageParts:
             self._end_step(parts)
         elif "error" in event:
             self._end_text(parts)
+            for call_id in self._tool_names:  # started, never answered: settle them
+                unanswered = {"toolCallId": call_id, "errorText": event["error"], "dynamic": True}
+                parts.append({"type": "tool-output-error", **unanswered})
             self._end_step(parts)
             parts.append({"type": "error", "errorText": event["error"]})
         elif event.get("lifecycle") == "done":

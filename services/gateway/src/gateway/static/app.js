@@ -220,7 +220,7 @@
       dropTyping(t);
       if (!t.text) {
         const block = el("div", "text markdown");
-        t.text = new window.streamgateMarkdown.MarkdownBlock(block);
+        t.text = new window.streamgateMarkdown.MarkdownBlock(block, appendKeepingScroll);
         t.body.append(block);
       }
       t.raw += token;
@@ -299,7 +299,7 @@
     clearTimeout(t.giveUpTimer);
     t.el.classList.remove("reconnecting");
     dropTyping(t);
-    if (t.text) appendKeepingScroll(() => t.text.finish());
+    if (t.text) t.text.finish();
     if (kind === "done") {
       t.el.dataset.state = "done";
       if (!t.raw && t.chips.size === 0) showNotice(t, "muted", "(The model sent an empty answer.)");
