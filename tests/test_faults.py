@@ -388,3 +388,21 @@ def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
         return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
     finally:
         client.close()
+
+
+def test_a_job_past_its_timeout_ends_saying_so_logged_and_counted(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    stack = make_stack(JOB_TIMEOUT_S="2")
+    started = time.monotonic()
+    stream = sse.read(
+        client, stack.gateway.url + "/chat", params={"prompt": "[long 400] [delay 0.05]"}
+    )
+    assert time.monotonic() - started < 10
+    assert stream.text  # it had answered in part: not run again
+    [final] = stream.finals
+    assert "JOB_TIMEOUT_S (2 s)" in final["error"]
+    [worker] = stack.workers
+    assert "ran past JOB_TIMEOUT_S" in worker.log()
+    metrics = httpx.get(f"http://127.0.0.1:{worker.env['METRICS_PORT']}/metrics").text
+    assert 'streamgate_jobs_total{outcome="timeout"} 1.0' in metrics

@@ -118,6 +118,12 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             asked.cancelled.set()
             if running.stop_reason == "unwatched":
                 final = ev.Error(ev.CLIENT_GONE)
+            elif ctx.get("timed_out") and running.stop_reason is None:
+                running.stop_reason = "timeout"
+                final = ev.Error(
+                    f"the answer took longer than JOB_TIMEOUT_S ({settings.job_timeout_s:g} s)"
+                    " and was stopped; it is incomplete"
+                )
             elif running.stop_reason is None:
                 # Shutdown or job timeout. Before any output the job goes back to the queue,
                 # to run again elsewhere; after output a re-run would repeat text.
@@ -173,6 +179,8 @@ async def _publish_final(publisher: Publisher, final: ev.Event) -> bool:
 def _outcome(final: ev.Event) -> str:
     if isinstance(final, ev.Done):
         return "done"
+    if isinstance(final, ev.Error) and final.message.startswith("the answer took longer"):
+        return "timeout"
     return (
         "cancelled" if isinstance(final, ev.Error) and final.message == ev.CLIENT_GONE else "error"
     )

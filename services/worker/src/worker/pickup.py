@@ -179,15 +179,24 @@ class PushWorker(Worker):
         task = self.loop.create_task(self.functions[JOB_FUNCTION].coroutine(ctx, job_id))
         self.job_tasks[arq_id] = task
         logger.info("job %s taken (arq id %s)", job_id, arq_id)
-        try:
-            await asyncio.wait_for(task, self.job_timeout_s)
-            self.jobs_complete += 1
-        except TimeoutError:
-            # The job saw a cancellation: it ended its stream, or handed the job back.
+
+        def time_out() -> None:
+            # Said in ctx before the cancel: the job ends its stream saying why, and does
+            # not hand itself back (it would only time out again). ``wait_for`` cannot
+            # tell: the job returns normally from its cancellation.
+            ctx["timed_out"] = True
             logger.error(
                 "job %s stopped: it ran past JOB_TIMEOUT_S (%g s)", job_id, self.job_timeout_s
             )
-            self.jobs_failed += 1
+            task.cancel()
+
+        timer = self.loop.call_later(self.job_timeout_s, time_out)
+        try:
+            await task
+            if ctx.get("timed_out"):
+                self.jobs_failed += 1
+            else:
+                self.jobs_complete += 1
         except Exception:
             logger.exception("job %s failed", job_id)
             self.jobs_failed += 1
@@ -197,6 +206,7 @@ class PushWorker(Worker):
             # run_job does, keeps arq's poll and its shutdown from seeing an error.
             self.jobs_failed += 1
         finally:
+            timer.cancel()
             del self.job_tasks[arq_id]
 
     async def close(self) -> None:
