@@ -23,6 +23,12 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.background_restarts = Counter(
+            "streamgate_background_restarts_total",
+            "Background loops started again after a failure (shared/supervise.py)",
+            ["loop"],
+            registry=r,
+        )
         self.requests = Counter(
             "streamgate_http_requests_total",
             "HTTP requests by route and status",

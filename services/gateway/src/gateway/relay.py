@@ -40,6 +40,7 @@ from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
 from shared.held_connection import HeldConnection
 from shared.settings import Settings
+from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 
 from .metrics import GatewayMetrics
@@ -125,9 +126,16 @@ class Relay:
         return sum(len(job.readers) for job in self.jobs.values())
 
     async def start(self) -> None:
+        restarted = self.metrics.background_restarts.labels
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name="relay-read"),
-            asyncio.create_task(Watchdog(self).run(), name="relay-watch"),
+            asyncio.create_task(
+                supervise("relay-read", self._read_loop, lambda n: restarted(n).inc()),
+                name="relay-read",
+            ),
+            asyncio.create_task(
+                supervise("relay-watch", Watchdog(self).run, lambda n: restarted(n).inc()),
+                name="relay-watch",
+            ),
             asyncio.create_task(self._close_on_shutdown(), name="relay-shutdown"),
         ]
 

@@ -27,6 +27,7 @@ from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
+from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 
 from .agent import OpenAIAgent
@@ -64,14 +65,24 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         name=ctx["worker_name"],
     )
     ctx["heartbeat"] = heartbeat
-    ctx["heartbeat_task"] = asyncio.create_task(heartbeat.run())
-    ctx["ended_task"] = asyncio.create_task(follow_ended_jobs(redis, heartbeat))
-    tools: ToolRegistry = ctx["tools"]
     metrics: WorkerMetrics = ctx["metrics"]
+
+    def restarted(name: str) -> None:
+        metrics.background_restarts.labels(name).inc()
+
+    ctx["heartbeat_task"] = asyncio.create_task(supervise("heartbeat", heartbeat.run, restarted))
+    ctx["ended_task"] = asyncio.create_task(
+        supervise("ended-jobs", lambda: follow_ended_jobs(redis, heartbeat), restarted)
+    )
+    tools: ToolRegistry = ctx["tools"]
     tools.on_run = lambda name, ok: metrics.tool_calls.labels(name, "ok" if ok else "error").inc()
     await tools.start()
     await tool_catalog.publish(redis, ctx["worker_name"], tools.describe())  # before any job
-    ctx["catalog_task"] = asyncio.create_task(publish_tools(redis, ctx["worker_name"], tools))
+    ctx["catalog_task"] = asyncio.create_task(
+        supervise(
+            "tool-catalog", lambda: publish_tools(redis, ctx["worker_name"], tools), restarted
+        )
+    )
     logger.info(
         "worker %s ready: LLM %s, model %s, up to %d jobs at once",
         ctx["worker_name"],

@@ -20,6 +20,12 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.background_restarts = Counter(
+            "streamgate_background_restarts_total",
+            "Background loops started again after a failure (shared/supervise.py)",
+            ["loop"],
+            registry=r,
+        )
         self.jobs = Counter(
             "streamgate_jobs_total",
             "Jobs by how they ended, counted by the process that wrote the final event",
