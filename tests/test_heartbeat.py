@@ -121,3 +121,35 @@ def test_a_cancel_heard_before_the_job_is_tracked_stops_it_once_it_is(db_url: st
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_stop_verdict_does_not_interrupt_a_job_that_has_begun_to_end(db_url: str) -> None:
+    """A worker stopping cancels a job, which hands itself back; a DELETE (or a verdict of
+    the beat) landing while that hand-back is in flight must not cut it short: the job would
+    unlock its session though Redis had already queued it again (two answers, one session)."""
+
+    async def scenario() -> str:
+        redis = connect(db_url)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
+
+        async def job() -> str:
+            with beat.track("j", "me", watched=False) as running:
+                try:
+                    await asyncio.sleep(5)  # the answer
+                except asyncio.CancelledError:
+                    running.closing = True  # as chat_job does
+                    await asyncio.sleep(0.2)  # the hand-back, in flight
+                    return "handed back"
+            return "answered"
+
+        task = asyncio.create_task(job())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the worker stopping
+        await asyncio.sleep(0.05)
+        beat.stop_ended("j")  # a DELETE heard meanwhile
+        try:
+            return await asyncio.wait_for(task, 2)
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == "handed back"

@@ -115,6 +115,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         except Fenced:
             final = None  # ended from outside: its final event is already written
         except asyncio.CancelledError:
+            running.closing = True
             asked.cancelled.set()
             if running.stop_reason == "unwatched":
                 final = ev.Error(ev.CLIENT_GONE)
@@ -140,6 +141,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             logger.exception("job %s failed", job_id)
             final = ev.Error("the worker failed unexpectedly; see its logs")
         finally:
+            running.closing = True
             asked.cancelled.set()  # for threads an agent left running
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading

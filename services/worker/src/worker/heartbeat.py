@@ -38,6 +38,10 @@ class Running:
     watched: bool  # True for GET /chat jobs: cancelled when nobody reads them
     task: asyncio.Task[object]
     stop_reason: str | None = None  # "not-owner" or "unwatched" once the heartbeat stopped it
+    # Set once the job has begun to end (hand-back, final event, session unlock): a stop
+    # verdict then changes nothing, for a cancel landing mid-way would leave that half done
+    # (a hand-back applied in Redis but unseen here unlocked the session of a re-queued job).
+    closing: bool = False
 
 
 # KEYS: the running index, the workers index, then per job its meta hash, alive key and
@@ -175,6 +179,6 @@ class Heartbeat:
 
     @staticmethod
     def _stop(running: Running, reason: str) -> None:
-        if running.stop_reason is None:
+        if running.stop_reason is None and not running.closing:
             running.stop_reason = reason
             running.task.cancel()
