@@ -197,6 +197,17 @@ def test_roles(agent_stack: Stack, client: httpx.Client) -> None:
     assert "patient teacher" in teacher["content"]
 
 
+def test_without_a_tools_file_the_builtins_are_listed(
+    agent_stack: Stack, client: httpx.Client
+) -> None:
+    tools = client.get(agent_stack.gateway.url + "/tools").json()
+    assert [(t["name"], t["source"]) for t in tools] == [
+        ("calculator", "builtin"),
+        ("current_time", "builtin"),
+    ]
+    assert all(t["description"] and t["parameters"]["type"] == "object" for t in tools)
+
+
 def test_an_unknown_role_is_a_400(agent_stack: Stack, client: httpx.Client) -> None:
     for response in (
         client.get(agent_stack.gateway.url + "/chat", params={"prompt": "hi", "role": "pirate"}),

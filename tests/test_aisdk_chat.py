@@ -105,6 +105,22 @@ def test_resume_cancel_and_204(ai_stack: Stack) -> None:
         assert client.get(url + "/aisdk/chat/c4/stream").status_code == 204
 
 
+def test_a_client_that_leaves_has_its_answer_cancelled_after_the_grace(ai_stack: Stack) -> None:
+    url = ai_stack.gateway.url
+    with httpx.Client(timeout=30, headers=auth()) as client:
+        slow = body("c7", "[long 1000] [delay 0.05]")
+        with client.stream("POST", url + "/aisdk/chat", json=slow) as left:
+            lines = left.iter_lines()
+            job_id = json.loads(next(lines)[6:])["messageId"]
+            next(line for line in lines if '"text-delta"' in line)  # the model is answering
+        # useChat's stop(): the connection closes, nothing else. The grace is 2 s here;
+        # nobody reads meanwhile (a reader would keep the answer going).
+        wait_until(lambda: ai_stack.llm_stats()["open_streams"] == 0, 10, "the cancel")
+        events = client.get(f"{url}/chat/{job_id}/events").text
+        assert '"error":"cancelled: every reader disconnected"' in events
+        assert client.get(url + "/aisdk/chat/c7/stream").status_code == 204
+
+
 @pytest.mark.parametrize(
     ("sent", "says"),
     [

@@ -185,26 +185,11 @@ def test_get_tools_lists_every_source(tools_stack: Stack) -> None:
 
 def test_per_role_tools_in_the_listing_and_upstream(tools_stack: Stack) -> None:
     assert [t["name"] for t in listed(tools_stack, role="pirate")] == []
-    support = sorted(t["name"] for t in listed(tools_stack, role="support"))
-    assert support == [
-        "lookup_ticket",
-        "probe_echo",
-        "probe_fail",
-        "probe_grow",
-        "probe_pid",
-        "probe_slow",
-    ]
+    assert [t["name"] for t in listed(tools_stack, role="support")] == SUPPORT_TOOLS
     # What the upstream was offered, as the demo model reads it back.
     assert chat(tools_stack, "[tools]", role="pirate").text == "Tools offered: none."
     offered = chat(tools_stack, "[tools]", role="support").text
-    assert offered.removeprefix("Tools offered: ").rstrip(".").split(", ") == [
-        "lookup_ticket",
-        "probe_echo",
-        "probe_pid",
-        "probe_slow",
-        "probe_fail",
-        "probe_grow",
-    ]
+    assert offered.removeprefix("Tools offered: ").rstrip(".").split(", ") == SUPPORT_TOOLS
     # A tool the role does not offer cannot be called, whatever the model asks.
     result = the_call(chat(tools_stack, call("shout", {"text": "hi"}), role="support"))
     assert result["output"].startswith("error: there is no tool named 'shout'")

@@ -14,7 +14,7 @@ so any gateway resumes it and one key's chat ids never reach another's answers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,9 +25,8 @@ from shared import keys
 from .aisdk_inputs import chat_id_of, chat_turn
 from .chat import event_stream
 from .inputs import json_body, max_request_bytes
-from .job_events import relayed
+from .job_events import encoded
 from .jobs import enqueue_request
-from .reader import PING
 from .state import State
 from .ui_message_stream import HEADERS, UIMessageParts
 
@@ -95,13 +94,5 @@ async def _active(state: State, identity: str, chat_id: str) -> str | None:
 def _ui_stream(
     state: State, job_id: str, release: Callable[[], None], new_chat: bool = False
 ) -> Response:
-    parts = UIMessageParts(job_id)
-
-    async def frames() -> AsyncIterator[bytes]:
-        async for entry in relayed(state, job_id, new_chat):
-            if entry is None:
-                yield PING
-            elif out := parts.encode(entry[1]):
-                yield b"".join(out)
-
-    return event_stream(state, frames(), release, headers=HEADERS)
+    frames = encoded(state, job_id, UIMessageParts(job_id).encode, new_chat)
+    return event_stream(state, frames, release, headers=HEADERS)

@@ -5,7 +5,7 @@ out as the relay made them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -36,6 +36,21 @@ async def relayed(state: State, job_id: str, new_chat: bool = False) -> AsyncIte
                     yield _entry_time(head.rpartition(b"_")[2]), orjson.loads(data)
     finally:
         state.relay.unsubscribe(reader)
+
+
+async def encoded(
+    state: State,
+    job_id: str,
+    encode: Callable[[dict[str, Any]], list[bytes]],
+    new_chat: bool = False,
+) -> AsyncIterator[bytes]:
+    """The job's events live, each as the frames ``encode`` makes of it (a dialect's
+    encoder), the idle stream's pings kept."""
+    async for entry in relayed(state, job_id, new_chat):
+        if entry is None:
+            yield PING
+        elif out := encode(entry[1]):
+            yield b"".join(out)
 
 
 async def stored(state: State, job_id: str) -> AsyncIterator[Event]:

@@ -11,7 +11,6 @@ kind of job: a client that goes away has it cancelled after ``DISCONNECT_GRACE_S
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -21,10 +20,9 @@ from starlette.responses import JSONResponse, Response
 from .chat import event_stream
 from .errors import error_response
 from .inputs import json_body, max_request_bytes
-from .job_events import relayed, unless_client_leaves
+from .job_events import encoded, relayed, unless_client_leaves
 from .jobs import enqueue_request
 from .openai_inputs import InvalidField, chat_completion
-from .reader import PING
 from .state import State
 
 
@@ -61,19 +59,11 @@ async def chat_completions(request: Request) -> Response:
         raise
     chunks = ChatChunks(job_id, str(body["model"]), options.get("include_usage") is True)
     if stream:
-        return event_stream(state, _encoded(state, job_id, chunks), release)
+        return event_stream(state, encoded(state, job_id, chunks.encode, new_chat=True), release)
     try:
         return await _until_done(request, state, job_id, chunks)
     finally:
         release()
-
-
-async def _encoded(state: State, job_id: str, chunks: ChatChunks) -> AsyncIterator[bytes]:
-    async for entry in relayed(state, job_id, new_chat=True):
-        if entry is None:
-            yield PING
-        elif out := chunks.encode(entry[1]):
-            yield b"".join(out)
 
 
 async def _until_done(request: Request, state: State, job_id: str, chunks: ChatChunks) -> Response:

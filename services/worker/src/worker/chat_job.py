@@ -28,6 +28,7 @@ from .heartbeat import Heartbeat
 from .llm import Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Fenced, Publisher
+from .tools import Toolbox
 from .tools.registry import cap_output
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     agent: Agent = ctx["agent"]
     opening = None
     if early is not None and not early.get("session") and isinstance(agent, OpenAIAgent):
-        role = role_for(ctx["roles"], early)
-        toolbox = ctx["tools"].offered(role.tools)
-        messages = messages_for(role, early, [])
+        role, toolbox, messages = _prepared(ctx, early, [])
         tools = early.get("tools") or toolbox.schemas() or None
         opening = upstream.open(messages, tools, early.get("params"))
     claim_future: asyncio.Future[Claim] = ctx["claim"]
@@ -76,9 +75,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     if opening is None:
         if request.get("session"):
             history = await ctx["sessions"].history(request["session"])
-        role = role_for(ctx["roles"], request)
-        toolbox = ctx["tools"].offered(role.tools)
-        messages = messages_for(role, request, history)
+        role, toolbox, messages = _prepared(ctx, request, history)
     asked = AgentRequest(
         job_id,
         messages,
@@ -126,8 +123,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
                     " and was stopped; it is incomplete"
                 )
             elif running.stop_reason is None:
-                # Shutdown or job timeout. Before any output the job goes back to the queue,
-                # to run again elsewhere; after output a re-run would repeat text.
+                # Shutdown. Before any output the job goes back to the queue, to run again
+                # elsewhere; after output a re-run would repeat text.
                 handed_back = await log.release(job_id, owner)
                 if handed_back > 0:
                     logger.info("job %s handed back to the queue before any output", job_id)
@@ -147,13 +144,15 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
             if final is not None and await _publish_final(publisher, final):
-                metrics.jobs.labels(_outcome(final)).inc()
+                metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
             over = final is not None or running.stop_reason not in (None, "handed back")
             if request.get("session") and over:
                 await ctx["sessions"].unlock(request["session"], job_id)
     # Returning, rather than raising CancelledError, keeps arq from running the job again
     # itself: it has ended, or it is queued again under a new id.
-    outcome = _outcome(final) if final is not None else running.stop_reason or "stopped"
+    outcome = (
+        _outcome(final, running.stop_reason) if final is not None else running.stop_reason
+    ) or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
     return outcome
 
@@ -178,14 +177,22 @@ async def _publish_final(publisher: Publisher, final: ev.Event) -> bool:
         return False
 
 
-def _outcome(final: ev.Event) -> str:
+def _outcome(final: ev.Event, stop_reason: str | None) -> str:
+    if stop_reason == "timeout":
+        return "timeout"
     if isinstance(final, ev.Done):
         return "done"
-    if isinstance(final, ev.Error) and final.message.startswith("the answer took longer"):
-        return "timeout"
     return (
         "cancelled" if isinstance(final, ev.Error) and final.message == ev.CLIENT_GONE else "error"
     )
+
+
+def _prepared(
+    ctx: dict[str, Any], request: dict[str, Any], history: list[dict[str, Any]]
+) -> tuple[Role, Toolbox, list[dict[str, Any]]]:
+    """The request's role, the tools that role offers, and the messages for the model."""
+    role = role_for(ctx["roles"], request)
+    return role, ctx["tools"].offered(role.tools), messages_for(role, request, history)
 
 
 def role_for(roles: Roles, request: dict[str, Any]) -> Role:

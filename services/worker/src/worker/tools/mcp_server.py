@@ -87,10 +87,6 @@ class McpServer:
         self._last_attempt = 0.0
         self._scope: anyio.CancelScope | None = None  # made in run(): anyio needs the loop
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None
-
     async def first_attempt(self) -> None:
         await self._tried.wait()
 
