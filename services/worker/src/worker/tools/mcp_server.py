@@ -138,10 +138,14 @@ class McpServer:
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
         client = self._client
         if client is None:
-            if time.monotonic() - self._last_attempt >= RECONNECT_EARLY_S:
-                self._retry_now.set()  # a server that crashes at start is not hammered
+            # The next attempt comes now, or once the last is a second old: a server back up
+            # is used at once, one that crashes at start is not hammered.
+            since = time.monotonic() - self._last_attempt
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._up.wait(), RECONNECT_WAIT_S)
+                async with asyncio.timeout(RECONNECT_WAIT_S):
+                    await asyncio.sleep(max(0.0, RECONNECT_EARLY_S - since))
+                    self._retry_now.set()
+                    await self._up.wait()
             client = self._client
             if client is None:
                 raise ToolFailure(
