@@ -1,9 +1,9 @@
-"""The event log's scripts against a real Redis: ownership, fencing, ends, hand-backs."""
+"""The event log's functions against a real Redis: ownership, fencing, ends, hand-backs,
+the janitor's sweep, and the library's own loading."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -11,9 +11,11 @@ import pytest
 from redis.asyncio import Redis
 
 from shared import events as ev
-from shared import keys
+from shared import functions, keys
 from shared.cursors import new_job_id
-from shared.event_log import FINAL, MAX_REQUEUES, EventLog
+from shared.event_log import FINAL, EventLog, Turn
+from shared.settings import Settings
+from shared.timing import MAX_REQUEUES, Timing
 
 from .harness import RedisServer, private_db, release_db
 
@@ -27,11 +29,14 @@ def db_url(redis_url: str) -> Iterator[str]:
     release_db(url)
 
 
+TIMING = Timing.of(Settings(stream_retention_s=60, queue_timeout_s=5))
+
+
 def run(db_url: str, scenario: Callable[[EventLog], Awaitable[T]]) -> T:
     async def main() -> T:
         redis = Redis.from_url(db_url)
         try:
-            return await scenario(EventLog(redis, retention_s=60, queue_timeout_s=5))
+            return await scenario(EventLog(redis, TIMING))
         finally:
             await redis.aclose()
 
@@ -40,8 +45,13 @@ def run(db_url: str, scenario: Callable[[EventLog], Awaitable[T]]) -> T:
 
 async def new_job(log: EventLog) -> str:
     job_id = new_job_id()
-    await log.create(job_id, "post", "", b"{}", ttl_s=600, watched_s=None, max_queued=100)
+    await log.create(job_id, "post", "", b"{}", watched=False, max_queued=100)
     return job_id
+
+
+async def redis_ms(log: EventLog) -> int:
+    seconds, micros = await log.redis.time()
+    return int(seconds * 1000 + micros // 1000)
 
 
 async def events(log: EventLog, job_id: str) -> list[dict[str, Any]]:
@@ -52,8 +62,8 @@ async def events(log: EventLog, job_id: str) -> list[dict[str, Any]]:
 def test_one_owner_at_a_time_and_a_fenced_stale_attempt(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        assert (await log.claim(job_id, job_id, "first", 5000))[0] == "run"
-        assert (await log.claim(job_id, job_id, "second", 5000))[0] == "busy"
+        assert (await log.claim(job_id, job_id, "first"))[0] == "run"
+        assert (await log.claim(job_id, job_id, "second"))[0] == "busy"
         assert await log.append(job_id, "first", 1, [ev.Token("a")])
         assert not await log.append(job_id, "second", 1, [ev.Token("x")])
         assert await log.end(job_id, ev.CANCELLED)
@@ -68,7 +78,7 @@ def test_one_owner_at_a_time_and_a_fenced_stale_attempt(db_url: str) -> None:
 def test_a_retried_batch_is_written_once(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        (await log.claim(job_id, job_id, "owner", 5000))[0]
+        (await log.claim(job_id, job_id, "owner"))[0]
         for _ in range(2):  # the reply to the first was "lost"
             assert await log.append(job_id, "owner", 1, [ev.Token("once")])
         assert await log.append(job_id, "owner", 2, [ev.Done()])
@@ -81,10 +91,10 @@ def test_a_retried_batch_is_written_once(db_url: str) -> None:
 def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        (await log.claim(job_id, job_id, "dead", 50))[0]
+        (await log.claim(job_id, job_id, "dead"))[0]
         await log.append(job_id, "dead", 1, [ev.Token("half")])
-        await asyncio.sleep(0.1)  # its heartbeat lapses
-        assert (await log.claim(job_id, job_id, "rerun", 5000))[0] == "lost"
+        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+        assert (await log.claim(job_id, job_id, "rerun"))[0] == "lost"
         assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
     run(db_url, scenario)
@@ -92,11 +102,11 @@ def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
 
 def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
-        await log.redis.zadd(keys.WORKERS, {"alive": time.time() * 1000 + 60_000})
+        await log.redis.zadd(keys.WORKERS, {"alive": await redis_ms(log) + 60_000})
         job_id = await new_job(log)
         for attempt in range(1, MAX_REQUEUES + 2):
-            assert (await log.claim(job_id, job_id, f"attempt-{attempt}", 20))[0] == "run"
-            await asyncio.sleep(0.05)
+            assert (await log.claim(job_id, job_id, f"attempt-{attempt}"))[0] == "run"
+            await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
             result = (await log.check_stalled([job_id]))[job_id]
             assert result == (2 if attempt <= MAX_REQUEUES else 4)
         assert (await events(log, job_id))[-1] == {"error": ev.TOO_MANY_ATTEMPTS}
@@ -110,10 +120,10 @@ def test_a_job_without_output_ends_at_once_when_no_worker_is_alive_to_rerun_it(
     """Its client hears within WORKER_LOST_TIMEOUT_S, not QUEUE_TIMEOUT_S later."""
 
     async def scenario(log: EventLog) -> None:
-        await log.redis.zadd(keys.WORKERS, {"lapsed": time.time() * 1000 - 1})
+        await log.redis.zadd(keys.WORKERS, {"lapsed": await redis_ms(log) - 1})
         job_id = await new_job(log)
-        assert (await log.claim(job_id, job_id, "dead", 20))[0] == "run"
-        await asyncio.sleep(0.05)
+        assert (await log.claim(job_id, job_id, "dead"))[0] == "run"
+        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
         assert (await log.check_stalled([job_id]))[job_id] == 1
         assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
@@ -123,9 +133,9 @@ def test_a_job_without_output_ends_at_once_when_no_worker_is_alive_to_rerun_it(
 def test_release_hands_back_only_without_output(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        (await log.claim(job_id, job_id, "a", 5000))[0]
+        (await log.claim(job_id, job_id, "a"))[0]
         assert await log.release(job_id, "a") == 1
-        assert (await log.claim(job_id, job_id, "b", 5000))[0] == "run"
+        assert (await log.claim(job_id, job_id, "b"))[0] == "run"
         lifecycle = [e.get("lifecycle") for e in await events(log, job_id)]
         assert lifecycle.count("started") == 1  # the client sees one normal answer
         await log.append(job_id, "b", 1, [ev.Token("x")])
@@ -138,7 +148,7 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
         await log.redis.delete(keys.deadline_key(job_id))  # the queue timeout passed
-        assert (await log.claim(job_id, job_id, "late", 5000))[0] == "expired"
+        assert (await log.claim(job_id, job_id, "late"))[0] == "expired"
         entries = await log.redis.xrange(keys.events_key(job_id))
         assert FINAL in entries[-1][1]
         assert ev.decode(entries[-1][1][b"d"]) == {"error": ev.NO_WORKER}
@@ -149,7 +159,7 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
 def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
-        (await log.claim(job_id, job_id, "o", 5000))[0]
+        (await log.claim(job_id, job_id, "o"))[0]
         assert await log.redis.ttl(keys.events_key(job_id)) > 60
         await log.append(job_id, "o", 1, [ev.Token("t"), ev.Done()])
         assert 0 < await log.redis.ttl(keys.events_key(job_id)) <= 60
@@ -158,30 +168,30 @@ def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
     run(db_url, scenario)
 
 
-def test_appends_in_one_round_trip_survive_a_failing_call_and_a_script_flush(
+def test_appends_in_one_round_trip_survive_a_failing_call_and_a_function_flush(
     db_url: str,
 ) -> None:
     """Many jobs' batches share a round trip: a call Redis refuses fails alone (the others
-    are written and the connection stays in step), and scripts a restarted Redis no longer
-    has are loaded again without losing a batch."""
+    are written and the connection stays in step), and a library a restarted Redis no
+    longer has is loaded again without losing a batch."""
 
     async def scenario(log: EventLog) -> None:
         first, second = await new_job(log), await new_job(log)
         for job_id in (first, second):
-            assert (await log.claim(job_id, job_id, "w", 5000))[0] == "run"
+            assert (await log.claim(job_id, job_id, "w"))[0] == "run"
         # A batch "number" that is not a number makes that call's script fail in Redis.
         results = await log.append_many(
             [
-                (first, "w", 1, [ev.Token("a")]),
-                (second, "w", "x", [ev.Token("never")]),  # type: ignore[list-item]
-                (second, "w", 1, [ev.Token("b")]),
+                (first, "w", 1, [ev.Token("a")], None),
+                (second, "w", "x", [ev.Token("never")], None),  # type: ignore[list-item]
+                (second, "w", 1, [ev.Token("b")], None),
             ]
         )
         assert results[0] is True and results[2] is True
         assert isinstance(results[1], Exception)
-        await log.redis.script_flush()
+        await log.redis.function_flush()
         assert await log.append_many(
-            [(first, "w", 2, [ev.Token("c")]), (second, "w", 2, [ev.Token("d")])]
+            [(first, "w", 2, [ev.Token("c")], None), (second, "w", 2, [ev.Token("d")], None)]
         ) == [True, True]
         texts = [[e.get("token") for e in await events(log, j)] for j in (first, second)]
         assert texts == [[None, None, "a", "c"], [None, None, "b", "d"]]  # queued, started
@@ -199,7 +209,7 @@ def test_a_cancel_by_a_redis_user_without_channels_still_ends_the_job(
         await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all")
         app = Redis.from_url(own_redis.url.replace("redis://", "redis://app:pw@"))
         try:
-            log = EventLog(app, retention_s=60, queue_timeout_s=5)
+            log = EventLog(app, TIMING)
             job_id = await new_job(log)
             assert await log.end(job_id, ev.CANCELLED)
             assert (await events(log, job_id))[-1] == {"error": ev.CANCELLED}
@@ -208,3 +218,117 @@ def test_a_cancel_by_a_redis_user_without_channels_still_ends_the_job(
             await admin.aclose()
 
     asyncio.run(main())
+
+
+def test_a_session_turn_is_written_with_the_final_event_or_not_at_all(db_url: str) -> None:
+    """Memory never holds a turn whose answer the client saw fail: a job cancelled just
+    before its `done` (its append is fenced) leaves the session as it was."""
+
+    async def scenario(log: EventLog) -> None:
+        turns = keys.session_key("s")
+        turn = Turn(turns, b'{"prompt": "p", "answer": "a"}', max_turns=2, retention_s=600)
+        kept = await new_job(log)
+        assert (await log.claim(kept, kept, "w"))[0] == "run"
+        assert await log.append(kept, "w", 1, [ev.Token("a")], turn=turn)  # no final yet
+        assert await log.redis.llen(turns) == 0
+        assert await log.append(kept, "w", 2, [ev.Done()], turn=turn)
+        assert await log.redis.lrange(turns, 0, -1) == [turn.entry]
+        assert 0 < await log.redis.ttl(turns) <= 600
+
+        cancelled = await new_job(log)
+        assert (await log.claim(cancelled, cancelled, "w"))[0] == "run"
+        assert await log.end(cancelled, ev.CANCELLED)
+        assert not await log.append(cancelled, "w", 1, [ev.Token("b"), ev.Done()], turn=turn)
+        assert await log.redis.llen(turns) == 1
+
+    run(db_url, scenario)
+
+
+def test_each_claim_and_hand_back_gives_the_job_keys_time_for_what_may_still_come(
+    db_url: str,
+) -> None:
+    """TTLs used to be fixed at creation: hand-backs and a long run could outlive them."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        meta, events_key = keys.meta_key(job_id), keys.events_key(job_id)
+        for key in (meta, events_key):
+            await log.redis.expire(key, 5)  # as if most of its life had passed waiting
+        assert (await log.claim(job_id, job_id, "a"))[0] == "run"
+        for key in (meta, events_key):
+            assert await log.redis.ttl(key) > TIMING.run_ttl_s - 5
+            await log.redis.expire(key, 5)
+        assert await log.release(job_id, "a") == 1
+        for key in (meta, events_key):
+            assert await log.redis.ttl(key) > TIMING.queued_ttl_s - 5
+
+    run(db_url, scenario)
+
+
+def test_a_hand_back_keeps_the_running_index_to_the_attempt_that_runs(db_url: str) -> None:
+    """The index holds attempts: the old one's entry goes when the job changes hands."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "old"))[0] == "run"
+        assert await log.release(job_id, "old") == 1
+        (queued_as,) = [m.decode() for m in await log.redis.zrange(keys.PENDING, 0, -1)]
+        assert (await log.claim(job_id, queued_as, "new"))[0] == "run"
+        assert await log.redis.zrange(keys.RUNNING, 0, -1) == [f"{job_id} new".encode()]
+        assert await log.redis.zcard(keys.PENDING) == 0
+
+    run(db_url, scenario)
+
+
+def test_new_chats_leave_a_late_job_to_the_janitor_which_ends_it(db_url: str) -> None:
+    """New chats used to prune the waiting set, racing the sweep that ends late jobs: a
+    POST job that timed out in the queue could miss its final event (and keep its session
+    locked). Now only a check removes an entry, in the step that ends the job."""
+
+    async def scenario(log: EventLog) -> None:
+        late = await new_job(log)
+        long_ago = await redis_ms(log) - TIMING.queue_timeout_ms - 1000
+        await log.redis.zadd(keys.PENDING, {late: long_ago})  # waited past the timeout
+        await log.redis.delete(keys.deadline_key(late))
+        for _ in range(3):
+            await new_job(log)  # each used to prune the late entry
+        assert await log.redis.zscore(keys.PENDING, late) is not None
+        lapsed, due = await log.due(100)
+        assert (lapsed, due) == ([], [late.encode()])
+        assert (await log.check_stalled([late], [(b"", late.encode())]))[late] == 3
+        assert (await events(log, late))[-1] == {"error": ev.NO_WORKER}
+        assert await log.redis.zscore(keys.PENDING, late) is None
+
+    run(db_url, scenario)
+
+
+def test_the_janitor_leaves_an_entry_whose_job_still_needs_it(db_url: str) -> None:
+    """A lapsed entry whose attempt is alive after all stays (its next beat re-scores it);
+    one of an attempt that no longer runs the job goes, without touching the job."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "now"))[0] == "run"
+        current, stale = f"{job_id} now".encode(), f"{job_id} before".encode()
+        await log.redis.zadd(keys.RUNNING, {current: 1, stale: 1})  # both lapsed
+        lapsed, _ = await log.due(100)
+        assert sorted(lapsed) == sorted([current, stale])
+        results = await log.check_stalled([job_id, job_id], [(current, b""), (stale, b"")])
+        assert results == {job_id: 0}
+        assert await log.redis.zrange(keys.RUNNING, 0, -1) == [current]
+
+    run(db_url, scenario)
+
+
+def test_the_library_is_reloaded_when_redis_holds_another_text_of_it(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        other = functions.library_code().replace("return waiting + 1", "return 1000")
+        await log.redis.function_load(other, replace=True)  # an edited library, same version
+        fresh = EventLog(log.redis, TIMING)
+        await fresh.functions.ensure_loaded()
+        listed = await log.redis.function_list(library=functions.LIBRARY, withcode=True)
+        assert listed[0][listed[0].index(b"library_code") + 1] == functions.library_code().encode()
+        assert (await fresh.claim(job_id, job_id, "w"))[0] == "run"
+
+    run(db_url, scenario)

@@ -4,16 +4,21 @@ still owns and stops the others, each job getting its own verdict."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import pytest
+from redis.asyncio import Redis
 
 from shared import keys
 from shared.redis_conn import connect
 from worker import heartbeat as hb
 
 from .harness import private_db, release_db
+
+
+async def redis_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds * 1000 + micros // 1000)
 
 
 @pytest.fixture
@@ -61,7 +66,7 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
 
         tasks = [asyncio.create_task(job(j, c[1])) for j, c in cases.items()]
         await asyncio.sleep(0)
-        before = int(time.time() * 1000)
+        before = await redis_ms(redis)
         await beat.beat()
         release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -69,7 +74,8 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
         assert stops == {job_id: c[3] for job_id, c in cases.items()}
         running = dict(await redis.zrange(keys.RUNNING, 0, -1, withscores=True))
         renewed = {j for j, c in cases.items() if c[0] == "me"}
-        assert {k.decode() for k in running} == renewed  # finished-before left the index
+        assert {k.decode() for k in running} == {f"{j} me" for j in renewed}  # by attempt;
+        # finished-before left the index
         assert all(score >= before + 5000 for score in running.values())
         for job_id in cases:
             ttl = await redis.pttl(keys.alive_key(job_id))
@@ -86,7 +92,7 @@ def test_an_idle_worker_beats_too(db_url: str) -> None:
     async def scenario() -> None:
         redis = connect(db_url)
         await redis.zadd(keys.WORKERS, {"long-gone": 1})
-        before = int(time.time() * 1000)
+        before = await redis_ms(redis)
         await hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="idle").beat()
         workers = dict(await redis.zrange(keys.WORKERS, 0, -1, withscores=True))
         assert list(workers) == [b"idle"]  # a day past its lapse, a worker leaves the index
@@ -114,8 +120,10 @@ def test_a_cancel_heard_before_the_job_is_tracked_stops_it_once_it_is(db_url: st
 
         await asyncio.wait_for(asyncio.gather(job("early"), return_exceptions=True), 1)
         assert reasons == {"early": "not-owner"}
-        other = asyncio.create_task(job("early"))  # remembered once, not for ever
-        await asyncio.sleep(0.05)
+        assert not beat._ended  # remembered once, not for ever
+        other = asyncio.create_task(job("early"))
+        for _ in range(5):
+            await asyncio.sleep(0)
         assert not other.done()
         other.cancel()
         await redis.aclose()
@@ -132,24 +140,66 @@ def test_a_stop_verdict_does_not_interrupt_a_job_that_has_begun_to_end(db_url: s
         redis = connect(db_url)
         beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
 
+        handing_back, handed = asyncio.Event(), asyncio.Event()
+
         async def job() -> str:
             with beat.track("j", "me", watched=False) as running:
                 try:
-                    await asyncio.sleep(5)  # the answer
+                    await asyncio.Event().wait()  # the answer
                 except asyncio.CancelledError:
                     running.closing = True  # as chat_job does
-                    await asyncio.sleep(0.2)  # the hand-back, in flight
+                    handing_back.set()
+                    await handed.wait()  # the hand-back, in flight
                     return "handed back"
             return "answered"
 
         task = asyncio.create_task(job())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
         task.cancel()  # the worker stopping
-        await asyncio.sleep(0.05)
+        await handing_back.wait()
         beat.stop_ended("j")  # a DELETE heard meanwhile
+        handed.set()
         try:
             return await asyncio.wait_for(task, 2)
         finally:
             await redis.aclose()
 
     assert asyncio.run(scenario()) == "handed back"
+
+
+def test_an_attempt_unwinding_does_not_stop_the_beats_of_its_jobs_next_attempt(
+    db_url: str,
+) -> None:
+    """A job handed back may run again on the same worker while its old attempt is still
+    unwinding. Tracking by job id let the old attempt's exit stop the new one's beats: the
+    new attempt's stream later ended with "worker lost", though it was healthy."""
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
+        await redis.hset(keys.meta_key("j"), "owner", "new")  # type: ignore[misc]
+        old_done, new_done = asyncio.Event(), asyncio.Event()
+        new_stop: list[str | None] = []
+
+        async def attempt(owner: str, done: asyncio.Event) -> None:
+            with beat.track("j", owner, watched=False) as running:
+                await done.wait()
+                if owner == "new":
+                    new_stop.append(running.stop_reason)
+
+        old = asyncio.create_task(attempt("old", old_done))
+        new = asyncio.create_task(attempt("new", new_done))
+        await asyncio.sleep(0)
+        old_done.set()  # the old attempt finishes unwinding, the new one runs on
+        await old
+        await beat.beat()
+        assert await redis.pttl(keys.alive_key("j")) > 0, "the new attempt was not renewed"
+        assert await redis.zrange(keys.RUNNING, 0, -1) == [b"j new"]
+        new_done.set()
+        await new
+        assert new_stop == [None]
+        await beat.beat()
+        assert await redis.zcard(keys.RUNNING) == 0
+        await redis.aclose()
+
+    asyncio.run(scenario())

@@ -1,22 +1,23 @@
 """Background loops never die silently: a bug is logged, counted and the loop started
-again; the relay's watchdog survives one (it used to end, and with it every GET stream of
-its gateway about 35 s later)."""
+again; a gateway's janitor survives one (the watchdog it came from used to end, and with
+it every GET stream of its gateway about 35 s later)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
-import redis.asyncio
+from starlette.testclient import TestClient
 
-from gateway.metrics import GatewayMetrics
-from gateway.relay import Relay
-from gateway.watchdog import Watchdog
+from gateway.app import create_app
+from gateway.janitor import Janitor
 from shared import supervise as supervise_module
-from shared.event_log import EventLog
 from shared.settings import Settings
 from shared.supervise import supervise
+
+from .harness import private_db, release_db
 
 
 @pytest.fixture(autouse=True)
@@ -49,35 +50,28 @@ async def test_a_failing_loop_is_logged_counted_and_started_again(
         await task
 
 
-@pytest.mark.asyncio
-async def test_the_relay_watchdog_survives_a_bug(
+def test_the_gateways_janitor_survives_a_bug(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    original = Watchdog._check_unread
+    original = Janitor.sweep
 
-    async def flaky(self: Watchdog) -> None:
+    async def flaky(self: Janitor) -> int:
         calls.append(1)
         if len(calls) == 1:
             raise KeyError("a bug that is not Redis's")
-        await original(self)
+        return await original(self)
 
-    monkeypatch.setattr(Watchdog, "_check_unread", flaky)
-    settings = Settings(redis_url=redis_url, worker_lost_timeout_s=0.4)  # a 0.1 s tick
-    client = redis.asyncio.Redis.from_url(redis_url)
-    blocking = redis.asyncio.Redis.from_url(redis_url)
-    metrics = GatewayMetrics()
-    relay = Relay(client, blocking, EventLog(client, 60, 60), settings, metrics)
-    await relay.start()
+    monkeypatch.setattr(Janitor, "sweep", flaky)
+    url = private_db(redis_url)
     try:
-        for _ in range(100):
-            if len(calls) >= 3:
-                break
-            await asyncio.sleep(0.05)
-        assert len(calls) >= 3, "the watchdog stopped after the bug"
-        restarts = metrics.background_restarts.labels("relay-watch")._value.get()
-        assert restarts == 1
+        app = create_app(Settings(redis_url=url, worker_lost_timeout_s=0.4))  # a 0.1 s tick
+        with TestClient(app) as client:
+            deadline = time.monotonic() + 5
+            while len(calls) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(calls) >= 3, "the janitor stopped after the bug"
+            metrics = client.get("/metrics").text
+            assert 'streamgate_background_restarts_total{loop="janitor"} 1.0' in metrics
     finally:
-        await relay.stop()
-        await client.aclose()
-        await blocking.aclose()
+        release_db(url)

@@ -21,13 +21,12 @@ class ArqJob:
     arq_id: str
     key: str  # arq's job key, holding the serialized call
     payload: bytes
-    enqueued_ms: int
 
 
 def arq_job(job_id: str, arq_id: str | None = None) -> ArqJob:
     """The arq job that runs ``job_id``. A job handed back gets a fresh arq id
     (``arq_id=None``): arq keeps a stopped attempt's id "in progress" for a long while."""
     arq_id = arq_id or f"{job_id}.{secrets.token_hex(4)}"
-    now_ms = int(time.time() * 1000)
-    payload = serialize_job("chat", (job_id,), {}, None, now_ms)
-    return ArqJob(arq_id, job_key_prefix + arq_id, payload, now_ms)
+    # arq's own record of when (its logs); our scores of the job are Redis's clock
+    payload = serialize_job("chat", (job_id,), {}, None, int(time.time() * 1000))
+    return ArqJob(arq_id, job_key_prefix + arq_id, payload)

@@ -1,13 +1,14 @@
 """Every Redis name Streamgate uses, in one place.
 
 All keys of one job carry the hash tag ``{<job_id>}`` so that they land in one Cluster slot
-and the Lua scripts of the event log may touch them together.
+and the functions of the library (streamgate.lua) may touch them together.
 """
 
 from __future__ import annotations
 
 QUEUE_NAME = "sg:queue"  # arq's queue: a sorted set of job ids, owned by arq
-PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time (ms)
+PENDING = "sg:pending"  # arq job ids enqueued and not yet started, scored by enqueue time
+# (ms, Redis's clock); the janitor ends and removes those past QUEUE_TIMEOUT_S
 WAKE = "sg:wake"  # per job enqueued: its arq id, or "<arq id> <enqueued ms> <request JSON>"
 # for a new job whose request is small; idle workers block on it (capped list)
 WAKE_CAP = 1024  # as many as MAX_QUEUED_JOBS (1000) by default: a trimmed wake-up waits for
@@ -15,13 +16,13 @@ WAKE_CAP = 1024  # as many as MAX_QUEUED_JOBS (1000) by default: a trimmed wake-
 WAKE_REQUEST_MAX = 16_384  # bytes of request a wake-up carries, at most
 ACTIVITY = "sg:activity"  # the doorbell: every write to a job's stream adds that stream's
 # key here, so a gateway relaying thousands of streams blocks on this one (capped) stream
-ACTIVITY_LEN = 100_000  # entries kept, approximately: seconds of writes at the busiest
-RUNNING = "sg:running"  # running job ids scored by when their heartbeat lapses (ms): lets
-# any gateway's watchdog find a dead worker's job that nobody is reading
+RUNNING = "sg:running"  # running attempts, "<job id> <owner>", scored by when their heartbeat
+# lapses (ms, Redis's clock): lets the janitor find a dead worker's job that nobody reads
 ENDED = "sg:ended"  # pub/sub channel: the id of each job ended from outside (DELETE), so
 # that its worker stops the upstream request at once rather than at its next heartbeat
 WORKERS = "sg:workers"  # worker names scored by when their heartbeat lapses (ms), idle ones
 # too: a dead worker's job goes back to the queue only while some worker is alive to take it
+JANITOR = "sg:janitor"  # the gateway now sweeping for the fleet (gateway/janitor.py), a lease
 TOOL_CATALOGS = "sg:tool-catalogs"  # names of the workers that published their tools (a set;
 # a name whose catalog key has expired is dropped by the next reader)
 
@@ -71,3 +72,8 @@ def session_key(session: str) -> str:
 def session_lock_key(session: str) -> str:
     """The job now answering in a session (409 for another); expires with JOB_TIMEOUT_S."""
     return f"sg:session:{{{session}}}:lock"
+
+
+def rate_key(who: str) -> str:
+    """A caller's chats of the last minute (gateway/access.py), one member each."""
+    return f"sg:rate:{{{who}}}"

@@ -16,16 +16,8 @@ import orjson
 from redis.asyncio import Redis
 
 from . import keys
-
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+from .event_log import Turn
+from .functions import Functions
 
 
 class SessionStore:
@@ -37,8 +29,7 @@ class SessionStore:
         self.max_chars = max_chars
         self.retention_s = retention_s
         self.lock_ttl_s = lock_ttl_s
-        self._unlock = redis.register_script(_UNLOCK)
-        self._refresh = redis.register_script(_REFRESH)
+        self._functions = Functions(redis)
 
     async def history(self, session: str) -> list[dict[str, Any]]:
         """The newest turns as chat messages, within the turn and character budgets."""
@@ -57,13 +48,11 @@ class SessionStore:
             ]
         return messages
 
-    async def append(self, session: str, prompt: str, answer: str) -> None:
-        key = keys.session_key(session)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, orjson.dumps({"prompt": prompt, "answer": answer}))
-            pipe.ltrim(key, -self.max_turns, -1)
-            pipe.expire(key, self.retention_s)
-            await pipe.execute()
+    def turn(self, session: str, prompt: str, answer: str) -> Turn:
+        """A completed turn, for the event log to write with the job's final event: memory
+        then never holds a turn whose answer the client saw fail."""
+        entry = orjson.dumps({"prompt": prompt, "answer": answer})
+        return Turn(keys.session_key(session), entry, self.max_turns, self.retention_s)
 
     async def lock(self, session: str, job_id: str) -> str | None:
         """Take the session for ``job_id``; returns the job holding it instead, if any."""
@@ -81,12 +70,14 @@ class SessionStore:
     async def take_over(self, session: str, stale_job_id: str, job_id: str) -> bool:
         """Replace a lock held by a job that has ended."""
         key = keys.session_lock_key(session)
-        await self._unlock(keys=[key], args=[stale_job_id])
+        await self._functions.call("unlock", [key], [stale_job_id])
         return bool(await self.redis.set(key, job_id, nx=True, ex=self.lock_ttl_s))
 
     async def refresh(self, session: str, job_id: str) -> None:
         """Give the lock a full TTL again when a (re-)run of its job starts."""
-        await self._refresh(keys=[keys.session_lock_key(session)], args=[job_id, self.lock_ttl_s])
+        await self._functions.call(
+            "refresh", [keys.session_lock_key(session)], [job_id, self.lock_ttl_s]
+        )
 
     async def unlock(self, session: str, job_id: str) -> None:
-        await self._unlock(keys=[keys.session_lock_key(session)], args=[job_id])
+        await self._functions.call("unlock", [keys.session_lock_key(session)], [job_id])

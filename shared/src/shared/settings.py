@@ -191,23 +191,6 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
-    # Timing derived from WORKER_LOST_TIMEOUT_S so that a dead worker's job ends within it:
-    # its heartbeat key lapses after ``alive_ttl_s``, and a gateway notices within one
-    # ``watch_tick_s`` (0.7 + 0.25 of the timeout at most).
-    @property
-    def alive_ttl_s(self) -> float:
-        return self.worker_lost_timeout_s * 0.7
-
-    @property
-    def watch_tick_s(self) -> float:
-        return min(1.0, self.worker_lost_timeout_s / 4, self.queue_timeout_s / 4)
-
-    @property
-    def heartbeat_interval_s(self) -> float:
-        """How often a worker proves each job alive and checks it should go on (a cancel
-        does not wait for it: worker/ended_jobs.py)."""
-        return min(self.alive_ttl_s / 3, self.disconnect_grace_s / 3)
-
 
 def _key_lines(lines: list[str]) -> list[str]:
     stripped = (line.strip() for line in lines)

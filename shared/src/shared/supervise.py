@@ -3,9 +3,9 @@
 A loop that a bug ends (any exception, not only Redis's) is logged with its traceback,
 counted (``on_restart``, a metric), and started again after a backoff: RESTART_MIN_S,
 doubling to RESTART_MAX_S, back to the minimum once a run has lasted HEALTHY_S. Before,
-the gateway's watchdog ended on the first non-Redis exception: renewing ``watched``
-stopped with it, so every GET stream on that gateway was cancelled about 35 s later.
-Cancellation (the process stopping) ends the loop as always.
+the gateway's watchdog (now idle_check.py, watched.py and janitor.py) ended on the first
+non-Redis exception: renewing ``watched`` stopped with it, so every GET stream on that
+gateway was cancelled about 35 s later. Cancellation (the process stopping) ends the loop as always.
 """
 
 from __future__ import annotations

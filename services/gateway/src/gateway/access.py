@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,23 +24,12 @@ from contextlib import asynccontextmanager
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from shared.functions import Functions
+from shared.keys import rate_key
+
 from .errors import ApiError, RateLimited, Unauthorized
 
 WINDOW_MS = 60_000
-
-# A sliding window: the chats of the last minute, one sorted-set member each, so a burst
-# across a minute boundary still counts as one minute. KEYS: the caller's window.
-# ARGV: now ms, window ms, limit, a new member. Returns {1, 0} taken, or {0, retry after s}.
-_TAKE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
-  return {0, math.ceil((oldest + ARGV[2] - ARGV[1]) / 1000)}
-end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, 0}
-"""
 
 
 def _digest(key: str) -> bytes:
@@ -53,7 +41,7 @@ class Access:
         self, redis: Redis, keys: list[str], rate_per_min: int, max_streams_per_key: int
     ) -> None:
         self.redis = redis
-        self._take = redis.register_script(_TAKE)
+        self._functions = Functions(redis)
         self._digests = [_digest(k) for k in keys]
         self.rate_per_min = rate_per_min
         self.max_streams = max_streams_per_key
@@ -93,11 +81,12 @@ class Access:
             yield
             return
         who = identity or f"addr:{request.client.host if request.client else 'unknown'}"
-        key = f"sg:rate:{{{who}}}"
-        now_ms = int(time.time() * 1000)
-        member = f"{now_ms}-{secrets.token_hex(4)}"
-        taken, retry_after = await self._take(
-            keys=[key], args=[now_ms, WINDOW_MS, self.rate_per_min, member]
+        key = rate_key(who)
+        member = secrets.token_hex(8)
+        # A sliding window on Redis's clock (the library's ``take``): the chats of the last
+        # minute, one member each, so a burst across a minute boundary counts as one minute.
+        taken, retry_after = await self._functions.call(
+            "take", [key], [WINDOW_MS, self.rate_per_min, member]
         )
         if not taken:
             raise RateLimited(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,9 @@ from shared.redis_conn import connect, connect_arq
 from shared.roles import load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings
+from shared.supervise import supervise
+from shared.tasks import cancel_and_wait
+from shared.timing import Timing
 
 from . import aisdk_chat, chat, health, openai_chat, openai_responses
 from .access import Access
@@ -36,9 +40,12 @@ from .errors import (
     handle_redis_down,
     handle_redis_full,
 )
+from .idle_check import IdleCheck
+from .janitor import Janitor
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
 from .relay import Relay
 from .state import State
+from .watched import WatchedRenewal
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -99,16 +106,27 @@ def create_app(settings: Settings) -> Starlette:
         # The relay's XREAD BLOCK: one command at a time, so one connection. The relay
         # bounds each round trip itself (a socket timeout costs a task per command).
         blocking = connect(settings.redis_url, socket_connect_timeout=2)
-        log = EventLog(arq, settings.stream_retention_s, settings.queue_timeout_s)
+        timing = Timing.of(settings)
+        log = EventLog(arq, timing)
         relay = Relay(arq, blocking, log, settings, metrics)
         sessions = SessionStore(
             arq,
             settings.session_max_turns,
             settings.session_max_chars,
             settings.session_retention_s,
-            lock_ttl_s=int(settings.job_timeout_s),
+            lock_ttl_s=timing.session_lock_s,
         )
         await relay.start()
+        restarted = metrics.background_restarts.labels
+        duties = {
+            "relay-watched": WatchedRenewal(relay, log.functions, timing).run,
+            "relay-idle": IdleCheck(relay, log, metrics, timing).run,
+            "janitor": Janitor(log, metrics, timing).run,
+        }
+        background = [
+            asyncio.create_task(supervise(name, run, lambda n: restarted(n).inc()), name=name)
+            for name, run in duties.items()
+        ]
         access = Access(
             arq, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
         )
@@ -116,6 +134,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
+            await cancel_and_wait(background)
             await relay.stop()
             await blocking.aclose()
             await arq.aclose()

@@ -88,14 +88,12 @@ async def _enqueue(
     identity: str,
 ) -> None:
     request = orjson.dumps({**fields, "kind": kind})
-    ttl_s = int(settings.queue_timeout_s + settings.job_timeout_s) + settings.stream_retention_s
     position = await log.create(
         job_id,
         kind,
         identity,
         request,
-        ttl_s=ttl_s,
-        watched_s=settings.disconnect_grace_s if kind == "get" else None,
+        watched=kind == "get",
         max_queued=settings.max_queued_jobs,
     )
     if position < 0:

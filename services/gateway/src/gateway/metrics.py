@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from redis.exceptions import RedisError
@@ -12,6 +12,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import keys
+
+logger = logging.getLogger(__name__)
 
 # The classic text format every scraper reads (the library's default now names 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -105,15 +107,30 @@ async def metrics_endpoint(request: Request) -> Response:
     try:
         redis = request.app.state.sg.arq
         settings = request.app.state.sg.settings
-        stale_ms = int((time.time() - settings.queue_timeout_s) * 1000)
+        seconds, micros = await redis.time()  # the waiting set is scored on Redis's clock
+        now_ms = seconds * 1000 + micros // 1000
+        # Jobs no worker started in time can never start: not waiting any more (the
+        # janitor ends them and removes them).
+        waiting_since = now_ms - int(settings.queue_timeout_s * 1000)
         async with redis.pipeline(transaction=False) as pipe:
-            # Jobs no worker started in time can never start: not waiting any more.
-            pipe.zremrangebyscore(keys.PENDING, "-inf", stale_ms)
-            pipe.zcard(keys.PENDING)
-            pipe.zrange(keys.PENDING, 0, 0, withscores=True)
-            _, depth, oldest = await pipe.execute()
+            pipe.zcount(keys.PENDING, f"({waiting_since}", "+inf")
+            pipe.zrangebyscore(keys.PENDING, f"({waiting_since}", "+inf", 0, 1, withscores=True)
+            depth, oldest = await pipe.execute()
         metrics.queue_depth.set(depth)
-        metrics.oldest_queued.set(max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0)
+        metrics.oldest_queued.set(max(0.0, (now_ms - oldest[0][1]) / 1000) if oldest else 0)
     except (RedisError, OSError):
         pass  # the rest of the figures are still worth a scrape while Redis is down
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
+
+
+CHECK_OUTCOMES = {1: "worker_lost", 3: "expired", 4: "error"}
+
+
+def count_check(metrics: GatewayMetrics, job_id: str, result: int) -> None:
+    """Count what a ``check`` of the job did (event_log.check_stalled's results)."""
+    if result in CHECK_OUTCOMES:
+        metrics.jobs.labels(CHECK_OUTCOMES[result]).inc()
+    elif result == 2:
+        logger.warning(
+            "its worker died before any output; queued to run again", extra={"job_id": job_id}
+        )

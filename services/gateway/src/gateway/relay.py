@@ -20,7 +20,10 @@ Decisions a reader might want to undo:
   reads slower than its job's events come fills it and is paused: the loop leaves it out of
   its reads (never waiting on it) until the client has taken what it holds, then reads on
   from its cursor. However large the job, a client holds at most one mailbox.
-- A watchdog (watchdog.py) checks the jobs that have been silent for a while.
+- Other duties look at what the relay holds, and it knows none of them: renewing the
+  relayed jobs' ``watched`` keys (watched.py), checking its silent jobs (idle_check.py).
+- After ``redis_down_close_s`` without Redis it closes every stream cleanly (clients
+  resume, on this gateway or another, once Redis is back).
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ from shared.held_connection import HeldConnection
 from shared.settings import Settings
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
+from shared.timing import Timing
 
 from .metrics import GatewayMetrics
 from .reader import Reader, entry_key
-from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class _Job:
         self.prefix = b"id: " + job_id.encode() + b"_"
         self.readers: set[Reader] = set()
         self.last_activity = now
-        self.swept = now  # when the watchdog last had it read regardless of the doorbell
+        self.swept = now  # when the idle check last had it read regardless of the doorbell
         self.read_from: tuple[int, int] | None = None  # the start of the XREAD in flight
         self._cursor = b""
 
@@ -131,10 +134,6 @@ class Relay:
             asyncio.create_task(
                 supervise("relay-read", self._read_loop, lambda n: restarted(n).inc()),
                 name="relay-read",
-            ),
-            asyncio.create_task(
-                supervise("relay-watch", Watchdog(self).run, lambda n: restarted(n).inc()),
-                name="relay-watch",
             ),
             asyncio.create_task(self._close_on_shutdown(), name="relay-shutdown"),
         ]
@@ -233,6 +232,7 @@ class Relay:
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
                     logger.warning("relay lost Redis (%s); retrying", exc)
+                self._close_if_down_too_long()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -246,6 +246,17 @@ class Relay:
                 logger.info("relay reached Redis again")
                 self._redis_down_since = None
             delay = 0.05
+
+    def _close_if_down_too_long(self) -> None:
+        down = self._redis_down_since
+        if down is None or not self.jobs:
+            return
+        if self._now() - down > Timing.of(self.settings).redis_down_close_s:
+            # Streams may resume once Redis is back: close cleanly, clients reconnect.
+            logger.warning(
+                "Redis down for %.0f s: closing %d streams", self._now() - down, self.open_readers
+            )
+            self.close_all()
 
     async def _read_all(self) -> None:
         """One blocking XREAD over every stream this process relays."""
@@ -349,7 +360,7 @@ class Relay:
 
     def sweep(self, idle: list[str]) -> None:
         """In doorbell mode, read silent streams regardless, each at most every SWEEP_S, in
-        case a doorbell was trimmed away unread (reading 10,000 streams every watchdog tick
+        case a doorbell was trimmed away unread (reading 10,000 streams every idle check
         cost a third of the relay)."""
         if self._activity_cursor is None:
             return

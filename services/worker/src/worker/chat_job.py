@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from shared import events as ev
-from shared.event_log import Claim, EventLog
+from shared.event_log import Claim, EventLog, Turn
 from shared.roles import Role, Roles
 from shared.settings import Settings
 
@@ -88,6 +88,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     )
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
+    turn: Turn | None = None
     metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
@@ -99,8 +100,8 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
                 prompt = request.get("prompt") or request.get("messages")
                 logger.info("job %s prompt %r answer %r", job_id, prompt, text)
             if request.get("session") and "prompt" in request:
-                # Memory before `done`: a client that asks again at once sees this turn.
-                await ctx["sessions"].append(request["session"], request["prompt"], text)
+                # Written with `done`: a client that asks again at once sees this turn.
+                turn = ctx["sessions"].turn(request["session"], request["prompt"], text)
             final = done
         except AgentError as exc:
             logger.warning("job %s: the agent stopped: %s", job_id, exc)
@@ -143,7 +144,7 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
-            if final is not None and await _publish_final(publisher, final):
+            if final is not None and await _publish_final(publisher, final, turn):
                 metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
             over = final is not None or running.stop_reason not in (None, "handed back")
             if request.get("session") and over:
@@ -161,17 +162,17 @@ async def _hand_back_if_claimed(
     claim: asyncio.Future[Claim], log: EventLog, job_id: str, owner: str
 ) -> None:
     """Stopped while the claim was on its way: if it made this attempt the owner, hand the
-    job back now rather than leave it to the watchdog once the heartbeat lapses."""
+    job back now rather than leave it to the gateways once the heartbeat lapses."""
     with contextlib.suppress(Exception):
         if (await claim)[0] == "run" and await log.release(job_id, owner) > 0:
             logger.info("job %s handed back to the queue before any output", job_id)
 
 
-async def _publish_final(publisher: Publisher, final: ev.Event) -> bool:
-    """Publish the final event; a Redis failure is logged, not raised, so the job's
-    clean-up still runs (a gateway watchdog then ends the stream)."""
+async def _publish_final(publisher: Publisher, final: ev.Event, turn: Turn | None) -> bool:
+    """Publish the final event (and the session's turn with it); a Redis failure is logged,
+    not raised, so the job's clean-up still runs (a gateway then ends the stream)."""
     try:
-        return await publisher.close(final)
+        return await publisher.close(final, turn if isinstance(final, ev.Done) else None)
     except Exception as exc:
         logger.error("job %s: could not publish its final event: %s", publisher.job_id, exc)
         return False

@@ -1,15 +1,18 @@
 """Proves each running job alive, and stops the ones that should not go on.
 
-Every ``HEARTBEAT`` interval one round trip renews every running job's ``alive`` key (a
-gateway that sees it lapse ends the job: its worker is gone; ``RUNNING`` indexes when each
-lapses, so a gateway finds the job even when nobody reads it) and checks, per job, that this
-attempt still owns it (a cancel or a takeover ends the stream from outside) and, for a
-``GET /chat`` job, that some gateway still relays it. A job that fails a check has its task
-cancelled, which closes its upstream request.
+Every heartbeat interval one round trip (the library's ``beat``) renews every running
+attempt's ``alive`` key (a gateway that sees it lapse ends the job: its worker is gone;
+``RUNNING`` indexes when each lapses, so the janitor finds the job even when nobody reads
+it) and checks, per attempt, that it still owns its job (a cancel or a takeover ends the
+stream from outside) and, for a ``GET /chat`` job, that some gateway still relays it. An
+attempt that fails a check has its task cancelled, which closes its upstream request.
 
-The checks run in a script, a few hundred jobs per call: as separate commands they cost
+Attempts are tracked by their owner token, not their job: a job handed back may run again
+on this worker while its old attempt is still unwinding, and each has its own verdict.
+
+The checks run in Redis, a few hundred attempts per call: as separate commands they cost
 the worker ~40 µs of CPU per job and beat, most of its CPU once it holds a thousand slow
-streams.
+streams. Each beat also reads Redis's clock (``RedisClock``).
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.lua import Scripts
+from shared.functions import Functions
+from shared.redis_clock import RedisClock
+from shared.timing import CANCEL_FALLBACK_S, ENDED_MEMORY_S
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Running:
-    owner: str
+    job_id: str
+    owner: str  # the attempt's token: the job's meta hash names it while it owns the job
     watched: bool  # True for GET /chat jobs: cancelled when nobody reads them
     task: asyncio.Task[object]
     stop_reason: str | None = None  # "not-owner" or "unwatched" once the heartbeat stopped it
@@ -44,47 +50,26 @@ class Running:
     closing: bool = False
 
 
-# KEYS: the running index, the workers index, then per job its meta hash, alive key and
-# watched key. ARGV: alive ms, when the heartbeat lapses (ms), this worker's name, how many
-# ended jobs leave the index, their ids, then per job its id, this attempt's owner token and
-# '1' for a GET job (it needs a reader). Per job: 0 go on, 1 no longer this attempt's
-# (nothing renewed), 2 nobody relays it. The workers index is scored on Redis's clock (the
-# check that reads it runs there too); workers gone for a day leave it.
-BEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400000)
-local ended = tonumber(ARGV[4])
-for i = 5, 4 + ended do redis.call('ZREM', KEYS[1], ARGV[i]) end
-local a = 4 + ended
-local out = {}
-for i = 0, (#KEYS - 2) / 3 - 1 do
-  local meta, alive, watched = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
-  if redis.call('HGET', meta, 'owner') ~= ARGV[a + 2 + 3 * i] then
-    out[i + 1] = 1
-  else
-    redis.call('SET', alive, '1', 'PX', ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[a + 1 + 3 * i])
-    out[i + 1] = (ARGV[a + 3 + 3 * i] == '1' and redis.call('EXISTS', watched) == 0) and 2 or 0
-  end
-end
-return out
-"""
 BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between calls
-CANCEL_FALLBACK_S = 0.5  # the beat's interval while cancels are not followed
-ENDED_MEMORY_S = 60.0  # how long a cancel of a job not (yet) running here is remembered
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, interval_s: float, alive_ms: int, name: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        interval_s: float,
+        alive_ms: int,
+        name: str,
+        clock: RedisClock | None = None,
+    ) -> None:
         self.redis = redis
         self.name = name  # in the workers index, beaten even while idle
         self.interval_s = interval_s
         self.alive_ms = alive_ms
-        self._scripts = Scripts(redis)
-        self.jobs: dict[str, Running] = {}
-        self._finished: list[str] = []  # to leave the RUNNING index at the next beat
+        self.clock = clock or RedisClock()
+        self._functions = Functions(redis)
+        self.attempts: dict[str, Running] = {}  # by running index member, "<job id> <owner>"
+        self._finished: list[str] = []  # running index members to drop at the next beat
         # Jobs ended from outside before they were tracked here (a cancel between the claim
         # and ``track``), by when the note is forgotten.
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -95,15 +80,16 @@ class Heartbeat:
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
         task = asyncio.current_task()
         assert task is not None
-        running = Running(owner, watched, task)
-        self.jobs[job_id] = running
+        running = Running(job_id, owner, watched, task)
+        member = f"{job_id} {owner}"
+        self.attempts[member] = running
         if self._ended.pop(job_id, None) is not None:
             self._stop(running, "not-owner")
         try:
             yield running
         finally:
-            self.jobs.pop(job_id, None)
-            self._finished.append(job_id)
+            del self.attempts[member]
+            self._finished.append(member)
 
     async def run(self) -> None:
         """Beat at once (a new worker counts as alive from its start), then every interval;
@@ -139,26 +125,30 @@ class Heartbeat:
         self._wake.clear()
 
     async def beat(self) -> None:
-        jobs = list(self.jobs.items())
-        lapses_at = int(time.time() * 1000) + self.alive_ms
+        attempts = list(self.attempts.values())
         finished, self._finished = self._finished, []
         calls = []
-        for start in range(0, max(len(jobs), 1), BEAT_BATCH):
-            script_keys = [keys.RUNNING, keys.WORKERS]
+        for start in range(0, max(len(attempts), 1), BEAT_BATCH):
+            function_keys = [keys.RUNNING, keys.WORKERS]
             ended = finished if start == 0 else []
-            args: list[str | int] = [self.alive_ms, lapses_at, self.name, len(ended), *ended]
-            for job_id, running in jobs[start : start + BEAT_BATCH]:
-                script_keys += [
-                    keys.meta_key(job_id),
-                    keys.alive_key(job_id),
-                    keys.watched_key(job_id),
+            args: list[str | int] = [self.alive_ms, self.name, len(ended), *ended]
+            for running in attempts[start : start + BEAT_BATCH]:
+                function_keys += [
+                    keys.meta_key(running.job_id),
+                    keys.alive_key(running.job_id),
+                    keys.watched_key(running.job_id),
                 ]
-                args += [job_id, running.owner, "1" if running.watched else "0"]
-            calls.append((script_keys, args))
-        verdicts = []
-        for batch in await self._scripts.run_all(BEAT, calls):
-            verdicts += batch
-        for (_, running), verdict in zip(jobs, verdicts, strict=True):
+                args += [running.job_id, running.owner, "1" if running.watched else "0"]
+            calls.append((function_keys, args))
+        sent_at = self.clock.local()
+        try:
+            replies = await self._functions.call_all("beat", calls)
+        except BaseException:
+            self._finished[:0] = finished  # not dropped yet: the next beat tries again
+            raise
+        self.clock.observe(replies[0][0], sent_at, self.clock.local())
+        verdicts = [verdict for reply in replies for verdict in reply[1:]]
+        for running, verdict in zip(attempts, verdicts, strict=True):
             if verdict == 1:
                 self._stop(running, "not-owner")
             elif verdict == 2:
@@ -167,9 +157,10 @@ class Heartbeat:
     def stop_ended(self, job_id: str) -> None:
         """The job was ended from outside (cancelled): stop it now if it runs here, or as
         soon as it is tracked, if that comes within a minute (its claim may be on its way)."""
-        running = self.jobs.get(job_id)
-        if running is not None:
+        stopped = [r for r in self.attempts.values() if r.job_id == job_id]
+        for running in stopped:
             self._stop(running, "not-owner")
+        if stopped:
             return
         now = time.monotonic()
         while self._ended and next(iter(self._ended.values())) < now:

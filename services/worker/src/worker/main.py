@@ -23,12 +23,14 @@ from shared import keys, tool_catalog
 from shared.event_log import EventLog
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
+from shared.redis_clock import RedisClock
 from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
+from shared.timing import Timing
 
 from .agent import OpenAIAgent
 from .agents import Agent, load_agent
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    timing = Timing.of(settings)
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
     ctx["metrics"].serve(settings.metrics_port, listen_host())
@@ -54,15 +57,16 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         settings.session_max_turns,
         settings.session_max_chars,
         settings.session_retention_s,
-        lock_ttl_s=int(settings.job_timeout_s),
+        lock_ttl_s=timing.session_lock_s,
     )
-    ctx["event_log"] = EventLog(redis, settings.stream_retention_s, settings.queue_timeout_s)
+    ctx["event_log"] = EventLog(redis, timing)
     ctx["batcher"] = Batcher(ctx["event_log"], redis_patience_s=settings.worker_lost_timeout_s)
     heartbeat = Heartbeat(
         redis,
-        interval_s=settings.heartbeat_interval_s,
-        alive_ms=int(settings.alive_ttl_s * 1000),
+        interval_s=timing.heartbeat_s,
+        alive_ms=timing.alive_ms,
         name=ctx["worker_name"],
+        clock=ctx["clock"],
     )
     ctx["heartbeat"] = heartbeat
     metrics: WorkerMetrics = ctx["metrics"]
@@ -141,6 +145,7 @@ def create_worker(
             "roles": roles,
             "agent": agent,
             "metrics": metrics,
+            "clock": RedisClock(),  # the heartbeat reads Redis's; pickup.py asks it
         },
         max_jobs=settings.worker_max_jobs,
         # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in

@@ -9,11 +9,12 @@ before our own claim. Here:
   it is enqueued (oldest first, several at once when it has room for them). A poll of
   arq's queue still runs every ``poll_delay`` as a fallback, for jobs that have waited
   ``POLL_AFTER_S`` (a wake-up lost or trimmed): younger ones belong to the wake-ups.
-- The event log's claim takes the job off arq's queue in the same script that makes this
-  worker its owner and writes ``started``. A job running is then in the gateways'
-  watchdog's hands (its heartbeat), not arq's, so arq's in-progress key, retry count and
-  result are not kept: a job handed back is queued again under a fresh arq id, and one
-  whose worker died is re-queued or ended by the watchdog, never run twice by arq.
+- The event log's claim takes the job off arq's queue in the same step that makes this
+  worker its owner and writes ``started``. A job running is then in the gateways' hands
+  (its heartbeat, their idle check and janitor), not arq's, so arq's in-progress key,
+  retry count and result are not kept: a job handed back is queued again under a fresh
+  arq id, and one whose worker died is re-queued or ended by the gateways, never run
+  twice by arq.
 - A new job's wake-up carries its request (when small): the job sends it to the LLM at
   once, while its claim is on its way, and closes it again in the rare case the claim
   says no (the job was cancelled meanwhile). The claim's round trip is thus off the path to
@@ -40,14 +41,13 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.event_log import Claim, EventLog
 from shared.logs import job_id_var
+from shared.redis_clock import RedisClock
 from shared.redis_conn import connect
-from shared.settings import Settings
+from shared.timing import EARLY_WITHIN_S, POLL_AFTER_S
 
 logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "chat"  # the one kind of job: ``chat(ctx, job_id)``
-POLL_AFTER_S = 1.0  # the fallback poll takes jobs that have waited this long
-EARLY_WITHIN_S = 1.0  # a request is sent before its claim only this soon after its enqueue
 
 
 class PushWorker(Worker):
@@ -111,7 +111,8 @@ class PushWorker(Worker):
     async def _poll(self) -> None:
         """arq's poll, as the fallback: jobs that have waited ``POLL_AFTER_S``."""
         if self._free_slots() > 0:
-            waited = int((time.time() - POLL_AFTER_S) * 1000)
+            clock: RedisClock = self.ctx["clock"]
+            waited = clock.now_ms() - int(POLL_AFTER_S * 1000)  # queued on Redis's clock
             found = await self.pool.zrangebyscore(
                 self.queue_name, "-inf", waited, start=0, num=self.queue_read_limit
             )
@@ -132,8 +133,9 @@ class PushWorker(Worker):
         room = 0 if self._stopping else self._free_slots()
         jobs: dict[str, bytes | None] = {}
         left: list[bytes] = []
+        now_ms = self.ctx["clock"].now_ms()
         for wake_up in wake_ups:
-            arq_id, early = _parse_wake_up(wake_up)
+            arq_id, early = _parse_wake_up(wake_up, now_ms)
             if arq_id in self.tasks or arq_id in jobs:
                 continue
             if len(jobs) < room:
@@ -146,12 +148,8 @@ class PushWorker(Worker):
         ]
         if not attempts:
             return left
-        settings: Settings = self.ctx["settings"]
         log: EventLog = self.ctx["event_log"]
-        claims = _each(
-            asyncio.ensure_future(log.claim_many(attempts, int(settings.alive_ttl_s * 1000))),
-            len(attempts),
-        )
+        claims = _each(asyncio.ensure_future(log.claim_many(attempts)), len(attempts))
         # Let the claim reach the socket before the jobs start: their first step builds the
         # LLM request (~2 ms of CPU in the SDK), which would otherwise go first (measured:
         # enqueue -> started 2.1 ms without this, 0.7 ms with it).
@@ -214,12 +212,12 @@ class PushWorker(Worker):
         await self.wake_redis.aclose()
 
 
-def _parse_wake_up(wake_up: bytes) -> tuple[str, bytes | None]:
+def _parse_wake_up(wake_up: bytes, now_ms: int) -> tuple[str, bytes | None]:
     """A wake-up (or a bare arq id from the poll): the arq id, and the request if it
-    carries one recent enough to send before the claim."""
+    carries one recent enough to send before the claim (both times Redis's)."""
     arq_id, _, rest = wake_up.partition(b" ")
     enqueued_ms, _, request = rest.partition(b" ")
-    if not request or time.time() * 1000 - int(enqueued_ms) > EARLY_WITHIN_S * 1000:
+    if not request or now_ms - int(enqueued_ms) > EARLY_WITHIN_S * 1000:
         return arq_id.decode(), None
     return arq_id.decode(), request
 

@@ -1,0 +1,63 @@
+"""The relay's look at its own silent jobs: every tick, each relayed job that delivered
+nothing for a tick and whose worker's heartbeat has lapsed is checked in Redis (the
+library's ``check``). It ends those whose worker stopped after output or that no worker
+started in time (the end is written to the stream, so every reader on every gateway sees
+the same final event), queues again those whose worker died before any output, and tells
+this gateway's readers of jobs Redis no longer knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.event_log import EventLog
+from shared.timing import Timing
+
+from .metrics import GatewayMetrics, count_check
+from .relay import Relay
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000  # jobs per MGET
+
+
+class IdleCheck:
+    def __init__(
+        self, relay: Relay, log: EventLog, metrics: GatewayMetrics, timing: Timing
+    ) -> None:
+        self.relay = relay
+        self.log = log
+        self.metrics = metrics
+        self.tick = timing.watch_tick_s
+
+    async def run(self) -> None:
+        loop_time = asyncio.get_running_loop().time  # the relay's clock
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                await self.check(loop_time() - self.tick)
+            except RedisError as exc:
+                logger.debug("idle check: Redis unreachable (%s)", exc)
+
+    async def check(self, idle_since: float) -> None:
+        idle = self.relay.idle_since(idle_since)
+        if not idle:
+            return
+        self.relay.sweep(idle)
+        # A job whose worker's heartbeat is alive needs no check: one MGET tells them
+        # apart, so slow streams (a token a second, thousands of them) cost no call each.
+        async with self.relay.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(idle), BATCH):
+                pipe.mget([keys.alive_key(job_id) for job_id in idle[start : start + BATCH]])
+            alive = [v for batch in await pipe.execute() for v in batch]
+        idle = [job_id for job_id, beating in zip(idle, alive, strict=True) if beating is None]
+        if not idle:
+            return
+        for job_id, result in (await self.log.check_stalled(idle)).items():
+            count_check(self.metrics, job_id, result)
+            if result == -1:
+                self.relay.end_lost(job_id)

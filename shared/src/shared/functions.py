@@ -1,0 +1,113 @@
+"""Calling the Redis Functions library (streamgate.lua): loaded on first use, reloaded when
+Redis lost it or holds another text under this version, called many times per round trip.
+
+The library is named for ``VERSION`` and so is every function in it (``sg<VERSION>_claim``):
+bump it whenever a function's keys, arguments or replies change, and processes of the old
+and the new release each call their own during a rolling upgrade. A library of an older
+version stays in Redis until ``FUNCTION DELETE streamgate_v<old>``.
+
+FCALL goes straight on the wire: redis-py's pipeline object costs ~40 µs more CPU per round
+trip than writing the commands at once on one held connection (84 vs 43 µs measured), and
+a worker makes a round trip per token when tokens trickle in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .held_connection import HeldConnection
+
+VERSION = 1
+LIBRARY = f"streamgate_v{VERSION}"
+SOURCE = Path(__file__).with_name("streamgate.lua")
+
+Call = tuple[Sequence[str], Sequence[bytes | str | int]]  # a call's KEYS and ARGV
+
+
+def library_code() -> str:
+    return f"#!lua name={LIBRARY}\nlocal PREFIX = 'sg{VERSION}_'\n" + SOURCE.read_text()
+
+
+def _missing(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and "Function not found" in str(reply)
+
+
+class Functions:
+    """The library's functions, as one process calls them (one per Redis client)."""
+
+    _code = ""  # read once per process
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._held = HeldConnection(redis)
+        self._checked = False
+        self._loading: asyncio.Lock | None = None
+
+    @classmethod
+    def code(cls) -> str:
+        if not cls._code:
+            cls._code = library_code()
+        return cls._code
+
+    async def ensure_loaded(self, force: bool = False) -> None:
+        """Load the library unless Redis holds this very text (``force``: whatever it holds,
+        as after a "Function not found")."""
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            if self._checked and not force:
+                return
+            code = self.code()
+            listed = await self._held.call("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY, "WITHCODE")
+            held = [
+                _field(lib, b"library_code")
+                for lib in listed
+                if _field(lib, b"library_name") == LIBRARY.encode()
+            ]
+            if held != [code.encode()]:
+                await self._held.call("FUNCTION", "LOAD", "REPLACE", code)
+            self._checked = True
+
+    async def call_many(self, name: str, calls: Sequence[Call]) -> list[Any]:
+        """Call function ``name`` once per ``(keys, args)``, in order, in one round trip;
+        per call, its result or the error Redis gave for it alone."""
+        if not self._checked:
+            await self.ensure_loaded()
+        function = f"sg{VERSION}_{name}"
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            replies = await self._held.run(
+                [("FCALL", function, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo]
+            )
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+            todo = [i for i in todo if _missing(results[i])]
+            if not todo or attempt == 1:
+                break
+            await self.ensure_loaded(force=True)  # Redis restarted empty, or was flushed
+        return results
+
+    async def call_all(self, name: str, calls: Sequence[Call]) -> list[Any]:
+        """``call_many`` for callers that need every call to succeed: the first error raised."""
+        results = await self.call_many(name, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[bytes | str | int]) -> Any:
+        (result,) = await self.call_all(name, [(keys, args)])
+        return result
+
+
+def _field(library: list[Any], name: bytes) -> Any:
+    """A field of one FUNCTION LIST entry (a flat [name, value, ...] list, RESP2)."""
+    pairs = dict(zip(library[::2], library[1::2], strict=True))
+    return pairs.get(name)

@@ -1,0 +1,373 @@
+-- Streamgate's Redis Functions: every step of a job's life that must be atomic.
+--
+-- The state machine these functions implement is drawn in docs/architecture.md ("A job's
+-- life"). functions.py loads this file as the library `streamgate_v<VERSION>` and names
+-- each function `sg<VERSION>_<name>` (the `PREFIX` it prepends below), so processes of two
+-- releases can share one Redis during a rolling upgrade. Python calls each through one
+-- typed wrapper (event_log.py, heartbeat.py, sessions.py, ...).
+--
+-- Rules every function keeps:
+-- * Every key it touches is declared in KEYS (Redis Cluster needs that), unpacked into named
+--   locals at the top; ARGV likewise.
+-- * Time is Redis's own (`TIME`): the hosts' clocks never meet in a comparison.
+-- * A job's keys carry the hash tag {<job id>}; its meta hash holds its state:
+--     owner     '' waiting, '<worker>:<hex>' the attempt running it, '-' ended
+--     final     '1' once the final event is written (nothing follows it)
+--     published '1' once the job streamed output (it never runs again)
+--     batch     the owning attempt's last applied append (retries are not written twice)
+--     requeues  how often it was handed back; started, kind, request, key
+-- * The running index holds one member per running attempt, '<job id> <owner>', scored
+--   by when its heartbeat lapses; the waiting set one per arq id queued, scored by when.
+
+local ACTIVITY_LEN = 100000 -- doorbell entries kept (approximately): seconds of writes
+local DAY_MS = 86400000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function job_id_of(meta)
+  return meta:match('{(.-)}')
+end
+
+local function attempt(job_id, owner)
+  return job_id .. ' ' .. owner
+end
+
+local function owned_by(owner)
+  return owner and owner ~= '' and owner ~= '-'
+end
+
+-- A job's keys, in the order every job function's KEYS start with.
+local function job_keys(keys)
+  return {
+    meta = keys[1], events = keys[2], alive = keys[3], deadline = keys[4],
+    activity = keys[5], running = keys[6],
+  }
+end
+
+-- Every write to a job's stream rings the doorbell (gateway/relay.py).
+local function ring(j)
+  redis.call('XADD', j.activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', j.events)
+end
+
+-- The one final event: nothing is written to the stream after it.
+local function finalize(j, data, retention_s)
+  redis.call('XADD', j.events, '*', 'd', data, 'f', '1')
+  ring(j)
+  local owner = redis.call('HGET', j.meta, 'owner')
+  if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
+  redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
+  redis.call('EXPIRE', j.meta, retention_s)
+  redis.call('EXPIRE', j.events, retention_s)
+  redis.call('DEL', j.alive, j.deadline)
+end
+
+-- A job's keys outlive whatever may still happen to it (a wait, a run, the retention).
+local function extend(j, ttl_s)
+  redis.call('EXPIRE', j.meta, ttl_s, 'GT')
+  redis.call('EXPIRE', j.events, ttl_s, 'GT')
+end
+
+-- Put a job on arq's queue (what arq's enqueue_job writes, without its WATCH round trips:
+-- our arq ids are never reused), count it as waiting and wake a worker.
+local function queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last, wake_entry)
+  redis.call('PSETEX', q.arq_job, queue_timeout_ms, payload)
+  redis.call('ZADD', q.queue, now, arq_id)
+  redis.call('ZADD', q.pending, now, arq_id)
+  redis.call('LPUSH', q.wake, wake_entry or arq_id)
+  redis.call('LTRIM', q.wake, 0, wake_last)
+end
+
+-- A job that produced no output goes back to the queue unless it was handed back too
+-- often already: a job that kills every worker must not run forever. Returns the number of
+-- hand-backs so far, or -1 if it ended the job.
+local function hand_back(j, h)
+  local count = redis.call('HINCRBY', j.meta, 'requeues', 1)
+  if count > tonumber(h.max_requeues) then
+    finalize(j, h.too_many, h.retention_s)
+    return -1
+  end
+  local owner = redis.call('HGET', j.meta, 'owner')
+  if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
+  redis.call('HSET', j.meta, 'owner', '')
+  redis.call('DEL', j.alive)
+  redis.call('SET', j.deadline, '1', 'PX', h.queue_timeout_ms)
+  extend(j, h.queued_ttl_s)
+  return count
+end
+
+local function register(name, callback, flags)
+  redis.register_function{function_name = PREFIX .. name, callback = callback, flags = flags}
+end
+
+-- create: a new job, unless the queue is full: its meta hash, its stream with the
+-- `queued` event (its place filled in here), its arq job, a worker woken. The wake-up is
+-- the arq id, then, for a small request, the enqueue time and the request, so the worker
+-- that pops it can call the LLM while its claim is on its way (worker/pickup.py).
+-- Returns the job's place in the queue, or minus the jobs waiting (writing nothing).
+-- Jobs that waited past the queue timeout do not count: the janitor ends them.
+register('create', function(keys, args)
+  local j = job_keys(keys)
+  local pending, queue, wake, watched, arq_job = keys[7], keys[8], keys[9], keys[10], keys[11]
+  local kind, request, queued_before, queued_after, queue_timeout_ms, ttl_s, watched_ms,
+        key_digest, max_queued, arq_id, payload, wake_last, wake_request_max = unpack(args)
+  local now = now_ms()
+  local waiting = redis.call('ZCOUNT', pending, '(' .. (now - tonumber(queue_timeout_ms)), '+inf')
+  if waiting >= tonumber(max_queued) then return -waiting end
+  redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest)
+  redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
+  ring(j)
+  redis.call('SET', j.deadline, '1', 'PX', queue_timeout_ms)
+  if watched_ms ~= '0' then redis.call('SET', watched, '1', 'PX', watched_ms) end
+  redis.call('EXPIRE', j.meta, ttl_s)
+  redis.call('EXPIRE', j.events, ttl_s)
+  local wake_entry = arq_id
+  if #request <= tonumber(wake_request_max) then
+    wake_entry = arq_id .. ' ' .. now .. ' ' .. request
+  end
+  local q = {arq_job = arq_job, queue = queue, pending = pending, wake = wake}
+  queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last, wake_entry)
+  return waiting + 1
+end)
+
+-- claim: make an attempt the job's owner. The arq id it came under leaves arq's queue and
+-- the waiting set whatever the outcome (arq's bookkeeping of a running job is ours, see
+-- worker/pickup.py). Returns {status}, or {'run', request}. A job that already streamed
+-- output is never run again; a GET job whose readers all left while it waited ends here,
+-- before a single upstream token is paid for.
+register('claim', function(keys, args)
+  local j = job_keys(keys)
+  local pending, queue, watched, arq_job = keys[7], keys[8], keys[9], keys[10]
+  local owner, alive_ms, started, worker_lost, no_worker, retention_s, queued_as,
+        check_readers, client_gone, run_ttl_s = unpack(args)
+  redis.call('ZREM', pending, queued_as)
+  redis.call('ZREM', queue, queued_as)
+  redis.call('DEL', arq_job)
+  if redis.call('EXISTS', j.meta) == 0 then return {'gone'} end
+  if redis.call('HEXISTS', j.meta, 'final') == 1 then return {'final'} end
+  local previous = redis.call('HGET', j.meta, 'owner')
+  if owned_by(previous) then
+    if redis.call('EXISTS', j.alive) == 1 then return {'busy'} end
+  elseif redis.call('EXISTS', j.deadline) == 0 then
+    finalize(j, no_worker, retention_s)
+    return {'expired'}
+  end
+  if redis.call('HEXISTS', j.meta, 'published') == 1 then
+    finalize(j, worker_lost, retention_s)
+    return {'lost'}
+  end
+  if check_readers == '1' and redis.call('HGET', j.meta, 'kind') == 'get'
+      and redis.call('EXISTS', watched) == 0 then
+    finalize(j, client_gone, retention_s)
+    return {'unwatched'}
+  end
+  local job_id = job_id_of(j.meta)
+  if owned_by(previous) then redis.call('ZREM', j.running, attempt(job_id, previous)) end
+  local now = now_ms()
+  redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
+  redis.call('SET', j.alive, '1', 'PX', alive_ms)
+  redis.call('ZADD', j.running, now + tonumber(alive_ms), attempt(job_id, owner))
+  redis.call('DEL', j.deadline)
+  extend(j, run_ttl_s)
+  if redis.call('HSETNX', j.meta, 'started', '1') == 1 then
+    redis.call('XADD', j.events, '*', 'd', started)
+    ring(j)
+  end
+  return {'run', redis.call('HGET', j.meta, 'request')}
+end)
+
+-- append: a batch of the owning attempt's events. A batch number at or below the last one
+-- applied is a retry of a batch whose reply was lost: acknowledged, not written twice.
+-- With the final event may come the session's new turn (KEYS[7]), written in the same
+-- step: memory never holds a turn whose answer the client saw fail. ARGV after the fixed
+-- ones: (event, is final) pairs. Returns 1 written (or a retry), 0 not this attempt's.
+register('append', function(keys, args)
+  local j = job_keys(keys)
+  local turns = keys[7]
+  local owner, retention_s, published, batch, turn, max_turns, turns_retention_s = unpack(args)
+  if redis.call('HGET', j.meta, 'owner') ~= owner then return 0 end
+  if tonumber(batch) <= tonumber(redis.call('HGET', j.meta, 'batch') or '0') then return 1 end
+  redis.call('HSET', j.meta, 'batch', batch)
+  if published == '1' then redis.call('HSET', j.meta, 'published', '1') end
+  for i = 8, #args, 2 do
+    if args[i + 1] == '1' then
+      if turns and turn ~= '' then
+        redis.call('RPUSH', turns, turn)
+        redis.call('LTRIM', turns, -tonumber(max_turns), -1)
+        redis.call('EXPIRE', turns, turns_retention_s)
+      end
+      finalize(j, args[i], retention_s)
+      return 1
+    end
+    redis.call('XADD', j.events, '*', 'd', args[i])
+  end
+  ring(j)
+  return 1
+end)
+
+-- release: an attempt that stops before any output (shutdown) hands the job back and
+-- queues it for arq again, in one step: a worker shutting down may not get a second one.
+-- Returns 0 if it was not ours or had output, else as hand_back.
+register('release', function(keys, args)
+  local j = job_keys(keys)
+  local q = {pending = keys[7], queue = keys[8], wake = keys[9], arq_job = keys[10]}
+  local owner, queue_timeout_ms, max_requeues, too_many, retention_s, queued_ttl_s, arq_id,
+        payload, wake_last = unpack(args)
+  if redis.call('HGET', j.meta, 'owner') ~= owner then return 0 end
+  if redis.call('HEXISTS', j.meta, 'published') == 1 then return 0 end
+  local count = hand_back(j, {
+    max_requeues = max_requeues, too_many = too_many, retention_s = retention_s,
+    queue_timeout_ms = queue_timeout_ms, queued_ttl_s = queued_ttl_s,
+  })
+  if count > 0 then queue_again(q, queue_timeout_ms, arq_id, payload, now_ms(), wake_last) end
+  return count
+end)
+
+-- end: end a job from outside (a cancel) unless it has ended, and tell its worker on the
+-- ended-jobs channel. Returns 1 ended now, 0 ended before, -1 unknown.
+register('end', function(keys, args)
+  local j = job_keys(keys)
+  local error_event, retention_s, channel = unpack(args)
+  if redis.call('EXISTS', j.meta) == 0 then return -1 end
+  if redis.call('HEXISTS', j.meta, 'final') == 1 then return 0 end
+  finalize(j, error_event, retention_s)
+  -- pcall: a Redis user without the channel is told by the heartbeat instead
+  redis.pcall('PUBLISH', channel, job_id_of(j.meta))
+  return 1
+end)
+
+-- check: a gateway's look at a job it relays that has been silent, or that the janitor found
+-- lapsed in the running index or late in the waiting set (ARGV names those members; each
+-- leaves its index once the job no longer needs it there). Returns 0 healthy or already
+-- ended, -1 unknown, 1 ended now (worker lost: it had output, or no worker is alive to run
+-- it again), 2 handed back and queued again (its worker died before any output), 3 ended
+-- now (no worker started it in time), 4 ended now (handed back too often).
+register('check', function(keys, args)
+  local j = job_keys(keys)
+  local q = {pending = keys[7], queue = keys[8], wake = keys[9], arq_job = keys[10]}
+  local workers = keys[11]
+  local worker_lost, no_worker, retention_s, queue_timeout_ms, max_requeues, too_many,
+        queued_ttl_s, arq_id, payload, wake_last, running_member, pending_member = unpack(args)
+  local function settled(result)
+    if running_member ~= '' then redis.call('ZREM', j.running, running_member) end
+    if pending_member ~= '' then redis.call('ZREM', q.pending, pending_member) end
+    return result
+  end
+  if redis.call('EXISTS', j.meta) == 0 then return settled(-1) end
+  if redis.call('HEXISTS', j.meta, 'final') == 1 then return settled(0) end
+  local owner = redis.call('HGET', j.meta, 'owner')
+  if owned_by(owner) then
+    if pending_member ~= '' then redis.call('ZREM', q.pending, pending_member) end
+    local current = attempt(job_id_of(j.meta), owner)
+    if running_member ~= '' and running_member ~= current then
+      redis.call('ZREM', j.running, running_member) -- an attempt that has since ended
+    end
+    if redis.call('EXISTS', j.alive) == 1 then return 0 end
+    local now = now_ms()
+    if redis.call('HEXISTS', j.meta, 'published') == 1
+        or redis.call('ZCOUNT', workers, '(' .. now, '+inf') == 0 then
+      finalize(j, worker_lost, retention_s)
+      return 1
+    end
+    local count = hand_back(j, {
+      max_requeues = max_requeues, too_many = too_many, retention_s = retention_s,
+      queue_timeout_ms = queue_timeout_ms, queued_ttl_s = queued_ttl_s,
+    })
+    if count < 0 then return 4 end
+    queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last)
+    return 2
+  end
+  if running_member ~= '' then redis.call('ZREM', j.running, running_member) end
+  if redis.call('EXISTS', j.deadline) == 1 then return 0 end
+  finalize(j, no_worker, retention_s)
+  return settled(3)
+end)
+
+-- due: the janitor's work, read on Redis's clock: running attempts whose heartbeat lapsed
+-- and arq ids that waited past the queue timeout, at most `limit` of each.
+register('due', function(keys, args)
+  local running, pending = keys[1], keys[2]
+  local limit, queue_timeout_ms = unpack(args)
+  local now = now_ms()
+  return {
+    redis.call('ZRANGEBYSCORE', running, '-inf', now, 'LIMIT', 0, limit),
+    redis.call('ZRANGEBYSCORE', pending, '-inf', now - tonumber(queue_timeout_ms), 'LIMIT', 0, limit),
+  }
+end, {'no-writes'})
+
+-- beat: a worker's heartbeat. The worker counts as alive (KEYS[2], idle ones too); each
+-- attempt it runs that still owns its job is renewed; attempts that ended leave the running
+-- index. KEYS after the two indexes: per job its meta hash, alive key and watched key.
+-- ARGV: alive ms, worker name, the number of ended attempts, their members, then per job
+-- its id, the attempt's owner and '1' for a GET job (it needs a reader). Returns Redis's
+-- time (ms), then per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody
+-- relays it. Workers silent for a day leave the workers index.
+register('beat', function(keys, args)
+  local running, workers = keys[1], keys[2]
+  local alive_ms, name, ended = tonumber(args[1]), args[2], tonumber(args[3])
+  local now = now_ms()
+  redis.call('ZADD', workers, now + alive_ms, name)
+  redis.call('ZREMRANGEBYSCORE', workers, '-inf', now - DAY_MS)
+  for i = 4, 3 + ended do redis.call('ZREM', running, args[i]) end
+  local a = 3 + ended
+  local out = {now}
+  for i = 0, (#keys - 2) / 3 - 1 do
+    local meta, alive, watched = keys[3 + 3 * i], keys[4 + 3 * i], keys[5 + 3 * i]
+    local job_id, owner, needs_reader = args[a + 1 + 3 * i], args[a + 2 + 3 * i], args[a + 3 + 3 * i]
+    if redis.call('HGET', meta, 'owner') ~= owner then
+      out[i + 2] = 1
+    else
+      redis.call('SET', alive, '1', 'PX', alive_ms)
+      redis.call('ZADD', running, now + alive_ms, attempt(job_id, owner))
+      out[i + 2] = (needs_reader == '1' and redis.call('EXISTS', watched) == 0) and 2 or 0
+    end
+  end
+  return out
+end)
+
+-- watch: mark every job in KEYS (their watched keys) as read, for ARGV[1] ms: one call for
+-- a thousand relayed jobs.
+register('watch', function(keys, args)
+  for _, key in ipairs(keys) do redis.call('SET', key, '1', 'PX', args[1]) end
+  return #keys
+end)
+
+-- lease: hold KEYS[1] for ARGV[1] (a holder's name) for ARGV[2] ms, if free or already
+-- its own. Returns 1 held, 0 held by another.
+register('lease', function(keys, args)
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then return 0 end
+  redis.call('SET', keys[1], args[1], 'PX', args[2])
+  return 1
+end)
+
+-- take: one chat from a caller's sliding window (KEYS[1]), the chats of the last window,
+-- one member each. ARGV: window ms, limit, a new member. Returns {1, 0} taken, or
+-- {0, seconds until a chat leaves the window}.
+register('take', function(keys, args)
+  local window = keys[1]
+  local window_ms, limit, member = tonumber(args[1]), tonumber(args[2]), args[3]
+  local now = now_ms()
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', now - window_ms)
+  if redis.call('ZCARD', window) >= limit then
+    local oldest = tonumber(redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')[2])
+    return {0, math.ceil((oldest + window_ms - now) / 1000)}
+  end
+  redis.call('ZADD', window, now, member)
+  redis.call('PEXPIRE', window, window_ms)
+  return {1, 0}
+end)
+
+-- unlock: free a session (KEYS[1], its lock) held by job ARGV[1]. Returns 1 if it did.
+register('unlock', function(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then return redis.call('DEL', keys[1]) end
+  return 0
+end)
+
+-- refresh: give a session's lock, held by job ARGV[1], ARGV[2] s to live again.
+register('refresh', function(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then return redis.call('EXPIRE', keys[1], args[2]) end
+  return 0
+end)

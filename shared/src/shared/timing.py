@@ -1,0 +1,85 @@
+"""Every timing rule of a job's life, derived from the settings in one place, each with
+its reason. The contract's promises these rules keep: a dead worker's job ends (or runs
+again) within ``WORKER_LOST_TIMEOUT_S``; a GET job nobody reads is cancelled after
+``DISCONNECT_GRACE_S``; a job no worker starts within ``QUEUE_TIMEOUT_S`` ends; a job runs
+at most ``JOB_TIMEOUT_S``; a finished job's events stay readable ``STREAM_RETENTION_S``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .settings import Settings
+
+# Fixed rules, not settings:
+MAX_REQUEUES = 3  # hand-backs of a job before any output: one that kills every worker ends
+POLL_AFTER_S = 1.0  # the workers' fallback poll takes queued jobs this old: younger ones
+# belong to their wake-ups, so two workers never race for one
+EARLY_WITHIN_S = 1.0  # a wake-up's request is sent before its claim only this soon after
+# the enqueue: an older one may belong to a job cancelled meanwhile, a request paid for
+CANCEL_FALLBACK_S = 0.5  # the heartbeat's interval while cancels are not followed by
+# pub/sub: its ownership check then carries them, within the contract's second
+ENDED_MEMORY_S = 60.0  # a cancel heard before its job is tracked here (its claim on its
+# way) is remembered this long
+
+
+@dataclass(frozen=True)
+class Timing:
+    alive_ms: int
+    """A running attempt's heartbeat key lives this long unless renewed: 0.7 of
+    WORKER_LOST_TIMEOUT_S, so that with one ``watch_tick_s`` (at most a quarter) for a
+    gateway to notice, the job ends within the timeout."""
+    watch_tick_s: float
+    """How often a gateway looks at its silent jobs and the janitor sweeps: at most a
+    quarter of the timeouts it enforces, and at least once a second."""
+    heartbeat_s: float
+    """How often a worker beats: three beats per heartbeat lifetime (one lost beat is
+    survived), and three per disconnect grace (a GET job nobody reads stops in time)."""
+    watched_renew_s: float
+    """How often a gateway marks the jobs it relays as read: three times per grace."""
+    watched_ms: int
+    """A renewal's lifetime: generous (a busy gateway may renew late); the grace proper
+    starts when the last reader leaves, set to exactly ``grace_ms``."""
+    grace_ms: int
+    """DISCONNECT_GRACE_S: a GET job with no reader for this long is cancelled."""
+    queue_timeout_ms: int
+    """QUEUE_TIMEOUT_S: how long a job may wait for a worker, each time it is queued."""
+    queued_ttl_s: int
+    """Each time a job is queued (created, handed back) its keys are given this long at
+    least: a wait, a whole run, the retention."""
+    run_ttl_s: int
+    """Each claim extends them to this at least: a whole run, a lapse being noticed, the
+    retention (a job handed back several times may run long after it was created)."""
+    retention_s: int
+    """STREAM_RETENTION_S: a job's keys live this long after its final event."""
+    session_lock_s: int
+    """A session's lock outlives its job's wait and run; a lock past it is taken over."""
+    redis_down_close_s: float
+    """A gateway that cannot reach Redis closes its streams after this (clients resume
+    elsewhere): long enough for Redis to restart, so a reader learns its job survived."""
+    janitor_lease_ms: int
+    """The fleet-wide sweep's lease: held by one gateway, taken over by another within
+    three ticks of its holder dying."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Timing:
+        s = settings
+        alive_s = s.worker_lost_timeout_s * 0.7
+        tick = min(1.0, s.worker_lost_timeout_s / 4, s.queue_timeout_s / 4)
+        run_s = s.job_timeout_s + s.worker_lost_timeout_s
+        return cls(
+            alive_ms=int(alive_s * 1000),
+            watch_tick_s=tick,
+            heartbeat_s=min(alive_s / 3, s.disconnect_grace_s / 3),
+            watched_renew_s=s.disconnect_grace_s / 3,
+            watched_ms=int((s.disconnect_grace_s * 3 + 5) * 1000),
+            grace_ms=int(s.disconnect_grace_s * 1000),
+            queue_timeout_ms=int(s.queue_timeout_s * 1000),
+            queued_ttl_s=math.ceil(s.queue_timeout_s + run_s) + s.stream_retention_s,
+            run_ttl_s=math.ceil(run_s) + s.stream_retention_s,
+            retention_s=s.stream_retention_s,
+            session_lock_s=math.ceil(s.queue_timeout_s + run_s),
+            redis_down_close_s=max(30.0, 2 * s.worker_lost_timeout_s),
+            janitor_lease_ms=int(tick * 3 * 1000),
+        )
