@@ -42,8 +42,12 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_compose_runs_the_procfile_services_plus_redis() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "gateway", "worker", "llm", "prometheus"}
+    assert set(services) == {"redis", "gateway", "worker", "llm", "prometheus", "jaeger"}
     assert services["prometheus"]["profiles"] == ["metrics"]
+    assert services["jaeger"]["profiles"] == ["tracing"]
+    for name in ("gateway", "worker"):  # the tracing profile's collector, when asked for
+        endpoint = services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert endpoint == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
     for name in ("redis", "gateway", "llm"):
         assert "healthcheck" in services[name], name
     assert services["gateway"]["ports"] == ["8000:8000"]
@@ -65,7 +69,7 @@ def test_redis_keeps_its_data_and_never_evicts_the_queue() -> None:
     assert all(
         s.get("restart") == "unless-stopped"
         for name, s in compose()["services"].items()
-        if name != "prometheus"
+        if name not in ("prometheus", "jaeger")  # optional tools, off by default
     )
 
 

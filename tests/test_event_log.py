@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from shared import events as ev
 from shared import functions, keys
 from shared.cursors import new_job_id
-from shared.event_log import FINAL, EventLog, Turn
+from shared.event_log import FINAL, Closing, EventLog, Turn, UsageRecord
 from shared.settings import Settings
 from shared.timing import MAX_REQUEUES, Timing
 
@@ -229,16 +229,18 @@ def test_a_session_turn_is_written_with_the_final_event_or_not_at_all(db_url: st
         turn = Turn(turns, b'{"prompt": "p", "answer": "a"}', max_turns=2, retention_s=600)
         kept = await new_job(log)
         assert (await log.claim(kept, kept, "w"))[0] == "run"
-        assert await log.append(kept, "w", 1, [ev.Token("a")], turn=turn)  # no final yet
+        closing = Closing(turn)
+        assert await log.append(kept, "w", 1, [ev.Token("a")], closing=closing)  # no final yet
         assert await log.redis.llen(turns) == 0
-        assert await log.append(kept, "w", 2, [ev.Done()], turn=turn)
+        assert await log.append(kept, "w", 2, [ev.Done()], closing=Closing(turn))
         assert await log.redis.lrange(turns, 0, -1) == [turn.entry]
         assert 0 < await log.redis.ttl(turns) <= 600
 
         cancelled = await new_job(log)
         assert (await log.claim(cancelled, cancelled, "w"))[0] == "run"
         assert await log.end(cancelled, ev.CANCELLED)
-        assert not await log.append(cancelled, "w", 1, [ev.Token("b"), ev.Done()], turn=turn)
+        batch = [ev.Token("b"), ev.Done()]
+        assert not await log.append(cancelled, "w", 1, batch, closing=closing)
         assert await log.redis.llen(turns) == 1
 
     run(db_url, scenario)
@@ -330,5 +332,31 @@ def test_the_library_is_reloaded_when_redis_holds_another_text_of_it(db_url: str
         listed = await log.redis.function_list(library=functions.LIBRARY, withcode=True)
         assert listed[0][listed[0].index(b"library_code") + 1] == functions.library_code().encode()
         assert (await fresh.claim(job_id, job_id, "w"))[0] == "run"
+
+    run(db_url, scenario)
+
+
+def test_usage_is_counted_with_the_final_event_once_and_unknown_apart(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        counted = UsageRecord("abc", "m|odel", ev.Usage(10, 5, 15))
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        for _ in range(2):  # the reply to the first was lost: the retry counts nothing
+            assert await log.append(job_id, "w", 1, [ev.Done()], closing=Closing(usage=counted))
+        unknown = await new_job(log)
+        assert (await log.claim(unknown, unknown, "w"))[0] == "run"
+        closing = Closing(usage=UsageRecord("abc", "m|odel", None))
+        assert await log.append(unknown, "w", 1, [ev.Error("x")], closing=closing)
+        day = await redis_ms(log) // 86_400_000
+        fields = await log.redis.hgetall(keys.usage_key("abc"))
+        assert {k.decode(): int(v) for k, v in fields.items()} == {
+            f"{day}|m|odel|jobs": 1,
+            f"{day}|m|odel|prompt_tokens": 10,
+            f"{day}|m|odel|completion_tokens": 5,
+            f"{day}|m|odel|total_tokens": 15,
+            f"{day}|m|odel|unknown_jobs": 1,
+        }
+        assert await log.redis.ttl(keys.usage_key("abc")) > 300 * 86400
+        assert not await log.redis.exists(keys.usage_key("other"))
 
     run(db_url, scenario)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
@@ -40,7 +40,14 @@ DATA = b"d"
 FINAL = b"f"
 
 ClaimResult = Literal["run", "busy", "gone", "final", "expired", "lost", "unwatched"]
-Claim = tuple[ClaimResult, bytes | None]  # and the job's request, for "run"
+USAGE_RETENTION_S = 400 * 86400  # a key's usage per day is kept this long after its last job
+
+
+class Claim(NamedTuple):
+    result: ClaimResult
+    request: bytes | None = None  # the job's request, for "run"
+    queued_ms: int = 0  # for "run": when it was last queued, and now (Redis's clock)
+    claimed_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,23 @@ class Turn:
     entry: bytes
     max_turns: int
     retention_s: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """A job's token usage, counted with its final event for its key, per day and model."""
+
+    identity: str  # the digest of the job's API key ("" without keys)
+    model: str
+    usage: ev.Usage | None  # None: the upstream reported none
+
+
+@dataclass(frozen=True)
+class Closing:
+    """What is written in the same step as a job's final event."""
+
+    turn: Turn | None = None
+    usage: UsageRecord | None = None
 
 
 def _job_keys(job_id: str) -> list[str]:
@@ -161,7 +185,10 @@ class EventLog:
             calls.append((function_keys, args))
         claimed = []
         for result in await self.functions.call_all("claim", calls):
-            claimed.append((result[0].decode(), result[1] if len(result) > 1 else None))
+            if result[0] == b"run":
+                claimed.append(Claim("run", result[1], int(result[2]), int(result[3])))
+            else:
+                claimed.append(Claim(result[0].decode()))
         return claimed
 
     async def append(
@@ -170,37 +197,40 @@ class EventLog:
         owner: str,
         number: int,
         batch: Sequence[ev.Event],
-        turn: Turn | None = None,
+        closing: Closing | None = None,
     ) -> bool:
         """Append batch ``number`` (1, 2, ... per attempt) as ``owner``; False means this
         attempt no longer owns the job. Retrying a batch never writes it twice."""
-        (appended,) = await self.append_many([(job_id, owner, number, batch, turn)])
+        (appended,) = await self.append_many([(job_id, owner, number, batch, closing)])
         if isinstance(appended, Exception):
             raise appended
         return appended
 
     async def append_many(
-        self, batches: Sequence[tuple[str, str, int, Sequence[ev.Event], Turn | None]]
+        self, batches: Sequence[tuple[str, str, int, Sequence[ev.Event], Closing | None]]
     ) -> list[bool | Exception]:
         """Append the batches of many jobs in one round trip, ``(job_id, owner, number,
-        events, turn)`` each; ``turn``, if any, is written with the batch's final event.
-        Per batch: True, False if that attempt no longer owns its job, or the error Redis
-        gave for that batch alone (the others are written)."""
+        events, closing)`` each; ``closing``, if any, is written with the batch's final
+        event. Per batch: True, False if that attempt no longer owns its job, or the error
+        Redis gave for that batch alone (the others are written)."""
         calls: list[tuple[list[str], list[bytes | str | int]]] = []
-        for job_id, owner, number, batch, turn in batches:
+        for job_id, owner, number, batch, closing in batches:
             function_keys = _job_keys(job_id)
-            args: list[bytes | str | int] = [
-                owner,
-                self.timing.retention_s,
-                "1" if any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch) else "0",
-                number,
-                b"",
-                0,
-                0,
-            ]
+            published = any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch)
+            args: list[bytes | str | int] = [owner, self.timing.retention_s, int(published)]
+            args += [number, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
+            turn = closing.turn if closing is not None else None
             if turn is not None:
-                function_keys = [*function_keys, turn.key]
+                function_keys.append(turn.key)
                 args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
+            used = closing.usage if closing is not None else None
+            if used is not None:
+                function_keys.append(keys.usage_key(used.identity))
+                u = used.usage
+                counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
+                if u is not None:
+                    counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
+                args[7:11] = [used.model, *counts]
             for event in batch:
                 args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
             calls.append((function_keys, args))

@@ -77,3 +77,9 @@ def session_lock_key(session: str) -> str:
 def rate_key(who: str) -> str:
     """A caller's chats of the last minute (gateway/access.py), one member each."""
     return f"sg:rate:{{{who}}}"
+
+
+def usage_key(identity: str) -> str:
+    """A key's token usage, fields ``<day>|<model>|<figure>`` (days since 1970, Redis's
+    UTC); expires 400 days after its last job."""
+    return f"sg:usage:{{{identity or '-'}}}"

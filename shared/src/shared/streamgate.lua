@@ -15,7 +15,9 @@
 --     final     '1' once the final event is written (nothing follows it)
 --     published '1' once the job streamed output (it never runs again)
 --     batch     the owning attempt's last applied append (retries are not written twice)
---     requeues  how often it was handed back; started, kind, request, key
+--     ended_by  the attempt whose append wrote the final event (its retry is acknowledged)
+--     requeues  how often it was handed back; queued  when it was last queued (ms)
+--     started, kind, request, key
 -- * The running index holds one member per running attempt, '<job id> <owner>', scored
 --   by when its heartbeat lapses; the waiting set one per arq id queued, scored by when.
 
@@ -91,7 +93,7 @@ local function hand_back(j, h)
   end
   local owner = redis.call('HGET', j.meta, 'owner')
   if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
-  redis.call('HSET', j.meta, 'owner', '')
+  redis.call('HSET', j.meta, 'owner', '', 'queued', now_ms())
   redis.call('DEL', j.alive)
   redis.call('SET', j.deadline, '1', 'PX', h.queue_timeout_ms)
   extend(j, h.queued_ttl_s)
@@ -116,7 +118,8 @@ register('create', function(keys, args)
   local now = now_ms()
   local waiting = redis.call('ZCOUNT', pending, '(' .. (now - tonumber(queue_timeout_ms)), '+inf')
   if waiting >= tonumber(max_queued) then return -waiting end
-  redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest)
+  redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest,
+             'queued', now)
   redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
   ring(j)
   redis.call('SET', j.deadline, '1', 'PX', queue_timeout_ms)
@@ -134,7 +137,8 @@ end)
 
 -- claim: make an attempt the job's owner. The arq id it came under leaves arq's queue and
 -- the waiting set whatever the outcome (arq's bookkeeping of a running job is ours, see
--- worker/pickup.py). Returns {status}, or {'run', request}. A job that already streamed
+-- worker/pickup.py). Returns {status}, or {'run', request, when it was queued (ms), now
+-- (ms)}: the wait its trace shows, on Redis's clock. A job that already streamed
 -- output is never run again; a GET job whose readers all left while it waited ends here,
 -- before a single upstream token is paid for.
 register('claim', function(keys, args)
@@ -175,30 +179,57 @@ register('claim', function(keys, args)
     redis.call('XADD', j.events, '*', 'd', started)
     ring(j)
   end
-  return {'run', redis.call('HGET', j.meta, 'request')}
+  local request, queued = unpack(redis.call('HMGET', j.meta, 'request', 'queued'))
+  return {'run', request, tonumber(queued) or now, now}
 end)
+
+-- The job's token usage, counted into its key's usage hash (KEYS: usage) per day (Redis's,
+-- UTC, as days since 1970) and model: fields '<day>|<model>|<figure>'. A job whose upstream
+-- reported no usage counts as unknown, not as zero tokens.
+local function count_usage(usage, model, prompt, completion, total, retention_s)
+  local prefix = math.floor(now_ms() / DAY_MS) .. '|' .. model .. '|'
+  if prompt == '' then
+    redis.call('HINCRBY', usage, prefix .. 'unknown_jobs', 1)
+  else
+    redis.call('HINCRBY', usage, prefix .. 'jobs', 1)
+    redis.call('HINCRBY', usage, prefix .. 'prompt_tokens', prompt)
+    redis.call('HINCRBY', usage, prefix .. 'completion_tokens', completion)
+    redis.call('HINCRBY', usage, prefix .. 'total_tokens', total)
+  end
+  redis.call('EXPIRE', usage, retention_s)
+end
 
 -- append: a batch of the owning attempt's events. A batch number at or below the last one
 -- applied is a retry of a batch whose reply was lost: acknowledged, not written twice.
--- With the final event may come the session's new turn (KEYS[7]), written in the same
--- step: memory never holds a turn whose answer the client saw fail. ARGV after the fixed
--- ones: (event, is final) pairs. Returns 1 written (or a retry), 0 not this attempt's.
+-- With the final event may come, in the same step, the session's new turn (then KEYS[7] is
+-- the session's turns: memory never holds a turn whose answer the client saw fail) and the
+-- job's usage (then the next key is the usage hash: counted exactly once). ARGV after the
+-- fixed ones: (event, is final) pairs. Returns 1 written (or a retry), 0 not this attempt's.
 register('append', function(keys, args)
   local j = job_keys(keys)
-  local turns = keys[7]
-  local owner, retention_s, published, batch, turn, max_turns, turns_retention_s = unpack(args)
-  if redis.call('HGET', j.meta, 'owner') ~= owner then return 0 end
-  if tonumber(batch) <= tonumber(redis.call('HGET', j.meta, 'batch') or '0') then return 1 end
+  local owner, retention_s, published, batch, turn, max_turns, turns_retention_s,
+        model, prompt, completion, total, usage_retention_s = unpack(args)
+  local turns = turn ~= '' and keys[7] or nil
+  local usage = model ~= '' and keys[turns and 8 or 7] or nil
+  local applied = tonumber(redis.call('HGET', j.meta, 'batch') or '0')
+  if redis.call('HGET', j.meta, 'owner') ~= owner then
+    -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
+    local ours = redis.call('HGET', j.meta, 'ended_by') == owner
+    return (ours and tonumber(batch) <= applied) and 1 or 0
+  end
+  if tonumber(batch) <= applied then return 1 end
   redis.call('HSET', j.meta, 'batch', batch)
   if published == '1' then redis.call('HSET', j.meta, 'published', '1') end
-  for i = 8, #args, 2 do
+  for i = 13, #args, 2 do
     if args[i + 1] == '1' then
-      if turns and turn ~= '' then
+      if turns then
         redis.call('RPUSH', turns, turn)
         redis.call('LTRIM', turns, -tonumber(max_turns), -1)
         redis.call('EXPIRE', turns, turns_retention_s)
       end
+      if usage then count_usage(usage, model, prompt, completion, total, usage_retention_s) end
       finalize(j, args[i], retention_s)
+      redis.call('HSET', j.meta, 'ended_by', owner)
       return 1
     end
     redis.call('XADD', j.events, '*', 'd', args[i])

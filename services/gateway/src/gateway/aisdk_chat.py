@@ -14,8 +14,6 @@ so any gateway resumes it and one key's chat ids never reach another's answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +25,7 @@ from .chat import event_stream
 from .inputs import json_body, max_request_bytes
 from .job_events import encoded
 from .jobs import enqueue_request
+from .resume_trace import traced
 from .state import State
 from .ui_message_stream import HEADERS, UIMessageParts
 
@@ -45,7 +44,9 @@ async def chat(request: Request) -> Response:
     release = state.access.take_stream_slot(request, identity)
     try:
         async with state.access.count_chat(request, identity):
-            job_id = await enqueue_request(state, turn.job_request(), "get", identity)
+            job_id = await enqueue_request(
+                state, turn.job_request(), "get", identity, request.headers.get("traceparent")
+            )
         lifetime = int(settings.queue_timeout_s + settings.job_timeout_s)
         key = keys.aisdk_chat_key(identity, turn.chat_id)
         before: bytes | None = await state.arq.set(
@@ -58,7 +59,8 @@ async def chat(request: Request) -> Response:
     except BaseException:
         release()
         raise
-    return _ui_stream(state, job_id, release, new_chat=True)
+    frames = encoded(state, job_id, UIMessageParts(job_id).encode, new_chat=True)
+    return event_stream(state, frames, release, headers=HEADERS)
 
 
 async def resume(request: Request) -> Response:
@@ -68,7 +70,9 @@ async def resume(request: Request) -> Response:
     if job_id is None:
         return Response(status_code=204)  # nothing to resume: useChat carries on
     release = state.access.take_stream_slot(request, identity)
-    return _ui_stream(state, job_id, release)
+    frames = encoded(state, job_id, UIMessageParts(job_id).encode)
+    resumed = traced(state, job_id, frames, request.headers.get("traceparent"))
+    return event_stream(state, resumed, release, headers=HEADERS)
 
 
 async def cancel(request: Request) -> Response:
@@ -89,10 +93,3 @@ async def _active(state: State, identity: str, chat_id: str) -> str | None:
     if await state.log.key_of(job_id) != identity or await state.log.is_over(job_id):
         return None
     return job_id
-
-
-def _ui_stream(
-    state: State, job_id: str, release: Callable[[], None], new_chat: bool = False
-) -> Response:
-    frames = encoded(state, job_id, UIMessageParts(job_id).encode, new_chat)
-    return event_stream(state, frames, release, headers=HEADERS)

@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from shared import tracing
 from shared.event_log import EventLog
 from shared.redis_conn import connect, connect_arq
 from shared.roles import load_roles
@@ -28,7 +29,7 @@ from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 from shared.timing import Timing
 
-from . import aisdk_chat, chat, health, openai_chat, openai_responses
+from . import aisdk_chat, chat, health, openai_chat, openai_responses, usage
 from .access import Access
 from .cors import JsonCORSMiddleware
 from .errors import (
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> Starlette:
         # The relay's XREAD BLOCK: one command at a time, so one connection. The relay
         # bounds each round trip itself (a socket timeout costs a task per command).
         blocking = connect(settings.redis_url, socket_connect_timeout=2)
+        tracing.setup("streamgate-gateway")
         timing = Timing.of(settings)
         log = EventLog(arq, timing)
         relay = Relay(arq, blocking, log, settings, metrics)
@@ -138,6 +140,7 @@ def create_app(settings: Settings) -> Starlette:
             await relay.stop()
             await blocking.aclose()
             await arq.aclose()
+            await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out
 
     routes = [
         Route("/chat", chat.chat_get, methods=["GET"]),
@@ -147,6 +150,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/chat/{rest:path}", chat.not_a_job, methods=EVERY_METHOD, name=CATCH_ALL),
         Route("/roles", chat.list_roles, methods=["GET"]),
         Route("/tools", chat.list_tools, methods=["GET"]),
+        Route("/usage", usage.usage, methods=["GET"]),
         Route("/aisdk/chat", aisdk_chat.chat, methods=["POST"]),
         Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.resume, methods=["GET"]),
         Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.cancel, methods=["DELETE"]),

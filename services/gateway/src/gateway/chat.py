@@ -24,6 +24,7 @@ from .inputs import (
     query_params,
 )
 from .jobs import check_session, enqueue
+from .resume_trace import traced
 from .state import State
 
 SSE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
@@ -46,7 +47,7 @@ async def chat_get(request: Request) -> Response:
     release = state.access.take_stream_slot(request, identity)
     try:
         async with state.access.count_chat(request, identity):
-            job_id = await enqueue(state, chat, "get", identity)
+            job_id = await enqueue(state, chat, "get", identity, request.headers.get("traceparent"))
     except BaseException:
         release()
         raise
@@ -61,7 +62,7 @@ async def chat_post(request: Request) -> Response:
     body = await json_body(request, limit=max_request_bytes(state.settings.max_prompt_chars))
     chat = _checked(state, chat_request(body, state.settings.max_prompt_chars))
     async with state.access.count_chat(request, identity):
-        job_id = await enqueue(state, chat, "post", identity)
+        job_id = await enqueue(state, chat, "post", identity, request.headers.get("traceparent"))
     return JSONResponse({"job_id": job_id, "events_url": f"/chat/{job_id}/events"}, status_code=202)
 
 
@@ -163,7 +164,7 @@ async def _resume(request: Request, cursor: Cursor, identity: str) -> Response:
     if request.method == "HEAD":
         return _headers_only()
     release = state.access.take_stream_slot(request, identity)
-    return _stream(request, cursor.job_id, cursor.entry_id, release)
+    return _stream(request, cursor.job_id, cursor.entry_id, release)  # a resume: traced
 
 
 def _headers_only() -> Response:
@@ -188,7 +189,10 @@ def _stream(
         finally:
             state.relay.unsubscribe(reader)
 
-    return event_stream(state, frames(), release)
+    if new_chat:
+        return event_stream(state, frames(), release)
+    resumed = traced(state, job_id, frames(), request.headers.get("traceparent"))
+    return event_stream(state, resumed, release)
 
 
 def event_stream(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import orjson
 
+from shared import tracing
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
 from shared.sessions import SessionStore
@@ -23,10 +24,14 @@ class QueueFull(Unavailable):
 
 
 async def enqueue(
-    state: State, chat: ChatRequest, kind: Literal["get", "post"], identity: str
+    state: State,
+    chat: ChatRequest,
+    kind: Literal["get", "post"],
+    identity: str,
+    traceparent: str | None = None,
 ) -> str:
     """Enqueue one chat job for the key ``identity`` and return its id; its ``queued``
-    event is written first."""
+    event is written first. ``traceparent``: the client's, to join its trace."""
     job_id = new_job_id()
     if chat.session:
         # Sessions are per key: two keys never share a conversation.
@@ -34,7 +39,8 @@ async def enqueue(
         await _take_session(state.log, state.sessions, session, job_id, shown=chat.session)
         chat = replace(chat, session=session)
     try:
-        await _enqueue(state.log, state.settings, asdict(chat), kind, job_id, identity)
+        fields = asdict(chat)
+        await _enqueue(state.log, state.settings, fields, kind, job_id, identity, traceparent)
     except BaseException:
         if chat.session:
             await state.sessions.unlock(chat.session, job_id)
@@ -43,11 +49,15 @@ async def enqueue(
 
 
 async def enqueue_request(
-    state: State, request: dict[str, Any], kind: Literal["get", "post"], identity: str
+    state: State,
+    request: dict[str, Any],
+    kind: Literal["get", "post"],
+    identity: str,
+    traceparent: str | None = None,
 ) -> str:
     """Enqueue a job for an OpenAI API request (its conversation comes whole, no session)."""
     job_id = new_job_id()
-    await _enqueue(state.log, state.settings, request, kind, job_id, identity)
+    await _enqueue(state.log, state.settings, request, kind, job_id, identity, traceparent)
     return job_id
 
 
@@ -86,16 +96,25 @@ async def _enqueue(
     kind: Literal["get", "post"],
     job_id: str,
     identity: str,
+    traceparent: str | None,
 ) -> None:
-    request = orjson.dumps({**fields, "kind": kind})
-    position = await log.create(
-        job_id,
-        kind,
-        identity,
-        request,
-        watched=kind == "get",
-        max_queued=settings.max_queued_jobs,
-    )
+    # The job's trace starts here (a child of the client's, if it sent one) and travels
+    # in its request: the worker's spans join it (shared/tracing.py).
+    attributes = {"streamgate.job.id": job_id, "streamgate.job.kind": kind}
+    with tracing.span(
+        "streamgate.enqueue", parent=traceparent, kind="SERVER", attributes=attributes
+    ) as span:
+        job = {**fields, "kind": kind, "identity": identity}
+        if span is not None:
+            job["traceparent"] = tracing.traceparent(span)
+        position = await log.create(
+            job_id,
+            kind,
+            identity,
+            orjson.dumps(job),
+            watched=kind == "get",
+            max_queued=settings.max_queued_jobs,
+        )
     if position < 0:
         raise QueueFull(
             f"the queue is full ({-position} jobs waiting, MAX_QUEUED_JOBS is"

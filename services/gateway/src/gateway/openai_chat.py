@@ -53,7 +53,13 @@ async def chat_completions(request: Request) -> Response:
     release = state.access.take_stream_slot(request, identity)
     try:
         async with state.access.count_chat(request, identity):
-            job_id = await enqueue_request(state, conversation.job_request(), "get", identity)
+            job_id = await enqueue_request(
+                state,
+                conversation.job_request(),
+                "get",
+                identity,
+                request.headers.get("traceparent"),
+            )
     except BaseException:
         release()
         raise

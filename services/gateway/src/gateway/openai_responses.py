@@ -11,7 +11,7 @@ been gone for ``DISCONNECT_GRACE_S`` (a ``GET /chat`` job).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from .openai_inputs import InvalidField
 from .reader import PING
 from .response_events import ResponseEvents, conversation_after
 from .responses_inputs import RESPONSE_ID, response_request
+from .resume_trace import traced
 from .state import State
 
 
@@ -49,7 +50,11 @@ async def create_response(request: Request) -> Response:
     try:
         async with state.access.count_chat(request, identity):
             job_id = await enqueue_request(
-                state, job_request, "post" if background else "get", identity
+                state,
+                job_request,
+                "post" if background else "get",
+                identity,
+                request.headers.get("traceparent"),
             )
     except BaseException:
         if release is not None:
@@ -58,7 +63,8 @@ async def create_response(request: Request) -> Response:
     if release is None:  # background, not streamed: the response as it stands, queued
         return JSONResponse(ResponseEvents(job_id, echoed, time.time()).response())
     if stream:
-        return _event_stream(state, job_id, echoed, -1, release, new_chat=True)
+        frames = _frames(state, job_id, echoed, -1, new_chat=True)
+        return event_stream(state, frames, release)
     try:
         return await _until_done(request, state, job_id, echoed)
     finally:
@@ -79,7 +85,9 @@ async def retrieve_response(request: Request) -> Response:
     if request.method == "HEAD":  # what a stream would answer, without one
         return Response(media_type="text/event-stream", headers=SSE_HEADERS)
     release = state.access.take_stream_slot(request, identity)
-    return _event_stream(state, job_id, echoed, int(raw), release)
+    frames = _frames(state, job_id, echoed, int(raw))
+    resumed = traced(state, job_id, frames, request.headers.get("traceparent"))
+    return event_stream(state, resumed, release)
 
 
 async def cancel_response(request: Request) -> Response:
@@ -136,28 +144,25 @@ async def _as_stored(state: State, job_id: str, echoed: dict[str, Any]) -> Respo
     return encoder or ResponseEvents(job_id, echoed, time.time())
 
 
-def _event_stream(
+async def _frames(
     state: State,
     job_id: str,
     echoed: dict[str, Any],
     starting_after: int,
-    release: Callable[[], None],
     new_chat: bool = False,
-) -> Response:
-    async def frames() -> AsyncIterator[bytes]:
-        encoder: ResponseEvents | None = None
-        async for entry in relayed(state, job_id, new_chat):
-            if entry is None:
-                yield PING
-                continue
-            encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
-            out = [e for e in encoder.feed(entry[1]) if e["sequence_number"] > starting_after]
-            if out:
-                yield b"".join(
-                    b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in out
-                )
-
-    return event_stream(state, frames(), release)
+) -> AsyncIterator[bytes]:
+    """The response's events after ``starting_after``, live."""
+    encoder: ResponseEvents | None = None
+    async for entry in relayed(state, job_id, new_chat):
+        if entry is None:
+            yield PING
+            continue
+        encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
+        out = [e for e in encoder.feed(entry[1]) if e["sequence_number"] > starting_after]
+        if out:
+            yield b"".join(
+                b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in out
+            )
 
 
 async def _until_done(

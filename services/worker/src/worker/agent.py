@@ -115,7 +115,7 @@ class OpenAIAgent:
                 break
             calls = assembler.calls
             runs = await asyncio.gather(
-                *(request.tools.run(c.name, "".join(c.arguments)) for c in calls)
+                *(request.tools.run(c.name, "".join(c.arguments), c.call_id) for c in calls)
             )
             yield ev.ToolsCalled(
                 [

@@ -13,31 +13,33 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from shared import events as ev
-from shared.event_log import Claim, EventLog, Turn
+from shared import tracing
+from shared.event_log import Claim, Closing, EventLog, Turn, UsageRecord
 from shared.roles import Role, Roles
 from shared.settings import Settings
 
 from .agent import OpenAIAgent
 from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest
 from .heartbeat import Heartbeat
-from .llm import Upstream, UpstreamError
+from .llm import Opening, Upstream, UpstreamError
 from .metrics import WorkerMetrics
 from .publisher import Fenced, Publisher
 from .tools import Toolbox
 from .tools.registry import cap_output
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 logger = logging.getLogger(__name__)
 
 
 async def chat(ctx: dict[str, Any], job_id: str) -> str:
-    settings: Settings = ctx["settings"]
     log: EventLog = ctx["event_log"]
-    heartbeat: Heartbeat = ctx["heartbeat"]
     upstream: Upstream = ctx["upstream"]
     owner: str = ctx["owner"]
     # With the request its wake-up carried, the LLM is called while the claim is on its way
@@ -46,36 +48,72 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     early = orjson.loads(ctx["early_request"]) if ctx.get("early_request") else None
     agent: Agent = ctx["agent"]
     opening = None
+    prepared = None
     if early is not None and not early.get("session") and isinstance(agent, OpenAIAgent):
-        role, toolbox, messages = _prepared(ctx, early, [])
-        tools = early.get("tools") or toolbox.schemas() or None
-        opening = upstream.open(messages, tools, early.get("params"))
+        prepared = _prepared(ctx, early, [])
+        tools = early.get("tools") or prepared[1].schemas() or None
+        opening = upstream.open(prepared[2], tools, early.get("params"))
     claim_future: asyncio.Future[Claim] = ctx["claim"]
     try:
-        claim, raw_request = await asyncio.shield(claim_future)
+        claim = await asyncio.shield(claim_future)
     except BaseException:
         if opening is not None:
             await upstream.abandon(opening)
         await _hand_back_if_claimed(claim_future, log, job_id, owner)
         raise
     metrics: WorkerMetrics = ctx["metrics"]
-    if claim != "run":
+    if claim.result != "run":
         if opening is not None:
             await upstream.abandon(opening)
-        logger.info("job %s not run: %s", job_id, claim)
-        if claim in ("lost", "expired", "unwatched"):  # this attempt wrote the final event
+        logger.info("job %s not run: %s", job_id, claim.result)
+        if claim.result in ("lost", "expired", "unwatched"):  # this attempt wrote the final
             ended_as = {"lost": "worker_lost", "expired": "expired", "unwatched": "cancelled"}
-            metrics.jobs.labels(ended_as[claim]).inc()
-        return claim
+            metrics.jobs.labels(ended_as[claim.result]).inc()
+        return claim.result
 
-    request = orjson.loads(raw_request or b"{}")
+    request = orjson.loads(claim.request or b"{}")
+    parent = request.get("traceparent")
+    attributes = {"streamgate.job.id": job_id}
+    tracing.record(
+        "streamgate.queue",
+        parent=parent,
+        start_ns=claim.queued_ms * 1_000_000,
+        end_ns=claim.claimed_ms * 1_000_000,
+        attributes=attributes,
+    )
+    attributes["streamgate.attempt"] = owner
+    with tracing.span(
+        "streamgate.job", parent=parent, kind="CONSUMER", attributes=attributes
+    ) as span:
+        return await _answer(ctx, job_id, request, opening, prepared, span)
+
+
+async def _answer(
+    ctx: dict[str, Any],
+    job_id: str,
+    request: dict[str, Any],
+    opening: Opening | None,
+    prepared: tuple[Role, Toolbox, list[dict[str, Any]]] | None,
+    span: Span | None,
+) -> str:
+    """Run a claimed job to its one final event (or hand it back)."""
+    settings: Settings = ctx["settings"]
+    log: EventLog = ctx["event_log"]
+    heartbeat: Heartbeat = ctx["heartbeat"]
+    upstream: Upstream = ctx["upstream"]
+    metrics: WorkerMetrics = ctx["metrics"]
+    agent: Agent = ctx["agent"]
+    owner: str = ctx["owner"]
     if request.get("session"):
         await ctx["sessions"].refresh(request["session"], job_id)
     history: list[dict[str, Any]] = []
-    if opening is None:
+    if prepared is None:
         if request.get("session"):
             history = await ctx["sessions"].history(request["session"])
-        role, toolbox, messages = _prepared(ctx, request, history)
+        prepared = _prepared(ctx, request, history)
+    role, toolbox, messages = prepared
+    if span is not None:
+        span.set_attribute("streamgate.role", role.name)
     asked = AgentRequest(
         job_id,
         messages,
@@ -144,8 +182,15 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
-            if final is not None and await _publish_final(publisher, final, turn):
+            used = UsageRecord(
+                request.get("identity", ""),
+                upstream.model,
+                final.usage if isinstance(final, ev.Done) else None,
+            )
+            closing = Closing(turn if isinstance(final, ev.Done) else None, used)
+            if final is not None and await _publish_final(publisher, final, closing):
                 metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
+                metrics.count_usage(used)
             over = final is not None or running.stop_reason not in (None, "handed back")
             if request.get("session") and over:
                 await ctx["sessions"].unlock(request["session"], job_id)
@@ -155,6 +200,10 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
         _outcome(final, running.stop_reason) if final is not None else running.stop_reason
     ) or "stopped"
     logger.info("job %s finished: %s", job_id, outcome)
+    if span is not None:
+        span.set_attribute("streamgate.outcome", outcome)
+        if isinstance(final, ev.Error):
+            tracing.failed(span, final.message, outcome)
     return outcome
 
 
@@ -164,15 +213,16 @@ async def _hand_back_if_claimed(
     """Stopped while the claim was on its way: if it made this attempt the owner, hand the
     job back now rather than leave it to the gateways once the heartbeat lapses."""
     with contextlib.suppress(Exception):
-        if (await claim)[0] == "run" and await log.release(job_id, owner) > 0:
+        if (await claim).result == "run" and await log.release(job_id, owner) > 0:
             logger.info("job %s handed back to the queue before any output", job_id)
 
 
-async def _publish_final(publisher: Publisher, final: ev.Event, turn: Turn | None) -> bool:
-    """Publish the final event (and the session's turn with it); a Redis failure is logged,
-    not raised, so the job's clean-up still runs (a gateway then ends the stream)."""
+async def _publish_final(publisher: Publisher, final: ev.Event, closing: Closing) -> bool:
+    """Publish the final event (with the session's turn and the job's usage); a Redis
+    failure is logged, not raised, so the job's clean-up still runs (a gateway then ends
+    the stream)."""
     try:
-        return await publisher.close(final, turn if isinstance(final, ev.Done) else None)
+        return await publisher.close(final, closing)
     except Exception as exc:
         logger.error("job %s: could not publish its final event: %s", publisher.job_id, exc)
         return False

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
 import orjson
 
 from shared import events as ev
+from shared import tracing
 from shared.settings import Settings
 
 # What ``with_streaming_response`` sends: the SDK then returns the response unparsed.
@@ -67,7 +70,9 @@ Opening = asyncio.Future[openai.AsyncAPIResponse[object]]  # a request sent, not
 class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.openai_base_url
+        self.host = urlsplit(settings.openai_base_url).hostname or ""
         self.model = settings.openai_model
+        self.log_prompts = settings.log_prompts  # prompts and answers in spans too
         self.idle_timeout_s = settings.upstream_idle_timeout_s
         self._turns = asyncio.Lock()
         self.client = openai.AsyncOpenAI(
@@ -152,7 +157,7 @@ class Upstream:
             ),
         )
 
-    async def stream(
+    def stream(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
@@ -161,7 +166,65 @@ class Upstream:
     ) -> AsyncIterator[Delta]:
         """Stream one chat completion as deltas (of the request ``opened`` sent for these
         messages, if given); raises UpstreamError on any failure, an answer that ends
-        without ``[DONE]`` or a finish reason included (it is incomplete)."""
+        without ``[DONE]`` or a finish reason included (it is incomplete). Traced as a
+        GenAI ``chat`` span when tracing is on; untraced, not one more step per token."""
+        if tracing.enabled():
+            return self._traced(messages, tools, opened, params)
+        return self._stream(messages, tools, opened, params)
+
+    async def _traced(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        opened: Opening | None,
+        params: dict[str, Any] | None,
+    ) -> AsyncIterator[Delta]:
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": self.model,
+            "server.address": self.host,
+        }
+        if self.log_prompts:
+            attributes["gen_ai.input.messages"] = orjson.dumps(messages).decode()
+        span = tracing.start(f"chat {self.model}", kind="CLIENT", attributes=attributes)
+        assert span is not None
+        began = time.monotonic()
+        first = True
+        text: list[str] = []
+        try:
+            async for delta in self._stream(messages, tools, opened, params):
+                if first:
+                    first = False
+                    span.set_attribute(
+                        "gen_ai.response.time_to_first_chunk", time.monotonic() - began
+                    )
+                if isinstance(delta, Finish):
+                    span.set_attribute("gen_ai.response.finish_reasons", [delta.reason])
+                elif isinstance(delta, ev.Usage):
+                    span.set_attribute("gen_ai.usage.input_tokens", delta.prompt_tokens)
+                    span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
+                elif isinstance(delta, TextDelta) and self.log_prompts:
+                    text.append(delta.text)
+                yield delta
+        except UpstreamError as exc:
+            tracing.failed(span, exc.message, exc.kind)
+            raise
+        finally:
+            if text:
+                answer = [
+                    {"role": "assistant", "parts": [{"type": "text", "content": "".join(text)}]}
+                ]
+                span.set_attribute("gen_ai.output.messages", orjson.dumps(answer).decode())
+            span.end()
+
+    async def _stream(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        opened: Opening | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Delta]:
         try:
             response = await (opened if opened is not None else self._post(messages, tools, params))
             finished = False

@@ -19,7 +19,7 @@ from typing import Any
 import uvloop
 from arq.worker import func
 
-from shared import keys, tool_catalog
+from shared import keys, tool_catalog, tracing
 from shared.event_log import EventLog
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     timing = Timing.of(settings)
+    if tracing.setup("streamgate-worker"):
+        logger.info("tracing: exporting spans over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)")
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
     ctx["metrics"].serve(settings.metrics_port, listen_host())
@@ -108,6 +110,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     upstream: Upstream | None = ctx.get("upstream")
     if upstream is not None:
         await upstream.close()
+    await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out
 
 
 async def publish_tools(redis: Any, worker_name: str, tools: ToolRegistry) -> None:

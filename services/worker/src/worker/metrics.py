@@ -11,6 +11,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from shared.event_log import UsageRecord
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -56,6 +58,30 @@ class WorkerMetrics:
             ["tool", "outcome"],
             registry=r,
         )
+        self.usage_tokens = Counter(
+            "streamgate_usage_tokens_total",
+            "Tokens the upstream reported, by API key (a digest) and model",
+            ["key", "model", "type"],
+            registry=r,
+        )
+        self.usage_jobs = Counter(
+            "streamgate_usage_jobs_total",
+            "Jobs by API key (a digest), model, and whether the upstream reported their usage",
+            ["key", "model", "usage"],
+            registry=r,
+        )
+
+    def count_usage(self, used: UsageRecord) -> None:
+        """A job's usage, once its final event is written. The key is named by the first
+        12 hex digits of its SHA-256 (``-`` without keys), never by the key itself."""
+        key = used.identity[:12] or "-"
+        usage = used.usage
+        if usage is None:
+            self.usage_jobs.labels(key, used.model, "unknown").inc()
+            return
+        self.usage_jobs.labels(key, used.model, "reported").inc()
+        self.usage_tokens.labels(key, used.model, "prompt").inc(usage.prompt_tokens)
+        self.usage_tokens.labels(key, used.model, "completion").inc(usage.completion_tokens)
 
     def serve(self, port: int, host: str) -> None:
         if not port:

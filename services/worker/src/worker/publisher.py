@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events as ev
-from shared.event_log import EventLog, Turn
+from shared.event_log import Closing, EventLog
 from shared.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Publisher:
         self.error: BaseException | None = None
         self.pending: list[ev.Event] = []
         self.batches = 0
-        self.turn: Turn | None = None  # the session's new turn, written with the final event
+        self.closing: Closing | None = None  # written with the final event
         self._closing: asyncio.Future[bool] | None = None
 
     def emit(self, event: ev.Event) -> None:
@@ -61,15 +61,15 @@ class Publisher:
         self.pending.append(event)
         self.batcher.mark(self)
 
-    async def close(self, final: ev.Event, turn: Turn | None = None) -> bool:
-        """Publish what is pending and then ``final`` (with the session's ``turn``, in one
-        step); False if the job was not ours."""
+    async def close(self, final: ev.Event, closing: Closing | None = None) -> bool:
+        """Publish what is pending and then ``final`` (with ``closing``, the session's turn
+        and the job's usage, in one step); False if the job was not ours."""
         if self.fenced:
             return False
         if self.error is not None:
             raise self.error
         self.pending.append(final)
-        self.turn = turn
+        self.closing = closing
         self._closing = asyncio.get_running_loop().create_future()
         self.batcher.mark(self)
         return await self._closing
@@ -150,7 +150,7 @@ class Batcher:
         give_up_at = loop.time() + self.redis_patience_s
         delay = 0.05
         request = [
-            (p.job_id, p.owner, number, batch, p.turn if ev.is_final(batch[-1]) else None)
+            (p.job_id, p.owner, number, batch, p.closing if ev.is_final(batch[-1]) else None)
             for p, number, batch in batches
         ]
         while True:

@@ -40,12 +40,14 @@ def load_registry(settings: Settings) -> ToolRegistry:
         except ValueError as exc:
             raise ValueError(f"TOOLS_FILE: {settings.tools_file}: {exc}") from None
     try:
-        return ToolRegistry(
+        registry = ToolRegistry(
             [*builtins, *python],
             config.mcp,
             timeout_s=settings.tool_timeout_s,
             output_max_chars=settings.tool_output_max_chars,
         )
+        registry.trace_content = settings.log_prompts
+        return registry
     except ValueError as exc:
         raise ValueError(f"TOOLS_FILE: {settings.tools_file}: {exc}") from None
 

@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shared import tracing
+
 from .base import Tool, ToolFailure, ToolRun, describe, schema
 from .mcp_server import CONNECT_TIMEOUT_S, McpServer
 from .tools_file import McpServerConfig
@@ -47,6 +49,7 @@ class ToolRegistry:
         self.timeout_s = timeout_s
         self.output_max_chars = output_max_chars
         self.on_run: Callable[[str, bool], None] | None = None  # (tool, ok): for metrics
+        self.trace_content = False  # arguments and outputs in spans (LOG_PROMPTS)
         self._tasks: list[asyncio.Task[None]] = []
         self._shadowed: set[tuple[str, str]] = set()
 
@@ -127,8 +130,28 @@ class Toolbox:
         """The OpenAI ``tools`` request parameter."""
         return [schema(tool) for tool in self._tools.values()]
 
-    async def run(self, name: str, arguments: str) -> ToolRun:
-        """Validate and run one call; every problem is an ``error: ...`` output, not a raise."""
+    async def run(self, name: str, arguments: str, call_id: str | None = None) -> ToolRun:
+        """Validate and run one call; every problem is an ``error: ...`` output, not a raise.
+        Traced as a GenAI ``execute_tool`` span when tracing is on."""
+        if not tracing.enabled():
+            return await self._counted(name, arguments)
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name}
+        if call_id:
+            attributes["gen_ai.tool.call.id"] = call_id
+        tool = self._tools.get(name)
+        if tool is not None:
+            attributes["streamgate.tool.source"] = tool.source
+        if self._registry.trace_content:
+            attributes["gen_ai.tool.call.arguments"] = arguments
+        with tracing.span(f"execute_tool {name}", attributes=attributes) as span:
+            run = await self._counted(name, arguments)
+            if span is not None and self._registry.trace_content:
+                span.set_attribute("gen_ai.tool.call.result", run.output)
+            if not run.ok:
+                tracing.failed(span, run.output, "tool_error")
+            return run
+
+    async def _counted(self, name: str, arguments: str) -> ToolRun:
         run = await self._run(name, arguments)
         if self._registry.on_run is not None:
             self._registry.on_run(name if name in self._tools else "(unknown)", run.ok)

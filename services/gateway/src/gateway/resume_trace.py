@@ -1,0 +1,45 @@
+"""A resumed reader's span: a reader that comes back to a job (a reconnect, another
+gateway, a second tab) records its own span, in its client's trace if it sent a
+``traceparent``, linked to the job's trace. It lasts as long as the reader's stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+
+from shared import tracing
+
+from .state import State
+
+
+def traced(
+    state: State, job_id: str, frames: AsyncIterator[bytes], traceparent: str | None
+) -> AsyncIterator[bytes]:
+    """``frames``, under a ``streamgate.resume`` span when tracing is on (else as they are)."""
+    if not tracing.enabled():
+        return frames
+    return _traced(state, job_id, frames, traceparent)
+
+
+async def _traced(
+    state: State, job_id: str, frames: AsyncIterator[bytes], traceparent: str | None
+) -> AsyncIterator[bytes]:
+    request = await state.log.request_of(job_id)
+    job_trace = orjson.loads(request).get("traceparent") if request else None
+    span = tracing.start(
+        "streamgate.resume",
+        parent=traceparent,
+        kind="SERVER",
+        attributes={"streamgate.job.id": job_id},
+        links=[job_trace],
+    )
+    assert span is not None
+    sent = 0
+    try:
+        async for frame in frames:
+            sent += len(frame)
+            yield frame
+    finally:
+        span.set_attribute("streamgate.resume.bytes_sent", sent)
+        span.end()

@@ -1,0 +1,61 @@
+"""``GET /usage``: the caller's own key's token usage, per day and model.
+
+Workers count a job's usage in the same step as its final event (the library's ``append``),
+into one hash per key (``keys.usage_key``): fields ``<day>|<model>|<figure>``, the day
+Redis's (UTC). A caller only ever reads its own key's hash; without API keys, the one
+shared by every caller.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from shared import keys
+from shared.event_log import USAGE_RETENTION_S
+
+from .errors import BadRequest
+from .inputs import query_params
+from .state import State
+
+EPOCH = dt.date(1970, 1, 1)
+FIGURES = ("prompt_tokens", "completion_tokens", "total_tokens", "jobs", "unknown_jobs")
+
+
+async def usage(request: Request) -> Response:
+    state: State = request.app.state.sg
+    identity = state.access.identify(request)
+    params = query_params(request)
+    since = _day(params["since"]) if "since" in params else None
+    async with state.arq.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.hgetall(keys.usage_key(identity))
+        (seconds, _), fields = await pipe.execute()
+    today = seconds // 86400
+    first = max(since or 0, today - USAGE_RETENTION_S // 86400)
+    rows: dict[tuple[int, str], dict[str, int]] = defaultdict(dict.fromkeys(FIGURES, 0).copy)
+    for name, value in fields.items():
+        day, rest = name.decode().split("|", 1)
+        model, figure = rest.rsplit("|", 1)  # a model's name may hold "|", a figure's not
+        if int(day) >= first and figure in FIGURES:
+            rows[int(day), model][figure] = int(value)
+    return JSONResponse(
+        [
+            {"day": (EPOCH + dt.timedelta(days=day)).isoformat(), "model": model, **figures}
+            for (day, model), figures in sorted(rows.items())
+        ]
+    )
+
+
+def _day(text: str) -> int:
+    try:
+        return (dt.date.fromisoformat(text) - EPOCH).days if len(text) == 10 else _bad(text)
+    except ValueError:
+        return _bad(text)
+
+
+def _bad(text: str) -> int:
+    raise BadRequest(f"since must be a day as YYYY-MM-DD (got {text[:40]!r})")

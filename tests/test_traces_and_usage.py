@@ -1,0 +1,314 @@
+"""Traces and usage, end to end: one OTLP trace per job (gateway, queue, worker, each
+upstream request, each tool call), a resumed reader's span linked to it, and token usage per
+key in ``done``, the metrics and ``GET /usage``, never another key's.
+
+The OTLP receiver is this test's own HTTP server, decoding what arrives with the SDK's
+protobuf types."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import http.server
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace as trace_api
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from shared import tracing
+from shared.settings import Settings
+from worker.llm import Upstream
+from worker.tools import ToolRegistry
+from worker.tools.loading import builtin_tools
+
+from . import sse
+from .harness import Stack, free_port, private_db, release_db, wait_until
+
+KEYS = ("key-a", "key-b")
+MODEL = "streamgate-demo"
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", free_port()), _Handler)
+        self.spans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [s for s in self.spans if s["trace_id"] == trace_id]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(
+                        {
+                            "service": resource.get("service.name"),
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent": span.parent_span_id.hex(),
+                            "kind": span.kind,
+                            "attributes": _attributes(span.attributes),
+                            "links": [
+                                (link.trace_id.hex(), link.span_id.hex()) for link in span.links
+                            ],
+                            "error": span.status.code == 2,
+                        }
+                    )
+        with self.server.lock:
+            self.server.spans += spans
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        value = pair.value
+        kind = value.WhichOneof("value")
+        if kind == "array_value":
+            found[pair.key] = [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
+        else:
+            found[pair.key] = getattr(value, kind) if kind else None
+    return found
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def traced(receiver: Receiver, redis_url: str, logdir: Path) -> Iterator[Stack]:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "API_KEYS": ",".join(KEYS),
+        "TOOLS": "calculator,current_time",
+    }
+    running = Stack(private_db(redis_url), logdir, env).start(gateways=2, workers=1)
+    yield running
+    running.stop()
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _client_trace() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
+
+
+def _one(spans: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found = [s for s in spans if s["name"] == name]
+    assert len(found) == 1, f"{name}: {len(found)} spans in {[s['name'] for s in spans]}"
+    return found[0]
+
+
+def test_a_chat_with_a_tool_call_is_one_trace_joining_the_clients(
+    traced: Stack, receiver: Receiver, client: httpx.Client
+) -> None:
+    trace_id, client_span, traceparent = _client_trace()
+    prompt = '[call calculator {"expression": "98765 * 1001"}] secret-prompt-text'
+    stream = sse.read(
+        client,
+        traced.gateway.url + "/chat",
+        params={"prompt": prompt},
+        headers={**_auth("key-a"), "traceparent": traceparent},
+    )
+    assert sse.ends_done(stream)
+    names = ["streamgate.enqueue", "streamgate.queue", "streamgate.job", f"chat {MODEL}"]
+    names.append("execute_tool calculator")
+
+    def complete() -> bool:
+        seen = [s["name"] for s in receiver.trace(trace_id)]
+        return all(n in seen for n in names) and seen.count(f"chat {MODEL}") == 2
+
+    wait_until(complete, 10, "the job's spans at the receiver")
+    spans = receiver.trace(trace_id)
+    enqueue = _one(spans, "streamgate.enqueue")
+    assert enqueue["parent"] == client_span and enqueue["service"] == "streamgate-gateway"
+    queue, job = _one(spans, "streamgate.queue"), _one(spans, "streamgate.job")
+    assert queue["parent"] == job["parent"] == enqueue["span_id"]
+    assert job["service"] == "streamgate-worker"
+    assert job["attributes"]["streamgate.outcome"] == "done"
+    chats = [s for s in spans if s["name"] == f"chat {MODEL}"]
+    tool = _one(spans, "execute_tool calculator")
+    for child in [*chats, tool]:
+        assert child["parent"] == job["span_id"]
+    for chat in chats:
+        assert chat["attributes"]["gen_ai.operation.name"] == "chat"
+        assert chat["attributes"]["gen_ai.request.model"] == MODEL
+        assert chat["attributes"]["gen_ai.usage.input_tokens"] > 0
+        assert chat["attributes"]["gen_ai.usage.output_tokens"] > 0
+        assert chat["attributes"]["gen_ai.response.time_to_first_chunk"] >= 0
+    assert chats[0]["attributes"]["gen_ai.response.finish_reasons"] == ["tool_calls"]
+    assert chats[1]["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+    assert tool["attributes"]["gen_ai.tool.name"] == "calculator"
+    assert tool["attributes"]["gen_ai.tool.call.id"]
+    # LOG_PROMPTS is off: no prompt, answer or tool data in any span.
+    shown = json.dumps(spans)
+    assert "secret-prompt-text" not in shown and "98765" not in shown and "98863765" not in shown
+
+
+def test_a_reader_resuming_on_another_gateway_records_a_span_linked_to_the_job(
+    traced: Stack, receiver: Receiver, client: httpx.Client
+) -> None:
+    posted = client.post(
+        traced.gateway.url + "/chat", json={"prompt": "[long 5]"}, headers=_auth("key-a")
+    ).json()
+    first = sse.read(
+        client, traced.gateway.url + posted["events_url"], headers=_auth("key-a"), stop_after=3
+    )
+    trace_id, client_span, traceparent = _client_trace()
+    rest = sse.read(
+        client,
+        traced.gateways[1].url + posted["events_url"],
+        headers={
+            **_auth("key-a"),
+            "Last-Event-ID": first.messages[-1].id,
+            "traceparent": traceparent,
+        },
+    )
+    assert sse.ends_done(rest)
+    wait_until(lambda: receiver.trace(trace_id), 10, "the resumed reader's span")
+    resume = _one(receiver.trace(trace_id), "streamgate.resume")
+    assert resume["parent"] == client_span
+    assert resume["attributes"]["streamgate.job.id"] == posted["job_id"]
+    ((linked_trace, linked_span),) = resume["links"]
+    wait_until(
+        lambda: "streamgate.enqueue" in {s["name"] for s in receiver.trace(linked_trace)},
+        10,
+        "the job's trace",
+    )
+    enqueue = _one(receiver.trace(linked_trace), "streamgate.enqueue")
+    assert enqueue["span_id"] == linked_span
+    assert enqueue["attributes"]["streamgate.job.id"] == posted["job_id"]
+
+
+def test_usage_in_done_the_metrics_and_usage_endpoint_is_the_upstreams_per_key(
+    traced: Stack, client: httpx.Client
+) -> None:
+    before = client.get(traced.gateway.url + "/usage", headers=_auth("key-a")).json()
+    reported = []
+    for prompt in ("one answer", "[long 4]", '[call calculator {"expression": "1+1"}]'):
+        stream = sse.read(
+            client, traced.gateway.url + "/chat", params={"prompt": prompt}, headers=_auth("key-a")
+        )
+        assert sse.ends_done(stream)
+        reported.append(stream.messages[-1].data["usage"])
+    after = client.get(traced.gateway.url + "/usage", headers=_auth("key-a")).json()
+    (row,) = after
+    (earlier,) = before or [dict.fromkeys(row, 0) | {"day": row["day"], "model": MODEL}]
+    assert row["model"] == MODEL and row["unknown_jobs"] == 0
+    for figure in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert row[figure] - earlier[figure] == sum(u[figure] for u in reported)
+    assert row["jobs"] - earlier["jobs"] == 3
+    # Another key never sees it; since= filters by day.
+    assert client.get(traced.gateway.url + "/usage", headers=_auth("key-b")).json() == []
+    tomorrow = client.get(
+        traced.gateway.url + "/usage", params={"since": "2999-01-01"}, headers=_auth("key-a")
+    )
+    assert tomorrow.json() == []
+    bad = client.get(
+        traced.gateway.url + "/usage", params={"since": "yesterday"}, headers=_auth("key-a")
+    )
+    assert bad.status_code == 400 and "YYYY-MM-DD" in bad.json()["error"]
+    assert client.get(traced.gateway.url + "/usage").status_code == 401
+    # The worker's counters, labelled by a digest of the key, never the key.
+    label = hashlib.sha256(b"key-a").hexdigest()[:12]
+    metrics = httpx.get(f"http://127.0.0.1:{traced.workers[0].env['METRICS_PORT']}/metrics").text
+    assert "key-a" not in metrics
+    prompt_line = f'streamgate_usage_tokens_total{{key="{label}",model="{MODEL}",type="prompt"}}'
+    (value,) = [line.split()[-1] for line in metrics.splitlines() if line.startswith(prompt_line)]
+    assert float(value) == row["prompt_tokens"]
+
+
+def test_with_tracing_off_no_span_work_is_done(
+    redis_url: str, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked, not assumed: every way into span work fails this test if taken, while a job
+    is created, cancelled and read again on an in-process gateway, and an upstream request
+    and a tool call run as a worker runs them."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not tracing.setup("off") and not tracing.enabled()
+
+    def touched(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("span work was done with tracing off")
+
+    for target in (sdk_trace.Tracer, trace_api.NoOpTracer, trace_api.ProxyTracer):
+        monkeypatch.setattr(target, "start_span", touched)
+        monkeypatch.setattr(target, "start_as_current_span", touched)
+    monkeypatch.setattr(TraceContextTextMapPropagator, "extract", touched)
+    monkeypatch.setattr(trace_api, "get_current_span", touched)
+
+    url = private_db(redis_url)
+    try:
+        with TestClient(create_app(Settings(redis_url=url))) as gateway:
+            headers = {"traceparent": _client_trace()[2]}
+            job = gateway.post("/chat", json={"prompt": "hi"}, headers=headers).json()
+            assert gateway.delete(f"/chat/{job['job_id']}").status_code == 204
+            events = gateway.get(job["events_url"], headers=headers)
+            assert '"error"' in events.text
+    finally:
+        release_db(url)
+
+    async def worker_side() -> None:
+        upstream = Upstream(Settings(openai_base_url=stack.llm.url + "/v1"))
+        try:
+            deltas = [d async for d in upstream.stream([{"role": "user", "content": "hi"}])]
+        finally:
+            await upstream.close()
+        assert deltas
+        toolbox = ToolRegistry(builtin_tools(["calculator"])).offered(None)
+        assert (await toolbox.run("calculator", '{"expression": "1+1"}', "call_1")).ok
+
+    asyncio.run(worker_side())
+    with tracing.span("anything") as span:
+        assert span is None
