@@ -4,16 +4,19 @@ the janitor's sweep, and the library's own loading."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared import events as ev
 from shared import functions, keys
 from shared.cursors import new_job_id
 from shared.event_log import FINAL, Closing, EventLog, Turn, UsageRecord
+from shared.sessions import SessionStore
 from shared.settings import Settings
 from shared.timing import MAX_REQUEUES, Timing
 
@@ -358,5 +361,69 @@ def test_usage_is_counted_with_the_final_event_once_and_unknown_apart(db_url: st
         }
         assert await log.redis.ttl(keys.usage_key("abc")) > 300 * 86400
         assert not await log.redis.exists(keys.usage_key("other"))
+
+    run(db_url, scenario)
+
+
+def test_the_library_text_is_the_one_its_version_names() -> None:
+    """Two texts under one version would replace each other in Redis at every start."""
+    digest = hashlib.sha256(functions.SOURCE.read_bytes()).hexdigest()
+    assert digest == functions.SOURCE_SHA256, (
+        "streamgate.lua changed: bump functions.VERSION (processes of the last release call"
+        f" their own functions by name) and set SOURCE_SHA256 = {digest!r}"
+    )
+
+
+def test_a_session_is_not_freed_by_an_attempt_whose_job_runs_again(db_url: str) -> None:
+    """A worker back from a long pause finds its job handed back and queued again: its
+    clean-up must not free the session for a second answer while that run is to come."""
+
+    async def scenario(log: EventLog) -> None:
+        await log.redis.zadd(keys.WORKERS, {"alive": await redis_ms(log) + 60_000})
+        sessions = SessionStore(log.redis, 10, 10_000, 600, lock_ttl_s=600)
+        job_id = await new_job(log)
+        assert await sessions.lock("s", job_id) is None
+        assert (await log.claim(job_id, job_id, "paused"))[0] == "run"
+        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+        assert (await log.check_stalled([job_id]))[job_id] == 2  # queued again
+        await sessions.unlock("s", job_id)  # the paused attempt's clean-up
+        assert await sessions.holder("s") == job_id
+        assert await log.end(job_id, ev.CANCELLED)
+        await sessions.unlock("s", job_id)
+        assert await sessions.holder("s") is None
+
+    run(db_url, scenario)
+
+
+def test_a_final_batch_with_bad_usage_figures_writes_nothing(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        turns = keys.session_key("s")
+        turn = Turn(turns, b'{"prompt": "p", "answer": "a"}', max_turns=2, retention_s=600)
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        bad = UsageRecord("abc", "m", ev.Usage(12.5, 3, 15.5))  # type: ignore[arg-type]
+        with pytest.raises(ResponseError, match="whole numbers"):
+            await log.append(job_id, "w", 1, [ev.Token("a"), ev.Done()], Closing(turn, bad))
+        assert await log.redis.llen(turns) == 0
+        assert not await log.redis.exists(keys.usage_key("abc"))
+        assert not await log.is_over(job_id)
+        good = UsageRecord("abc", "m", ev.Usage(12, 3, 15))
+        assert await log.append(job_id, "w", 1, [ev.Token("a"), ev.Done()], Closing(turn, good))
+        assert await log.redis.llen(turns) == 1 and await log.is_over(job_id)
+
+    run(db_url, scenario)
+
+
+def test_a_job_cancelled_mid_answer_counts_once_as_unknown(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        assert not await log.count_stopped(job_id, "abc", "m")  # still running: not yet
+        assert await log.end(job_id, ev.CANCELLED)
+        assert await log.count_stopped(job_id, "abc", "m")
+        assert not await log.count_stopped(job_id, "abc", "m")
+        fields = await log.redis.hgetall(keys.usage_key("abc"))
+        day = await redis_ms(log) // 86_400_000
+        assert {k.decode(): int(v) for k, v in fields.items()} == {f"{day}|m|unknown_jobs": 1}
 
     run(db_url, scenario)

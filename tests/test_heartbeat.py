@@ -51,8 +51,6 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
                 await redis.hset(keys.meta_key(job_id), "owner", owner)  # type: ignore[misc]
             if read:
                 await redis.set(keys.watched_key(job_id), b"1")
-        await redis.zadd(keys.RUNNING, {"finished-before": 1})
-        beat._finished.append("finished-before")
 
         stops: dict[str, str | None] = {}
         release = asyncio.Event()
@@ -74,8 +72,7 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
         assert stops == {job_id: c[3] for job_id, c in cases.items()}
         running = dict(await redis.zrange(keys.RUNNING, 0, -1, withscores=True))
         renewed = {j for j, c in cases.items() if c[0] == "me"}
-        assert {k.decode() for k in running} == {f"{j} me" for j in renewed}  # by attempt;
-        # finished-before left the index
+        assert {k.decode() for k in running} == {f"{j} me" for j in renewed}  # by attempt
         assert all(score >= before + 5000 for score in running.values())
         for job_id in cases:
             ttl = await redis.pttl(keys.alive_key(job_id))
@@ -198,8 +195,26 @@ def test_an_attempt_unwinding_does_not_stop_the_beats_of_its_jobs_next_attempt(
         new_done.set()
         await new
         assert new_stop == [None]
-        await beat.beat()
-        assert await redis.zcard(keys.RUNNING) == 0
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_that_exits_still_owning_its_job_stays_indexed_for_the_janitor(
+    db_url: str,
+) -> None:
+    """Its final write failed (Redis refused it): the job is still its, and only the running
+    index can lead a gateway to it once its heartbeat lapses. The beat used to drop the
+    entries of attempts that had exited, and such a job never ended."""
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
+        await redis.hset(keys.meta_key("j"), "owner", "me")  # type: ignore[misc]
+        with beat.track("j", "me", watched=False):
+            await beat.beat()
+        await beat.beat()  # the attempt has exited; its job is still its
+        assert await redis.zrange(keys.RUNNING, 0, -1) == [b"j me"]
         await redis.aclose()
 
     asyncio.run(scenario())

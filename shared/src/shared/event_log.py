@@ -48,6 +48,7 @@ class Claim(NamedTuple):
     request: bytes | None = None  # the job's request, for "run"
     queued_ms: int = 0  # for "run": when it was last queued, and now (Redis's clock)
     claimed_ms: int = 0
+    key: str = ""  # for "run": the digest of the job's API key ("" without keys)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class EventLog:
         claimed = []
         for result in await self.functions.call_all("claim", calls):
             if result[0] == b"run":
-                claimed.append(Claim("run", result[1], int(result[2]), int(result[3])))
+                queued_ms, claimed_ms, key = int(result[2]), int(result[3]), result[4].decode()
+                claimed.append(Claim("run", result[1], queued_ms, claimed_ms, key))
             else:
                 claimed.append(Claim(result[0].decode()))
         return claimed
@@ -296,6 +298,13 @@ class EventLog:
             calls.append(([*function_keys, keys.WORKERS], args))
         results = await self.functions.call_all("check", calls)
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
+
+    async def count_stopped(self, job_id: str, identity: str, model: str) -> bool:
+        """Count the usage of a job stopped from outside mid-answer (cancelled) as unknown,
+        once, if it has ended; True if this counted it."""
+        function_keys = [keys.meta_key(job_id), keys.usage_key(identity)]
+        args: list[bytes | str | int] = [model, USAGE_RETENTION_S]
+        return bool(await self.functions.call("count_stopped", function_keys, args))
 
     async def due(self, limit: int) -> tuple[list[bytes], list[bytes]]:
         """The janitor's work, on Redis's clock: running index members whose heartbeat

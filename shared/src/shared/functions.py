@@ -1,10 +1,12 @@
 """Calling the Redis Functions library (streamgate.lua): loaded on first use, reloaded when
 Redis lost it or holds another text under this version, called many times per round trip.
 
-The library is named for ``VERSION`` and so is every function in it (``sg<VERSION>_claim``):
-bump it whenever a function's keys, arguments or replies change, and processes of the old
-and the new release each call their own during a rolling upgrade. A library of an older
-version stays in Redis until ``FUNCTION DELETE streamgate_v<old>``.
+The library is named for ``VERSION`` and so is every function in it (``sg<VERSION>_claim``),
+so processes of the old and the new release each call their own during a rolling upgrade.
+Any change to the file needs a new ``VERSION``: two texts under one name would replace each
+other at every process start. ``SOURCE_SHA256`` records the text a version names, and a
+test fails when the file changes without both. A library of an older version stays in
+Redis until ``FUNCTION DELETE streamgate_v<old>``.
 
 FCALL goes straight on the wire: redis-py's pipeline object costs ~40 µs more CPU per round
 trip than writing the commands at once on one held connection (84 vs 43 µs measured), and
@@ -24,6 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 1
+SOURCE_SHA256 = "217ac895df9d07f7f8d6c491e850d1963c6407f8e79234e2dde53089982e4623"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

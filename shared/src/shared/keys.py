@@ -58,8 +58,8 @@ def tool_catalog_key(worker: str) -> str:
 
 
 def aisdk_chat_key(identity: str, chat_id: str) -> str:
-    """An AI SDK chat's active answer (a job id), per API key digest; lives as long as the
-    job's events can (QUEUE_TIMEOUT_S + JOB_TIMEOUT_S + STREAM_RETENTION_S)."""
+    """An AI SDK chat's active answer (a job id), per API key digest; lives as long as a new
+    job's keys (timing.Timing.queued_ttl_s)."""
     return f"sg:aisdk:{{{identity}:{chat_id}}}:active"
 
 

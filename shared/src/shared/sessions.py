@@ -70,7 +70,7 @@ class SessionStore:
     async def take_over(self, session: str, stale_job_id: str, job_id: str) -> bool:
         """Replace a lock held by a job that has ended."""
         key = keys.session_lock_key(session)
-        await self._functions.call("unlock", [key], [stale_job_id])
+        await self._functions.call("unlock", [key, keys.meta_key(stale_job_id)], [stale_job_id])
         return bool(await self.redis.set(key, job_id, nx=True, ex=self.lock_ttl_s))
 
     async def refresh(self, session: str, job_id: str) -> None:
@@ -80,4 +80,5 @@ class SessionStore:
         )
 
     async def unlock(self, session: str, job_id: str) -> None:
-        await self._functions.call("unlock", [keys.session_lock_key(session)], [job_id])
+        lock = keys.session_lock_key(session)
+        await self._functions.call("unlock", [lock, keys.meta_key(job_id)], [job_id])

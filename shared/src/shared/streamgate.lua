@@ -16,6 +16,7 @@
 --     published '1' once the job streamed output (it never runs again)
 --     batch     the owning attempt's last applied append (retries are not written twice)
 --     ended_by  the attempt whose append wrote the final event (its retry is acknowledged)
+--     counted   '1' once the job's usage is counted (exactly once)
 --     requeues  how often it was handed back; queued  when it was last queued (ms)
 --     started, kind, request, key
 -- * The running index holds one member per running attempt, '<job id> <owner>', scored
@@ -138,7 +139,8 @@ end)
 -- claim: make an attempt the job's owner. The arq id it came under leaves arq's queue and
 -- the waiting set whatever the outcome (arq's bookkeeping of a running job is ours, see
 -- worker/pickup.py). Returns {status}, or {'run', request, when it was queued (ms), now
--- (ms)}: the wait its trace shows, on Redis's clock. A job that already streamed
+-- (ms), the digest of its API key}: the wait its trace shows is on Redis's clock. A job
+-- that already streamed
 -- output is never run again; a GET job whose readers all left while it waited ends here,
 -- before a single upstream token is paid for.
 register('claim', function(keys, args)
@@ -179,14 +181,20 @@ register('claim', function(keys, args)
     redis.call('XADD', j.events, '*', 'd', started)
     ring(j)
   end
-  local request, queued = unpack(redis.call('HMGET', j.meta, 'request', 'queued'))
-  return {'run', request, tonumber(queued) or now, now}
+  local request, queued, key = unpack(redis.call('HMGET', j.meta, 'request', 'queued', 'key'))
+  return {'run', request, tonumber(queued) or now, now, key or ''}
 end)
 
--- The job's token usage, counted into its key's usage hash (KEYS: usage) per day (Redis's,
--- UTC, as days since 1970) and model: fields '<day>|<model>|<figure>'. A job whose upstream
--- reported no usage counts as unknown, not as zero tokens.
-local function count_usage(usage, model, prompt, completion, total, retention_s)
+-- The job's token usage, counted once (meta 'counted') into its key's usage hash per day
+-- (Redis's, UTC, as days since 1970) and model: fields '<day>|<model>|<figure>'. A job
+-- whose upstream reported no usage counts as unknown, not as zero tokens.
+local function whole(text)
+  local n = tonumber(text)
+  return n ~= nil and n >= 0 and n == math.floor(n)
+end
+
+local function count_usage(j, usage, model, prompt, completion, total, retention_s)
+  if redis.call('HSETNX', j.meta, 'counted', '1') == 0 then return false end
   local prefix = math.floor(now_ms() / DAY_MS) .. '|' .. model .. '|'
   if prompt == '' then
     redis.call('HINCRBY', usage, prefix .. 'unknown_jobs', 1)
@@ -197,6 +205,7 @@ local function count_usage(usage, model, prompt, completion, total, retention_s)
     redis.call('HINCRBY', usage, prefix .. 'total_tokens', total)
   end
   redis.call('EXPIRE', usage, retention_s)
+  return true
 end
 
 -- append: a batch of the owning attempt's events. A batch number at or below the last one
@@ -211,6 +220,9 @@ register('append', function(keys, args)
         model, prompt, completion, total, usage_retention_s = unpack(args)
   local turns = turn ~= '' and keys[7] or nil
   local usage = model ~= '' and keys[turns and 8 or 7] or nil
+  if usage and prompt ~= '' and not (whole(prompt) and whole(completion) and whole(total)) then
+    return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
+  end
   local applied = tonumber(redis.call('HGET', j.meta, 'batch') or '0')
   if redis.call('HGET', j.meta, 'owner') ~= owner then
     -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
@@ -227,7 +239,9 @@ register('append', function(keys, args)
         redis.call('LTRIM', turns, -tonumber(max_turns), -1)
         redis.call('EXPIRE', turns, turns_retention_s)
       end
-      if usage then count_usage(usage, model, prompt, completion, total, usage_retention_s) end
+      if usage then
+        count_usage(j, usage, model, prompt, completion, total, usage_retention_s)
+      end
       finalize(j, args[i], retention_s)
       redis.call('HSET', j.meta, 'ended_by', owner)
       return 1
@@ -329,20 +343,21 @@ register('due', function(keys, args)
 end, {'no-writes'})
 
 -- beat: a worker's heartbeat. The worker counts as alive (KEYS[2], idle ones too); each
--- attempt it runs that still owns its job is renewed; attempts that ended leave the running
--- index. KEYS after the two indexes: per job its meta hash, alive key and watched key.
--- ARGV: alive ms, worker name, the number of ended attempts, their members, then per job
--- its id, the attempt's owner and '1' for a GET job (it needs a reader). Returns Redis's
--- time (ms), then per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody
--- relays it. Workers silent for a day leave the workers index.
+-- attempt it runs that still owns its job is renewed. KEYS after the two indexes: per job
+-- its meta hash, alive key and watched key. ARGV: alive ms, worker name, then per job its
+-- id, the attempt's owner and '1' for a GET job (it needs a reader). Returns Redis's time
+-- (ms), then per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody
+-- relays it. Workers silent for a day leave the workers index. An attempt's running index
+-- entry leaves with the step that ends its ownership (finalize, hand_back, a takeover), never
+-- here: an attempt that exits still owning its job (its final write failed) must lapse, for
+-- the janitor to end the job.
 register('beat', function(keys, args)
   local running, workers = keys[1], keys[2]
-  local alive_ms, name, ended = tonumber(args[1]), args[2], tonumber(args[3])
+  local alive_ms, name = tonumber(args[1]), args[2]
   local now = now_ms()
   redis.call('ZADD', workers, now + alive_ms, name)
   redis.call('ZREMRANGEBYSCORE', workers, '-inf', now - DAY_MS)
-  for i = 4, 3 + ended do redis.call('ZREM', running, args[i]) end
-  local a = 3 + ended
+  local a = 2
   local out = {now}
   for i = 0, (#keys - 2) / 3 - 1 do
     local meta, alive, watched = keys[3 + 3 * i], keys[4 + 3 * i], keys[5 + 3 * i]
@@ -391,10 +406,27 @@ register('take', function(keys, args)
   return {1, 0}
 end)
 
--- unlock: free a session (KEYS[1], its lock) held by job ARGV[1]. Returns 1 if it did.
+-- unlock: free a session (KEYS[1], its lock) held by job ARGV[1], once that job has ended
+-- (KEYS[2], its meta hash, has its final event, or has expired): an attempt whose job was
+-- handed back and queued again must not free the session of the run still to come.
+-- Returns 1 if it did.
 register('unlock', function(keys, args)
-  if redis.call('GET', keys[1]) == args[1] then return redis.call('DEL', keys[1]) end
-  return 0
+  local lock, meta = keys[1], keys[2]
+  if redis.call('GET', lock) ~= args[1] then return 0 end
+  if redis.call('EXISTS', meta) == 1 and redis.call('HEXISTS', meta, 'final') == 0 then
+    return 0
+  end
+  return redis.call('DEL', lock)
+end)
+
+-- count_stopped: an attempt stopped from outside (its job cancelled mid-answer) counts the
+-- job's usage as unknown, once, if the job has ended (a job handed back is counted by the
+-- run still to come). KEYS: meta, the key's usage hash. ARGV: model, retention s. Returns 1
+-- if this counted it.
+register('count_stopped', function(keys, args)
+  local j = {meta = keys[1]}
+  if redis.call('HEXISTS', j.meta, 'final') == 0 then return 0 end
+  return count_usage(j, keys[2], args[1], '', '', '', args[2]) and 1 or 0
 end)
 
 -- refresh: give a session's lock, held by job ARGV[1], ARGV[2] s to live again.

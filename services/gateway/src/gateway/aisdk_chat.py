@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from shared import events as ev
 from shared import keys
+from shared.timing import Timing
 
 from .aisdk_inputs import chat_id_of, chat_turn
 from .chat import event_stream
@@ -47,10 +48,12 @@ async def chat(request: Request) -> Response:
             job_id = await enqueue_request(
                 state, turn.job_request(), "get", identity, request.headers.get("traceparent")
             )
-        lifetime = int(settings.queue_timeout_s + settings.job_timeout_s)
         key = keys.aisdk_chat_key(identity, turn.chat_id)
         before: bytes | None = await state.arq.set(
-            key, job_id, ex=lifetime + settings.stream_retention_s, get=True
+            key,
+            job_id,
+            ex=Timing.of(settings).queued_ttl_s,
+            get=True,  # as its job's keys
         )
         # One answer per chat: a new message ends the one before (useChat stopped reading
         # it, and neither resume nor DELETE could reach it any more).

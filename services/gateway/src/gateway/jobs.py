@@ -104,7 +104,7 @@ async def _enqueue(
     with tracing.span(
         "streamgate.enqueue", parent=traceparent, kind="SERVER", attributes=attributes
     ) as span:
-        job = {**fields, "kind": kind, "identity": identity}
+        job = {**fields, "kind": kind}
         if span is not None:
             job["traceparent"] = tracing.traceparent(span)
         position = await log.create(

@@ -198,7 +198,7 @@ class Relay:
 
     async def _watched(self, job_id: str) -> None:
         with contextlib.suppress(RedisError):
-            grace_ms = int(self.settings.disconnect_grace_s * 1000)
+            grace_ms = Timing.of(self.settings).grace_ms
             await self.redis.set(keys.watched_key(job_id), b"1", px=grace_ms)
 
     def _wake(self) -> None:

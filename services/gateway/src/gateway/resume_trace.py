@@ -4,13 +4,17 @@ gateway, a second tab) records its own span, in its client's trace if it sent a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import orjson
+from redis.exceptions import RedisError
 
 from shared import tracing
 
 from .state import State
+
+logger = logging.getLogger(__name__)
 
 
 def traced(
@@ -25,8 +29,12 @@ def traced(
 async def _traced(
     state: State, job_id: str, frames: AsyncIterator[bytes], traceparent: str | None
 ) -> AsyncIterator[bytes]:
-    request = await state.log.request_of(job_id)
-    job_trace = orjson.loads(request).get("traceparent") if request else None
+    job_trace = None
+    try:  # a Redis blip costs the link, never the stream
+        request = await state.log.request_of(job_id)
+        job_trace = orjson.loads(request).get("traceparent") if request else None
+    except RedisError as exc:
+        logger.debug("resume of job %s not linked to its trace: %s", job_id, exc)
     span = tracing.start(
         "streamgate.resume",
         parent=traceparent,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -85,18 +86,20 @@ async def chat(ctx: dict[str, Any], job_id: str) -> str:
     with tracing.span(
         "streamgate.job", parent=parent, kind="CONSUMER", attributes=attributes
     ) as span:
-        return await _answer(ctx, job_id, request, opening, prepared, span)
+        return await _answer(ctx, job_id, request, claim.key, opening, prepared, span)
 
 
 async def _answer(
     ctx: dict[str, Any],
     job_id: str,
     request: dict[str, Any],
+    identity: str,
     opening: Opening | None,
     prepared: tuple[Role, Toolbox, list[dict[str, Any]]] | None,
     span: Span | None,
 ) -> str:
-    """Run a claimed job to its one final event (or hand it back)."""
+    """Run a claimed job to its one final event (or hand it back); ``identity``: the digest
+    of the API key that created it, whose usage it counts."""
     settings: Settings = ctx["settings"]
     log: EventLog = ctx["event_log"]
     heartbeat: Heartbeat = ctx["heartbeat"]
@@ -127,6 +130,8 @@ async def _answer(
     publisher = ctx["batcher"].publisher(job_id, owner)
     final: ev.Event | None = None
     turn: Turn | None = None
+    stopped_from_outside = False  # cancelled, or taken over: the final is not this attempt's
+    written = False
     metrics.running.inc()
     with heartbeat.track(job_id, owner, watched=request.get("kind") == "get") as running:
         try:
@@ -150,6 +155,7 @@ async def _answer(
             final = ev.Error(exc.detailed if settings.expose_error_details else exc.message)
         except Fenced:
             final = None  # ended from outside: its final event is already written
+            stopped_from_outside = True
         except asyncio.CancelledError:
             running.closing = True
             asked.cancelled.set()
@@ -182,15 +188,16 @@ async def _answer(
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
-            used = UsageRecord(
-                request.get("identity", ""),
-                upstream.model,
-                final.usage if isinstance(final, ev.Done) else None,
-            )
-            closing = Closing(turn if isinstance(final, ev.Done) else None, used)
-            if final is not None and await _publish_final(publisher, final, closing):
-                metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
-                metrics.count_usage(used)
+            usage = final.usage if isinstance(final, ev.Done) else None
+            used = UsageRecord(identity, upstream.model, usage)
+            if final is not None:
+                closing = Closing(turn if isinstance(final, ev.Done) else None, used)
+                written = await _publish_final(publisher, final, closing)
+                if written:
+                    metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
+                    metrics.count_usage(used)
+            elif stopped_from_outside or running.stop_reason == "not-owner":
+                await _count_stopped(log, job_id, used, metrics)
             over = final is not None or running.stop_reason not in (None, "handed back")
             if request.get("session") and over:
                 await ctx["sessions"].unlock(request["session"], job_id)
@@ -199,6 +206,8 @@ async def _answer(
     outcome = (
         _outcome(final, running.stop_reason) if final is not None else running.stop_reason
     ) or "stopped"
+    if final is not None and not written:
+        outcome = "final event not written"  # the gateways end it: its heartbeat lapses
     logger.info("job %s finished: %s", job_id, outcome)
     if span is not None:
         span.set_attribute("streamgate.outcome", outcome)
@@ -215,6 +224,17 @@ async def _hand_back_if_claimed(
     with contextlib.suppress(Exception):
         if (await claim).result == "run" and await log.release(job_id, owner) > 0:
             logger.info("job %s handed back to the queue before any output", job_id)
+
+
+async def _count_stopped(
+    log: EventLog, job_id: str, used: UsageRecord, metrics: WorkerMetrics
+) -> None:
+    """A job cancelled mid-answer spent tokens nobody reported: counted as unknown, once."""
+    try:
+        if await log.count_stopped(job_id, used.identity, used.model):
+            metrics.count_usage(UsageRecord(used.identity, used.model, None))
+    except Exception as exc:
+        logger.warning("job %s: could not count its usage: %s", job_id, exc)
 
 
 async def _publish_final(publisher: Publisher, final: ev.Event, closing: Closing) -> bool:
@@ -287,7 +307,7 @@ async def relay_agent(
                 raise asyncio.CancelledError  # an agent that swallowed its cancel stops here
             event = ev.Token(item) if isinstance(item, str) else item
             if isinstance(event, ev.Done):
-                return "".join(text), event
+                return "".join(text), _with_valid_usage(event)
             if not isinstance(event, AGENT_EVENTS):
                 raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
             if isinstance(event, ev.Token):
@@ -304,6 +324,19 @@ async def relay_agent(
         if aclose is not None:
             await aclose()
     return "".join(text), ev.Done()
+
+
+def _with_valid_usage(done: ev.Done) -> ev.Done:
+    """An agent's ``Done`` whose usage is not whole token counts reports none: a count of
+    unknown, rather than a wrong one in ``done`` and in the key's usage."""
+    usage = done.usage
+    if usage is None:
+        return done
+    counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    if all(type(n) is int and n >= 0 for n in counts):
+        return done
+    logger.warning("the agent reported usage %r, not whole token counts; dropped", usage)
+    return dataclasses.replace(done, usage=None)
 
 
 def _capped(call: ev.ToolResult, limit: int) -> ev.ToolResult:

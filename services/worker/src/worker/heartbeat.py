@@ -69,7 +69,6 @@ class Heartbeat:
         self.clock = clock or RedisClock()
         self._functions = Functions(redis)
         self.attempts: dict[str, Running] = {}  # by running index member, "<job id> <owner>"
-        self._finished: list[str] = []  # running index members to drop at the next beat
         # Jobs ended from outside before they were tracked here (a cancel between the claim
         # and ``track``), by when the note is forgotten.
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -89,7 +88,6 @@ class Heartbeat:
             yield running
         finally:
             del self.attempts[member]
-            self._finished.append(member)
 
     async def run(self) -> None:
         """Beat at once (a new worker counts as alive from its start), then every interval;
@@ -126,12 +124,10 @@ class Heartbeat:
 
     async def beat(self) -> None:
         attempts = list(self.attempts.values())
-        finished, self._finished = self._finished, []
         calls = []
         for start in range(0, max(len(attempts), 1), BEAT_BATCH):
             function_keys = [keys.RUNNING, keys.WORKERS]
-            ended = finished if start == 0 else []
-            args: list[str | int] = [self.alive_ms, self.name, len(ended), *ended]
+            args: list[str | int] = [self.alive_ms, self.name]
             for running in attempts[start : start + BEAT_BATCH]:
                 function_keys += [
                     keys.meta_key(running.job_id),
@@ -141,11 +137,7 @@ class Heartbeat:
                 args += [running.job_id, running.owner, "1" if running.watched else "0"]
             calls.append((function_keys, args))
         sent_at = self.clock.local()
-        try:
-            replies = await self._functions.call_all("beat", calls)
-        except BaseException:
-            self._finished[:0] = finished  # not dropped yet: the next beat tries again
-            raise
+        replies = await self._functions.call_all("beat", calls)
         self.clock.observe(replies[0][0], sent_at, self.clock.local())
         verdicts = [verdict for reply in replies for verdict in reply[1:]]
         for running, verdict in zip(attempts, verdicts, strict=True):

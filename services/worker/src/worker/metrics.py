@@ -82,6 +82,7 @@ class WorkerMetrics:
         self.usage_jobs.labels(key, used.model, "reported").inc()
         self.usage_tokens.labels(key, used.model, "prompt").inc(usage.prompt_tokens)
         self.usage_tokens.labels(key, used.model, "completion").inc(usage.completion_tokens)
+        self.usage_tokens.labels(key, used.model, "total").inc(usage.total_tokens)
 
     def serve(self, port: int, host: str) -> None:
         if not port:

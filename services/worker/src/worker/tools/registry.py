@@ -147,8 +147,9 @@ class Toolbox:
             run = await self._counted(name, arguments)
             if span is not None and self._registry.trace_content:
                 span.set_attribute("gen_ai.tool.call.result", run.output)
-            if not run.ok:
-                tracing.failed(span, run.output, "tool_error")
+            if not run.ok:  # its output may hold private data: only with LOG_PROMPTS
+                shown = run.output if self._registry.trace_content else "the tool call failed"
+                tracing.failed(span, shown, "tool_error")
             return run
 
     async def _counted(self, name: str, arguments: str) -> ToolRun:
