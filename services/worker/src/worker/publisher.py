@@ -123,7 +123,9 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            publishers = [p for p in self._dirty if p.pending]
+            # A failed publisher writes nothing more: what follows a lost batch would leave
+            # a hole in its stream (the gateways end the job once its heartbeat lapses).
+            publishers = [p for p in self._dirty if p.pending and p.error is None]
             self._dirty.clear()
             if not publishers:
                 continue
