@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,8 +94,10 @@ def read(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     stop_after: int | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> Stream:
-    """Read a whole SSE response (or ``stop_after`` messages, then drop the connection)."""
+    """Read a whole SSE response (or ``stop_after`` messages, then drop the connection).
+    ``on_chunk`` is given each chunk as it arrives: a test can act once the stream flows."""
     started = time.monotonic()
     with client.stream("GET", url, params=params, headers=headers, timeout=timeout) as response:
         stream = Stream(response.status_code, response.headers)
@@ -107,6 +110,8 @@ def read(
         try:
             for chunk in response.iter_raw():
                 chunks.append(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if stop_after is not None and b"".join(chunks).count(b"\ndata: ") >= stop_after:
                     break
         except (httpx.RemoteProtocolError, httpx.ReadError):

@@ -16,7 +16,7 @@ from shared.tasks import cancel_and_wait
 from worker.ended_jobs import follow_ended_jobs
 from worker.heartbeat import Heartbeat
 
-from .harness import RedisServer
+from .harness import RedisServer, wait_until_async
 
 
 async def subscribed(client: Redis) -> None:
@@ -76,7 +76,10 @@ def test_a_cancel_published_before_the_worker_follows_is_caught_once_it_does(
         beating = asyncio.create_task(beat.run())
         await client.hset(keys.meta_key("missed"), mapping={"owner": "me"})
         task = asyncio.create_task(tracked_job(beat, "missed"))
-        await asyncio.sleep(0.2)  # the first beat has run and renewed the job
+        # The first beat has run and renewed the job (its alive key): the cancel below comes
+        # after the beats a start brings, so only the subscription's beat can catch it.
+        alive = keys.alive_key("missed")
+        await wait_until_async(lambda: client.exists(alive), 5, "a beat to renew the job")
         assert not task.done()
         await client.hset(keys.meta_key("missed"), "owner", "-")  # ended, as the end script does
         await client.publish(keys.ENDED, "missed")  # to nobody
@@ -107,7 +110,17 @@ def test_a_worker_that_cannot_follow_cancels_beats_them_within_the_second(
         await admin.hset(keys.meta_key("ended"), mapping={"owner": "me"})
         task = asyncio.create_task(tracked_job(beat, "ended"))
         try:
-            await asyncio.sleep(1.2)  # beats have come and gone: the job goes on
+            # Beats have come and gone (two renewals of the job, its score in the running
+            # index moved on): the job goes on.
+            scores: set[float] = set()
+
+            async def renewed_twice() -> bool:
+                score = await admin.zscore(keys.RUNNING, "ended me")
+                if score is not None:
+                    scores.add(score)
+                return len(scores) >= 2
+
+            await wait_until_async(renewed_twice, 5, "two beats to renew the job")
             assert not task.done()
             await admin.hset(keys.meta_key("ended"), "owner", "-")  # as the end script does
             ended_at = time.monotonic()

@@ -35,15 +35,33 @@ class Background:
         self.result: sse.Stream | None = None
         self.error: BaseException | None = None
         self.job_id: str | None = None
+        self._received = b""  # what has reached the reader so far
         self._thread = threading.Thread(target=self._run, args=(url, params), daemon=True)
         self._thread.start()
 
     def _run(self, url: str, params: dict[str, str] | None) -> None:
         try:
             with httpx.Client(timeout=60) as client:
-                self.result = sse.read(client, url, params=params)
+                self.result = sse.read(client, url, params=params, on_chunk=self._got)
         except BaseException as exc:  # reported by join()
             self.error = exc
+
+    def _got(self, chunk: bytes) -> None:
+        self._received += chunk
+
+    def tokens(self) -> int:
+        """Token events the reader has received whole so far."""
+        received = self._received
+        return received[: received.rfind(b"\n\n") + 2].count(b'"token":')
+
+    def wait_tokens(self, count: int = 1, timeout: float = 30) -> None:
+        """Wait until ``count`` tokens have reached the reader: the stream is flowing."""
+        wait_until(
+            lambda: self.tokens() >= count or not self._thread.is_alive(),
+            timeout,
+            f"{count} tokens to reach the reader",
+        )
+        assert self.tokens() >= count, f"the stream ended first: {self.error or self.result}"
 
     def join(self, timeout: float = 60) -> sse.Stream:
         self._thread.join(timeout)
@@ -146,24 +164,12 @@ def test_killed_gateway_client_resumes_on_another_exactly(
 ) -> None:
     stack = make_stack(gateways=2)
     first, second = stack.gateways
-    head: list[sse.Stream] = []
-    reader = threading.Thread(
-        target=lambda: head.append(
-            sse.read(
-                httpx.Client(timeout=30),
-                first.url + "/chat",
-                params={"prompt": "[hard] [delay 0.3]"},
-            )
-        ),
-        daemon=True,
-    )
-    reader.start()
-    time.sleep(1.5)
+    reader = Background(first.url + "/chat", {"prompt": "[hard] [delay 0.3]"})
+    reader.wait_tokens(3)  # mid-stream, among the hard tokens (17, 0.3 s apart)
     first.kill()
-    reader.join(10)
     # The kill cut the stream: keep what arrived whole, resume from its last cursor.
-    partial = head[0] if head else None
-    assert partial is not None and partial.messages and not partial.finals
+    partial = reader.join(10)
+    assert partial.messages and not partial.finals
     rest = sse.read(client, second.url + "/chat", headers={"Last-Event-ID": partial.last_id})
     assert sse.is_done(rest.events[-1])
     job_id = partial.events[0]["job_id"]
@@ -178,7 +184,7 @@ def test_a_gateway_sigterm_closes_streams_for_clients_to_resume(
     stack = make_stack(gateways=2)
     first, second = stack.gateways
     background = Background(first.url + "/chat", {"prompt": "[long 100] [delay 0.05]"})
-    time.sleep(1.0)
+    background.wait_tokens()
     first.kill(signal.SIGTERM)
     stopped_at = time.monotonic()
     partial = background.join(10)
@@ -201,7 +207,7 @@ def test_a_worker_sigterm_lets_the_running_job_finish(
 ) -> None:
     stack = make_stack(SHUTDOWN_GRACE_S="6")
     background = Background(stack.gateway.url + "/chat", {"prompt": "[long 100] [delay 0.03]"})
-    time.sleep(1.0)
+    background.wait_tokens()  # the job runs and has streamed output: it must not be cut
     stack.workers[0].kill(signal.SIGTERM)
     stream = background.join(20)
     assert stream.text == LONG
@@ -215,7 +221,8 @@ def test_dropped_client_reconnects_with_exact_text_and_one_upstream_request(
     stack = make_stack()
     params = {"prompt": "[long 100] [delay 0.02]"}
     head = sse.read(client, stack.gateway.url + "/chat", params=params, stop_after=20)
-    time.sleep(0.5)  # gone for a while, less than DISCONNECT_GRACE_S
+    # Gone for a while, less than DISCONNECT_GRACE_S (2 s): a fixed gap is the point here.
+    time.sleep(0.5)
     rest = sse.read(
         client, stack.gateway.url + "/chat", params=params, headers={"Last-Event-ID": head.last_id}
     )
@@ -244,7 +251,8 @@ def test_a_post_job_runs_to_its_end_unread(
 ) -> None:
     stack = make_stack(DISCONNECT_GRACE_S="1")
     job_id = post(client, stack, "[long 100] [delay 0.03]")
-    time.sleep(4)
+    # Nobody reads it for its whole run (3 s of tokens, three times the grace) and it ends.
+    wait_until(lambda: sse.is_final(redis_events(stack, job_id)[-1]), 20, "the job's end")
     stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
     assert stream.text == LONG
     assert sse.is_done(stream.events[-1])
@@ -259,7 +267,8 @@ def test_no_worker_means_an_error_in_time_and_the_job_never_runs(
     assert stream.events[-1] == {"error": ev.NO_WORKER}
     assert time.monotonic() - started < 2 + 2
     stack.add_worker()
-    time.sleep(2)
+    refused(stack, stream.events[0]["job_id"])
+    time.sleep(2)  # and no request reaches the model for a while after: a fixed gap
     assert stack.llm_stats()["requests"] == 0
 
 
@@ -268,11 +277,13 @@ def test_a_posted_job_no_worker_started_never_runs(
 ) -> None:
     stack = make_stack(workers=0, QUEUE_TIMEOUT_S="1")
     job_id = post(client, stack, "hello")
-    time.sleep(1.5)
+    # QUEUE_TIMEOUT_S runs out (on Redis's clock, the one the claim reads) with no worker.
+    wait_until(lambda: not redis_exists(stack, keys.deadline_key(job_id)), 10, "the timeout")
     stack.add_worker()
     stream = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
     assert stream.events[-1] == {"error": ev.NO_WORKER}
-    time.sleep(1)
+    refused(stack, job_id)
+    time.sleep(1)  # and no request reaches the model for a while after: a fixed gap
     assert stack.llm_stats()["requests"] == 0
 
 
@@ -282,7 +293,7 @@ def test_redis_restart_mid_stream(
     stack = Stack(own_redis.url, logdir).start()
     try:
         background = Background(stack.gateway.url + "/chat", {"prompt": "[long 1000] [delay 0.02]"})
-        time.sleep(1.0)
+        background.wait_tokens()
         own_redis.stop()
         down_at = time.monotonic()
         ready = client.get(stack.gateway.url + "/readyz")
@@ -360,10 +371,16 @@ def test_an_unread_post_job_whose_worker_dies_still_ends_in_time(
     stack = make_stack(workers=2)
     job_id = post(client, stack, "[long 1000] [delay 0.02]")
     victim = worker_running(stack, job_id)
-    time.sleep(0.5)  # some output, and nobody reading
+    # Some output, and nobody reading.
+    wait_until(lambda: any("token" in e for e in redis_events(stack, job_id)), 30, "output")
     stack.workers[victim].kill()
-    time.sleep(LOST_TIMEOUT + 0.5)
-    # Read only now: the end was written without any reader.
+    # The end is written without any reader, within WORKER_LOST_TIMEOUT_S (and a margin).
+    wait_until(
+        lambda: sse.is_final(redis_events(stack, job_id)[-1]),
+        LOST_TIMEOUT + 0.5,
+        "the end within WORKER_LOST_TIMEOUT_S",
+    )
+    # Read only now.
     raw = redis_events(stack, job_id)
     assert raw[-1] == {"error": ev.WORKER_LOST}
 
@@ -375,7 +392,11 @@ def test_a_get_job_left_while_queued_never_reaches_the_model(
     stack = make_stack(workers=0, DISCONNECT_GRACE_S="1", QUEUE_TIMEOUT_S="60")
     head = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hello"}, stop_after=1)
     job_id = head.events[0]["job_id"]
-    time.sleep(2)  # the grace runs out while the job waits for a worker
+    # The grace runs out while the job waits for a worker: the key standing for its reader,
+    # set to DISCONNECT_GRACE_S when the reader left, lapses (on Redis's clock).
+    wait_until(
+        lambda: not redis_exists(stack, keys.watched_key(job_id)), 10, "the grace to run out"
+    )
     stack.add_worker()
     wait_until(lambda: bool(redis_events(stack, job_id)[-1].get("error")), 5, "the end")
     assert redis_events(stack, job_id)[-1] == {"error": ev.CLIENT_GONE}
@@ -388,6 +409,23 @@ def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
         return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
     finally:
         client.close()
+
+
+def redis_exists(stack: Stack, key: str) -> bool:
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return bool(client.exists(key))
+    finally:
+        client.close()
+
+
+def refused(stack: Stack, job_id: str) -> None:
+    """Wait until a worker has taken the job's wake-up (or found it by its poll) and its
+    claim said no: the worker is done with it."""
+    said = f"job {job_id} not run: "
+    wait_until(
+        lambda: any(said in w.log() for w in stack.workers), 30, f"a worker to refuse {job_id}"
+    )
 
 
 def test_a_job_past_its_timeout_ends_saying_so_logged_and_counted(

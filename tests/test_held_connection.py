@@ -8,13 +8,27 @@ import socket
 import time
 
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.held_connection import HeldConnection
 from shared.redis_conn import connect
 
-from .harness import RedisServer
+from .harness import RedisServer, wait_until_async
+
+
+def closed_seen(held: HeldConnection) -> bool:
+    """Whether the kept connection's reader has seen its socket closed or reset: what
+    ``take`` looks at (redis-py's StreamReader; None once disconnected)."""
+    reader = getattr(held._idle, "_reader", None)
+    return reader is None or reader.at_eof() or reader.exception() is not None
+
+
+async def xread_blocked(client: Redis, client_id: int) -> bool:
+    """Whether the connection ``client_id`` is blocked in Redis (its XREAD waiting)."""
+    found = await client.client_list(client_id=[str(client_id)])
+    return bool(found) and "b" in found[0]["flags"]
 
 
 def test_a_restart_of_redis_costs_no_failed_command(own_redis: RedisServer) -> None:
@@ -25,7 +39,8 @@ def test_a_restart_of_redis_costs_no_failed_command(own_redis: RedisServer) -> N
             assert await held.call("SET", "k", "before") == b"OK"
             own_redis.stop()
             own_redis.start()
-            await asyncio.sleep(0.1)  # the old socket's EOF reaches the loop
+            # The old socket's EOF reaches the loop (the stop and start above blocked it).
+            await wait_until_async(lambda: closed_seen(held), 5, "the old socket's EOF")
             # The pool would have noticed the closed socket; the kept connection must too.
             assert await held.call("GET", "k") is None  # a new, empty Redis
         finally:
@@ -69,11 +84,22 @@ def test_an_error_reply_keeps_the_connection_and_a_cut_round_trip_replaces_it(
             blocked = asyncio.create_task(
                 held.call("XREAD", "BLOCK", 600, "STREAMS", "sg:test:held", "$")
             )
-            await asyncio.sleep(0.05)
+
+            # Cancelled mid round trip: once Redis holds the XREAD (well within the 0.2 s).
+            async def xread_held() -> bool:  # or the call is over already: raised below
+                return blocked.done() or await xread_blocked(client, second)
+
+            await wait_until_async(xread_held, 5, "Redis to hold the XREAD")
             blocked.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await blocked
-            await asyncio.sleep(0.7)  # the XREAD's nil reply would have arrived by now
+
+            # Redis is done with the XREAD: its nil reply sent (it would have arrived by now),
+            # or its connection closed.
+            async def xread_over() -> bool:
+                return not await xread_blocked(client, second)
+
+            await wait_until_async(xread_over, 5, "Redis to be done with the XREAD")
             assert await held.call("ECHO", "mine") == b"mine"
             assert await held.call("CLIENT", "ID") not in (first, second)
         finally:

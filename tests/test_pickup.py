@@ -78,8 +78,10 @@ def test_stopping_the_worker_stops_a_running_job_which_then_ends_cleanly(db_url:
     """arq's shutdown cancels the run; the job sees the cancellation (to hand itself back),
     and the run returns, so arq's ``close`` does not fail on it."""
     seen: list[str] = []
+    started = asyncio.Event()
 
     async def waits(ctx: dict[str, Any], job_id: str) -> None:
+        started.set()
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError:
@@ -90,7 +92,7 @@ def test_stopping_the_worker_stops_a_running_job_which_then_ends_cleanly(db_url:
         worker = _worker(db_url, waits)
         try:
             run = asyncio.create_task(worker._run("0" * 32, {"job_id": "0" * 32}))
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(started.wait(), 5)  # the job runs
             run.cancel()
             await run
             assert seen == ["cancelled"]
@@ -115,8 +117,12 @@ def test_a_request_sent_before_a_refused_claim_is_closed_and_writes_nothing(
         wake_up = f"{job_id}.feedbeef {int(time.time() * 1000)} ".encode() + request
         r.lpush(keys.WAKE, wake_up)
         wait_until(lambda: r.llen(keys.WAKE) == 0, 5, "the worker to pop the wake-up")
+        # Its claim said no, and the job is over (its early request abandoned).
+        said = f"job {job_id} not run: final"
+        wait_until(lambda: any(said in w.log() for w in stack.workers), 5, "the refusal")
         wait_until(lambda: stack.llm_stats()["open_streams"] == 0, 5, "no open LLM stream")
-        time.sleep(0.3)  # anything published late would show now
+        # Nothing comes later either: a fixed gap, as that is what this proves.
+        time.sleep(0.3)
         assert r.xlen(keys.events_key(job_id)) == before
         assert stack.llm_stats()["open_streams"] == 0
     finally:
