@@ -280,6 +280,9 @@ def test_container_ports_are_the_ports_the_processes_listen_on() -> None:
 
 
 def test_probes_ask_routes_the_apps_serve() -> None:
+    worker = container(WORKER)["livenessProbe"]["httpGet"]
+    assert worker["path"] == "/healthz" and worker["port"] == "metrics"  # worker/metrics.py
+    assert "readinessProbe" not in container(WORKER)  # it serves no requests
     gateway = container(GATEWAY)
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"

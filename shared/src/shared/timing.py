@@ -22,6 +22,8 @@ CANCEL_FALLBACK_S = 0.5  # the heartbeat's interval while cancels are not follow
 # pub/sub: its ownership check then carries them, within the contract's second
 ENDED_MEMORY_S = 60.0  # a cancel heard before its job is tracked here (its claim on its
 # way) is remembered this long
+STALLED_S = 60.0  # a worker whose heartbeat loop has not begun a beat for this long is stuck
+# (/healthz 503): above a beat's interval plus a hung Redis round trip (10 s) several times
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.functions import Functions
 from shared.redis_clock import RedisClock
-from shared.timing import CANCEL_FALLBACK_S, ENDED_MEMORY_S
+from shared.timing import CANCEL_FALLBACK_S, ENDED_MEMORY_S, STALLED_S
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Heartbeat:
         self.clock = clock or RedisClock()
         self._functions = Functions(redis)
         self.attempts: dict[str, Running] = {}  # by running index member, "<job id> <owner>"
+        self.last_tick = time.monotonic()  # when the loop last began a beat: its liveness
         # Jobs ended from outside before they were tracked here (a cancel between the claim
         # and ``track``), by when the note is forgotten.
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -96,6 +97,7 @@ class Heartbeat:
         cancels are not followed (``following``), every half second at most: the beat's
         ownership check then carries them, within the contract's second."""
         while True:
+            self.last_tick = time.monotonic()
             try:
                 await self.beat()
             except Exception as exc:  # never stop beating: the jobs' alive keys would lapse
@@ -106,6 +108,11 @@ class Heartbeat:
                 await self._sleep(min(1.0, self._next_beat_s()))
             else:
                 await self._sleep(self._next_beat_s())
+
+    def ticking(self) -> bool:
+        """Whether the event loop still runs the heartbeat (a Redis outage does not stop it:
+        it retries every second), for the worker's ``/healthz``."""
+        return time.monotonic() - self.last_tick < STALLED_S
 
     def _next_beat_s(self) -> float:
         return self.interval_s if self._following else min(self.interval_s, CANCEL_FALLBACK_S)

@@ -53,7 +53,12 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         logger.info("tracing: exporting spans over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)")
     redis = ctx["redis"]
     ctx["upstream"] = Upstream(settings)
-    ctx["metrics"].serve(settings.metrics_port, listen_host())
+
+    def alive() -> bool:  # starting counts as alive; then the heartbeat loop must run
+        heartbeat: Heartbeat | None = ctx.get("heartbeat")
+        return heartbeat is None or heartbeat.ticking()
+
+    ctx["metrics"].serve(settings.metrics_port, listen_host(), alive)
     ctx["sessions"] = SessionStore(
         redis,
         settings.session_max_turns,

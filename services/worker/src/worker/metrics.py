@@ -1,15 +1,23 @@
-"""The worker's Prometheus metrics, served on METRICS_PORT by each worker process.
+"""The worker's Prometheus metrics, served on METRICS_PORT by each worker process, with
+its liveness (``/healthz``) beside them.
 
 Every process has its own registry and port (one container each under compose), so two
-workers never write over each other's figures; Prometheus adds them up.
+workers never write over each other's figures; Prometheus adds them up. The listener runs
+in a thread, so it answers even when the worker's event loop is stuck: ``/healthz`` then
+says so (503), for an orchestrator to restart the process.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from shared.event_log import UsageRecord
 
@@ -84,11 +92,24 @@ class WorkerMetrics:
         self.usage_tokens.labels(key, used.model, "completion").inc(usage.completion_tokens)
         self.usage_tokens.labels(key, used.model, "total").inc(usage.total_tokens)
 
-    def serve(self, port: int, host: str) -> None:
+    def serve(self, port: int, host: str, alive: Callable[[], bool] = lambda: True) -> None:
+        """``/metrics`` and ``/healthz`` (200 while ``alive()``, else 503) on ``port``."""
         if not port:
             return
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                scraped: Iterable[bytes] = metrics(environ, start_response)
+                return scraped
+            if alive():
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [b'{"status":"ok"}']
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+            return [b'{"error":"the worker\'s event loop has not run its heartbeat lately"}']
+
         try:
-            start_http_server(port, addr=host, registry=self.registry)
+            server = make_server(host, port, app, _ThreadingServer, handler_class=_Quiet)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 # Several workers on one host (a local run) cannot share a port; the first wins.
@@ -102,4 +123,14 @@ class WorkerMetrics:
                     exc.strerror or exc,
                 )
         else:
+            threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
             logger.info("metrics on http://%s:%d/metrics", host, port)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # every scrape would be a log line
