@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from shared import events as ev
+from worker.chat_job import _with_valid_usage
+
 from . import sse
 from .harness import Stack, private_db
 
@@ -226,3 +229,13 @@ def test_head_says_409_for_a_busy_session_and_takes_nothing(
     assert head.status_code == 409
     sse.read(client, agent_stack.gateway.url + first.json()["events_url"])
     assert client.head(url, params={"prompt": "again", "session": "head"}).status_code == 200
+
+
+def test_an_agents_usage_that_is_not_whole_token_counts_is_reported_as_none() -> None:
+    """A custom agent may hand over floats or absurd figures: the job then reports no usage
+    (counted as unknown) rather than a wrong one, and its final write cannot fail on them."""
+    fine = ev.Done("stop", ev.Usage(10, 5, 15))
+    assert _with_valid_usage(fine) is fine
+    floats = ev.Usage(10.0, 5, 15)  # type: ignore[arg-type]
+    for bad in (floats, ev.Usage(2**63, 1, 2**63 + 1), ev.Usage(-1, 1, 0)):
+        assert _with_valid_usage(ev.Done("stop", bad)) == ev.Done("stop", None)

@@ -401,7 +401,8 @@ def test_a_final_batch_with_bad_usage_figures_writes_nothing(db_url: str) -> Non
         turn = Turn(turns, b'{"prompt": "p", "answer": "a"}', max_turns=2, retention_s=600)
         job_id = await new_job(log)
         assert (await log.claim(job_id, job_id, "w"))[0] == "run"
-        bad = UsageRecord("abc", "m", ev.Usage(12.5, 3, 15.5))  # type: ignore[arg-type]
+        # Past the Python checks (a caller of its own): the function refuses it itself.
+        bad = UsageRecord("abc", "m", ev.Usage("12.5", 3, "15.5"))  # type: ignore[arg-type]
         with pytest.raises(ResponseError, match="whole numbers"):
             await log.append(job_id, "w", 1, [ev.Token("a"), ev.Done()], Closing(turn, bad))
         assert await log.redis.llen(turns) == 0
@@ -425,5 +426,33 @@ def test_a_job_cancelled_mid_answer_counts_once_as_unknown(db_url: str) -> None:
         fields = await log.redis.hgetall(keys.usage_key("abc"))
         day = await redis_ms(log) // 86_400_000
         assert {k.decode(): int(v) for k, v in fields.items()} == {f"{day}|m|unknown_jobs": 1}
+
+    run(db_url, scenario)
+
+
+def test_usage_too_large_for_redis_is_refused_before_any_write(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        huge = UsageRecord("abc", "m", ev.Usage(2**63, 1, 2**63 + 1))
+        with pytest.raises(ResponseError, match="whole numbers"):
+            await log.append(job_id, "w", 1, [ev.Token("a"), ev.Done()], Closing(usage=huge))
+        assert not await log.redis.hexists(keys.meta_key(job_id), "counted")
+        assert [e.get("token") for e in await events(log, job_id)] == [None, None]
+
+    run(db_url, scenario)
+
+
+def test_a_batch_that_cannot_be_sent_fails_its_job_alone(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        bad, good = await new_job(log), await new_job(log)
+        for job_id in (bad, good):
+            assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        unencodable = ev.ToolResult("c1", "t", {"x": {1, 2}}, "out")  # a set is not JSON
+        results = await log.append_many(
+            [(bad, "w", 1, [unencodable], None), (good, "w", 1, [ev.Token("ok")], None)]
+        )
+        assert isinstance(results[0], TypeError) and results[1] is True
+        assert [e.get("token") for e in await events(log, good)][-1] == "ok"
 
     run(db_url, scenario)

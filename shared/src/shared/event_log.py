@@ -90,6 +90,10 @@ def _job_keys(job_id: str) -> list[str]:
     ]
 
 
+def _appended(result: object) -> bool | Exception:
+    return result if isinstance(result, Exception) else bool(result)
+
+
 def running_job(member: bytes | str) -> str:
     """The job of a running index member, ``<job id> <owner>``."""
     text = member.decode() if isinstance(member, bytes) else member
@@ -216,28 +220,48 @@ class EventLog:
         event. Per batch: True, False if that attempt no longer owns its job, or the error
         Redis gave for that batch alone (the others are written)."""
         calls: list[tuple[list[str], list[bytes | str | int]]] = []
+        unwritable: dict[int, Exception] = {}  # batches that cannot even be sent
         for job_id, owner, number, batch, closing in batches:
-            function_keys = _job_keys(job_id)
-            published = any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch)
-            args: list[bytes | str | int] = [owner, self.timing.retention_s, int(published)]
-            args += [number, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
-            turn = closing.turn if closing is not None else None
-            if turn is not None:
-                function_keys.append(turn.key)
-                args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
-            used = closing.usage if closing is not None else None
-            if used is not None:
-                function_keys.append(keys.usage_key(used.identity))
-                u = used.usage
-                counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
-                if u is not None:
-                    counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
-                args[7:11] = [used.model, *counts]
-            for event in batch:
-                args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
-            calls.append((function_keys, args))
-        results = await self.functions.call_many("append", calls)
-        return [r if isinstance(r, Exception) else bool(r) for r in results]
+            try:
+                calls.append(self._append_call(job_id, owner, number, batch, closing))
+            except (TypeError, ValueError) as exc:  # one job's bad event fails that job alone
+                unwritable[len(calls) + len(unwritable)] = exc
+        results = iter(await self.functions.call_many("append", calls) if calls else [])
+        return [
+            unwritable[i] if i in unwritable else _appended(next(results))
+            for i in range(len(batches))
+        ]
+
+    def _append_call(
+        self,
+        job_id: str,
+        owner: str,
+        number: int,
+        batch: Sequence[ev.Event],
+        closing: Closing | None,
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """One batch's ``append`` call; TypeError or ValueError if it cannot be sent."""
+        function_keys = _job_keys(job_id)
+        published = any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch)
+        args: list[bytes | str | int] = [owner, self.timing.retention_s, int(published)]
+        args += [number, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
+        turn = closing.turn if closing is not None else None
+        if turn is not None:
+            function_keys.append(turn.key)
+            args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
+        used = closing.usage if closing is not None else None
+        if used is not None:
+            function_keys.append(keys.usage_key(used.identity))
+            u = used.usage
+            counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
+            if u is not None:
+                counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
+            args[7:11] = [used.model, *counts]
+        for event in batch:
+            args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
+        if not all(isinstance(a, bytes | str | int) for a in args):
+            raise TypeError(f"job {job_id}: a batch argument Redis cannot take: {args!r:.200}")
+        return function_keys, args
 
     async def release(self, job_id: str, owner: str) -> int:
         """Hand a job without output back to the queue, and queue it for arq again. Returns

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 1
-SOURCE_SHA256 = "217ac895df9d07f7f8d6c491e850d1963c6407f8e79234e2dde53089982e4623"
+SOURCE_SHA256 = "5432a19fa4aa3e608ccb7a35a10c83b321e0ed084212e7b09aa506a5d62bd3ae"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

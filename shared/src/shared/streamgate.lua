@@ -188,13 +188,15 @@ end)
 -- The job's token usage, counted once (meta 'counted') into its key's usage hash per day
 -- (Redis's, UTC, as days since 1970) and model: fields '<day>|<model>|<figure>'. A job
 -- whose upstream reported no usage counts as unknown, not as zero tokens.
+local MAX_TOKENS = 9007199254740992 -- 2^53: a count HINCRBY and JSON both hold exactly
+
 local function whole(text)
   local n = tonumber(text)
-  return n ~= nil and n >= 0 and n == math.floor(n)
+  return n ~= nil and n >= 0 and n <= MAX_TOKENS and n == math.floor(n)
 end
 
 local function count_usage(j, usage, model, prompt, completion, total, retention_s)
-  if redis.call('HSETNX', j.meta, 'counted', '1') == 0 then return false end
+  if redis.call('HEXISTS', j.meta, 'counted') == 1 then return false end
   local prefix = math.floor(now_ms() / DAY_MS) .. '|' .. model .. '|'
   if prompt == '' then
     redis.call('HINCRBY', usage, prefix .. 'unknown_jobs', 1)
@@ -205,6 +207,7 @@ local function count_usage(j, usage, model, prompt, completion, total, retention
     redis.call('HINCRBY', usage, prefix .. 'total_tokens', total)
   end
   redis.call('EXPIRE', usage, retention_s)
+  redis.call('HSET', j.meta, 'counted', '1') -- last: set only once the counts are in
   return true
 end
 

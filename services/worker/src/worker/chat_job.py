@@ -196,16 +196,17 @@ async def _answer(
                 if written:
                     metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
                     metrics.count_usage(used)
-            elif stopped_from_outside or running.stop_reason == "not-owner":
+                elif publisher.fenced:  # ended from outside just before its final event
+                    final, stopped_from_outside = None, True
+            if stopped_from_outside or running.stop_reason == "not-owner":
                 await _count_stopped(log, job_id, used, metrics)
-            over = final is not None or running.stop_reason not in (None, "handed back")
-            if request.get("session") and over:
+            if request.get("session"):  # freed only once the job has its final event
                 await ctx["sessions"].unlock(request["session"], job_id)
     # Returning, rather than raising CancelledError, keeps arq from running the job again
     # itself: it has ended, or it is queued again under a new id.
     outcome = (
         _outcome(final, running.stop_reason) if final is not None else running.stop_reason
-    ) or "stopped"
+    ) or ("ended from outside" if stopped_from_outside else "stopped")
     if final is not None and not written:
         outcome = "final event not written"  # the gateways end it: its heartbeat lapses
     logger.info("job %s finished: %s", job_id, outcome)
@@ -326,6 +327,9 @@ async def relay_agent(
     return "".join(text), ev.Done()
 
 
+MAX_TOKENS = 2**53  # a count Redis's HINCRBY and JSON both hold exactly
+
+
 def _with_valid_usage(done: ev.Done) -> ev.Done:
     """An agent's ``Done`` whose usage is not whole token counts reports none: a count of
     unknown, rather than a wrong one in ``done`` and in the key's usage."""
@@ -333,7 +337,7 @@ def _with_valid_usage(done: ev.Done) -> ev.Done:
     if usage is None:
         return done
     counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-    if all(type(n) is int and n >= 0 for n in counts):
+    if all(type(n) is int and 0 <= n <= MAX_TOKENS for n in counts):
         return done
     logger.warning("the agent reported usage %r, not whole token counts; dropped", usage)
     return dataclasses.replace(done, usage=None)
