@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 1
-SOURCE_SHA256 = "5432a19fa4aa3e608ccb7a35a10c83b321e0ed084212e7b09aa506a5d62bd3ae"
+SOURCE_SHA256 = "9d0467668f3e48ceeecd12b3e8cd5b5c19283a1b43c337d83d5d534064c10388"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -55,12 +55,17 @@ local function ring(j)
   redis.call('XADD', j.activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', j.events)
 end
 
+-- The running attempt, if any, leaves the running index: it no longer owns the job.
+local function drop_attempt(j)
+  local owner = redis.call('HGET', j.meta, 'owner')
+  if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
+end
+
 -- The one final event: nothing is written to the stream after it.
 local function finalize(j, data, retention_s)
   redis.call('XADD', j.events, '*', 'd', data, 'f', '1')
   ring(j)
-  local owner = redis.call('HGET', j.meta, 'owner')
-  if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
+  drop_attempt(j)
   redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
   redis.call('EXPIRE', j.meta, retention_s)
   redis.call('EXPIRE', j.events, retention_s)
@@ -92,8 +97,7 @@ local function hand_back(j, h)
     finalize(j, h.too_many, h.retention_s)
     return -1
   end
-  local owner = redis.call('HGET', j.meta, 'owner')
-  if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
+  drop_attempt(j)
   redis.call('HSET', j.meta, 'owner', '', 'queued', now_ms())
   redis.call('DEL', j.alive)
   redis.call('SET', j.deadline, '1', 'PX', h.queue_timeout_ms)

@@ -118,30 +118,6 @@ def _links(traceparents: Sequence[str | None]) -> list[Any]:
     return links
 
 
-@contextmanager
-def span(
-    name: str,
-    *,
-    parent: str | None = None,
-    kind: str = "INTERNAL",
-    attributes: dict[str, Any] | None = None,
-    links: Sequence[str | None] = (),
-) -> Iterator[Span | None]:
-    """A span, current inside the block: a child of ``parent`` (a ``traceparent``) if given,
-    else of the current span; linked to the spans ``links`` name. None when off."""
-    if _tracer is None:
-        yield None
-        return
-    with _tracer.start_as_current_span(
-        name,
-        context=_parent(parent),
-        kind=_kind(kind),
-        attributes=attributes,
-        links=_links(links),
-    ) as current:
-        yield current
-
-
 def start(
     name: str,
     *,
@@ -149,15 +125,40 @@ def start(
     kind: str = "INTERNAL",
     attributes: dict[str, Any] | None = None,
     links: Sequence[str | None] = (),
+    start_ns: int | None = None,
 ) -> Span | None:
     """A span that is not made current (for an async generator, whose body runs in its
-    consumer's context): a child of ``parent``, else of the current span; the caller ends
-    it. None when off."""
+    consumer's context): a child of ``parent`` (a ``traceparent``) if given, else of the
+    current span; linked to the spans ``links`` name; the caller ends it. None when off."""
     if _tracer is None:
         return None
     return _tracer.start_span(
-        name, context=_parent(parent), kind=_kind(kind), attributes=attributes, links=_links(links)
+        name,
+        context=_parent(parent),
+        kind=_kind(kind),
+        attributes=attributes,
+        links=_links(links),
+        start_time=start_ns,
     )
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    parent: str | None = None,
+    kind: str = "INTERNAL",
+    attributes: dict[str, Any] | None = None,
+) -> Iterator[Span | None]:
+    """``start``'s span, current inside the block and ended with it. None when off."""
+    started = start(name, parent=parent, kind=kind, attributes=attributes)
+    if started is None:
+        yield None
+        return
+    from opentelemetry.trace import use_span
+
+    with use_span(started, end_on_exit=True) as current:
+        yield current
 
 
 def record(
@@ -170,12 +171,9 @@ def record(
 ) -> None:
     """A span of something that already happened, timed by the caller (a queue wait, on
     Redis's clock)."""
-    if _tracer is None:
-        return
-    done = _tracer.start_span(
-        name, context=_parent(parent), attributes=attributes, start_time=start_ns
-    )
-    done.end(end_time=end_ns)
+    done = start(name, parent=parent, attributes=attributes, start_ns=start_ns)
+    if done is not None:
+        done.end(end_time=end_ns)
 
 
 def traceparent(of: Span | None = None) -> str | None:

@@ -19,7 +19,6 @@ from starlette.responses import Response
 
 from shared import events as ev
 from shared import keys
-from shared.timing import Timing
 
 from .aisdk_inputs import chat_id_of, chat_turn
 from .chat import event_stream
@@ -49,12 +48,8 @@ async def chat(request: Request) -> Response:
                 state, turn.job_request(), "get", identity, request.headers.get("traceparent")
             )
         key = keys.aisdk_chat_key(identity, turn.chat_id)
-        before: bytes | None = await state.arq.set(
-            key,
-            job_id,
-            ex=Timing.of(settings).queued_ttl_s,
-            get=True,  # as its job's keys
-        )
+        lifetime = state.log.timing.queued_ttl_s  # as its job's keys
+        before: bytes | None = await state.arq.set(key, job_id, ex=lifetime, get=True)
         # One answer per chat: a new message ends the one before (useChat stopped reading
         # it, and neither resume nor DELETE could reach it any more).
         if before is not None and await state.log.end(before.decode(), ev.CANCELLED):

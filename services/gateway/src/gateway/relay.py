@@ -45,7 +45,6 @@ from shared.held_connection import HeldConnection
 from shared.settings import Settings
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
-from shared.timing import Timing
 
 from .metrics import GatewayMetrics
 from .reader import Reader, entry_key
@@ -198,7 +197,7 @@ class Relay:
 
     async def _watched(self, job_id: str) -> None:
         with contextlib.suppress(RedisError):
-            grace_ms = Timing.of(self.settings).grace_ms
+            grace_ms = self.log.timing.grace_ms
             await self.redis.set(keys.watched_key(job_id), b"1", px=grace_ms)
 
     def _wake(self) -> None:
@@ -251,7 +250,7 @@ class Relay:
         down = self._redis_down_since
         if down is None or not self.jobs:
             return
-        if self._now() - down > Timing.of(self.settings).redis_down_close_s:
+        if self._now() - down > self.log.timing.redis_down_close_s:
             # Streams may resume once Redis is back: close cleanly, clients reconnect.
             logger.warning(
                 "Redis down for %.0f s: closing %d streams", self._now() - down, self.open_readers

@@ -191,7 +191,7 @@ async def _answer(
             usage = final.usage if isinstance(final, ev.Done) else None
             used = UsageRecord(identity, upstream.model, usage)
             if final is not None:
-                closing = Closing(turn if isinstance(final, ev.Done) else None, used)
+                closing = Closing(turn, used)  # a turn comes only with `done`
                 written = await _publish_final(publisher, final, closing)
                 if written:
                     metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -168,17 +168,13 @@ class Upstream:
         messages, if given); raises UpstreamError on any failure, an answer that ends
         without ``[DONE]`` or a finish reason included (it is incomplete). Traced as a
         GenAI ``chat`` span when tracing is on; untraced, not one more step per token."""
-        if tracing.enabled():
-            return self._traced(messages, tools, opened, params)
-        return self._stream(messages, tools, opened, params)
+        deltas = self._stream(messages, tools, opened, params)
+        return self._traced(messages, deltas) if tracing.enabled() else deltas
 
     async def _traced(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None,
-        opened: Opening | None,
-        params: dict[str, Any] | None,
+        self, messages: list[dict[str, Any]], deltas: AsyncGenerator[Delta, None]
     ) -> AsyncIterator[Delta]:
+        """``deltas`` under a GenAI ``chat`` span."""
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "openai",
@@ -193,7 +189,7 @@ class Upstream:
         first = True
         text: list[str] = []
         try:
-            async for delta in self._stream(messages, tools, opened, params):
+            async for delta in deltas:
                 if first:
                     first = False
                     span.set_attribute(
@@ -217,14 +213,15 @@ class Upstream:
                 ]
                 span.set_attribute("gen_ai.output.messages", orjson.dumps(answer).decode())
             span.end()
+            await deltas.aclose()  # a consumer that stopped early closes the request too
 
     async def _stream(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        opened: Opening | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> AsyncIterator[Delta]:
+        tools: list[dict[str, Any]] | None,
+        opened: Opening | None,
+        params: dict[str, Any] | None,
+    ) -> AsyncGenerator[Delta, None]:
         try:
             response = await (opened if opened is not None else self._post(messages, tools, params))
             finished = False
