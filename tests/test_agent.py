@@ -239,3 +239,17 @@ def test_an_agents_usage_that_is_not_whole_token_counts_is_reported_as_none() ->
     floats = ev.Usage(10.0, 5, 15)  # type: ignore[arg-type]
     for bad in (floats, ev.Usage(2**63, 1, 2**63 + 1), ev.Usage(-1, 1, 0)):
         assert _with_valid_usage(ev.Done("stop", bad)) == ev.Done("stop", None)
+
+
+def test_a_cancelled_job_stores_nothing_and_frees_its_session(
+    agent_stack: Stack, client: httpx.Client
+) -> None:
+    """The session's lock goes with the job's final event, whichever writes it."""
+    url = agent_stack.gateway.url + "/chat"
+    posted = client.post(url, json={"prompt": "[long 40] [delay 0.05]", "session": "s-cancel"})
+    job = posted.json()
+    first = sse.read(client, agent_stack.gateway.url + job["events_url"], stop_after=3)
+    assert first.text  # it is answering
+    assert client.delete(f"{url}/{job['job_id']}").status_code == 204
+    users = [m["content"] for m in echo_history(agent_stack, "s-cancel") if m["role"] == "user"]
+    assert users == ["[echo]"]  # no 409, and the cancelled turn is not in memory

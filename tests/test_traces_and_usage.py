@@ -39,7 +39,7 @@ from worker.tools.loading import builtin_tools
 from . import sse
 from .harness import Stack, free_port, private_db, release_db, wait_until
 
-KEYS = ("key-a", "key-b")
+KEYS = ("key-a", "key-b", "key-c")
 MODEL = "streamgate-demo"
 
 
@@ -267,6 +267,51 @@ def test_usage_in_done_the_metrics_and_usage_endpoint_is_the_upstreams_per_key(
     prompt_line = f'streamgate_usage_tokens_total{{key="{label}",model="{MODEL}",type="prompt"}}'
     (value,) = [line.split()[-1] for line in metrics.splitlines() if line.startswith(prompt_line)]
     assert float(value) == row["prompt_tokens"]
+
+
+def test_jobs_without_reported_usage_count_apart_as_unknown(
+    traced: Stack, client: httpx.Client
+) -> None:
+    """An upstream error, and a job cancelled mid-answer: neither reports usage."""
+    failed = sse.read(
+        client,
+        traced.gateway.url + "/chat",
+        params={"prompt": "[http 500]"},
+        headers=_auth("key-c"),
+    )
+    assert "error" in failed.events[-1] and "usage" not in failed.events[-1]
+    job = client.post(
+        traced.gateway.url + "/chat",
+        json={"prompt": "[long 100] [delay 0.05]"},
+        headers=_auth("key-c"),
+    ).json()
+    sse.read(client, traced.gateway.url + job["events_url"], headers=_auth("key-c"), stop_after=3)
+    client.delete(traced.gateway.url + f"/chat/{job['job_id']}", headers=_auth("key-c"))
+
+    def rows() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = client.get(
+            traced.gateway.url + "/usage", headers=_auth("key-c")
+        ).json()
+        return found
+
+    wait_until(lambda: bool(rows()) and rows()[0]["unknown_jobs"] == 2, 10, "both counted")
+    (row,) = rows()
+    assert row["jobs"] == 0 and row["total_tokens"] == 0
+
+
+def test_an_openai_clients_traceparent_joins_its_trace_too(
+    traced: Stack, receiver: Receiver, client: httpx.Client
+) -> None:
+    trace_id, client_span, traceparent = _client_trace()
+    answer = client.post(
+        traced.gateway.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={**_auth("key-a"), "traceparent": traceparent},
+    )
+    assert answer.status_code == 200
+    names = {"streamgate.enqueue", "streamgate.job"}
+    wait_until(lambda: names <= {s["name"] for s in receiver.trace(trace_id)}, 10, "its spans")
+    assert _one(receiver.trace(trace_id), "streamgate.enqueue")["parent"] == client_span
 
 
 def test_with_tracing_off_no_span_work_is_done(
