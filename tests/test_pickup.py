@@ -15,8 +15,8 @@ import redis
 from arq.worker import func
 
 from shared import keys
-from shared.redis_conn import connect_arq
 from worker.pickup import JOB_FUNCTION, PushWorker
+from worker.shards import open_shards
 
 from . import sse
 from .harness import Stack, private_db, release_db, wait_until
@@ -31,9 +31,8 @@ def db_url(redis_url: str) -> Iterator[str]:
 
 def _worker(db_url: str, job: Any) -> PushWorker:
     return PushWorker(
-        wake_redis_url=db_url,
+        shards=open_shards([db_url], wake_timeout_s=5),
         functions=[func(job, name=JOB_FUNCTION)],
-        redis_pool=connect_arq(db_url),
         job_timeout=0.5,
         handle_signals=False,
     )
@@ -42,7 +41,7 @@ def _worker(db_url: str, job: Any) -> PushWorker:
 async def _close(worker: PushWorker) -> None:
     # Not ``Worker.close``: it calls redis-py's deprecated ``close``, an error under pytest.
     await worker.pool.aclose()
-    await worker.wake_redis.aclose()
+    await worker.shards[0].wake.aclose()
 
 
 def test_a_job_stopped_while_ending_or_past_its_timeout_leaves_the_worker_running(

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from types import SimpleNamespace
 from typing import Any, cast
 
+import anyio
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -211,6 +212,7 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
                 update={"relay_buffer_events": bound, "relay_buffer_bytes": bound_bytes}
             ),
             GatewayMetrics(),
+            anyio.Event(),
         )
         arrived = 0  # entries in Redis so far
         in_flight: tuple[int, int] | None = None  # the start of the read in flight

@@ -48,7 +48,8 @@ def test_a_client_that_accepts_no_bytes_is_let_go(redis_url: str) -> None:
 
     async def main() -> float:
         async with app.router.lifespan_context(app):
-            relay = app.state.sg.relay
+            (shard,) = app.state.sg.shards.all
+            relay = shard.relay
             began = time.monotonic()
             # sse-starlette ends it with SendTimeoutError; uvicorn then closes the connection.
             with contextlib.suppress(SendTimeoutError):

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from shared.redis_conn import connect
 from shared.settings import without_password
+from shared.shards import split_urls
 
 from .errors import LaunchError
 
@@ -74,18 +75,24 @@ async def redis_answers(url: str) -> None:
         await client.aclose()
 
 
-async def check_redis_url(url: str) -> None:
-    """REDIS_URL, once: it must answer now, or the run stops saying so."""
+async def check_redis_url(redis_url: str) -> None:
+    """REDIS_URL, once: each Redis it lists must answer now, or the run stops saying so."""
+    urls = split_urls(redis_url)
+    for url in urls:
+        await _check_one(url, "REDIS_URL" if len(urls) == 1 else "the REDIS_URL shard")
+
+
+async def _check_one(url: str, what: str) -> None:
     shown = without_password(url)
     try:
         client = connect(url, socket_connect_timeout=3, socket_timeout=3)
     except ValueError as exc:
-        raise LaunchError(f"REDIS_URL {shown} is not a Redis URL ({exc})") from None
+        raise LaunchError(f"{what} {shown} is not a Redis URL ({exc})") from None
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
         raise LaunchError(
-            f"REDIS_URL {shown} does not answer ({exc}): start that Redis, or unset REDIS_URL "
+            f"{what} {shown} does not answer ({exc}): start that Redis, or unset REDIS_URL "
             "to run a private one"
         ) from None
     finally:

@@ -26,9 +26,10 @@ class Cursor(NamedTuple):
         return f"{self.job_id}_{self.entry_id}"
 
 
-def new_job_id() -> str:
-    """128 random bits: job ids are unguessable, so knowing one is the right to read it."""
-    return secrets.token_hex(16)
+def new_job_id(shard: int = 0) -> str:
+    """The shard's number (two hex digits: where the job lives, see shards.py), then 120
+    random bits: job ids are unguessable, so knowing one is the right to read it."""
+    return f"{shard:02x}{secrets.token_hex(15)}"
 
 
 def is_job_id(value: str) -> bool:

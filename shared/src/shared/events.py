@@ -164,6 +164,9 @@ WORKER_LOST = (
 )
 NO_WORKER = "no worker was available to start this job in time; please retry later"
 JOB_LOST = "this job's events were lost (Redis restarted or evicted them); please retry"
+REDIS_UNREACHABLE = (
+    "the Redis holding this job has been unreachable too long: the job is lost; please retry"
+)
 CLIENT_GONE = "cancelled: every reader disconnected"
 TOO_MANY_ATTEMPTS = (
     "this job stopped its worker several times before any answer; it will not be run again"

@@ -20,8 +20,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class NotSent(RedisConnectionError):
+    """No connection could be made: nothing of the round trip reached Redis, so it may go
+    to another shard without being done twice."""
 
 
 class HeldConnection:
@@ -65,6 +71,11 @@ class HeldConnection:
         try:
             async with asyncio.timeout(self._timeout_s) as deadline:
                 conn = await self.take()
+                if not conn.is_connected:
+                    try:
+                        await conn.connect()  # type: ignore[no-untyped-call]
+                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                        raise NotSent(str(exc)) from exc
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 replies: list[Any] = []
                 for _ in commands:

@@ -74,30 +74,32 @@ class Settings(BaseSettings):
     session_max_chars: Annotated[int, Field(ge=1)] = 24000
     session_retention_s: Annotated[int, Field(gt=0, le=365 * 24 * 3600)] = 7 * 24 * 3600
 
+    @property
+    def redis_urls(self) -> list[str]:
+        """The shards' URLs, in order (one for a single Redis)."""
+        from .shards import split_urls
+
+        return split_urls(self.redis_url)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        from .redis_conn import sentinel_target  # raises ValueError on a bad Sentinel URL
+        from .shards import MAX_SHARDS, split_urls
 
-        options = parse_qs(urlsplit(value).query)
-        # Both change what every reply looks like; the relay and the scripts read RESP2 bytes.
-        if options.get("protocol", ["2"])[-1] != "2":
-            raise ValueError("protocol=3 is not supported (Streamgate speaks RESP2): drop it")
-        decode = options.get("decode_responses", [""])[-1]
-        if decode and decode.upper() not in ("0", "F", "FALSE", "N", "NO"):
-            raise ValueError("decode_responses is not supported (replies stay bytes): drop it")
-        if sentinel_target(value) is not None:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
-        if parts.scheme != "unix":
-            if not parts.hostname:
-                raise ValueError("has no host name")
-            _ = parts.port  # raises ValueError on a port that is not a number
-            db = parts.path.lstrip("/")
-            if db and not db.isdigit():
-                raise ValueError(f"database {db!r} is not a number")
+        urls = split_urls(value)
+        if not urls:
+            raise ValueError("names no Redis")
+        if len(urls) > MAX_SHARDS:
+            raise ValueError(f"lists {len(urls)} Redis shards; at most {MAX_SHARDS}")
+        if len(set(urls)) < len(urls):
+            raise ValueError("lists one Redis twice: each shard must be its own Redis")
+        for place, url in enumerate(urls):
+            try:
+                _check_redis_url(url)
+            except ValueError as exc:
+                if len(urls) == 1:
+                    raise
+                raise ValueError(f"shard {place} ({without_password(url)}): {exc}") from None
         return value
 
     @field_validator("openai_base_url")
@@ -241,11 +243,45 @@ def load_settings() -> Settings:
         sys.exit("Streamgate cannot start: invalid setting(s)\n" + "\n".join(lines))
 
 
+def _check_redis_url(url: str) -> None:
+    """One shard's URL: ValueError saying what is wrong with it."""
+    from .redis_conn import sentinel_target  # raises ValueError on a bad Sentinel URL
+
+    if urlsplit(url).scheme == "redis+cluster":
+        raise ValueError(
+            "Redis Cluster is not supported yet: list the primaries instead "
+            "(redis://a:6379/0,redis://b:6379/0)"
+        )
+    options = parse_qs(urlsplit(url).query)
+    # Both change what every reply looks like; the relay and the scripts read RESP2 bytes.
+    if options.get("protocol", ["2"])[-1] != "2":
+        raise ValueError("protocol=3 is not supported (Streamgate speaks RESP2): drop it")
+    decode = options.get("decode_responses", [""])[-1]
+    if decode and decode.upper() not in ("0", "F", "FALSE", "N", "NO"):
+        raise ValueError("decode_responses is not supported (replies stay bytes): drop it")
+    if sentinel_target(url) is not None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("has no host name")
+        _ = parts.port  # raises ValueError on a port that is not a number
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database {db!r} is not a number")
+
+
 _URLS = {"REDIS_URL", "OPENAI_BASE_URL"}
 
 
 def _shown(name: str, value: object) -> str:
     """A setting's bad value as an error message may show it: never a password."""
+    if name == "REDIS_URL" and isinstance(value, str):
+        from .shards import split_urls
+
+        return repr(",".join(without_password(url) for url in split_urls(value)))
     if name in _URLS and isinstance(value, str):
         return repr(without_password(value))
     return repr(value)

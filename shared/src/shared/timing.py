@@ -58,8 +58,8 @@ class Timing:
     session_lock_s: int
     """A session's lock outlives its job's wait and run; a lock past it is taken over."""
     redis_down_close_s: float
-    """A gateway that cannot reach Redis closes its streams after this (clients resume
-    elsewhere): long enough for Redis to restart, so a reader learns its job survived."""
+    """A gateway that cannot reach a job's Redis ends its streams with an error after this:
+    by then its worker has given up writing too, as when a worker is lost."""
     janitor_lease_ms: int
     """The fleet-wide sweep's lease: held by one gateway, taken over by another within
     three ticks of its holder dying."""
@@ -82,6 +82,6 @@ class Timing:
             run_ttl_s=math.ceil(run_s) + s.stream_retention_s,
             retention_s=s.stream_retention_s,
             session_lock_s=math.ceil(s.queue_timeout_s + run_s),
-            redis_down_close_s=max(30.0, 2 * s.worker_lost_timeout_s),
+            redis_down_close_s=s.worker_lost_timeout_s,
             janitor_lease_ms=int(tick * 3 * 1000),
         )

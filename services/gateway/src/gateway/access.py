@@ -21,13 +21,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from redis.asyncio import Redis
 from starlette.requests import Request
 
-from shared.functions import Functions
 from shared.keys import rate_key
 
 from .errors import ApiError, RateLimited, Unauthorized
+from .shards import Shards
 
 WINDOW_MS = 60_000
 
@@ -38,10 +37,9 @@ def _digest(key: str) -> bytes:
 
 class Access:
     def __init__(
-        self, redis: Redis, keys: list[str], rate_per_min: int, max_streams_per_key: int
+        self, shards: Shards, keys: list[str], rate_per_min: int, max_streams_per_key: int
     ) -> None:
-        self.redis = redis
-        self._functions = Functions(redis)
+        self.shards = shards
         self._digests = [_digest(k) for k in keys]
         self.rate_per_min = rate_per_min
         self.max_streams = max_streams_per_key
@@ -82,10 +80,11 @@ class Access:
             return
         who = identity or f"addr:{request.client.host if request.client else 'unknown'}"
         key = rate_key(who)
+        shard = self.shards.home(who)  # each caller's window in one place
         member = secrets.token_hex(8)
         # A sliding window on Redis's clock (the library's ``take``): the chats of the last
         # minute, one member each, so a burst across a minute boundary counts as one minute.
-        taken, retry_after = await self._functions.call(
+        taken, retry_after = await shard.log.functions.call(
             "take", [key], [WINDOW_MS, self.rate_per_min, member]
         )
         if not taken:
@@ -97,7 +96,7 @@ class Access:
         try:
             yield
         except ApiError:
-            await self.redis.zrem(key, member)
+            await shard.arq.zrem(key, member)
             raise
 
     def take_stream_slot(self, request: Request, identity: str) -> Callable[[], None]:

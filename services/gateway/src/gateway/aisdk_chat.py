@@ -48,11 +48,12 @@ async def chat(request: Request) -> Response:
                 state, turn.job_request(), "get", identity, request.headers.get("traceparent")
             )
         key = keys.aisdk_chat_key(identity, turn.chat_id)
-        lifetime = state.log.timing.queued_ttl_s  # as its job's keys
-        before: bytes | None = await state.arq.set(key, job_id, ex=lifetime, get=True)
+        home = state.shards.home(key)
+        lifetime = home.log.timing.queued_ttl_s  # as its job's keys
+        before: bytes | None = await home.arq.set(key, job_id, ex=lifetime, get=True)
         # One answer per chat: a new message ends the one before (useChat stopped reading
         # it, and neither resume nor DELETE could reach it any more).
-        if before is not None and await state.log.end(before.decode(), ev.CANCELLED):
+        if before is not None and await _end(state, before.decode()):
             state.metrics.jobs.labels("cancelled").inc()
     except BaseException:
         release()
@@ -77,17 +78,23 @@ async def cancel(request: Request) -> Response:
     state: State = request.app.state.sg
     identity = state.access.identify(request)
     job_id = await _active(state, identity, chat_id_of(request.path_params["chat_id"]))
-    if job_id is not None and await state.log.end(job_id, ev.CANCELLED):
+    if job_id is not None and await _end(state, job_id):
         state.metrics.jobs.labels("cancelled").inc()
     return Response(status_code=204)
 
 
 async def _active(state: State, identity: str, chat_id: str) -> str | None:
     """The chat's answer still running (or queued), if any."""
-    found: bytes | None = await state.arq.get(keys.aisdk_chat_key(identity, chat_id))
+    key = keys.aisdk_chat_key(identity, chat_id)
+    found: bytes | None = await state.shards.home(key).arq.get(key)
     if found is None:
         return None
     job_id = found.decode()
-    if await state.log.key_of(job_id) != identity or await state.log.is_over(job_id):
+    log = state.shards.of_job(job_id).log
+    if await log.key_of(job_id) != identity or await log.is_over(job_id):
         return None
     return job_id
+
+
+async def _end(state: State, job_id: str) -> bool:
+    return await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED)

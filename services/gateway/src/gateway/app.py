@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,10 +20,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from shared import tracing
-from shared.event_log import EventLog
-from shared.redis_conn import connect, connect_arq
 from shared.roles import load_roles
-from shared.sessions import SessionStore
 from shared.settings import Settings
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
@@ -44,7 +41,7 @@ from .errors import (
 from .idle_check import IdleCheck
 from .janitor import Janitor
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
-from .relay import Relay
+from .shards import close_shard, open_shards
 from .state import State
 from .watched import WatchedRenewal
 
@@ -99,47 +96,35 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Fail fast while Redis is down (503 within seconds), never at start: /healthz
-        # answers whether or not Redis is there.
-        arq = connect_arq(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, max_connections=128
-        )
-        # The relay's XREAD BLOCK: one command at a time, so one connection. The relay
-        # bounds each round trip itself (a socket timeout costs a task per command).
-        blocking = connect(settings.redis_url, socket_connect_timeout=2)
         tracing.setup("streamgate-gateway")
         timing = Timing.of(settings)
-        log = EventLog(arq, timing)
-        relay = Relay(arq, blocking, log, settings, metrics)
-        sessions = SessionStore(
-            arq,
-            settings.session_max_turns,
-            settings.session_max_chars,
-            settings.session_retention_s,
-            lock_ttl_s=timing.session_lock_s,
-        )
-        await relay.start()
+        shards = open_shards(settings, timing, metrics)
         restarted = metrics.background_restarts.labels
-        duties = {
-            "relay-watched": WatchedRenewal(relay, log.functions, timing).run,
-            "relay-idle": IdleCheck(relay, log, metrics, timing).run,
-            "janitor": Janitor(log, metrics, timing).run,
-        }
+        duties: dict[str, Callable[[], Awaitable[None]]] = {}
+        for shard in shards:
+            await shard.relay.start()
+            suffix = f"[{shard.index}]" if len(shards) > 1 else ""
+            duties |= {
+                f"relay-watched{suffix}": WatchedRenewal(
+                    shard.relay, shard.log.functions, timing
+                ).run,
+                f"relay-idle{suffix}": IdleCheck(shard.relay, shard.log, metrics, timing).run,
+                f"janitor{suffix}": Janitor(shard.log, metrics, timing).run,
+            }
         background = [
             asyncio.create_task(supervise(name, run, lambda n: restarted(n).inc()), name=name)
             for name, run in duties.items()
         ]
         access = Access(
-            arq, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
+            shards, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
         )
-        app.state.sg = State(settings, arq, log, relay, sessions, roles, access, metrics)
+        app.state.sg = State(settings, shards, roles, access, metrics)
         try:
             yield
         finally:
             await cancel_and_wait(background)
-            await relay.stop()
-            await blocking.aclose()
-            await arq.aclose()
+            for shard in shards:
+                await close_shard(shard)
             await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out
 
     routes = [

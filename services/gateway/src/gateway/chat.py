@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared import events as ev
-from shared import tool_catalog
 from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
@@ -41,8 +40,7 @@ async def chat_get(request: Request) -> Response:
     chat = _checked(state, chat_request(dict(params), state.settings.max_prompt_chars))
     if request.method == "HEAD":
         # What a GET would answer before its stream, without enqueueing anything.
-        await state.arq.ping()  # Redis down: 503
-        await check_session(state, chat, identity)
+        await check_session(state, chat, identity)  # 503 while its Redis is down
         return _headers_only()
     release = state.access.take_stream_slot(request, identity)
     try:
@@ -82,7 +80,7 @@ async def chat_cancel(request: Request) -> Response:
     identity = state.access.identify(request)
     job_id = _job_id(request)
     await _find(state, job_id, identity)
-    if await state.log.end(job_id, ev.CANCELLED):
+    if await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED):
         state.metrics.jobs.labels("cancelled").inc()
     return Response(status_code=204)
 
@@ -112,7 +110,7 @@ async def list_tools(request: Request) -> Response:
     if role is None:
         known = ", ".join(state.roles.roles)
         raise BadRequest(f"unknown role {name!r}; the roles are: {known} (GET /roles)")
-    tools = await tool_catalog.read(state.arq)
+    tools = await state.shards.tools()
     if tools is None:
         raise Unavailable("no worker has listed its tools: is a worker running? (retry)")
     offered = [
@@ -148,7 +146,7 @@ def _job_id(request: Request) -> str:
 
 async def _find(state: State, job_id: str, identity: str) -> None:
     """404 unless the job exists and belongs to this caller's key."""
-    if await state.log.key_of(job_id) != identity:
+    if await state.shards.of_job(job_id).log.key_of(job_id) != identity:
         raise NotFound(f"no job {job_id}: unknown, or its events have expired")
 
 
@@ -156,7 +154,8 @@ async def _resume(request: Request, cursor: Cursor, identity: str) -> Response:
     state: State = request.app.state.sg
     await _find(state, cursor.job_id, identity)
     if cursor.entry_id != START:
-        entry = await state.log.entry(cursor.job_id, cursor.entry_id)
+        log = state.shards.of_job(cursor.job_id).log
+        entry = await log.entry(cursor.job_id, cursor.entry_id)
         if entry is None:
             raise BadRequest("the cursor does not point into this job's events")
         if FINAL in entry[1]:
@@ -182,12 +181,13 @@ def _stream(
 
     async def frames() -> AsyncIterator[bytes]:
         # Subscribed here, not in the handler: a response that never starts holds nothing.
-        reader = state.relay.subscribe(job_id, after, new_chat)
+        relay = state.shards.of_job(job_id).relay
+        reader = relay.subscribe(job_id, after, new_chat)
         try:
             async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
                 yield chunk
         finally:
-            state.relay.unsubscribe(reader)
+            relay.unsubscribe(reader)
 
     if new_chat:
         return event_stream(state, frames(), release)
@@ -208,5 +208,5 @@ def event_stream(
         headers={**SSE_HEADERS, **(headers or {})},
         send_timeout_s=state.settings.send_timeout_s,
         release=release,
-        shutdown_event=state.relay.shutting_down,
+        shutdown_event=state.shards.shutting_down,
     )

@@ -1,12 +1,10 @@
-"""Liveness and readiness: ``/healthz`` never touches Redis, ``/readyz`` must reach it."""
+"""Liveness and readiness: ``/healthz`` never touches Redis, ``/readyz`` asks every shard."""
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import error_response
 from .state import State
 
 
@@ -15,9 +13,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready while some shard can take new jobs; the shards that cannot are named."""
     state: State = request.app.state.sg
-    try:
-        await state.arq.ping()
-    except (RedisError, OSError):
-        return error_response(503, "Redis is unreachable", retry_after=5)
-    return JSONResponse({"status": "ready"})
+    down = [shard.name for shard in await state.shards.down()]
+    if len(down) == len(state.shards):
+        unreachable = "Redis is unreachable" if len(down) == 1 else "no Redis shard is reachable"
+        body = {"error": f"{unreachable}: {', '.join(down)}", "down": down}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ready", "shards": len(state.shards), "down": down})

@@ -24,7 +24,8 @@ Event = tuple[float, dict[str, Any]]  # (the entry's time in seconds, the event)
 async def relayed(state: State, job_id: str, new_chat: bool = False) -> AsyncIterator[Event | None]:
     """The job's events from its start until its final one, as the relay reads them;
     None for each ping the idle stream is due."""
-    reader = state.relay.subscribe(job_id, START, new_chat)
+    relay = state.shards.of_job(job_id).relay
+    reader = relay.subscribe(job_id, START, new_chat)
     try:
         async for chunk in reader.frames_until_end(state.settings.ping_interval_s):
             if chunk == PING:
@@ -35,7 +36,7 @@ async def relayed(state: State, job_id: str, new_chat: bool = False) -> AsyncIte
                 if found:
                     yield _entry_time(head.rpartition(b"_")[2]), orjson.loads(data)
     finally:
-        state.relay.unsubscribe(reader)
+        relay.unsubscribe(reader)
 
 
 async def encoded(
@@ -55,7 +56,7 @@ async def encoded(
 
 async def stored(state: State, job_id: str) -> AsyncIterator[Event]:
     """The job's events written so far."""
-    async for entry_id, fields in state.log.entries(job_id):
+    async for entry_id, fields in state.shards.of_job(job_id).log.entries(job_id):
         yield _entry_time(entry_id), orjson.loads(fields[DATA])
 
 

@@ -16,6 +16,7 @@ from shared.settings import Settings
 
 from .errors import Conflict, Unavailable
 from .inputs import ChatRequest
+from .shards import Shard
 from .state import State
 
 
@@ -32,18 +33,19 @@ async def enqueue(
 ) -> str:
     """Enqueue one chat job for the key ``identity`` and return its id; its ``queued``
     event is written first. ``traceparent``: the client's, to join its trace."""
-    job_id = new_job_id()
-    if chat.session:
-        # Sessions are per key: two keys never share a conversation.
-        session = f"{identity[:12]}.{chat.session}" if identity else chat.session
-        await _take_session(state.log, state.sessions, session, job_id, shown=chat.session)
-        chat = replace(chat, session=session)
+    if not chat.session:
+        return await enqueue_request(state, asdict(chat), kind, identity, traceparent)
+    # Sessions are per key: two keys never share a conversation. A session's jobs run in
+    # its shard, where its turns are written with each job's final event.
+    session = f"{identity[:12]}.{chat.session}" if identity else chat.session
+    shard = state.shards.home(session)
+    job_id = new_job_id(shard.index)
+    await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
+    fields = asdict(replace(chat, session=session))
     try:
-        fields = asdict(chat)
-        await _enqueue(state.log, state.settings, fields, kind, job_id, identity, traceparent)
+        await _enqueue(shard.log, state.settings, fields, kind, job_id, identity, traceparent)
     except BaseException:
-        if chat.session:
-            await state.sessions.unlock(chat.session, job_id)
+        await shard.sessions.unlock(session, job_id)
         raise
     return job_id
 
@@ -55,18 +57,24 @@ async def enqueue_request(
     identity: str,
     traceparent: str | None = None,
 ) -> str:
-    """Enqueue a job for an OpenAI API request (its conversation comes whole, no session)."""
-    job_id = new_job_id()
-    await _enqueue(state.log, state.settings, request, kind, job_id, identity, traceparent)
-    return job_id
+    """Enqueue a job without a session (an OpenAI API request brings its conversation
+    whole) in the next shard in turn that takes it."""
+
+    async def attempt(shard: Shard) -> str:
+        job_id = new_job_id(shard.index)
+        await _enqueue(shard.log, state.settings, request, kind, job_id, identity, traceparent)
+        return job_id
+
+    return await state.shards.place(attempt, also_next_on=QueueFull)
 
 
 async def check_session(state: State, chat: ChatRequest, identity: str) -> None:
     """409 now if the session is busy, without taking it (for HEAD)."""
     if chat.session:
         session = f"{identity[:12]}.{chat.session}" if identity else chat.session
-        holder = await state.sessions.holder(session)
-        if holder is not None and not await state.log.is_over(holder):
+        shard = state.shards.home(session)
+        holder = await shard.sessions.holder(session)
+        if holder is not None and not await shard.log.is_over(holder):
             raise _busy(chat.session, holder)
 
 

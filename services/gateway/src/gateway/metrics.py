@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
@@ -103,24 +104,34 @@ def _route(scope: Scope) -> str:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: GatewayMetrics = request.app.state.sg.metrics
-    try:
-        redis = request.app.state.sg.arq
-        settings = request.app.state.sg.settings
-        seconds, micros = await redis.time()  # the waiting set is scored on Redis's clock
-        now_ms = seconds * 1000 + micros // 1000
-        # Jobs no worker started in time can never start: not waiting any more (the
-        # janitor ends them and removes them).
-        waiting_since = now_ms - int(settings.queue_timeout_s * 1000)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(keys.PENDING, f"({waiting_since}", "+inf")
-            pipe.zrangebyscore(keys.PENDING, f"({waiting_since}", "+inf", 0, 1, withscores=True)
-            depth, oldest = await pipe.execute()
-        metrics.queue_depth.set(depth)
-        metrics.oldest_queued.set(max(0.0, (now_ms - oldest[0][1]) / 1000) if oldest else 0)
-    except (RedisError, OSError):
-        pass  # the rest of the figures are still worth a scrape while Redis is down
+    state = request.app.state.sg
+    metrics: GatewayMetrics = state.metrics
+    queue_timeout_ms = int(state.settings.queue_timeout_s * 1000)
+    waiting = await asyncio.gather(
+        *(_waiting(shard.arq, queue_timeout_ms) for shard in state.shards),
+        return_exceptions=True,
+    )
+    # The shards that answered: the rest of the figures are still worth a scrape while a
+    # Redis is down.
+    answered = [w for w in waiting if not isinstance(w, BaseException)]
+    if answered:
+        metrics.queue_depth.set(sum(depth for depth, _ in answered))
+        metrics.oldest_queued.set(max(age for _, age in answered))
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
+
+
+async def _waiting(redis: Redis, queue_timeout_ms: int) -> tuple[int, float]:
+    """A shard's jobs waiting for a worker, and how long (s) the oldest has waited."""
+    seconds, micros = await redis.time()  # the waiting set is scored on Redis's clock
+    now_ms = seconds * 1000 + micros // 1000
+    # Jobs no worker started in time can never start: not waiting any more (the janitor
+    # ends them and removes them).
+    waiting_since = now_ms - queue_timeout_ms
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(keys.PENDING, f"({waiting_since}", "+inf")
+        pipe.zrangebyscore(keys.PENDING, f"({waiting_since}", "+inf", 0, 1, withscores=True)
+        depth, oldest = await pipe.execute()
+    return depth, max(0.0, (now_ms - oldest[0][1]) / 1000) if oldest else 0.0
 
 
 CHECK_OUTCOMES = {1: "worker_lost", 3: "expired", 4: "error"}

@@ -96,7 +96,7 @@ async def cancel_response(request: Request) -> Response:
     state: State = request.app.state.sg
     identity = state.access.identify(request)
     job_id, echoed = await _find(state, request.path_params["response_id"], identity)
-    if await state.log.end(job_id, ev.CANCELLED):
+    if await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED):
         state.metrics.jobs.labels("cancelled").inc()
     return JSONResponse((await _as_stored(state, job_id, echoed)).response())
 
@@ -105,11 +105,13 @@ async def _find(state: State, response_id: str, identity: str) -> tuple[str, dic
     """The job of a response this caller may see, and what its object echoes; else 404."""
     match = RESPONSE_ID.fullmatch(response_id)
     job_id = match.group(1) if match else None
-    raw = await state.log.request_of(job_id) if job_id else None
-    job = orjson.loads(raw) if raw is not None else {}
-    if job_id is None or "response" not in job or await state.log.key_of(job_id) != identity:
-        raise NotFound(f"no response {response_id[:80]!r}: unknown, or its events have expired")
-    return job_id, job["response"]
+    if job_id is not None:
+        log = state.shards.of_job(job_id).log
+        raw = await log.request_of(job_id)
+        job = orjson.loads(raw) if raw is not None else {}
+        if "response" in job and await log.key_of(job_id) == identity:
+            return job_id, job["response"]
+    raise NotFound(f"no response {response_id[:80]!r}: unknown, or its events have expired")
 
 
 async def _continued(state: State, response_id: object, identity: str) -> list[dict[str, Any]]:
@@ -127,7 +129,7 @@ async def _continued(state: State, response_id: object, identity: str) -> list[d
             f"previous_response_id: response {response_id} is {previous.status}; continue"
             " from one that has completed"
         )
-    raw = await state.log.request_of(job_id)
+    raw = await state.shards.of_job(job_id).log.request_of(job_id)
     messages = orjson.loads(raw or b"{}").get("messages", [])
     return conversation_after(messages, echoed, previous.output)
 

@@ -1,4 +1,5 @@
-"""The relay: one multiplexed reader per gateway process, fanning events out to clients.
+"""The relay: one multiplexed reader per shard in each gateway process, fanning events out
+to clients.
 
 Decisions a reader might want to undo:
 
@@ -22,8 +23,8 @@ Decisions a reader might want to undo:
   from its cursor. However large the job, a client holds at most one mailbox.
 - Other duties look at what the relay holds, and it knows none of them: renewing the
   relayed jobs' ``watched`` keys (watched.py), checking its silent jobs (idle_check.py).
-- After ``redis_down_close_s`` without Redis it closes every stream cleanly (clients
-  resume, on this gateway or another, once Redis is back).
+- After ``redis_down_close_s`` (``WORKER_LOST_TIMEOUT_S``) without its Redis it ends every
+  stream with an error: the jobs' workers cannot write either and have given up.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Relay:
         log: EventLog,
         settings: Settings,
         metrics: GatewayMetrics,
+        shutting_down: anyio.Event,
     ) -> None:
         self.redis = redis
         self.metrics = metrics
@@ -114,7 +116,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
-        self.shutting_down = anyio.Event()
+        self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
         self._now = loop_time
 
@@ -251,11 +253,13 @@ class Relay:
         if down is None or not self.jobs:
             return
         if self._now() - down > self.log.timing.redis_down_close_s:
-            # Streams may resume once Redis is back: close cleanly, clients reconnect.
             logger.warning(
-                "Redis down for %.0f s: closing %d streams", self._now() - down, self.open_readers
+                "Redis down for %.0f s: ending %d streams with an error",
+                self._now() - down,
+                self.open_readers,
             )
-            self.close_all()
+            for job_id in list(self.jobs):
+                self.end_lost(job_id, ev.REDIS_UNREACHABLE)
 
     async def _read_all(self) -> None:
         """One blocking XREAD over every stream this process relays."""
@@ -371,13 +375,13 @@ class Relay:
             self._fresh.update(sweep)
             self._wake()
 
-    def end_lost(self, job_id: str) -> None:
-        """Redis no longer knows the job (restarted empty, or the stream expired): its
-        readers here get the job-lost error after their cursor."""
+    def end_lost(self, job_id: str, why: str = ev.JOB_LOST) -> None:
+        """Redis no longer knows the job (restarted empty, or the stream expired) or cannot
+        be reached: its readers here get an error after their cursor."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
-        data = ev.encode(ev.Error(ev.JOB_LOST))
+        data = ev.encode(ev.Error(why))
         for reader in job.readers:
             ms, seq = reader.after
             reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")

@@ -31,7 +31,7 @@ async def _traced(
 ) -> AsyncIterator[bytes]:
     job_trace = None
     try:  # a Redis blip costs the link, never the stream
-        request = await state.log.request_of(job_id)
+        request = await state.shards.of_job(job_id).log.request_of(job_id)
         job_trace = orjson.loads(request).get("traceparent") if request else None
     except RedisError as exc:
         logger.debug("resume of job %s not linked to its trace: %s", job_id, exc)

@@ -8,9 +8,11 @@ shared by every caller.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import defaultdict
 
+from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,24 +32,33 @@ async def usage(request: Request) -> Response:
     identity = state.access.identify(request)
     params = query_params(request)
     since = _day(params["since"]) if "since" in params else None
-    async with state.arq.pipeline(transaction=False) as pipe:
-        pipe.time()
-        pipe.hgetall(keys.usage_key(identity))
-        (seconds, _), fields = await pipe.execute()
-    today = seconds // 86400
+    # A key's jobs run in every shard, each counting its own: the sum, or 503 when a
+    # shard cannot answer (a part would read as less usage than there was).
+    counted = await asyncio.gather(*(_counted(shard.arq, identity) for shard in state.shards))
+    today = min(seconds for seconds, _ in counted) // 86400
     first = max(since or 0, today - USAGE_RETENTION_S // 86400)
     rows: dict[tuple[int, str], dict[str, int]] = defaultdict(dict.fromkeys(FIGURES, 0).copy)
-    for name, value in fields.items():
-        day, rest = name.decode().split("|", 1)
-        model, figure = rest.rsplit("|", 1)  # a model's name may hold "|", a figure's not
-        if int(day) >= first and figure in FIGURES:
-            rows[int(day), model][figure] = int(value)
+    for _, fields in counted:
+        for name, value in fields.items():
+            day, rest = name.decode().split("|", 1)
+            model, figure = rest.rsplit("|", 1)  # a model's name may hold "|", a figure's not
+            if int(day) >= first and figure in FIGURES:
+                rows[int(day), model][figure] += int(value)
     return JSONResponse(
         [
             {"day": (EPOCH + dt.timedelta(days=day)).isoformat(), "model": model, **figures}
             for (day, model), figures in sorted(rows.items())
         ]
     )
+
+
+async def _counted(redis: Redis, identity: str) -> tuple[int, dict[bytes, bytes]]:
+    """One shard's clock (seconds) and its counts for the key."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.hgetall(keys.usage_key(identity))
+        (seconds, _), fields = await pipe.execute()
+    return seconds, fields
 
 
 def _day(text: str) -> int:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 import uvloop
@@ -23,8 +24,6 @@ from shared import keys, tool_catalog, tracing
 from shared.event_log import EventLog
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
-from shared.redis_clock import RedisClock
-from shared.redis_conn import connect_arq
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
@@ -41,6 +40,7 @@ from .llm import Upstream
 from .metrics import WorkerMetrics
 from .pickup import PushWorker
 from .publisher import Batcher
+from .shards import WorkerShard, open_shards
 from .tools import ToolRegistry, load_registry
 
 logger = logging.getLogger(__name__)
@@ -51,82 +51,106 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     timing = Timing.of(settings)
     if tracing.setup("streamgate-worker"):
         logger.info("tracing: exporting spans over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)")
-    redis = ctx["redis"]
+    shards: list[WorkerShard] = ctx["shards"]
     ctx["upstream"] = Upstream(settings)
-
-    def alive() -> bool:  # starting counts as alive; then the heartbeat loop must run
-        heartbeat: Heartbeat | None = ctx.get("heartbeat")
-        return heartbeat is None or heartbeat.ticking()
-
-    ctx["metrics"].serve(settings.metrics_port, listen_host(), alive)
-    ctx["sessions"] = SessionStore(
-        redis,
-        settings.session_max_turns,
-        settings.session_max_chars,
-        settings.session_retention_s,
-        lock_ttl_s=timing.session_lock_s,
-    )
-    ctx["event_log"] = EventLog(redis, timing)
-    ctx["batcher"] = Batcher(ctx["event_log"], redis_patience_s=settings.worker_lost_timeout_s)
-    heartbeat = Heartbeat(
-        redis,
-        interval_s=timing.heartbeat_s,
-        alive_ms=timing.alive_ms,
-        name=ctx["worker_name"],
-        clock=ctx["clock"],
-    )
-    ctx["heartbeat"] = heartbeat
     metrics: WorkerMetrics = ctx["metrics"]
+
+    def alive() -> bool:  # starting counts as alive; then every heartbeat loop must run
+        return all(shard.ctx["heartbeat"].ticking() for shard in shards if shard.ctx)
+
+    metrics.serve(settings.metrics_port, listen_host(), alive)
 
     def restarted(name: str) -> None:
         metrics.background_restarts.labels(name).inc()
 
-    ctx["heartbeat_task"] = asyncio.create_task(supervise("heartbeat", heartbeat.run, restarted))
-    ctx["ended_task"] = asyncio.create_task(
-        supervise("ended-jobs", lambda: follow_ended_jobs(redis, heartbeat), restarted)
-    )
+    tasks = []
+    for shard in shards:
+        log = EventLog(shard.pool, timing)
+        heartbeat = Heartbeat(
+            shard.pool,
+            interval_s=timing.heartbeat_s,
+            alive_ms=timing.alive_ms,
+            name=ctx["worker_name"],
+            clock=shard.clock,
+        )
+        shard.ctx.update(
+            event_log=log,
+            batcher=Batcher(log, redis_patience_s=settings.worker_lost_timeout_s),
+            heartbeat=heartbeat,
+            sessions=SessionStore(
+                shard.pool,
+                settings.session_max_turns,
+                settings.session_max_chars,
+                settings.session_retention_s,
+                lock_ttl_s=timing.session_lock_s,
+            ),
+        )
+        suffix = f"[{shard.index}]" if len(shards) > 1 else ""
+        tasks.append(asyncio.create_task(supervise(f"heartbeat{suffix}", heartbeat.run, restarted)))
+        tasks.append(
+            asyncio.create_task(
+                supervise(
+                    f"ended-jobs{suffix}",
+                    partial(follow_ended_jobs, shard.pool, heartbeat),
+                    restarted,
+                )
+            )
+        )
+    ctx["shard_tasks"] = tasks
     tools: ToolRegistry = ctx["tools"]
     tools.on_run = lambda name, ok: metrics.tool_calls.labels(name, "ok" if ok else "error").inc()
     await tools.start()
-    await tool_catalog.publish(redis, ctx["worker_name"], tools.describe())  # before any job
+    await publish_tools_once(shards, ctx["worker_name"], tools)  # before any job
     ctx["catalog_task"] = asyncio.create_task(
         supervise(
-            "tool-catalog", lambda: publish_tools(redis, ctx["worker_name"], tools), restarted
+            "tool-catalog", lambda: publish_tools(shards, ctx["worker_name"], tools), restarted
         )
     )
     logger.info(
-        "worker %s ready: LLM %s, model %s, up to %d jobs at once",
+        "worker %s ready: LLM %s, model %s, up to %d jobs at once, %s",
         ctx["worker_name"],
         settings.openai_base_url,
         settings.openai_model,
         settings.worker_max_jobs,
+        f"jobs from {len(shards)} Redis shards" if len(shards) > 1 else "one Redis",
     )
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    await cancel_and_wait([ctx.get("heartbeat_task"), ctx.get("ended_task")])
+    await cancel_and_wait(ctx.get("shard_tasks", []))
     await cancel_and_wait([ctx.get("catalog_task")])
-    with contextlib.suppress(Exception):
-        await tool_catalog.withdraw(ctx["redis"], ctx["worker_name"])
+    shards: list[WorkerShard] = ctx["shards"]
+    for shard in shards:
+        with contextlib.suppress(Exception):
+            await tool_catalog.withdraw(shard.pool, ctx["worker_name"])
     await ctx["tools"].close()
-    batcher: Batcher | None = ctx.get("batcher")
-    if batcher is not None:  # the jobs have ended: nothing is left to write
-        await batcher.stop()
+    for shard in shards:
+        batcher: Batcher | None = shard.ctx.get("batcher")
+        if batcher is not None:  # the jobs have ended: nothing is left to write
+            await batcher.stop()
     upstream: Upstream | None = ctx.get("upstream")
     if upstream is not None:
         await upstream.close()
     await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out
 
 
-async def publish_tools(redis: Any, worker_name: str, tools: ToolRegistry) -> None:
+async def publish_tools_once(
+    shards: list[WorkerShard], worker_name: str, tools: ToolRegistry
+) -> None:
+    """List this worker's tools in every shard: a gateway reads them from any."""
+    for shard in shards:
+        try:
+            await tool_catalog.publish(shard.pool, worker_name, tools.describe())
+        except Exception as exc:
+            logger.warning("could not publish this worker's tools to %s: %s", shard.name, exc)
+
+
+async def publish_tools(shards: list[WorkerShard], worker_name: str, tools: ToolRegistry) -> None:
     """Keep this worker's tools listed for the gateways (``GET /tools``): at once, when an
     MCP server's list changes, and often enough that the listing never lapses."""
     while True:
         tools.changed.clear()
-        try:
-            await tool_catalog.publish(redis, worker_name, tools.describe())
-        except Exception as exc:
-            logger.warning("could not publish this worker's tools: %s", exc)
+        await publish_tools_once(shards, worker_name, tools)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tools.changed.wait(), tool_catalog.CATALOG_RENEW_S)
 
@@ -135,15 +159,13 @@ def create_worker(
     settings: Settings, tools: ToolRegistry, roles: Roles, agent: Agent, metrics: WorkerMetrics
 ) -> PushWorker:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    poll_delay_s = 0.5
     return PushWorker(
-        wake_redis_url=settings.redis_url,
+        # Our own pools rather than arq's: the same factory as every other client, so a
+        # Sentinel URL (and its passwords) means the same thing everywhere.
+        shards=open_shards(settings.redis_urls, wake_timeout_s=poll_delay_s + 5),
         functions=[func(chat, name="chat")],
         queue_name=keys.QUEUE_NAME,
-        # Our own pool rather than arq's: the same factory as every other client, so a
-        # Sentinel URL (and its passwords) means the same thing everywhere.
-        redis_pool=connect_arq(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=10, max_connections=64
-        ),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         ctx={
@@ -153,12 +175,11 @@ def create_worker(
             "roles": roles,
             "agent": agent,
             "metrics": metrics,
-            "clock": RedisClock(),  # the heartbeat reads Redis's; pickup.py asks it
         },
         max_jobs=settings.worker_max_jobs,
         # The fallback poll (pickup is pushed, see pickup.py); in-flight jobs are not in
         # the way of new ones up to this many.
-        poll_delay=0.5,
+        poll_delay=poll_delay_s,
         queue_read_limit=max(1000, settings.worker_max_jobs * 5),
         job_timeout=settings.job_timeout_s,
         # SIGTERM: stop taking jobs and let running ones finish for this long.

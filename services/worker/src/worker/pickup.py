@@ -41,9 +41,9 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.event_log import Claim, EventLog
 from shared.logs import job_id_var
-from shared.redis_clock import RedisClock
-from shared.redis_conn import connect
 from shared.timing import EARLY_WITHIN_S, POLL_AFTER_S
+
+from .shards import WorkerShard
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +51,35 @@ JOB_FUNCTION = "chat"  # the one kind of job: ``chat(ctx, job_id)``
 
 
 class PushWorker(Worker):
-    def __init__(self, *args: Any, wake_redis_url: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.wake_redis = connect(
-            wake_redis_url, socket_connect_timeout=2, socket_timeout=self.poll_delay_s + 5
-        )
+    def __init__(self, *args: Any, shards: list[WorkerShard], **kwargs: Any) -> None:
+        # arq's own pool (its health check) is the first shard's.
+        super().__init__(*args, redis_pool=shards[0].pool, **kwargs)
+        self.shards = shards
 
     async def main(self) -> None:
-        self.ctx["redis"] = self.pool
+        self.ctx["shards"] = self.shards
         if self.on_startup:
             await self.on_startup(self.ctx)
+        await asyncio.gather(*(self._pick_up(shard) for shard in self.shards))
+
+    async def _pick_up(self, shard: WorkerShard) -> None:
+        """Take the shard's jobs while there are slots; every shard's loop shares them."""
+        where = f" {shard.name}" if len(self.shards) > 1 else ""
         next_full_poll = 0.0
         delay = 0.1
         while not self._stopping:
             try:
                 if time.monotonic() >= next_full_poll:
-                    await self._poll()
+                    await self._poll(shard)
                     next_full_poll = time.monotonic() + self.poll_delay_s
-                woken = await self._idle_until_woken(next_full_poll - time.monotonic())
+                woken = await self._idle_until_woken(shard, next_full_poll - time.monotonic())
                 if woken:
-                    left = await self._start_jobs(woken)
+                    left = await self._start_jobs(shard, woken)
                     if left:  # no room (or stopping): the next worker to wait takes them
-                        await self.wake_redis.rpush(keys.WAKE, *left)  # type: ignore[misc]
+                        await shard.wake.rpush(keys.WAKE, *left)  # type: ignore[misc]
                 delay = 0.1
             except (RedisError, OSError) as exc:
-                logger.warning("worker lost Redis (%s); retrying in %.1f s", exc, delay)
+                logger.warning("worker lost Redis%s (%s); retrying in %.1f s", where, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -90,7 +94,7 @@ class PushWorker(Worker):
     def _free_slots(self) -> int:
         return self.max_jobs - self.job_counter if self.allow_pick_jobs else 0
 
-    async def _idle_until_woken(self, timeout_s: float) -> list[bytes]:
+    async def _idle_until_woken(self, shard: WorkerShard, timeout_s: float) -> list[bytes]:
         """Wait for pushed job ids (or the next full poll); returns the ids to start."""
         if timeout_s <= 0:
             return []
@@ -99,7 +103,7 @@ class PushWorker(Worker):
             await asyncio.sleep(min(timeout_s, 0.05))  # full: wake-ups are for idle workers
             return []
         # From the right: the list is pushed on the left, so the oldest job comes first.
-        popped = await self.wake_redis.blmpop(  # type: ignore[misc]
+        popped = await shard.wake.blmpop(  # type: ignore[misc]
             timeout_s,
             1,
             keys.WAKE,  # type: ignore[arg-type]  # redis-py's stub wants a list here
@@ -108,21 +112,21 @@ class PushWorker(Worker):
         )
         return list(popped[1]) if popped else []
 
-    async def _poll(self) -> None:
+    async def _poll(self, shard: WorkerShard) -> None:
         """arq's poll, as the fallback: jobs that have waited ``POLL_AFTER_S``."""
         if self._free_slots() > 0:
-            clock: RedisClock = self.ctx["clock"]
-            waited = clock.now_ms() - int(POLL_AFTER_S * 1000)  # queued on Redis's clock
-            found = await self.pool.zrangebyscore(
+            waited = shard.clock.now_ms() - int(POLL_AFTER_S * 1000)  # queued on Redis's clock
+            found = await shard.pool.zrangebyscore(
                 self.queue_name, "-inf", waited, start=0, num=self.queue_read_limit
             )
-            await self._start_jobs(found)
+            await self._start_jobs(shard, found)
         for arq_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[arq_id]
-        await self.heart_beat()  # arq's health check
+        if shard is self.shards[0]:
+            await self.heart_beat()  # arq's health check, in arq's pool
 
-    async def _start_jobs(self, wake_ups: list[bytes]) -> list[bytes]:
+    async def _start_jobs(self, shard: WorkerShard, wake_ups: list[bytes]) -> list[bytes]:
         """Claim as many of these jobs (wake-ups or arq ids) as there is room for, in one
         round trip, and start them without waiting for it: each awaits its own claim.
         Returns the wake-ups it had no room for.
@@ -133,7 +137,7 @@ class PushWorker(Worker):
         room = 0 if self._stopping else self._free_slots()
         jobs: dict[str, bytes | None] = {}
         left: list[bytes] = []
-        now_ms = self.ctx["clock"].now_ms()
+        now_ms = shard.clock.now_ms()
         for wake_up in wake_ups:
             arq_id, early = _parse_wake_up(wake_up, now_ms)
             if arq_id in self.tasks or arq_id in jobs:
@@ -148,7 +152,7 @@ class PushWorker(Worker):
         ]
         if not attempts:
             return left
-        log: EventLog = self.ctx["event_log"]
+        log: EventLog = shard.ctx["event_log"]
         claims = _each(asyncio.ensure_future(log.claim_many(attempts)), len(attempts))
         # Let the claim reach the socket before the jobs start: their first step builds the
         # LLM request (~2 ms of CPU in the SDK), which would otherwise go first (measured:
@@ -159,6 +163,7 @@ class PushWorker(Worker):
             self.job_counter += 1
             ctx = {
                 **self.ctx,
+                **shard.ctx,
                 "job_id": arq_id,
                 "owner": owner,
                 "claim": claim,
@@ -208,8 +213,11 @@ class PushWorker(Worker):
             del self.job_tasks[arq_id]
 
     async def close(self) -> None:
-        await super().close()
-        await self.wake_redis.aclose()
+        await super().close()  # closes the first shard's pool (arq's)
+        for shard in self.shards:
+            await shard.wake.aclose()
+            if shard is not self.shards[0]:
+                await shard.pool.aclose()
 
 
 def _parse_wake_up(wake_up: bytes, now_ms: int) -> tuple[str, bytes | None]:

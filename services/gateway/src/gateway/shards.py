@@ -1,0 +1,182 @@
+"""The gateway's shards: per Redis of ``REDIS_URL``, its clients, event log, relay and
+sessions, and the choice of where a new job goes.
+
+A new job goes to the next shard in turn that is not known to be down. A shard is known
+down for ``DOWN_FOR_S`` after a command to it could not even be sent (its connection was
+refused or timed out), and a job that met such a shard goes to the next one at once: it
+was written nowhere. Jobs of a session go to the session's own shard, which has its turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import shards as placement
+from shared import tool_catalog
+from shared.event_log import EventLog
+from shared.held_connection import NotSent
+from shared.redis_conn import connect, connect_arq
+from shared.sessions import SessionStore
+from shared.settings import Settings, without_password
+from shared.timing import Timing
+
+from .metrics import GatewayMetrics
+from .relay import Relay
+
+POOL_PER_SHARD = 64  # a gateway's pooled connections to each shard (the relay's reader apart)
+DOWN_FOR_S = 2.0  # how long a shard that refused a connection gets no new jobs
+PING_TIMEOUT_S = 2.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class Shard:
+    index: int
+    name: str  # its URL without password, as operators see it
+    arq: ArqRedis  # the pool for every non-blocking command
+    blocking: Redis  # the relay's XREAD BLOCK
+    log: EventLog
+    relay: Relay
+    sessions: SessionStore
+    down_until: float = field(default=0.0)
+
+    @property
+    def known_down(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def mark_down(self) -> None:
+        self.down_until = time.monotonic() + DOWN_FOR_S
+
+    async def reachable(self) -> bool:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await self.arq.ping()
+        except (RedisError, OSError, TimeoutError):
+            self.mark_down()
+            return False
+        self.down_until = 0.0
+        return True
+
+
+class Shards:
+    def __init__(self, shards: list[Shard], shutting_down: anyio.Event) -> None:
+        self.all = shards
+        self.shutting_down = shutting_down  # set on SIGTERM: every relay ends its streams
+        self._turn = itertools.count()
+
+    def __iter__(self) -> itertools.chain[Shard]:
+        return itertools.chain(self.all)
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def of_job(self, job_id: str) -> Shard:
+        """The shard of a well-formed job id."""
+        return self.all[placement.shard_of(job_id, len(self.all))]
+
+    def home(self, name: str) -> Shard:
+        """The shard of a session, an AI SDK chat or a caller."""
+        return self.all[placement.home(name, len(self.all))]
+
+    def in_turn(self) -> list[Shard]:
+        """Every shard, in the order a new job tries them: the next in turn first, those
+        known down last."""
+        start = next(self._turn) % len(self.all)
+        ordered = self.all[start:] + self.all[:start]
+        return sorted(ordered, key=lambda shard: shard.known_down)
+
+    async def down(self) -> list[Shard]:
+        """The shards that do not answer a PING now."""
+        answers = await asyncio.gather(*(shard.reachable() for shard in self.all))
+        return [shard for shard, up in zip(self.all, answers, strict=True) if not up]
+
+    async def tools(self) -> list[dict[str, Any]] | None:
+        """The tools the workers listed (each lists them in every shard): from the first
+        shard that answers."""
+        candidates = self.in_turn()
+        for shard in candidates:
+            try:
+                return await tool_catalog.read(shard.arq)
+            except (RedisError, OSError):
+                if shard is candidates[-1]:
+                    raise
+        raise AssertionError("unreachable: the last shard returns or raises")
+
+    async def place(
+        self,
+        attempt: Callable[[Shard], Awaitable[T]],
+        also_next_on: type[Exception] | tuple[type[Exception], ...] = (),
+    ) -> T:
+        """``attempt`` on the shards in turn until one takes the job: the next is tried when
+        a shard could not be sent it (or refused it with ``also_next_on``); the last
+        shard's error is raised."""
+        candidates = self.in_turn()
+        for shard in candidates:
+            try:
+                return await attempt(shard)
+            except NotSent:
+                shard.mark_down()
+                if shard is candidates[-1]:
+                    raise
+            except also_next_on:
+                if shard is candidates[-1]:
+                    raise
+        raise AssertionError("unreachable: the last shard returns or raises")
+
+
+def open_shards(settings: Settings, timing: Timing, metrics: GatewayMetrics) -> Shards:
+    shutting_down = anyio.Event()
+    return Shards(
+        [
+            open_shard(index, url, settings, timing, metrics, shutting_down)
+            for index, url in enumerate(settings.redis_urls)
+        ],
+        shutting_down,
+    )
+
+
+def open_shard(
+    index: int,
+    url: str,
+    settings: Settings,
+    timing: Timing,
+    metrics: GatewayMetrics,
+    shutting_down: anyio.Event,
+) -> Shard:
+    """A shard's clients and what rides on them; connections are made on first use, so
+    a gateway starts (and answers /healthz) whichever shards are down."""
+    # Fail fast while Redis is down (503 within seconds). A request waits for a pooled
+    # connection rather than fail, and the pool is bounded per shard.
+    arq = connect_arq(
+        url, socket_connect_timeout=2, socket_timeout=5, max_connections=POOL_PER_SHARD
+    )
+    # The relay's XREAD BLOCK: one command at a time, so one connection. The relay bounds
+    # each round trip itself (a socket timeout costs a task per command).
+    blocking = connect(url, socket_connect_timeout=2)
+    log = EventLog(arq, timing)
+    sessions = SessionStore(
+        arq,
+        settings.session_max_turns,
+        settings.session_max_chars,
+        settings.session_retention_s,
+        lock_ttl_s=timing.session_lock_s,
+    )
+    relay = Relay(arq, blocking, log, settings, metrics, shutting_down)
+    return Shard(index, without_password(url), arq, blocking, log, relay, sessions)
+
+
+async def close_shard(shard: Shard) -> None:
+    await shard.relay.stop()
+    await shard.blocking.aclose()
+    await shard.arq.aclose()

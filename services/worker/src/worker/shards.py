@@ -1,0 +1,47 @@
+"""The worker's shards: per Redis of ``REDIS_URL``, the clients and what rides on them.
+
+A worker takes jobs from every shard (pickup.py runs one pickup loop per shard, all
+sharing the worker's slots) and runs each job against its own shard alone: its event
+log, its heartbeat, its session, its clock. A shard that is down stops only its own loop
+and jobs; the others carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+
+from shared.redis_clock import RedisClock
+from shared.redis_conn import connect, connect_arq
+from shared.settings import without_password
+
+POOL_PER_SHARD = 32  # a worker's pooled connections to each shard (its wake-up apart)
+
+
+@dataclass
+class WorkerShard:
+    index: int
+    name: str  # its URL without password, as operators see it
+    pool: ArqRedis  # every command but the idle wait
+    wake: Redis  # the idle worker's blocking pop of new jobs
+    clock: RedisClock = field(default_factory=RedisClock)  # this Redis's, from the heartbeat
+    # What a job of this shard finds in its ctx (event log, batcher, heartbeat, sessions),
+    # made in on_startup.
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+
+def open_shards(urls: list[str], wake_timeout_s: float) -> list[WorkerShard]:
+    return [
+        WorkerShard(
+            index,
+            without_password(url),
+            connect_arq(
+                url, socket_connect_timeout=2, socket_timeout=10, max_connections=POOL_PER_SHARD
+            ),
+            connect(url, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
+        )
+        for index, url in enumerate(urls)
+    ]

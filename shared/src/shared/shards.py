@@ -1,0 +1,47 @@
+"""Shards: ``REDIS_URL`` may list several Redis primaries, and each job lives wholly in one.
+
+Every job's keys (queue entry, stream, meta, liveness) are in the shard chosen when it is
+created, so every function of the library stays within one Redis. The first two hex digits
+of a job id name its shard's place in the list (``cursors.new_job_id``): any gateway finds
+any job from its id or a cursor alone. Shards are added at the end of the list and never
+reordered; a job id names its shard modulo the list's length, so the ids of a one-Redis
+deployment (any first digits) all stay in that Redis.
+
+What has no job id lives in the shard its own name hashes to (``home``): a session's turns
+and lock (its jobs go there too, so a turn is written with its job's final event), an AI SDK
+chat's active answer, a caller's rate-limit window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .settings import without_password
+
+MAX_SHARDS = 256  # what two hex digits name
+
+# A comma starts the next shard's URL only where a scheme follows it: a Sentinel URL lists
+# its sentinels with commas too.
+_NEXT_URL = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(redis_url: str) -> list[str]:
+    """The shards' URLs that ``REDIS_URL`` lists, in order."""
+    return [url for url in _NEXT_URL.split(redis_url.strip()) if url]
+
+
+def shard_of(job_id: str, count: int) -> int:
+    """The shard (its place in the list) of a well-formed job id."""
+    return int(job_id[:2], 16) % count
+
+
+def home(name: str, count: int) -> int:
+    """The shard a session, chat or caller lives in: the same on every process."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def shown(urls: list[str]) -> list[str]:
+    """The shards as operators see them (logs, ``/readyz``): URLs without passwords."""
+    return [without_password(url) for url in urls]

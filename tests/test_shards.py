@@ -1,0 +1,248 @@
+"""Shards: three Redis servers as three shards, two gateways and two workers.
+
+Chats spread over every shard and each job lives wholly in its own; a cursor resumes on
+the other gateway; a session's jobs stay in its shard; one shard killed mid-stream fails
+its own streams alone (an error within WORKER_LOST_TIMEOUT_S), new chats go to the others
+at once, and its return brings it back into use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from shared import keys
+from shared.cursors import new_job_id
+from shared.settings import Settings, load_settings
+from shared.shards import home, shard_of, split_urls
+
+from . import sse
+from .harness import FAST_ENV, RedisServer, Stack, free_port, wait_until
+
+SHARDS = 3
+
+
+def test_redis_url_lists_shards_and_sentinel_urls_keep_their_commas() -> None:
+    sentinel = "redis+sentinel://:pw@s1:26379,s2:26379/main/0"
+    assert split_urls(f"redis://a:6379/0, {sentinel},rediss://c:6380/1") == [
+        "redis://a:6379/0",
+        sentinel,
+        "rediss://c:6380/1",
+    ]
+    assert Settings(redis_url=f"redis://a:6379/0,{sentinel}").redis_urls[1] == sentinel
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("redis://a:6379/0,redis://a:6379/0", "lists one Redis twice"),
+        ("redis://a:6379/0,redis://:secret@b:x/0", "shard 1 (redis://:***@b:x/0)"),
+        ("redis://a:6379/0,http://b:6379/0", "shard 1 (http://b:6379/0): must start with"),
+        ("redis+cluster://a:7000", "Redis Cluster is not supported yet"),
+    ],
+)
+def test_a_bad_shard_url_is_named_by_its_place(
+    value: str, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", value)
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    message = str(caught.value.code)
+    assert "REDIS_URL: " in message and said in message
+    assert "secret" not in message
+
+
+def test_a_job_id_names_its_shard_and_names_hash_to_one_shard_everywhere() -> None:
+    for shard in range(5):
+        job_id = new_job_id(shard)
+        assert len(job_id) == 32 and shard_of(job_id, 5) == shard
+    # A one-Redis deployment's ids (any first digits) all stay in that Redis.
+    assert {shard_of(new_job_id(200), 1), shard_of("ff" + "0" * 30, 1)} == {0}
+    # Shards added at the end leave the ids of the first ones where they were.
+    assert shard_of(new_job_id(2), 3) == shard_of(new_job_id(2), 7) == 2
+    spread = {home(f"session-{n}", 3) for n in range(60)}
+    assert spread == {0, 1, 2}
+    assert home("session-1", 3) == home("session-1", 3)
+
+
+class Shards:
+    def __init__(self, servers: list[RedisServer], stack: Stack) -> None:
+        self.servers = servers
+        self.stack = stack
+
+    def client(self, shard: int) -> redis.Redis:
+        return redis.Redis.from_url(self.servers[shard].url)
+
+    def holds(self, shard: int, job_id: str) -> bool:
+        client = self.client(shard)
+        try:
+            return bool(client.exists(keys.events_key(job_id), keys.meta_key(job_id)) == 2)
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shards]:
+    servers = [RedisServer(tmp_path_factory.mktemp(f"shard{n}")) for n in range(SHARDS)]
+    for server in servers:
+        server.start()
+    logdir = tmp_path_factory.mktemp("logs")
+    stack = Stack(",".join(s.url for s in servers), logdir).start(2, 2)
+    yield Shards(servers, stack)
+    stack.stop()
+    for server in servers:
+        server.stop()
+
+
+def test_chats_spread_over_every_shard_and_each_job_lives_in_its_own(
+    shards: Shards, client: httpx.Client
+) -> None:
+    stack = shards.stack
+    job_ids = []
+    for n in range(2 * SHARDS):
+        gateway = stack.gateways[n % 2]
+        created = client.post(gateway.url + "/chat", json={"prompt": "[long 5]"})
+        assert created.status_code == 202, created.text
+        job_ids.append(created.json()["job_id"])
+    placed = [shard_of(job_id, SHARDS) for job_id in job_ids]
+    assert sorted(set(placed)) == list(range(SHARDS))
+    for job_id, shard in zip(job_ids, placed, strict=True):
+        assert shards.holds(shard, job_id)
+        assert not any(shards.holds(other, job_id) for other in range(SHARDS) if other != shard)
+        # Any gateway reads any shard's job.
+        for gateway in stack.gateways:
+            done = sse.read(client, f"{gateway.url}/chat/{job_id}/events")
+            assert sse.ends_done(done), done.events
+            assert done.text == "".join(f"t{i} " for i in range(5))
+
+
+def test_a_cursor_resumes_on_the_other_gateway_whichever_shard_holds_the_job(
+    shards: Shards, client: httpx.Client
+) -> None:
+    first, second = shards.stack.gateways
+    seen_shards = set()
+    for _ in range(2 * SHARDS):
+        part = sse.read(
+            client, first.url + "/chat", params={"prompt": "[long 40] [delay 0.01]"}, stop_after=5
+        )
+        job_id = part.events[0]["job_id"]
+        seen_shards.add(shard_of(job_id, SHARDS))
+        rest = sse.read(
+            client, second.url + "/chat", params={}, headers={"Last-Event-ID": part.last_id}
+        )
+        assert sse.ends_done(rest), rest.events
+        assert part.text + rest.text == "".join(f"t{i} " for i in range(40))
+    assert len(seen_shards) > 1
+
+
+def test_a_sessions_jobs_stay_in_its_shard_with_its_turns(
+    shards: Shards, client: httpx.Client
+) -> None:
+    gateways = shards.stack.gateways
+    for session in ("alpha", "beta", "gamma"):
+        placed = set()
+        for turn, gateway in enumerate(gateways):
+            stream = sse.read(
+                client,
+                gateway.url + "/chat",
+                params={"prompt": f"[echo] turn {turn}", "session": session},
+            )
+            assert sse.ends_done(stream), stream.events
+            placed.add(shard_of(stream.events[0]["job_id"], SHARDS))
+        assert placed == {home(session, SHARDS)}
+        # The second turn was answered with the first in its history.
+        assert "turn 0" in stream.text and "turn 1" in stream.text
+
+
+def test_a_killed_shard_fails_its_own_streams_alone_and_comes_back(
+    shards: Shards, client: httpx.Client
+) -> None:
+    stack = shards.stack
+    gateway = stack.gateways[0]
+    victim = 1
+    # Long streams on every shard, read from both gateways.
+    streams: dict[str, sse.Stream] = {}
+    ended: dict[str, float] = {}
+    flowing: dict[str, threading.Event] = {}
+    readers = []
+    for n in range(2 * SHARDS):
+        created = client.post(
+            stack.gateways[n % 2].url + "/chat", json={"prompt": "[long 400] [delay 0.02]"}
+        )
+        job_id = created.json()["job_id"]
+        flowing[job_id] = threading.Event()
+
+        def read(job_id: str = job_id, url: str = stack.gateways[n % 2].url) -> None:
+            with httpx.Client(timeout=60) as own:
+                streams[job_id] = sse.read(
+                    own,
+                    f"{url}/chat/{job_id}/events",
+                    timeout=60,
+                    on_chunk=lambda chunk: b'"token"' in chunk and flowing[job_id].set(),
+                )
+            ended[job_id] = time.monotonic()
+
+        readers.append(threading.Thread(target=read))
+        readers[-1].start()
+    assert {shard_of(j, SHARDS) for j in flowing} == set(range(SHARDS))
+    for job_id, event in flowing.items():
+        assert event.wait(30), f"job {job_id} never streamed"
+
+    shards.servers[victim].stop()
+    killed = time.monotonic()
+    # New chats go to the other shards at once, and answer.
+    for _ in range(2 * SHARDS):
+        stream = sse.read(client, gateway.url + "/chat", params={"prompt": "[long 3]"})
+        assert sse.ends_done(stream), stream.events
+        assert shard_of(stream.events[0]["job_id"], SHARDS) != victim
+    ready = client.get(gateway.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["down"] == [shards.servers[victim].url]
+
+    for thread in readers:
+        thread.join(60)
+    # The victim's readers hear within WORKER_LOST_TIMEOUT_S (and a read loop's retry).
+    lost_within = float(FAST_ENV["WORKER_LOST_TIMEOUT_S"]) + 2
+    for job_id, stream in streams.items():
+        if shard_of(job_id, SHARDS) == victim:
+            assert sse.is_final(stream.events[-1]) and "error" in stream.events[-1], stream.events
+            assert "Redis" in stream.events[-1]["error"]
+            assert ended[job_id] - killed < lost_within
+        else:
+            assert sse.ends_done(stream), stream.events
+
+    # Back (empty, on its port): new chats use it again within seconds.
+    shards.servers[victim].start()
+    wait_until(
+        lambda: client.get(gateway.url + "/readyz").json().get("down") == [],
+        10,
+        "the shard to be ready again",
+    )
+
+    def lands_on_victim() -> bool:
+        stream = sse.read(client, gateway.url + "/chat", params={"prompt": "[long 3]"})
+        assert sse.ends_done(stream), stream.events
+        return shard_of(stream.events[0]["job_id"], SHARDS) == victim
+
+    wait_until(lands_on_victim, 20, "a chat on the returned shard")
+
+
+def test_readyz_is_503_only_when_no_shard_answers(tmp_path: Path, client: httpx.Client) -> None:
+    nowhere = [f"redis://127.0.0.1:{free_port()}/0" for _ in range(2)]
+    stack = Stack(",".join(nowhere), tmp_path, env=FAST_ENV)
+    gateway = stack.add_gateway()
+    try:
+        ready = client.get(gateway.url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["down"] == nowhere
+        assert "no Redis shard is reachable" in ready.json()["error"]
+        chat = client.post(gateway.url + "/chat", json={"prompt": "hi"})
+        assert chat.status_code == 503, chat.text
+    finally:
+        gateway.stop()
