@@ -380,7 +380,7 @@ def test_a_session_is_not_freed_by_an_attempt_whose_job_runs_again(db_url: str) 
 
     async def scenario(log: EventLog) -> None:
         await log.redis.zadd(keys.WORKERS, {"alive": await redis_ms(log) + 60_000})
-        sessions = SessionStore(log.redis, 10, 10_000, 600, lock_ttl_s=600)
+        sessions = SessionStore(log, 10, 10_000, 600, lock_ttl_s=600)
         job_id = await new_job(log)
         assert await sessions.lock("s", job_id) is None
         assert (await log.claim(job_id, job_id, "paused"))[0] == "run"

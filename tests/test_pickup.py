@@ -15,6 +15,7 @@ import redis
 from arq.worker import func
 
 from shared import keys
+from shared.shards import shard_specs
 from worker.pickup import JOB_FUNCTION, PushWorker
 from worker.shards import open_shards
 
@@ -31,7 +32,7 @@ def db_url(redis_url: str) -> Iterator[str]:
 
 def _worker(db_url: str, job: Any) -> PushWorker:
     return PushWorker(
-        shards=open_shards([db_url], wake_timeout_s=5),
+        shards=open_shards(shard_specs(db_url), wake_timeout_s=5),
         functions=[func(job, name=JOB_FUNCTION)],
         job_timeout=0.5,
         handle_signals=False,

@@ -25,6 +25,7 @@ from gateway.reader import Reader, entry_key
 from gateway.relay import Relay, _Job
 from shared import keys
 from shared.cursors import START
+from shared.keys import Keys
 from shared.settings import Settings
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -207,7 +208,7 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
         relay = Relay(
             cast(Any, _StubRedis()),
             cast(Any, _StubRedis()),
-            cast(Any, None),  # the event log: the relay only keeps it for the watchdog
+            cast(Any, SimpleNamespace(keys=Keys())),  # the event log: its key names
             SETTINGS.model_copy(
                 update={"relay_buffer_events": bound, "relay_buffer_bytes": bound_bytes}
             ),

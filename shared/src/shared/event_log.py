@@ -22,6 +22,7 @@ Every job stream thus ends with exactly one final event, and nothing follows it.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -30,9 +31,9 @@ from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
 from . import events as ev
-from . import keys
 from .functions import Functions
 from .job_queue import arq_job
+from .keys import WAKE_CAP, WAKE_REQUEST_MAX, Keys
 from .timing import MAX_REQUEUES, Timing
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (stream entry id, fields) as Redis returns them
@@ -78,18 +79,6 @@ class Closing:
     usage: UsageRecord | None = None
 
 
-def _job_keys(job_id: str) -> list[str]:
-    """The keys every job function's KEYS start with (streamgate.lua: ``job_keys``)."""
-    return [
-        keys.meta_key(job_id),
-        keys.events_key(job_id),
-        keys.alive_key(job_id),
-        keys.deadline_key(job_id),
-        keys.ACTIVITY,
-        keys.RUNNING,
-    ]
-
-
 def _appended(result: object) -> bool | Exception:
     return result if isinstance(result, Exception) else bool(result)
 
@@ -103,20 +92,33 @@ def running_job(member: bytes | str) -> str:
 def pending_job(arq_id: bytes | str) -> str:
     """The job of a waiting set member, an arq id ``<job id>`` or ``<job id>.<hex>``."""
     text = arq_id.decode() if isinstance(arq_id, bytes) else arq_id
-    return text.split(".", 1)[0]
+    return text.rpartition("}")[2].split(".", 1)[0]  # a Cluster shard's tag comes first
 
 
 class EventLog:
     """One typed wrapper per job function of the library (streamgate.lua)."""
 
-    def __init__(self, redis: Redis, timing: Timing) -> None:
+    def __init__(self, redis: Redis, timing: Timing, names: Keys | None = None) -> None:
         self.redis = redis
         self.timing = timing
+        self.keys = names or Keys()  # the shard's key names
         self.functions = Functions(redis)
         self._too_many = ev.encode(ev.Error(ev.TOO_MANY_ATTEMPTS))
         self._worker_lost = ev.encode(ev.Error(ev.WORKER_LOST))
         self._no_worker = ev.encode(ev.Error(ev.NO_WORKER))
         self._client_gone = ev.encode(ev.Error(ev.CLIENT_GONE))
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        """The keys every job function's KEYS start with (streamgate.lua: ``job_keys``)."""
+        k = self.keys
+        return [
+            k.meta(job_id),
+            k.events(job_id),
+            k.alive(job_id),
+            k.deadline(job_id),
+            k.activity,
+            k.running,
+        ]
 
     async def create(
         self, job_id: str, kind: str, key: str, request: bytes, watched: bool, max_queued: int
@@ -130,13 +132,13 @@ class EventLog:
         """
         t = self.timing
         before, _, after = ev.encode(ev.Queued(job_id, 0)).rpartition(b"0")
-        job = arq_job(job_id, arq_id=job_id)
+        job = arq_job(job_id, self.keys.arq_id(job_id))
         function_keys = [
-            *_job_keys(job_id),
-            keys.PENDING,
-            keys.QUEUE_NAME,
-            keys.WAKE,
-            keys.watched_key(job_id),
+            *self._job_keys(job_id),
+            self.keys.pending,
+            self.keys.queue,
+            self.keys.wake,
+            self.keys.watched(job_id),
             job.key,
         ]
         args: list[str | bytes | int] = [
@@ -151,8 +153,8 @@ class EventLog:
             max_queued,
             job.arq_id,
             job.payload,
-            keys.WAKE_CAP - 1,
-            keys.WAKE_REQUEST_MAX,
+            WAKE_CAP - 1,
+            WAKE_REQUEST_MAX,
         ]
         return int(await self.functions.call("create", function_keys, args))
 
@@ -169,10 +171,10 @@ class EventLog:
         calls: list[tuple[list[str], list[bytes | str | int]]] = []
         for job_id, queued_as, owner in attempts:
             function_keys = [
-                *_job_keys(job_id),
-                keys.PENDING,
-                keys.QUEUE_NAME,
-                keys.watched_key(job_id),
+                *self._job_keys(job_id),
+                self.keys.pending,
+                self.keys.queue,
+                self.keys.watched(job_id),
                 job_key_prefix + queued_as,
             ]
             args: list[bytes | str | int] = [
@@ -241,7 +243,7 @@ class EventLog:
         closing: Closing | None,
     ) -> tuple[list[str], list[bytes | str | int]]:
         """One batch's ``append`` call; TypeError or ValueError if it cannot be sent."""
-        function_keys = _job_keys(job_id)
+        function_keys = self._job_keys(job_id)
         published = any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch)
         args: list[bytes | str | int] = [owner, self.timing.retention_s, int(published)]
         args += [number, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
@@ -251,7 +253,7 @@ class EventLog:
             args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
         used = closing.usage if closing is not None else None
         if used is not None:
-            function_keys.append(keys.usage_key(used.identity))
+            function_keys.append(self.keys.usage(used.identity))
             u = used.usage
             counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
             if u is not None:
@@ -283,18 +285,24 @@ class EventLog:
     def _queue_again(self, job_id: str) -> tuple[list[str], list[bytes | str | int]]:
         """The keys, and the arguments that end them, for a function that may queue the
         job again under a fresh arq id."""
-        job = arq_job(job_id)
-        function_keys = [*_job_keys(job_id), keys.PENDING, keys.QUEUE_NAME, keys.WAKE, job.key]
-        return function_keys, [job.arq_id, job.payload, keys.WAKE_CAP - 1]
+        job = arq_job(job_id, self.keys.arq_id(job_id, secrets.token_hex(4)))
+        function_keys = [
+            *self._job_keys(job_id),
+            self.keys.pending,
+            self.keys.queue,
+            self.keys.wake,
+            job.key,
+        ]
+        return function_keys, [job.arq_id, job.payload, WAKE_CAP - 1]
 
     async def end(self, job_id: str, error: str) -> bool:
         """End the job now with ``error`` unless it has already ended; True if this did."""
         args: list[bytes | str | int] = [
             ev.encode(ev.Error(error)),
             self.timing.retention_s,
-            keys.ENDED,
+            self.keys.ended,
         ]
-        return int(await self.functions.call("end", _job_keys(job_id), args)) == 1
+        return int(await self.functions.call("end", self._job_keys(job_id), args)) == 1
 
     async def check_stalled(
         self, job_ids: Sequence[str], members: Sequence[tuple[bytes, bytes]] | None = None
@@ -319,14 +327,14 @@ class EventLog:
             function_keys, queue_args = self._queue_again(job_id)
             running, pending = members[i] if members is not None else (b"", b"")
             args = [*base, *queue_args, running, pending]
-            calls.append(([*function_keys, keys.WORKERS], args))
+            calls.append(([*function_keys, self.keys.workers], args))
         results = await self.functions.call_all("check", calls)
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
     async def count_stopped(self, job_id: str, identity: str, model: str) -> bool:
         """Count the usage of a job stopped from outside mid-answer (cancelled) as unknown,
         once, if it has ended; True if this counted it."""
-        function_keys = [keys.meta_key(job_id), keys.usage_key(identity)]
+        function_keys = [self.keys.meta(job_id), self.keys.usage(identity)]
         args: list[bytes | str | int] = [model, USAGE_RETENTION_S]
         return bool(await self.functions.call("count_stopped", function_keys, args))
 
@@ -334,29 +342,31 @@ class EventLog:
         """The janitor's work, on Redis's clock: running index members whose heartbeat
         lapsed, and waiting set members past the queue timeout, at most ``limit`` each."""
         args = [limit, self.timing.queue_timeout_ms]
-        lapsed, late = await self.functions.call("due", [keys.RUNNING, keys.PENDING], args)
+        lapsed, late = await self.functions.call(
+            "due", [self.keys.running, self.keys.pending], args
+        )
         return list(lapsed), list(late)
 
     async def is_over(self, job_id: str) -> bool:
         """True once the job has its final event, or when Redis no longer knows it."""
-        fields = self.redis.hmget(keys.meta_key(job_id), ["kind", "final"])
+        fields = self.redis.hmget(self.keys.meta(job_id), ["kind", "final"])
         kind, final = await fields  # type: ignore[misc]
         return kind is None or final is not None
 
     async def key_of(self, job_id: str) -> str | None:
         """The digest of the API key that created the job ("" without keys); None if the
         job is unknown or expired."""
-        key = await self.redis.hget(keys.meta_key(job_id), "key")  # type: ignore[misc]
+        key = await self.redis.hget(self.keys.meta(job_id), "key")  # type: ignore[misc]
         return key.decode() if key is not None else None
 
     async def entry(self, job_id: str, entry_id: str) -> Entry | None:
         """The entry at exactly ``entry_id``, to tell whether a cursor is real and final."""
-        found = await self.redis.xrange(keys.events_key(job_id), entry_id, entry_id, count=1)
+        found = await self.redis.xrange(self.keys.events(job_id), entry_id, entry_id, count=1)
         return found[0] if found else None
 
     async def request_of(self, job_id: str) -> bytes | None:
         """The request the job was created with (JSON), or None if it is unknown."""
-        request: bytes | None = await self.redis.hget(keys.meta_key(job_id), "request")  # type: ignore[misc]
+        request: bytes | None = await self.redis.hget(self.keys.meta(job_id), "request")  # type: ignore[misc]
         return request
 
     async def entries(self, job_id: str, page: int = 512) -> AsyncIterator[Entry]:
@@ -364,7 +374,7 @@ class EventLog:
         start = "-"
         while True:
             found: list[Entry] = await self.redis.xrange(
-                keys.events_key(job_id), start, "+", count=page
+                self.keys.events(job_id), start, "+", count=page
             )
             for entry in found:
                 yield entry

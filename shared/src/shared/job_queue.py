@@ -6,7 +6,6 @@ id travels through arq (and its logs); the request waits in the job's meta hash.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -23,10 +22,9 @@ class ArqJob:
     payload: bytes
 
 
-def arq_job(job_id: str, arq_id: str | None = None) -> ArqJob:
-    """The arq job that runs ``job_id``. A job handed back gets a fresh arq id
-    (``arq_id=None``): arq keeps a stopped attempt's id "in progress" for a long while."""
-    arq_id = arq_id or f"{job_id}.{secrets.token_hex(4)}"
+def arq_job(job_id: str, arq_id: str) -> ArqJob:
+    """The arq job that runs ``job_id`` under ``arq_id`` (``Keys.arq_id``). A job handed
+    back gets a fresh one: arq keeps a stopped attempt's id "in progress" for a long while."""
     # arq's own record of when (its logs); our scores of the job are Redis's clock
     payload = serialize_job("chat", (job_id,), {}, None, int(time.time() * 1000))
     return ArqJob(arq_id, job_key_prefix + arq_id, payload)

@@ -83,3 +83,80 @@ def usage_key(identity: str) -> str:
     """A key's token usage, fields ``<day>|<model>|<figure>`` (days since 1970, Redis's
     UTC); expires 400 days after its last job."""
     return f"sg:usage:{{{identity or '-'}}}"
+
+
+class Keys:
+    """The names of one shard's keys. A shard of a Redis Cluster has a hash ``tag``, and
+    every one of its keys carries it, so that they all hash to one slot: the library's
+    functions and arq's transactions touch several at once. A shard that is a Redis of its
+    own has no tag and the names above."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+        base = f"sg:{{{tag}}}:" if tag else "sg:"
+        self.queue = base + QUEUE_NAME.removeprefix("sg:")
+        self.pending = base + PENDING.removeprefix("sg:")
+        self.wake = base + WAKE.removeprefix("sg:")
+        self.activity = base + ACTIVITY.removeprefix("sg:")
+        self.running = base + RUNNING.removeprefix("sg:")
+        self.ended = base + ENDED.removeprefix("sg:")
+        self.workers = base + WORKERS.removeprefix("sg:")
+        self.janitor = base + JANITOR.removeprefix("sg:")
+        self.tool_catalogs = base + TOOL_CATALOGS.removeprefix("sg:")
+        self._base = base
+
+    def _tagged(self, plain: str) -> str:
+        """``plain`` (``sg:...{x}...``) in this shard: its own tag becomes part of the name."""
+        if not self.tag:
+            return plain
+        return self._base + plain.removeprefix("sg:").replace("{", "").replace("}", "")
+
+    def events(self, job_id: str) -> str:
+        return self._tagged(events_key(job_id))
+
+    def job_of_events(self, key: bytes) -> str:
+        """The job of one of this shard's events stream keys (as ``events`` names them)."""
+        if self.tag:
+            return key[len(self._base) :].split(b":", 1)[0].decode()
+        return key.split(b"{", 1)[1].split(b"}", 1)[0].decode()
+
+    def meta(self, job_id: str) -> str:
+        return self._tagged(meta_key(job_id))
+
+    def alive(self, job_id: str) -> str:
+        return self._tagged(alive_key(job_id))
+
+    def deadline(self, job_id: str) -> str:
+        return self._tagged(deadline_key(job_id))
+
+    def watched(self, job_id: str) -> str:
+        return self._tagged(watched_key(job_id))
+
+    def tool_catalog(self, worker: str) -> str:
+        return self._tagged(tool_catalog_key(worker))
+
+    def aisdk_chat(self, identity: str, chat_id: str) -> str:
+        return self._tagged(aisdk_chat_key(identity, chat_id))
+
+    def session(self, session: str) -> str:
+        return self._tagged(session_key(session))
+
+    def session_lock(self, session: str) -> str:
+        return self._tagged(session_lock_key(session))
+
+    def rate(self, who: str) -> str:
+        return self._tagged(rate_key(who))
+
+    def usage(self, identity: str) -> str:
+        return self._tagged(usage_key(identity))
+
+    def worker_health(self, worker: str) -> str:
+        """arq's health check of one worker (a key per worker: arq's default is one for the
+        whole queue)."""
+        return f"{self._base}worker-health:{worker}"
+
+    def arq_id(self, job_id: str, attempt: str = "") -> str:
+        """An arq id of the job: arq names its keys after it (``arq:job:<id>``), so in a
+        Cluster it carries the tag. ``attempt``: a hand-back's suffix."""
+        tagged = f"{{{self.tag}}}{job_id}" if self.tag else job_id
+        return f"{tagged}.{attempt}" if attempt else tagged

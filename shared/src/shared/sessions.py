@@ -13,27 +13,26 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
-from . import keys
-from .event_log import Turn
-from .functions import Functions
+from .event_log import EventLog, Turn
 
 
 class SessionStore:
     def __init__(
-        self, redis: Redis, max_turns: int, max_chars: int, retention_s: int, lock_ttl_s: int
+        self, log: EventLog, max_turns: int, max_chars: int, retention_s: int, lock_ttl_s: int
     ) -> None:
-        self.redis = redis
+        """Sessions in ``log``'s shard (the one their names hash to)."""
+        self.redis = log.redis
+        self.keys = log.keys
         self.max_turns = max_turns
         self.max_chars = max_chars
         self.retention_s = retention_s
         self.lock_ttl_s = lock_ttl_s
-        self._functions = Functions(redis)
+        self._functions = log.functions
 
     async def history(self, session: str) -> list[dict[str, Any]]:
         """The newest turns as chat messages, within the turn and character budgets."""
-        raw = await self.redis.lrange(keys.session_key(session), -self.max_turns, -1)  # type: ignore[misc]
+        raw = await self.redis.lrange(self.keys.session(session), -self.max_turns, -1)  # type: ignore[misc]
         messages: list[dict[str, Any]] = []
         budget = self.max_chars
         for item in reversed(raw):
@@ -52,11 +51,11 @@ class SessionStore:
         """A completed turn, for the event log to write with the job's final event: memory
         then never holds a turn whose answer the client saw fail."""
         entry = orjson.dumps({"prompt": prompt, "answer": answer})
-        return Turn(keys.session_key(session), entry, self.max_turns, self.retention_s)
+        return Turn(self.keys.session(session), entry, self.max_turns, self.retention_s)
 
     async def lock(self, session: str, job_id: str) -> str | None:
         """Take the session for ``job_id``; returns the job holding it instead, if any."""
-        key = keys.session_lock_key(session)
+        key = self.keys.session_lock(session)
         if await self.redis.set(key, job_id, nx=True, ex=self.lock_ttl_s):
             return None
         holder = await self.redis.get(key)
@@ -64,21 +63,21 @@ class SessionStore:
 
     async def holder(self, session: str) -> str | None:
         """The job holding the session's lock, if any (without taking it)."""
-        holder = await self.redis.get(keys.session_lock_key(session))
+        holder = await self.redis.get(self.keys.session_lock(session))
         return holder.decode() if holder else None
 
     async def take_over(self, session: str, stale_job_id: str, job_id: str) -> bool:
         """Replace a lock held by a job that has ended."""
-        key = keys.session_lock_key(session)
-        await self._functions.call("unlock", [key, keys.meta_key(stale_job_id)], [stale_job_id])
+        key = self.keys.session_lock(session)
+        await self._functions.call("unlock", [key, self.keys.meta(stale_job_id)], [stale_job_id])
         return bool(await self.redis.set(key, job_id, nx=True, ex=self.lock_ttl_s))
 
     async def refresh(self, session: str, job_id: str) -> None:
         """Give the lock a full TTL again when a (re-)run of its job starts."""
         await self._functions.call(
-            "refresh", [keys.session_lock_key(session)], [job_id, self.lock_ttl_s]
+            "refresh", [self.keys.session_lock(session)], [job_id, self.lock_ttl_s]
         )
 
     async def unlock(self, session: str, job_id: str) -> None:
-        lock = keys.session_lock_key(session)
-        await self._functions.call("unlock", [lock, keys.meta_key(job_id)], [job_id])
+        lock = self.keys.session_lock(session)
+        await self._functions.call("unlock", [lock, self.keys.meta(job_id)], [job_id])

@@ -74,13 +74,6 @@ class Settings(BaseSettings):
     session_max_chars: Annotated[int, Field(ge=1)] = 24000
     session_retention_s: Annotated[int, Field(gt=0, le=365 * 24 * 3600)] = 7 * 24 * 3600
 
-    @property
-    def redis_urls(self) -> list[str]:
-        """The shards' URLs, in order (one for a single Redis)."""
-        from .shards import split_urls
-
-        return split_urls(self.redis_url)
-
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
+from .keys import Keys
 from .settings import without_password
 
 MAX_SHARDS = 256  # what two hex digits name
@@ -31,6 +33,25 @@ def split_urls(redis_url: str) -> list[str]:
     return [url for url in _NEXT_URL.split(redis_url.strip()) if url]
 
 
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where one shard is: the URL its clients connect to, and its key names."""
+
+    index: int
+    url: str
+    keys: Keys
+
+    @property
+    def name(self) -> str:
+        """The shard as operators see it (logs, ``/readyz``): never a password."""
+        return without_password(self.url)
+
+
+def shard_specs(redis_url: str) -> list[ShardSpec]:
+    """The shards ``REDIS_URL`` names, in order."""
+    return [ShardSpec(index, url, Keys()) for index, url in enumerate(split_urls(redis_url))]
+
+
 def shard_of(job_id: str, count: int) -> int:
     """The shard (its place in the list) of a well-formed job id."""
     return int(job_id[:2], 16) % count
@@ -40,8 +61,3 @@ def home(name: str, count: int) -> int:
     """The shard a session, chat or caller lives in: the same on every process."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count
-
-
-def shown(urls: list[str]) -> list[str]:
-    """The shards as operators see them (logs, ``/readyz``): URLs without passwords."""
-    return [without_password(url) for url in urls]

@@ -14,36 +14,36 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import keys
+from .keys import Keys
 
 CATALOG_RENEW_S = 10.0
 CATALOG_TTL_S = 30
 
 
-async def publish(redis: Redis, worker: str, tools: list[dict[str, Any]]) -> None:
+async def publish(redis: Redis, names: Keys, worker: str, tools: list[dict[str, Any]]) -> None:
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.tool_catalog_key(worker), orjson.dumps(tools), ex=CATALOG_TTL_S)
-        pipe.sadd(keys.TOOL_CATALOGS, worker)
+        pipe.set(names.tool_catalog(worker), orjson.dumps(tools), ex=CATALOG_TTL_S)
+        pipe.sadd(names.tool_catalogs, worker)
         await pipe.execute()
 
 
-async def withdraw(redis: Redis, worker: str) -> None:
+async def withdraw(redis: Redis, names: Keys, worker: str) -> None:
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.tool_catalog_key(worker))
-        pipe.srem(keys.TOOL_CATALOGS, worker)
+        pipe.delete(names.tool_catalog(worker))
+        pipe.srem(names.tool_catalogs, worker)
         await pipe.execute()
 
 
-async def read(redis: Redis) -> list[dict[str, Any]] | None:
+async def read(redis: Redis, names: Keys) -> list[dict[str, Any]] | None:
     """Every live worker's tools, each name once (in the order the first worker lists
     them); None when no worker has published."""
-    workers = sorted(w.decode() for w in await redis.smembers(keys.TOOL_CATALOGS))  # type: ignore[misc]
+    workers = sorted(w.decode() for w in await redis.smembers(names.tool_catalogs))  # type: ignore[misc]
     if not workers:
         return None
-    catalogs = await redis.mget([keys.tool_catalog_key(w) for w in workers])
+    catalogs = await redis.mget([names.tool_catalog(w) for w in workers])
     gone = [w for w, catalog in zip(workers, catalogs, strict=True) if catalog is None]
     if gone:
-        await redis.srem(keys.TOOL_CATALOGS, *gone)  # type: ignore[misc]
+        await redis.srem(names.tool_catalogs, *gone)  # type: ignore[misc]
     merged: dict[str, dict[str, Any]] = {}
     for catalog in catalogs:
         for tool in orjson.loads(catalog) if catalog is not None else ():

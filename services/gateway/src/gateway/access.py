@@ -23,8 +23,6 @@ from contextlib import asynccontextmanager
 
 from starlette.requests import Request
 
-from shared.keys import rate_key
-
 from .errors import ApiError, RateLimited, Unauthorized
 from .shards import Shards
 
@@ -79,8 +77,8 @@ class Access:
             yield
             return
         who = identity or f"addr:{request.client.host if request.client else 'unknown'}"
-        key = rate_key(who)
         shard = self.shards.home(who)  # each caller's window in one place
+        key = shard.log.keys.rate(who)
         member = secrets.token_hex(8)
         # A sliding window on Redis's clock (the library's ``take``): the chats of the last
         # minute, one member each, so a burst across a minute boundary counts as one minute.

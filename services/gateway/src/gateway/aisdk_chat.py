@@ -8,8 +8,9 @@
   (what ``resume: true`` asks for on mount), on any gateway; 204 when none is active;
 - ``DELETE /aisdk/chat/<chat id>/stream``: cancel the active answer at once.
 
-Which job is a chat's active answer lives in Redis (``keys.aisdk_chat_key``), per API key,
-so any gateway resumes it and one key's chat ids never reach another's answers.
+Which job is a chat's active answer lives in Redis (``Keys.aisdk_chat``, in the shard the
+chat's name hashes to), per API key, so any gateway resumes it and one key's chat ids never
+reach another's answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared import events as ev
-from shared import keys
 
 from .aisdk_inputs import chat_id_of, chat_turn
 from .chat import event_stream
@@ -47,8 +47,8 @@ async def chat(request: Request) -> Response:
             job_id = await enqueue_request(
                 state, turn.job_request(), "get", identity, request.headers.get("traceparent")
             )
-        key = keys.aisdk_chat_key(identity, turn.chat_id)
-        home = state.shards.home(key)
+        home = state.shards.home(f"{identity}:{turn.chat_id}")
+        key = home.log.keys.aisdk_chat(identity, turn.chat_id)
         lifetime = home.log.timing.queued_ttl_s  # as its job's keys
         before: bytes | None = await home.arq.set(key, job_id, ex=lifetime, get=True)
         # One answer per chat: a new message ends the one before (useChat stopped reading
@@ -85,8 +85,8 @@ async def cancel(request: Request) -> Response:
 
 async def _active(state: State, identity: str, chat_id: str) -> str | None:
     """The chat's answer still running (or queued), if any."""
-    key = keys.aisdk_chat_key(identity, chat_id)
-    found: bytes | None = await state.shards.home(key).arq.get(key)
+    home = state.shards.home(f"{identity}:{chat_id}")
+    found: bytes | None = await home.arq.get(home.log.keys.aisdk_chat(identity, chat_id))
     if found is None:
         return None
     job_id = found.decode()

@@ -13,7 +13,6 @@ import logging
 
 from redis.exceptions import RedisError
 
-from shared import keys
 from shared.event_log import EventLog
 from shared.timing import Timing
 
@@ -52,7 +51,7 @@ class IdleCheck:
         # apart, so slow streams (a token a second, thousands of them) cost no call each.
         async with self.relay.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(idle), BATCH):
-                pipe.mget([keys.alive_key(job_id) for job_id in idle[start : start + BATCH]])
+                pipe.mget([self.log.keys.alive(job_id) for job_id in idle[start : start + BATCH]])
             alive = [v for batch in await pipe.execute() for v in batch]
         idle = [job_id for job_id, beating in zip(idle, alive, strict=True) if beating is None]
         if not idle:

@@ -15,7 +15,6 @@ import secrets
 
 from redis.exceptions import RedisError
 
-from shared import keys
 from shared.event_log import EventLog, pending_job, running_job
 from shared.timing import Timing
 
@@ -44,7 +43,7 @@ class Janitor:
 
     async def hold_lease(self) -> bool:
         args: list[bytes | str | int] = [self.name, self.timing.janitor_lease_ms]
-        return bool(await self.log.functions.call("lease", [keys.JANITOR], args))
+        return bool(await self.log.functions.call("lease", [self.log.keys.janitor], args))
 
     async def sweep(self) -> int:
         """One sweep; returns how many entries it checked."""

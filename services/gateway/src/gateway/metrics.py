@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import keys
+from shared.keys import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics: GatewayMetrics = state.metrics
     queue_timeout_ms = int(state.settings.queue_timeout_s * 1000)
     waiting = await asyncio.gather(
-        *(_waiting(shard.arq, queue_timeout_ms) for shard in state.shards),
+        *(_waiting(shard.arq, shard.log.keys, queue_timeout_ms) for shard in state.shards),
         return_exceptions=True,
     )
     # The shards that answered: the rest of the figures are still worth a scrape while a
@@ -120,7 +120,7 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
 
 
-async def _waiting(redis: Redis, queue_timeout_ms: int) -> tuple[int, float]:
+async def _waiting(redis: Redis, names: Keys, queue_timeout_ms: int) -> tuple[int, float]:
     """A shard's jobs waiting for a worker, and how long (s) the oldest has waited."""
     seconds, micros = await redis.time()  # the waiting set is scored on Redis's clock
     now_ms = seconds * 1000 + micros // 1000
@@ -128,8 +128,8 @@ async def _waiting(redis: Redis, queue_timeout_ms: int) -> tuple[int, float]:
     # ends them and removes them).
     waiting_since = now_ms - queue_timeout_ms
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(keys.PENDING, f"({waiting_since}", "+inf")
-        pipe.zrangebyscore(keys.PENDING, f"({waiting_since}", "+inf", 0, 1, withscores=True)
+        pipe.zcount(names.pending, f"({waiting_since}", "+inf")
+        pipe.zrangebyscore(names.pending, f"({waiting_since}", "+inf", 0, 1, withscores=True)
         depth, oldest = await pipe.execute()
     return depth, max(0.0, (now_ms - oldest[0][1]) / 1000) if oldest else 0.0
 

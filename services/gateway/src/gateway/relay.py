@@ -40,7 +40,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import events as ev
-from shared import keys
 from shared.event_log import DATA, FINAL, EventLog
 from shared.held_connection import HeldConnection
 from shared.settings import Settings
@@ -62,8 +61,8 @@ SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
 class _Job:
     __slots__ = ("_cursor", "key", "last_activity", "prefix", "read_from", "readers", "swept")
 
-    def __init__(self, job_id: str, now: float) -> None:
-        self.key = keys.events_key(job_id).encode()
+    def __init__(self, job_id: str, key: str, now: float) -> None:
+        self.key = key.encode()
         self.prefix = b"id: " + job_id.encode() + b"_"
         self.readers: set[Reader] = set()
         self.last_activity = now
@@ -171,7 +170,7 @@ class Relay:
         self.metrics.open_streams.inc()
         job = self.jobs.get(job_id)
         if job is None:
-            job = self.jobs[job_id] = _Job(job_id, self._now())
+            job = self.jobs[job_id] = _Job(job_id, self.log.keys.events(job_id), self._now())
         job.readers.add(reader)
         self._fresh.add(job_id)
         self._wake()
@@ -200,7 +199,7 @@ class Relay:
     async def _watched(self, job_id: str) -> None:
         with contextlib.suppress(RedisError):
             grace_ms = self.log.timing.grace_ms
-            await self.redis.set(keys.watched_key(job_id), b"1", px=grace_ms)
+            await self.redis.set(self.log.keys.watched(job_id), b"1", px=grace_ms)
 
     def _wake(self) -> None:
         if not self._wake_pending:
@@ -277,12 +276,12 @@ class Relay:
     async def _read_rung(self) -> None:
         """Block on the doorbell, then read the streams that rang (and new readers')."""
         if self._activity_cursor is None:
-            last = await self._reads.call("XREVRANGE", keys.ACTIVITY, "+", "-", "COUNT", 1)
+            last = await self._reads.call("XREVRANGE", self.log.keys.activity, "+", "-", "COUNT", 1)
             self._activity_cursor = last[0][0].decode() if last else "0-0"
             self._fresh.update(self.jobs)  # whatever rang before is read from each stream
         streams: dict[Any, Any] = {
             self._wake_key: self._wake_cursor,
-            keys.ACTIVITY: self._activity_cursor,
+            self.log.keys.activity: self._activity_cursor,
         }
         rung = await self._xread(streams, RING_COUNT, None if self._fresh else BLOCK_MS)
         for key, entries in rung:
@@ -291,7 +290,7 @@ class Relay:
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                job_id = _job_id(fields[1])  # [b"k", <the stream's key>]
+                job_id = self.log.keys.job_of_events(fields[1])  # [b"k", <the stream's key>]
                 if job_id in self.jobs:
                     self._fresh.add(job_id)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
@@ -305,7 +304,7 @@ class Relay:
             for key, entries in found:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
-                    self._fresh.add(_job_id(key))  # more may be waiting
+                    self._fresh.add(self.log.keys.job_of_events(key))  # more may be waiting
 
     async def _xread(
         self, streams: dict[Any, Any], count: int, block: int | None = None
@@ -318,7 +317,7 @@ class Relay:
         return await self._reads.call(*args) or []
 
     def _deliver(self, key: bytes, entries: list[tuple[bytes, list[bytes]]]) -> None:
-        job_id = _job_id(key)
+        job_id = self.log.keys.job_of_events(key)
         job = self.jobs.get(job_id)
         if job is None:
             return
@@ -385,8 +384,3 @@ class Relay:
         for reader in job.readers:
             ms, seq = reader.after
             reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
-
-
-def _job_id(key: bytes) -> str:
-    """The job of an events stream key, ``sg:{<job_id>}:events``."""
-    return key.decode().split("{", 1)[1].split("}", 1)[0]

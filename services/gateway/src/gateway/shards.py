@@ -27,7 +27,8 @@ from shared.event_log import EventLog
 from shared.held_connection import NotSent
 from shared.redis_conn import connect, connect_arq
 from shared.sessions import SessionStore
-from shared.settings import Settings, without_password
+from shared.settings import Settings
+from shared.shards import ShardSpec, shard_specs
 from shared.timing import Timing
 
 from .metrics import GatewayMetrics
@@ -107,7 +108,7 @@ class Shards:
         candidates = self.in_turn()
         for shard in candidates:
             try:
-                return await tool_catalog.read(shard.arq)
+                return await tool_catalog.read(shard.arq, shard.log.keys)
             except (RedisError, OSError):
                 if shard is candidates[-1]:
                     raise
@@ -139,16 +140,15 @@ def open_shards(settings: Settings, timing: Timing, metrics: GatewayMetrics) -> 
     shutting_down = anyio.Event()
     return Shards(
         [
-            open_shard(index, url, settings, timing, metrics, shutting_down)
-            for index, url in enumerate(settings.redis_urls)
+            open_shard(spec, settings, timing, metrics, shutting_down)
+            for spec in shard_specs(settings.redis_url)
         ],
         shutting_down,
     )
 
 
 def open_shard(
-    index: int,
-    url: str,
+    spec: ShardSpec,
     settings: Settings,
     timing: Timing,
     metrics: GatewayMetrics,
@@ -159,21 +159,21 @@ def open_shard(
     # Fail fast while Redis is down (503 within seconds). A request waits for a pooled
     # connection rather than fail, and the pool is bounded per shard.
     arq = connect_arq(
-        url, socket_connect_timeout=2, socket_timeout=5, max_connections=POOL_PER_SHARD
+        spec.url, socket_connect_timeout=2, socket_timeout=5, max_connections=POOL_PER_SHARD
     )
     # The relay's XREAD BLOCK: one command at a time, so one connection. The relay bounds
     # each round trip itself (a socket timeout costs a task per command).
-    blocking = connect(url, socket_connect_timeout=2)
-    log = EventLog(arq, timing)
+    blocking = connect(spec.url, socket_connect_timeout=2)
+    log = EventLog(arq, timing, spec.keys)
     sessions = SessionStore(
-        arq,
+        log,
         settings.session_max_turns,
         settings.session_max_chars,
         settings.session_retention_s,
         lock_ttl_s=timing.session_lock_s,
     )
     relay = Relay(arq, blocking, log, settings, metrics, shutting_down)
-    return Shard(index, without_password(url), arq, blocking, log, relay, sessions)
+    return Shard(spec.index, spec.name, arq, blocking, log, relay, sessions)
 
 
 async def close_shard(shard: Shard) -> None:

@@ -1,7 +1,7 @@
 """``GET /usage``: the caller's own key's token usage, per day and model.
 
 Workers count a job's usage in the same step as its final event (the library's ``append``),
-into one hash per key (``keys.usage_key``): fields ``<day>|<model>|<figure>``, the day
+into one hash per key (``Keys.usage``): fields ``<day>|<model>|<figure>``, the day
 Redis's (UTC). A caller only ever reads its own key's hash; without API keys, the one
 shared by every caller.
 """
@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from shared import keys
 from shared.event_log import USAGE_RETENTION_S
+from shared.keys import Keys
 
 from .errors import BadRequest
 from .inputs import query_params
@@ -34,7 +34,9 @@ async def usage(request: Request) -> Response:
     since = _day(params["since"]) if "since" in params else None
     # A key's jobs run in every shard, each counting its own: the sum, or 503 when a
     # shard cannot answer (a part would read as less usage than there was).
-    counted = await asyncio.gather(*(_counted(shard.arq, identity) for shard in state.shards))
+    counted = await asyncio.gather(
+        *(_counted(shard.arq, shard.log.keys, identity) for shard in state.shards)
+    )
     today = min(seconds for seconds, _ in counted) // 86400
     first = max(since or 0, today - USAGE_RETENTION_S // 86400)
     rows: dict[tuple[int, str], dict[str, int]] = defaultdict(dict.fromkeys(FIGURES, 0).copy)
@@ -52,11 +54,11 @@ async def usage(request: Request) -> Response:
     )
 
 
-async def _counted(redis: Redis, identity: str) -> tuple[int, dict[bytes, bytes]]:
+async def _counted(redis: Redis, names: Keys, identity: str) -> tuple[int, dict[bytes, bytes]]:
     """One shard's clock (seconds) and its counts for the key."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
-        pipe.hgetall(keys.usage_key(identity))
+        pipe.hgetall(names.usage(identity))
         (seconds, _), fields = await pipe.execute()
     return seconds, fields
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-from shared import keys
 from shared.functions import Functions
 from shared.timing import Timing
 
@@ -29,7 +28,7 @@ class WatchedRenewal:
                 await self.renew()
 
     async def renew(self) -> None:
-        watched = [keys.watched_key(job_id) for job_id in self.relay.jobs]
+        watched = [self.relay.log.keys.watched(job_id) for job_id in self.relay.jobs]
         calls = [
             (watched[start : start + BATCH], [self.timing.watched_ms])
             for start in range(0, len(watched), BATCH)

@@ -21,8 +21,6 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from shared import keys
-
 from .heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
     while True:
         pubsub = redis.pubsub()
         try:
-            await pubsub.subscribe(keys.ENDED)  # only sent: a refusal (ACL) is read below
+            await pubsub.subscribe(heartbeat.keys.ended)  # only sent: a refusal (ACL) is read below
             heard = next_ping = loop.time()
             while True:
                 message = await pubsub.get_message(timeout=POLL_S)
@@ -64,7 +62,7 @@ async def follow_ended_jobs(redis: Redis, heartbeat: Heartbeat) -> None:
                     "cannot follow cancelled jobs (%s); retrying, and the heartbeat stops"
                     " them meanwhile (a Redis user needs the channel: ACL &%s)",
                     exc,
-                    keys.ENDED,
+                    heartbeat.keys.ended,
                 )
             failing = True
             await asyncio.sleep(delay)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys
 from shared.functions import Functions
+from shared.keys import Keys
 from shared.redis_clock import RedisClock
 from shared.timing import CANCEL_FALLBACK_S, ENDED_MEMORY_S, STALLED_S
 
@@ -61,8 +61,10 @@ class Heartbeat:
         alive_ms: int,
         name: str,
         clock: RedisClock | None = None,
+        names: Keys | None = None,
     ) -> None:
         self.redis = redis
+        self.keys = names or Keys()  # the shard's key names
         self.name = name  # in the workers index, beaten even while idle
         self.interval_s = interval_s
         self.alive_ms = alive_ms
@@ -133,13 +135,14 @@ class Heartbeat:
         attempts = list(self.attempts.values())
         calls = []
         for start in range(0, max(len(attempts), 1), BEAT_BATCH):
-            function_keys = [keys.RUNNING, keys.WORKERS]
+            k = self.keys
+            function_keys = [k.running, k.workers]
             args: list[str | int] = [self.alive_ms, self.name]
             for running in attempts[start : start + BEAT_BATCH]:
                 function_keys += [
-                    keys.meta_key(running.job_id),
-                    keys.alive_key(running.job_id),
-                    keys.watched_key(running.job_id),
+                    k.meta(running.job_id),
+                    k.alive(running.job_id),
+                    k.watched(running.job_id),
                 ]
                 args += [running.job_id, running.owner, "1" if running.watched else "0"]
             calls.append((function_keys, args))

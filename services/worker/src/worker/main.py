@@ -27,6 +27,7 @@ from shared.logs import configure_logging
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
+from shared.shards import shard_specs
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 from shared.timing import Timing
@@ -65,20 +66,21 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
     tasks = []
     for shard in shards:
-        log = EventLog(shard.pool, timing)
+        log = EventLog(shard.pool, timing, shard.keys)
         heartbeat = Heartbeat(
             shard.pool,
             interval_s=timing.heartbeat_s,
             alive_ms=timing.alive_ms,
             name=ctx["worker_name"],
             clock=shard.clock,
+            names=shard.keys,
         )
         shard.ctx.update(
             event_log=log,
             batcher=Batcher(log, redis_patience_s=settings.worker_lost_timeout_s),
             heartbeat=heartbeat,
             sessions=SessionStore(
-                shard.pool,
+                log,
                 settings.session_max_turns,
                 settings.session_max_chars,
                 settings.session_retention_s,
@@ -122,7 +124,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     shards: list[WorkerShard] = ctx["shards"]
     for shard in shards:
         with contextlib.suppress(Exception):
-            await tool_catalog.withdraw(shard.pool, ctx["worker_name"])
+            await tool_catalog.withdraw(shard.pool, shard.keys, ctx["worker_name"])
     await ctx["tools"].close()
     for shard in shards:
         batcher: Batcher | None = shard.ctx.get("batcher")
@@ -140,7 +142,7 @@ async def publish_tools_once(
     """List this worker's tools in every shard: a gateway reads them from any."""
     for shard in shards:
         try:
-            await tool_catalog.publish(shard.pool, worker_name, tools.describe())
+            await tool_catalog.publish(shard.pool, shard.keys, worker_name, tools.describe())
         except Exception as exc:
             logger.warning("could not publish this worker's tools to %s: %s", shard.name, exc)
 
@@ -160,10 +162,11 @@ def create_worker(
 ) -> PushWorker:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     poll_delay_s = 0.5
+    specs = shard_specs(settings.redis_url)
     return PushWorker(
         # Our own pools rather than arq's: the same factory as every other client, so a
         # Sentinel URL (and its passwords) means the same thing everywhere.
-        shards=open_shards(settings.redis_urls, wake_timeout_s=poll_delay_s + 5),
+        shards=open_shards(specs, wake_timeout_s=poll_delay_s + 5),
         functions=[func(chat, name="chat")],
         queue_name=keys.QUEUE_NAME,
         on_startup=on_startup,
@@ -184,8 +187,7 @@ def create_worker(
         job_timeout=settings.job_timeout_s,
         # SIGTERM: stop taking jobs and let running ones finish for this long.
         job_completion_wait=int(settings.shutdown_grace_s),
-        # Each worker its own health-check key: arq's default is shared by the whole queue.
-        health_check_key=f"sg:worker-health:{worker_name}",
+        health_check_key=specs[0].keys.worker_health(worker_name),  # in arq's pool's shard
         health_check_interval=60,
     )
 

@@ -38,8 +38,7 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from shared import keys
-from shared.event_log import Claim, EventLog
+from shared.event_log import Claim, EventLog, pending_job
 from shared.logs import job_id_var
 from shared.timing import EARLY_WITHIN_S, POLL_AFTER_S
 
@@ -76,7 +75,7 @@ class PushWorker(Worker):
                 if woken:
                     left = await self._start_jobs(shard, woken)
                     if left:  # no room (or stopping): the next worker to wait takes them
-                        await shard.wake.rpush(keys.WAKE, *left)  # type: ignore[misc]
+                        await shard.wake.rpush(shard.keys.wake, *left)  # type: ignore[misc]
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 logger.warning("worker lost Redis%s (%s); retrying in %.1f s", where, exc, delay)
@@ -106,7 +105,7 @@ class PushWorker(Worker):
         popped = await shard.wake.blmpop(  # type: ignore[misc]
             timeout_s,
             1,
-            keys.WAKE,  # type: ignore[arg-type]  # redis-py's stub wants a list here
+            shard.keys.wake,  # type: ignore[arg-type]  # redis-py's stub wants a list here
             direction="RIGHT",
             count=slots,
         )
@@ -117,7 +116,7 @@ class PushWorker(Worker):
         if self._free_slots() > 0:
             waited = shard.clock.now_ms() - int(POLL_AFTER_S * 1000)  # queued on Redis's clock
             found = await shard.pool.zrangebyscore(
-                self.queue_name, "-inf", waited, start=0, num=self.queue_read_limit
+                shard.keys.queue, "-inf", waited, start=0, num=self.queue_read_limit
             )
             await self._start_jobs(shard, found)
         for arq_id, task in list(self.tasks.items()):
@@ -147,7 +146,7 @@ class PushWorker(Worker):
             else:
                 left.append(wake_up)
         attempts = [
-            (arq_id.split(".", 1)[0], arq_id, f"{self.ctx['worker_name']}:{secrets.token_hex(4)}")
+            (pending_job(arq_id), arq_id, f"{self.ctx['worker_name']}:{secrets.token_hex(4)}")
             for arq_id in jobs
         ]
         if not attempts:

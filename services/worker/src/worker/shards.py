@@ -14,9 +14,10 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
+from shared.keys import Keys
 from shared.redis_clock import RedisClock
 from shared.redis_conn import connect, connect_arq
-from shared.settings import without_password
+from shared.shards import ShardSpec
 
 POOL_PER_SHARD = 32  # a worker's pooled connections to each shard (its wake-up apart)
 
@@ -25,6 +26,7 @@ POOL_PER_SHARD = 32  # a worker's pooled connections to each shard (its wake-up 
 class WorkerShard:
     index: int
     name: str  # its URL without password, as operators see it
+    keys: Keys
     pool: ArqRedis  # every command but the idle wait
     wake: Redis  # the idle worker's blocking pop of new jobs
     clock: RedisClock = field(default_factory=RedisClock)  # this Redis's, from the heartbeat
@@ -33,15 +35,19 @@ class WorkerShard:
     ctx: dict[str, Any] = field(default_factory=dict)
 
 
-def open_shards(urls: list[str], wake_timeout_s: float) -> list[WorkerShard]:
+def open_shards(specs: list[ShardSpec], wake_timeout_s: float) -> list[WorkerShard]:
     return [
         WorkerShard(
-            index,
-            without_password(url),
+            spec.index,
+            spec.name,
+            spec.keys,
             connect_arq(
-                url, socket_connect_timeout=2, socket_timeout=10, max_connections=POOL_PER_SHARD
+                spec.url,
+                socket_connect_timeout=2,
+                socket_timeout=10,
+                max_connections=POOL_PER_SHARD,
             ),
-            connect(url, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
+            connect(spec.url, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
         )
-        for index, url in enumerate(urls)
+        for spec in specs
     ]
