@@ -192,7 +192,9 @@ def private_db(redis_url: str) -> str:
 
 
 def release_db(url: str) -> None:
-    db = int(url.rsplit("/", 1)[1])
+    """Give back a database ``private_db`` gave (other URLs: nothing to give back)."""
+    tail = url.rsplit("/", 1)[1]
+    db = int(tail) if tail.isdigit() else 0
     if 0 < db < 16 and db not in _free_dbs:
         _free_dbs.append(db)
 

@@ -44,7 +44,9 @@ def test_redis_url_lists_shards_and_sentinel_urls_keep_their_commas() -> None:
         ("redis://a:6379/0,redis://a:6379/0", "lists one Redis twice"),
         ("redis://a:6379/0,redis://:secret@b:x/0", "shard 1 (redis://:***@b:x/0)"),
         ("redis://a:6379/0,http://b:6379/0", "shard 1 (http://b:6379/0): must start with"),
-        ("redis+cluster://a:7000", "Redis Cluster is not supported yet"),
+        ("redis+cluster://a:7000,redis://b:6379/0", "names a Redis Cluster and other"),
+        ("redis+cluster://a:7000?shards=0", "shards='0': must be a number from 1 to 256"),
+        ("redis+cluster://a:x", "cluster node 'a:x' is not host:port"),
     ],
 )
 def test_a_bad_shard_url_is_named_by_its_place(

@@ -11,8 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.redis_conn import connect
-from shared.settings import without_password
-from shared.shards import split_urls
+from shared.shards import ShardSpec, shard_specs
 
 from .errors import LaunchError
 
@@ -76,16 +75,19 @@ async def redis_answers(url: str) -> None:
 
 
 async def check_redis_url(redis_url: str) -> None:
-    """REDIS_URL, once: each Redis it lists must answer now, or the run stops saying so."""
-    urls = split_urls(redis_url)
-    for url in urls:
-        await _check_one(url, "REDIS_URL" if len(urls) == 1 else "the REDIS_URL shard")
-
-
-async def _check_one(url: str, what: str) -> None:
-    shown = without_password(url)
+    """REDIS_URL, once: each shard it names must answer now, or the run stops saying so."""
     try:
-        client = connect(url, socket_connect_timeout=3, socket_timeout=3)
+        specs = shard_specs(redis_url)
+    except ValueError as exc:
+        raise LaunchError(f"REDIS_URL is not a Redis URL ({exc})") from None
+    for spec in specs:
+        await _check_one(spec, "REDIS_URL" if len(specs) == 1 else "the REDIS_URL shard")
+
+
+async def _check_one(spec: ShardSpec, what: str) -> None:
+    shown = spec.name
+    try:
+        client = connect(spec.url, spec.slot, socket_connect_timeout=3, socket_timeout=3)
     except ValueError as exc:
         raise LaunchError(f"{what} {shown} is not a Redis URL ({exc})") from None
     try:

@@ -150,6 +150,10 @@ class Keys:
     def usage(self, identity: str) -> str:
         return self._tagged(usage_key(identity))
 
+    def gateway_wake(self, relay: str) -> str:
+        """A relay's own stream, to wake its blocking read when a reader joins."""
+        return f"{self._base}gateway-wake:{relay}"
+
     def worker_health(self, worker: str) -> str:
         """arq's health check of one worker (a key per worker: arq's default is one for the
         whole queue)."""

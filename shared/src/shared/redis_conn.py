@@ -21,10 +21,13 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.sentinel import Sentinel
 
 from . import keys
+from .cluster import SlotOwnerConnection, cluster_target, is_cluster_url, owners_of
+from .shards import split_urls
 
 SENTINEL_SCHEME = "redis+sentinel"
 
 R = TypeVar("R", bound=Redis)
+P = TypeVar("P", bound=ConnectionPool)
 
 
 @dataclass(frozen=True)
@@ -59,19 +62,25 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     return SentinelTarget(sentinels, path[0], db, password, sentinel_password)
 
 
-def connect(url: str, **options: Any) -> Redis:
-    """A client (with its own pool) for ``url``; ``options`` go to each connection."""
+def connect(url: str, slot: int | None = None, **options: Any) -> Redis:
+    """A client (with its own pool) for ``url``; ``options`` go to each connection. For a
+    Redis Cluster (``redis+cluster://``), a client of the master that owns ``slot``."""
+    if is_cluster_url(url):
+        return Redis.from_pool(_cluster_pool(url, slot, ConnectionPool, options))
     return _connect(url, Redis, options)
 
 
-def connect_arq(url: str, **options: Any) -> ArqRedis:
+def connect_arq(url: str, slot: int | None = None, **options: Any) -> ArqRedis:
     """Like ``connect``, as the arq client that enqueues jobs on Streamgate's queue. Its
     pool (direct connections) makes a burst of requests wait for a connection rather
     than fail."""
-    if sentinel_target(url) is None:
+    if is_cluster_url(url):
+        pool = _cluster_pool(url, slot, BlockingConnectionPool, {"timeout": 10, **options})
+        client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
+    elif sentinel_target(url) is None:
         pool = BlockingConnectionPool.from_url(url, timeout=10, **options)
         _hiredis_packing(pool)
-        client: ArqRedis = ArqRedis.from_pool(pool)  # type: ignore[assignment]
+        client = ArqRedis.from_pool(pool)  # type: ignore[assignment]
     else:
         # Sentinel's pool cannot make a request wait for a connection: past a cap it
         # fails the request, so it gets no cap.
@@ -101,6 +110,23 @@ def _hiredis_packing(pool: ConnectionPool) -> None:
     base: type[AbstractConnection] = pool.connection_class
     if not issubclass(base, HiredisPacking):
         pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+
+
+def _cluster_pool(url: str, slot: int | None, pool_class: type[P], options: dict[str, Any]) -> P:
+    """A pool of connections to the master owning ``slot`` of the cluster ``url`` names."""
+    if slot is None:
+        raise ValueError("a Redis Cluster client is for one shard: give its slot")
+    target = cluster_target(split_urls(url))
+    pool = pool_class(
+        connection_class=SlotOwnerConnection,
+        owners=owners_of(target),
+        slot=slot,
+        username=target.username,
+        password=target.password,
+        **options,
+    )
+    _hiredis_packing(pool)
+    return pool
 
 
 def _connect(url: str, redis_class: type[R], options: dict[str, Any]) -> R:

@@ -77,11 +77,21 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
+        from .cluster import cluster_target, is_cluster_url
         from .shards import MAX_SHARDS, split_urls
 
         urls = split_urls(value)
         if not urls:
             raise ValueError("names no Redis")
+        clusters = [url for url in urls if is_cluster_url(url)]
+        if clusters:
+            if len(clusters) < len(urls):
+                raise ValueError(
+                    "names a Redis Cluster and other Redis servers: shards are either a"
+                    " Cluster's or a list of Redis primaries, not both"
+                )
+            cluster_target(urls)  # raises ValueError saying what is wrong
+            return value
         if len(urls) > MAX_SHARDS:
             raise ValueError(f"lists {len(urls)} Redis shards; at most {MAX_SHARDS}")
         if len(set(urls)) < len(urls):
@@ -240,11 +250,6 @@ def _check_redis_url(url: str) -> None:
     """One shard's URL: ValueError saying what is wrong with it."""
     from .redis_conn import sentinel_target  # raises ValueError on a bad Sentinel URL
 
-    if urlsplit(url).scheme == "redis+cluster":
-        raise ValueError(
-            "Redis Cluster is not supported yet: list the primaries instead "
-            "(redis://a:6379/0,redis://b:6379/0)"
-        )
     options = parse_qs(urlsplit(url).query)
     # Both change what every reply looks like; the relay and the scripts read RESP2 bytes.
     if options.get("protocol", ["2"])[-1] != "2":
@@ -256,7 +261,9 @@ def _check_redis_url(url: str) -> None:
         return
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        raise ValueError(
+            "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+        )
     if parts.scheme != "unix":
         if not parts.hostname:
             raise ValueError("has no host name")

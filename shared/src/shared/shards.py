@@ -18,6 +18,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
 from .settings import without_password
 
@@ -40,16 +41,24 @@ class ShardSpec:
     index: int
     url: str
     keys: Keys
+    slot: int | None = None  # a Cluster's shard: its tag's slot
 
     @property
     def name(self) -> str:
         """The shard as operators see it (logs, ``/readyz``): never a password."""
-        return without_password(self.url)
+        if self.slot is None:
+            return without_password(self.url)
+        first = without_password(split_urls(self.url)[0])
+        return f"{first} shard {self.index} (slot {self.slot})"
 
 
 def shard_specs(redis_url: str) -> list[ShardSpec]:
     """The shards ``REDIS_URL`` names, in order."""
-    return [ShardSpec(index, url, Keys()) for index, url in enumerate(split_urls(redis_url))]
+    urls = split_urls(redis_url)
+    if not is_cluster_url(urls[0]):
+        return [ShardSpec(index, url, Keys()) for index, url in enumerate(urls)]
+    tags = shard_tags(cluster_target(urls).shards)
+    return [ShardSpec(index, redis_url, Keys(tag), tag_slot(tag)) for index, tag in enumerate(tags)]
 
 
 def shard_of(job_id: str, count: int) -> int:

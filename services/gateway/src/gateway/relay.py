@@ -106,7 +106,7 @@ class Relay:
         self.settings = settings
         self.jobs: dict[str, _Job] = {}
         # Bytes, as XREAD's raw reply names streams and entries.
-        self._wake_key = f"sg:gateway-wake:{secrets.token_hex(8)}".encode()
+        self._wake_key = log.keys.gateway_wake(secrets.token_hex(8)).encode()
         self._wake_cursor = b"0-0"
         self._activity_cursor: str | None = None  # None: not following the doorbell
         self._fresh: set[str] = set()  # jobs to read at once (doorbell mode)

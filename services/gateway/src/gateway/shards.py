@@ -159,11 +159,15 @@ def open_shard(
     # Fail fast while Redis is down (503 within seconds). A request waits for a pooled
     # connection rather than fail, and the pool is bounded per shard.
     arq = connect_arq(
-        spec.url, socket_connect_timeout=2, socket_timeout=5, max_connections=POOL_PER_SHARD
+        spec.url,
+        spec.slot,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        max_connections=POOL_PER_SHARD,
     )
     # The relay's XREAD BLOCK: one command at a time, so one connection. The relay bounds
     # each round trip itself (a socket timeout costs a task per command).
-    blocking = connect(spec.url, socket_connect_timeout=2)
+    blocking = connect(spec.url, spec.slot, socket_connect_timeout=2)
     log = EventLog(arq, timing, spec.keys)
     sessions = SessionStore(
         log,

@@ -43,11 +43,12 @@ def open_shards(specs: list[ShardSpec], wake_timeout_s: float) -> list[WorkerSha
             spec.keys,
             connect_arq(
                 spec.url,
+                spec.slot,
                 socket_connect_timeout=2,
                 socket_timeout=10,
                 max_connections=POOL_PER_SHARD,
             ),
-            connect(spec.url, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
+            connect(spec.url, spec.slot, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
         )
         for spec in specs
     ]
