@@ -248,3 +248,26 @@ def test_readyz_is_503_only_when_no_shard_answers(tmp_path: Path, client: httpx.
         assert chat.status_code == 503, chat.text
     finally:
         gateway.stop()
+
+
+def test_a_gateway_started_with_a_shard_down_puts_every_chat_on_the_others(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """Every new chat meets the down shard in its turn (a fresh connection refused): it goes
+    on to the next at once, rate limit included, whose window lives in the down shard."""
+    live = RedisServer(tmp_path / "live")
+    live.start()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    # The caller's rate-limit window (per address without keys) hashes to the dead shard.
+    urls = [dead, live.url] if home("addr:127.0.0.1", 2) == 0 else [live.url, dead]
+    stack = Stack(",".join(urls), tmp_path, env={"RATE_LIMIT_PER_MIN": "1000"}).start(1, 1)
+    try:
+        for _ in range(6):
+            stream = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "[long 2]"})
+            assert sse.ends_done(stream), stream.events
+            assert shard_of(stream.events[0]["job_id"], 2) == urls.index(live.url)
+        assert client.head(stack.gateway.url + "/chat", params={"prompt": "hi"}).status_code == 200
+        assert client.get(stack.gateway.url + "/readyz").json()["down"] == [dead]
+    finally:
+        stack.stop()
+        live.stop()

@@ -24,6 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+_CONNECT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
 
 class NotSent(RedisConnectionError):
     """No connection could be made: nothing of the round trip reached Redis, so it may go
@@ -70,11 +72,14 @@ class HeldConnection:
         in_step = False
         try:
             async with asyncio.timeout(self._timeout_s) as deadline:
-                conn = await self.take()
+                try:  # a pooled connection is connected as it is taken
+                    conn = await self.take()
+                except _CONNECT_ERRORS as exc:
+                    raise NotSent(str(exc)) from exc
                 if not conn.is_connected:
                     try:
                         await conn.connect()  # type: ignore[no-untyped-call]
-                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    except _CONNECT_ERRORS as exc:
                         raise NotSent(str(exc)) from exc
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 replies: list[Any] = []

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
-from .settings import without_password
 
 MAX_SHARDS = 256  # what two hex digits name
 
@@ -45,11 +45,11 @@ class ShardSpec:
 
     @property
     def name(self) -> str:
-        """The shard as operators see it (logs, ``/readyz``): never a password."""
-        if self.slot is None:
-            return without_password(self.url)
-        first = without_password(split_urls(self.url)[0])
-        return f"{first} shard {self.index} (slot {self.slot})"
+        """The shard as operators see it (logs, ``/readyz``, which anyone may ask): its
+        scheme, hosts and path, never a user, password or option."""
+        parts = urlsplit(split_urls(self.url)[0])
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
+        return shown if self.slot is None else f"{shown} shard {self.index} (slot {self.slot})"
 
 
 def shard_specs(redis_url: str) -> list[ShardSpec]:

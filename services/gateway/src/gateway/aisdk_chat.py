@@ -42,12 +42,15 @@ async def chat(request: Request) -> Response:
     body = await json_body(request, limit=limit)
     turn = chat_turn(body, state.roles, settings.max_prompt_chars)
     release = state.access.take_stream_slot(request, identity)
+    # The chat's answers run in the shard that keeps which one is active: no answer starts
+    # where that cannot be written.
+    home = state.shards.home(f"{identity}:{turn.chat_id}")
     try:
         async with state.access.count_chat(request, identity):
+            traceparent = request.headers.get("traceparent")
             job_id = await enqueue_request(
-                state, turn.job_request(), "get", identity, request.headers.get("traceparent")
+                state, turn.job_request(), "get", identity, traceparent, shard=home
             )
-        home = state.shards.home(f"{identity}:{turn.chat_id}")
         key = home.log.keys.aisdk_chat(identity, turn.chat_id)
         lifetime = home.log.timing.queued_ttl_s  # as its job's keys
         before: bytes | None = await home.arq.set(key, job_id, ex=lifetime, get=True)

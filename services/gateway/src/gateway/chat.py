@@ -40,7 +40,7 @@ async def chat_get(request: Request) -> Response:
     chat = _checked(state, chat_request(dict(params), state.settings.max_prompt_chars))
     if request.method == "HEAD":
         # What a GET would answer before its stream, without enqueueing anything.
-        await check_session(state, chat, identity)  # 503 while its Redis is down
+        await check_session(state, chat, identity)
         return _headers_only()
     release = state.access.take_stream_slot(request, identity)
     try:

@@ -109,7 +109,8 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 async def handle_redis_down(request: Request, exc: Exception) -> Response:
     return error_response(
         503,
-        "Redis is unreachable, so no chat can be started or read now; retry shortly",
+        "Redis is unreachable (the Redis, or the shard, this request needs), so it cannot"
+        " be served now; retry shortly",
         5,
         request,
     )

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import tracing
 from shared.cursors import new_job_id
@@ -56,20 +57,26 @@ async def enqueue_request(
     kind: Literal["get", "post"],
     identity: str,
     traceparent: str | None = None,
+    shard: Shard | None = None,
 ) -> str:
     """Enqueue a job without a session (an OpenAI API request brings its conversation
-    whole) in the next shard in turn that takes it."""
+    whole) in ``shard``, or else in the next shard in turn that takes it."""
 
     async def attempt(shard: Shard) -> str:
         job_id = new_job_id(shard.index)
         await _enqueue(shard.log, state.settings, request, kind, job_id, identity, traceparent)
         return job_id
 
+    if shard is not None:
+        return await attempt(shard)
     return await state.shards.place(attempt, also_next_on=QueueFull)
 
 
 async def check_session(state: State, chat: ChatRequest, identity: str) -> None:
-    """409 now if the session is busy, without taking it (for HEAD)."""
+    """409 now if the session is busy, without taking it, and 503 when the chat could not
+    start for want of Redis (for HEAD)."""
+    if not chat.session and len(await state.shards.down()) == len(state.shards):
+        raise RedisConnectionError("no Redis shard is reachable")
     if chat.session:
         session = f"{identity[:12]}.{chat.session}" if identity else chat.session
         shard = state.shards.home(session)

@@ -97,8 +97,12 @@ class Relay:
         settings: Settings,
         metrics: GatewayMetrics,
         shutting_down: anyio.Event,
+        shard: tuple[int, str] | None = None,
     ) -> None:
+        """``shard``: its place and name, when it is one of several (logs, metrics)."""
         self.redis = redis
+        self._suffix = f"[{shard[0]}]" if shard else ""
+        self._where = f" {shard[1]}" if shard else ""
         self.metrics = metrics
         # One XREAD after another; the client has no socket timeout, this bounds each.
         self._reads = HeldConnection(blocking_redis, timeout_s=BLOCK_MS / 1000 + 5)
@@ -132,8 +136,10 @@ class Relay:
         restarted = self.metrics.background_restarts.labels
         self._tasks = [
             asyncio.create_task(
-                supervise("relay-read", self._read_loop, lambda n: restarted(n).inc()),
-                name="relay-read",
+                supervise(
+                    f"relay-read{self._suffix}", self._read_loop, lambda n: restarted(n).inc()
+                ),
+                name=f"relay-read{self._suffix}",
             ),
             asyncio.create_task(self._close_on_shutdown(), name="relay-shutdown"),
         ]
@@ -231,7 +237,7 @@ class Relay:
                 self._activity_cursor = None  # doorbells may have been lost
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
-                    logger.warning("relay lost Redis (%s); retrying", exc)
+                    logger.warning("relay lost Redis%s (%s); retrying", self._where, exc)
                 self._close_if_down_too_long()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -243,7 +249,7 @@ class Relay:
                 delay = min(delay * 2, 1.0)
                 continue
             if self._redis_down_since is not None:
-                logger.info("relay reached Redis again")
+                logger.info("relay reached Redis%s again", self._where)
                 self._redis_down_since = None
             delay = 0.05
 
@@ -253,7 +259,8 @@ class Relay:
             return
         if self._now() - down > self.log.timing.redis_down_close_s:
             logger.warning(
-                "Redis down for %.0f s: ending %d streams with an error",
+                "Redis%s down for %.0f s: ending %d streams with an error",
+                self._where,
                 self._now() - down,
                 self.open_readers,
             )

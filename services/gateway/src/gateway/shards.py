@@ -104,15 +104,22 @@ class Shards:
 
     async def tools(self) -> list[dict[str, Any]] | None:
         """The tools the workers listed (each lists them in every shard): from the first
-        shard that answers."""
-        candidates = self.in_turn()
-        for shard in candidates:
+        shard that has them (a shard just added or restarted may not yet); None if none
+        has; the last error if no shard answers."""
+        error: Exception | None = None
+        answered = False
+        for shard in self.in_turn():
             try:
-                return await tool_catalog.read(shard.arq, shard.log.keys)
-            except (RedisError, OSError):
-                if shard is candidates[-1]:
-                    raise
-        raise AssertionError("unreachable: the last shard returns or raises")
+                tools = await tool_catalog.read(shard.arq, shard.log.keys)
+            except (RedisError, OSError) as exc:
+                error = exc
+                continue
+            if tools is not None:
+                return tools
+            answered = True
+        if error is not None and not answered:
+            raise error
+        return None
 
     async def place(
         self,
@@ -138,11 +145,10 @@ class Shards:
 
 def open_shards(settings: Settings, timing: Timing, metrics: GatewayMetrics) -> Shards:
     shutting_down = anyio.Event()
+    specs = shard_specs(settings.redis_url)
+    several = len(specs) > 1
     return Shards(
-        [
-            open_shard(spec, settings, timing, metrics, shutting_down)
-            for spec in shard_specs(settings.redis_url)
-        ],
+        [open_shard(spec, settings, timing, metrics, shutting_down, several) for spec in specs],
         shutting_down,
     )
 
@@ -153,6 +159,7 @@ def open_shard(
     timing: Timing,
     metrics: GatewayMetrics,
     shutting_down: anyio.Event,
+    several: bool,
 ) -> Shard:
     """A shard's clients and what rides on them; connections are made on first use, so
     a gateway starts (and answers /healthz) whichever shards are down."""
@@ -176,7 +183,8 @@ def open_shard(
         settings.session_retention_s,
         lock_ttl_s=timing.session_lock_s,
     )
-    relay = Relay(arq, blocking, log, settings, metrics, shutting_down)
+    shard = (spec.index, spec.name) if several else None
+    relay = Relay(arq, blocking, log, settings, metrics, shutting_down, shard)
     return Shard(spec.index, spec.name, arq, blocking, log, relay, sessions)
 
 
