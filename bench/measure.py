@@ -73,6 +73,51 @@ class CpuMeter:
         return {name: self.after[name] - self.before[name] for name in self.after}
 
 
+@dataclass
+class RedisUsage:
+    """What Redis itself counted between two reads: its CPU (``INFO cpu``) and, per command,
+    calls and microseconds (``INFO commandstats``). A command a function calls is counted
+    both on its own line and inside the ``fcall`` that called it."""
+
+    cpu_s: float = 0.0
+    commands: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (calls, µs)
+
+    def top(self, tokens: int, n: int = 8) -> list[tuple[str, float, float]]:
+        """The ``n`` costliest commands: (name, µs per token, calls per token)."""
+        ranked = sorted(self.commands.items(), key=lambda kv: -kv[1][1])[:n]
+        return [(name, usec / tokens, calls / tokens) for name, (calls, usec) in ranked]
+
+
+class RedisMeter:
+    """Redis's own CPU and command statistics around a phase (the bench owns this Redis)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.before = RedisUsage()
+
+    async def _read(self) -> RedisUsage:
+        cpu = await self.redis.info("cpu")
+        stats = await self.redis.info("commandstats")
+        commands = {
+            name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in stats.items()
+        }
+        return RedisUsage(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), commands)
+
+    async def start(self) -> RedisMeter:
+        self.before = await self._read()
+        return self
+
+    async def stop(self) -> RedisUsage:
+        after = await self._read()
+        delta = {}
+        for name, (calls, usec) in after.commands.items():
+            calls0, usec0 = self.before.commands.get(name, (0, 0))
+            if calls > calls0:
+                delta[name] = (calls - calls0, usec - usec0)
+        return RedisUsage(after.cpu_s - self.before.cpu_s, delta)
+
+
 def percentile(values: Iterable[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100); None for no values."""
     ordered = sorted(values)

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from .clients import drive
 from .loadgen import Spec
-from .measure import Connections, ConnectionSampler, CpuMeter, rss_bytes
+from .measure import Connections, ConnectionSampler, CpuMeter, RedisMeter, RedisUsage, rss_bytes
 from .processes import Cluster
 from .stats import Summary
 
@@ -48,6 +48,7 @@ class Phase:
     rss_before: int = 0
     rss_held: int = 0
     held_streams: int = 0
+    redis: RedisUsage | None = None  # Redis's own counts (Streamgate's phases)
 
     def cpu_per_1k(self, group: str) -> float | None:
         """CPU seconds per 1,000 delivered tokens."""
@@ -123,6 +124,7 @@ class Bench:
         )
         result = Phase(Summary(), {}, 0.0)
         result.rss_before = rss_bytes(target.front_pid)
+        redis_meter = await RedisMeter(self.redis).start() if target.is_streamgate else None
         meter = CpuMeter(groups).start()
         if sampler is not None:
             sampler.start()
@@ -145,6 +147,8 @@ class Bench:
             close_after_ready=close_when_held,
         )
         result.cpu = meter.stop()
+        if redis_meter is not None:
+            result.redis = await redis_meter.stop()
         result.cpu["clients"] = outcome.client_cpu_s
         result.wall = meter.wall
         result.summary.add(outcome.requests)

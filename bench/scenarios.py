@@ -100,6 +100,7 @@ def table(o: Options, phases: dict[str, Phase]) -> Table:
     )
     _, r = pair(phases, lambda p: p.cpu_per_1k("redis"))
     t.add("CPU s / 1,000 tokens: Redis", "—", num(r, "{:.3f}"))
+    _redis_per_token(t, phases.get("streamgate"))
     if o.scenario == "hold10k":
         d, s = pair(phases, lambda p: p.rss_per_stream)
         dh, sh = pair(phases, lambda p: p.held_streams)
@@ -192,6 +193,22 @@ def _lateness(t: Table, o: Options, phases: dict[str, Phase]) -> None:
         num(s),
         "",
         verdict(None if s is None else s == 0, "0"),
+    )
+
+
+def _redis_per_token(t: Table, sg: Phase | None) -> None:
+    """Redis's CPU per token as Redis counts it, and which commands it went to."""
+    if sg is None or sg.redis is None or not sg.summary.tokens:
+        return
+    tokens = sg.summary.tokens
+    cpu_us = sg.redis.cpu_s / tokens * 1e6
+    t.add("Redis CPU µs / token (its INFO cpu, sys + user)", "—", f"{cpu_us:.1f}")
+    top = sg.redis.top(tokens)
+    t.notes.append(
+        "Redis per token by command (its INFO commandstats: µs per token, calls per token in"
+        " brackets; a command that a function calls counts again inside `fcall`): "
+        + ", ".join(f"{name} {us:.1f} ({calls:.2f})" for name, us, calls in top)
+        + "."
     )
 
 

@@ -202,6 +202,26 @@ def test_appends_in_one_round_trip_survive_a_failing_call_and_a_function_flush(
     run(db_url, scenario)
 
 
+def test_writes_ring_the_doorbell_only_while_a_gateway_keeps_it(db_url: str) -> None:
+    """The doorbell costs Redis a write per token: with no gateway following it (no
+    ``sg:activity``) nothing rings; once one has made it, every write to a stream rings,
+    the final event's batch included."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        assert await log.append(job_id, "w", 1, [ev.Token("a")])
+        assert not await log.redis.exists(keys.ACTIVITY)
+        await log.redis.xadd(keys.ACTIVITY, {"k": b""})  # as relay.py opens it
+        assert await log.append(job_id, "w", 2, [ev.Token("b")])
+        assert await log.append(job_id, "w", 3, [ev.Token("c"), ev.Done()])
+        rung = [fields[b"k"] for _, fields in await log.redis.xrange(keys.ACTIVITY)]
+        assert rung == [b"", keys.events_key(job_id).encode(), keys.events_key(job_id).encode()]
+        assert [e.get("token") for e in await events(log, job_id)][2:] == ["a", "b", "c", None]
+
+    run(db_url, scenario)
+
+
 def test_a_cancel_by_a_redis_user_without_channels_still_ends_the_job(
     own_redis: RedisServer,
 ) -> None:

@@ -242,25 +242,33 @@ class EventLog:
         batch: Sequence[ev.Event],
         closing: Closing | None,
     ) -> tuple[list[str], list[bytes | str | int]]:
-        """One batch's ``append`` call; TypeError or ValueError if it cannot be sent."""
-        function_keys = self._job_keys(job_id)
+        """One batch's ``append`` call; TypeError or ValueError if it cannot be sent. A
+        batch without a final event goes with three keys and three arguments before its
+        events (streamgate.lua says why); nothing after a final event is sent."""
+        end = next((i for i, e in enumerate(batch) if ev.is_final(e)), None)
+        if end is not None:
+            batch = batch[: end + 1]
         published = any(isinstance(e, ev.OUTPUT_EVENTS) for e in batch)
-        args: list[bytes | str | int] = [owner, self.timing.retention_s, int(published)]
-        args += [number, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
-        turn = closing.turn if closing is not None else None
-        if turn is not None:
-            function_keys.append(turn.key)
-            args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
-        used = closing.usage if closing is not None else None
-        if used is not None:
-            function_keys.append(self.keys.usage(used.identity))
-            u = used.usage
-            counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
-            if u is not None:
-                counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
-            args[7:11] = [used.model, *counts]
-        for event in batch:
-            args += [ev.encode(event), "1" if ev.is_final(event) else "0"]
+        args: list[bytes | str | int] = [owner, number, int(published)]
+        if end is None:
+            k = self.keys
+            function_keys = [k.meta(job_id), k.events(job_id), k.activity]
+        else:
+            function_keys = self._job_keys(job_id)
+            args += [self.timing.retention_s, b"", 0, 0, b"", b"", b"", b"", USAGE_RETENTION_S]
+            turn = closing.turn if closing is not None else None
+            if turn is not None:
+                function_keys.append(turn.key)
+                args[4:7] = [turn.entry, turn.max_turns, turn.retention_s]
+            used = closing.usage if closing is not None else None
+            if used is not None:
+                function_keys.append(self.keys.usage(used.identity))
+                u = used.usage
+                counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
+                if u is not None:
+                    counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
+                args[7:11] = [used.model, *counts]
+        args += [ev.encode(event) for event in batch]
         if not all(isinstance(a, bytes | str | int) for a in args):
             raise TypeError(f"job {job_id}: a batch argument Redis cannot take: {args!r:.200}")
         return function_keys, args

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 1
-SOURCE_SHA256 = "9d0467668f3e48ceeecd12b3e8cd5b5c19283a1b43c337d83d5d534064c10388"
+VERSION = 2
+SOURCE_SHA256 = "38103258f980f711db89573190bf56c22f8a38026b6e07daf84cb8e217003e39"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

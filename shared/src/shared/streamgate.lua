@@ -50,9 +50,18 @@ local function job_keys(keys)
   }
 end
 
--- Every write to a job's stream rings the doorbell (gateway/relay.py).
+-- Every write to a job's stream rings the doorbell (gateway/relay.py) while it exists: a
+-- gateway that follows it keeps it alive (a TTL it renews), and re-reads every stream
+-- whenever it may have lapsed. Without one, the XADD would be Redis's costliest step of a
+-- token for nobody.
+local function ring_at(activity, events)
+  if redis.call('EXISTS', activity) == 1 then
+    redis.call('XADD', activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', events)
+  end
+end
+
 local function ring(j)
-  redis.call('XADD', j.activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', j.events)
+  ring_at(j.activity, j.events)
 end
 
 -- The running attempt, if any, leaves the running index: it no longer owns the job.
@@ -217,45 +226,60 @@ end
 
 -- append: a batch of the owning attempt's events. A batch number at or below the last one
 -- applied is a retry of a batch whose reply was lost: acknowledged, not written twice.
--- With the final event may come, in the same step, the session's new turn (then KEYS[7] is
--- the session's turns: memory never holds a turn whose answer the client saw fail) and the
--- job's usage (then the next key is the usage hash: counted exactly once). ARGV after the
--- fixed ones: (event, is final) pairs. Returns 1 written (or a retry), 0 not this attempt's.
+-- A batch without the final event, by far the most common call (a token or two), needs
+-- only KEYS meta, events, activity and ARGV owner, batch, published, then its events:
+-- every key and argument less is work Redis does per token. A batch ending with the final
+-- event has the job's six keys, then the session's turns (when ARGV[5], the turn, is not
+-- empty: memory never holds a turn whose answer the client saw fail) and the usage hash
+-- (when ARGV[8], the model, is not empty: counted exactly once), and ARGV 4-12 say what
+-- goes with it (see below); its events start at ARGV[13] and the last one is final.
+-- Returns 1 written (or a retry), 0 not this attempt's.
 register('append', function(keys, args)
-  local j = job_keys(keys)
-  local owner, retention_s, published, batch, turn, max_turns, turns_retention_s,
-        model, prompt, completion, total, usage_retention_s = unpack(args)
-  local turns = turn ~= '' and keys[7] or nil
-  local usage = model ~= '' and keys[turns and 8 or 7] or nil
-  if usage and prompt ~= '' and not (whole(prompt) and whole(completion) and whole(total)) then
-    return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
-  end
-  local applied = tonumber(redis.call('HGET', j.meta, 'batch') or '0')
-  if redis.call('HGET', j.meta, 'owner') ~= owner then
-    -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
-    local ours = redis.call('HGET', j.meta, 'ended_by') == owner
-    return (ours and tonumber(batch) <= applied) and 1 or 0
-  end
-  if tonumber(batch) <= applied then return 1 end
-  redis.call('HSET', j.meta, 'batch', batch)
-  if published == '1' then redis.call('HSET', j.meta, 'published', '1') end
-  for i = 13, #args, 2 do
-    if args[i + 1] == '1' then
-      if turns then
-        redis.call('RPUSH', turns, turn)
-        redis.call('LTRIM', turns, -tonumber(max_turns), -1)
-        redis.call('EXPIRE', turns, turns_retention_s)
-      end
-      if usage then
-        count_usage(j, usage, model, prompt, completion, total, usage_retention_s)
-      end
-      finalize(j, args[i], retention_s)
-      redis.call('HSET', j.meta, 'ended_by', owner)
-      return 1
+  local final = #keys >= 6
+  local meta, events = keys[1], keys[2]
+  local owner, batch, published = args[1], tonumber(args[2]), args[3]
+  local first = final and 13 or 4
+  local retention_s, turn, max_turns, turns_retention_s, model, prompt, completion, total,
+        usage_retention_s
+  if final then
+    retention_s, turn, max_turns, turns_retention_s, model, prompt, completion, total,
+      usage_retention_s = unpack(args, 4, 12)
+    if model ~= '' and prompt ~= '' and not (whole(prompt) and whole(completion) and whole(total)) then
+      return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
     end
-    redis.call('XADD', j.events, '*', 'd', args[i])
   end
-  ring(j)
+  local state = redis.call('HMGET', meta, 'owner', 'batch', 'published')
+  local applied = tonumber(state[2]) or 0
+  if state[1] ~= owner then
+    -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
+    local ours = redis.call('HGET', meta, 'ended_by') == owner
+    return (ours and batch <= applied) and 1 or 0
+  end
+  if batch <= applied then return 1 end
+  if published == '1' and not state[3] then
+    redis.call('HSET', meta, 'batch', batch, 'published', '1')
+  else
+    redis.call('HSET', meta, 'batch', batch)
+  end
+  local last = #args - (final and 1 or 0)
+  for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
+  if not final then
+    if last >= first then ring_at(keys[3], events) end
+    return 1
+  end
+  local j = job_keys(keys) -- finalize rings for the batch
+  if turn ~= '' then
+    local turns = keys[7]
+    redis.call('RPUSH', turns, turn)
+    redis.call('LTRIM', turns, -tonumber(max_turns), -1)
+    redis.call('EXPIRE', turns, turns_retention_s)
+  end
+  if model ~= '' then
+    local usage = keys[turn ~= '' and 8 or 7]
+    count_usage(j, usage, model, prompt, completion, total, usage_retention_s)
+  end
+  finalize(j, args[#args], retention_s)
+  redis.call('HSET', meta, 'ended_by', owner)
   return 1
 end)
 

@@ -13,10 +13,15 @@ Decisions a reader might want to undo:
 - Past ``RELAY_MULTIPLEX_MAX`` streams, naming every stream in each XREAD costs Redis more
   than the events do (~2.4 µs per stream and call). The loop then blocks on the doorbell
   instead: every write to a job's stream also appends that stream's key to one shared
-  stream (``sg:activity``, in the same script), and the loop reads just the streams that
+  stream (``sg:activity``, in the same function), and the loop reads just the streams that
   rang, from their cursors. After any Redis error it reads every stream once (doorbells may
   have been lost), and silent streams are read anyway every ``SWEEP_S``: a doorbell
   trimmed away unread costs a few seconds, never an event.
+- The functions ring only while the doorbell stream exists, for its XADD was most of what
+  Redis spent per token with no gateway listening. A gateway following it keeps it alive:
+  it creates it with a marker entry (whose id is where it reads from) and a TTL, renews
+  the TTL, and re-reads every stream when it may have lapsed (a renewal late, or finding
+  it gone), as after an error.
 - Each client has a bounded mailbox of pre-encoded SSE frames (reader.py). A client that
   reads slower than its job's events come fills it and is paused: the loop leaves it out of
   its reads (never waiting on it) until the client has taken what it holds, then reads on
@@ -37,7 +42,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared import events as ev
 from shared.event_log import DATA, FINAL, EventLog
@@ -56,6 +61,9 @@ READ_COUNT = 512
 READ_BATCH = 1000  # doorbell mode: streams per XREAD of the streams that rang
 RING_COUNT = 4096  # doorbells per read
 SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
+DOORBELL_TTL_MS = 30_000  # the doorbell outlives its last renewal this long
+DOORBELL_RENEW_S = 10.0  # renewed this often; a block (5 s) may delay it
+DOORBELL_SAFE_S = 25.0  # past this since a renewal was sent, it may have lapsed: read all
 
 
 class _Job:
@@ -113,6 +121,7 @@ class Relay:
         self._wake_key = log.keys.gateway_wake(secrets.token_hex(8)).encode()
         self._wake_cursor = b"0-0"
         self._activity_cursor: str | None = None  # None: not following the doorbell
+        self._doorbell_renewed = 0.0  # when the last renewal that held was sent (loop time)
         self._fresh: set[str] = set()  # jobs to read at once (doorbell mode)
         self._wake_pending = False
         self._wake_task: asyncio.Task[None] | None = None
@@ -282,10 +291,13 @@ class Relay:
 
     async def _read_rung(self) -> None:
         """Block on the doorbell, then read the streams that rang (and new readers')."""
-        if self._activity_cursor is None:
-            last = await self._reads.call("XREVRANGE", self.log.keys.activity, "+", "-", "COUNT", 1)
-            self._activity_cursor = last[0][0].decode() if last else "0-0"
-            self._fresh.update(self.jobs)  # whatever rang before is read from each stream
+        since = self._now() - self._doorbell_renewed
+        if self._activity_cursor is None or since >= DOORBELL_SAFE_S:
+            if not await self._open_doorbell():
+                await self._read_all()  # Redis refuses writes (out of memory): read them all
+                return
+        elif since >= DOORBELL_RENEW_S and not await self._renew_doorbell():
+            return  # it was gone: the next read opens it again and reads every stream
         streams: dict[Any, Any] = {
             self._wake_key: self._wake_cursor,
             self.log.keys.activity: self._activity_cursor,
@@ -297,9 +309,10 @@ class Relay:
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                job_id = self.log.keys.job_of_events(fields[1])  # [b"k", <the stream's key>]
-                if job_id in self.jobs:
-                    self._fresh.add(job_id)
+                if rung_key := fields[1]:  # [b"k", <the stream's key>]; b"": a marker
+                    job_id = self.log.keys.job_of_events(rung_key)
+                    if job_id in self.jobs:
+                        self._fresh.add(job_id)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
         self._fresh.clear()
         for start in range(0, len(fresh), READ_BATCH):
@@ -312,6 +325,34 @@ class Relay:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
                     self._fresh.add(self.log.keys.job_of_events(key))  # more may be waiting
+
+    async def _open_doorbell(self) -> bool:
+        """Make sure the functions ring, and follow from a marker: any write before it is
+        read from every stream now, any after it rang after it. False if Redis refused."""
+        sent = self._now()
+        self._activity_cursor = None
+        marker, renewed = await self._reads.run(
+            [
+                ("XADD", self.log.keys.activity, "*", "k", b""),
+                ("PEXPIRE", self.log.keys.activity, DOORBELL_TTL_MS),
+            ]
+        )
+        if isinstance(marker, ResponseError) or renewed != 1:
+            return False
+        self._activity_cursor = marker.decode()
+        self._doorbell_renewed = sent
+        self._fresh.update(self.jobs)
+        return True
+
+    async def _renew_doorbell(self) -> bool:
+        """Renew it; False if it was gone (Redis restarted empty, flushed): writes since
+        may not have rung."""
+        sent = self._now()
+        if await self._reads.call("PEXPIRE", self.log.keys.activity, DOORBELL_TTL_MS) == 1:
+            self._doorbell_renewed = sent
+            return True
+        self._activity_cursor = None
+        return False
 
     async def _xread(
         self, streams: dict[Any, Any], count: int, block: int | None = None
