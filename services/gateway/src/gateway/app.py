@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,6 +63,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), request=request)
 
 
+logger = logging.getLogger(__name__)
+
 STATIC = Path(__file__).parent / "static"
 # The catch-all under /chat/ takes every method: it tells a 405 (a job URL) from a 404.
 EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -99,6 +102,8 @@ def create_app(settings: Settings) -> Starlette:
         tracing.setup("streamgate-gateway")
         timing = Timing.of(settings)
         shards = open_shards(settings, timing, metrics)
+        if len(shards) > 1:
+            logger.info("Redis shards: %s", "; ".join(shard.name for shard in shards))
         restarted = metrics.background_restarts.labels
         duties: dict[str, Callable[[], Awaitable[None]]] = {}
         for shard in shards:
