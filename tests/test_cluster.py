@@ -5,6 +5,7 @@ over all three masters; a cursor resumes; a session's turns follow each other.""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,9 @@ def _cluster_port() -> int:
 def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Stack]]:
     cluster = Cluster(tmp_path_factory.mktemp("cluster"))
     cluster.start()
-    stack = Stack(cluster.url, tmp_path_factory.mktemp("logs")).start(1, 1)
+    # Heartbeats 14 s apart: a cancel must reach the worker by itself (its pub/sub).
+    slow_beats = {"WORKER_LOST_TIMEOUT_S": "60", "DISCONNECT_GRACE_S": "60"}
+    stack = Stack(cluster.url, tmp_path_factory.mktemp("logs"), env=slow_beats).start(1, 1)
     yield cluster, stack
     stack.stop()
     cluster.stop()
@@ -153,3 +156,71 @@ def test_a_cursor_resumes_and_a_session_remembers(
         "shards": SHARDS,
         "down": [],
     }
+
+
+def test_a_cancel_reaches_the_worker_within_a_second_and_the_running_index_names_the_job(
+    cluster_stack: tuple[Cluster, Stack], client: httpx.Client
+) -> None:
+    cluster, stack = cluster_stack
+    specs = shard_specs(cluster.url)
+    closed_before = stack.llm_stats()["closed_early"]
+    for _ in range(3):  # a beat may fall in the second; three in a row cannot all
+        created = client.post(stack.gateway.url + "/chat", json={"prompt": "[long 10] [wait 30]"})
+        job_id = created.json()["job_id"]
+        events_url = f"{stack.gateway.url}/chat/{job_id}/events"
+        started = sse.read(client, events_url, stop_after=2)
+        assert started.events[-1]["lifecycle"] == "started"
+        spec = specs[shard_of(job_id, SHARDS)]
+        assert spec.slot is not None
+        node = cluster.node(cluster.owner(spec.slot))
+        try:  # the running attempt is filed under the job (the janitor checks it by that)
+            running = [m.decode() for m in node.zrange(spec.keys.running, 0, -1)]
+            assert any(member.startswith(job_id + " ") for member in running), running
+        finally:
+            node.close()
+        wait_until(lambda: stack.llm_stats()["open_streams"] == 1, 5, "the request at the LLM")
+        cancelled_at = time.monotonic()
+        assert client.delete(f"{stack.gateway.url}/chat/{job_id}").status_code == 204
+        while stack.llm_stats()["closed_early"] == closed_before:
+            assert time.monotonic() - cancelled_at < 1.0, "the upstream request is still open"
+            time.sleep(0.02)
+        closed_before = stack.llm_stats()["closed_early"]
+
+
+def test_a_shard_whose_slot_moves_to_another_master_follows_it(
+    cluster_stack: tuple[Cluster, Stack], client: httpx.Client
+) -> None:
+    """Last: it changes the cluster. The slot of the first shard's tag moves (keys and
+    all); its clients, told MOVED, ask the cluster again, and its chats carry on."""
+    cluster, stack = cluster_stack
+    spec = shard_specs(cluster.url)[0]
+    assert spec.slot is not None
+    source_port = cluster.owner(spec.slot)
+    target_port = next(port for port in cluster.ports if port != source_port)
+    source, target = cluster.node(source_port), cluster.node(target_port)
+    try:
+        source_id, target_id = source.cluster("MYID"), target.cluster("MYID")
+        target.execute_command("CLUSTER SETSLOT", spec.slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER SETSLOT", spec.slot, "MIGRATING", target_id)
+        while moving := source.execute_command("CLUSTER GETKEYSINSLOT", spec.slot, 100):
+            source.execute_command(
+                "MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *moving
+            )
+        for port in cluster.ports:
+            node = cluster.node(port)
+            node.execute_command("CLUSTER SETSLOT", spec.slot, "NODE", target_id)
+            node.close()
+    finally:
+        source.close()
+        target.close()
+
+    def chat_on_moved_shard() -> bool:
+        created = client.post(stack.gateway.url + "/chat", json={"prompt": "[long 3]"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["job_id"]
+        done = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
+        assert sse.ends_done(done), (job_id, done.status, done.raw[:300])
+        return shard_of(job_id, SHARDS) == 0
+
+    # Its first command after the move is told MOVED: that shard sits out its 2 s.
+    wait_until(chat_on_moved_shard, 15, "a chat on the shard whose slot moved")

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.redis_conn import connect
+from shared.settings import without_password
 from shared.shards import ShardSpec, shard_specs
 
 from .errors import LaunchError
@@ -85,7 +86,7 @@ async def check_redis_url(redis_url: str) -> None:
 
 
 async def _check_one(spec: ShardSpec, what: str) -> None:
-    shown = spec.name
+    shown = spec.name if spec.slot is not None else without_password(spec.url)
     try:
         client = connect(spec.url, spec.slot, socket_connect_timeout=3, socket_timeout=3)
     except ValueError as exc:

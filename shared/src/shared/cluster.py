@@ -24,7 +24,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+
+from .held_connection import NotSent
 
 SCHEME = "redis+cluster"
 DEFAULT_SHARDS = 12  # spreads evenly over 1, 2, 3, 4, 6 or 12 masters
@@ -96,6 +98,13 @@ class SlotOwners:
         self._nodes: list[tuple[str, int]] = list(target.seeds)
         self._ranges: list[tuple[int, int, tuple[str, int]]] = []
         self._read_at = -TABLE_TTL_S
+        self.generation = 0  # counts forget(): connections made before it connect again
+
+    def forget(self) -> None:
+        """A slot moved, or a master failed: every connection connects again, and the
+        next asks the cluster where."""
+        self._read_at = -TABLE_TTL_S
+        self.generation += 1
 
     async def owner(self, slot: int) -> tuple[str, int]:
         if time.monotonic() - self._read_at > TABLE_TTL_S:
@@ -144,15 +153,39 @@ def owners_of(target: ClusterTarget) -> SlotOwners:
     return _owners.setdefault(target, SlotOwners(target))
 
 
+# Replies that say the command did not run on this node, as its slot is (or is going)
+# elsewhere: the connection drops and the next one asks the cluster where.
+_ELSEWHERE = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
+
+
 class SlotOwnerConnection(Connection):
-    """A connection to whichever master owns ``slot`` when it connects."""
+    """A connection to whichever master owns ``slot`` when it connects; a reply that the
+    slot is elsewhere drops it, as ``NotSent``: the command did not run."""
 
     def __init__(self, *, owners: SlotOwners, slot: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.owners = owners
         self.slot = slot
+        self._generation = owners.generation
 
     async def connect(self) -> None:
         if not self.is_connected:
+            self._generation = self.owners.generation
             self.host, self.port = await self.owners.owner(self.slot)
         await super().connect()  # type: ignore[no-untyped-call]
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_connected and self._generation != self.owners.generation:
+            await self.disconnect(nowait=True)  # made before a slot moved: ask again
+        await super().send_packed_command(*args, **kwargs)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            # READONLY: a master turned replica by a failover
+            if not (isinstance(exc, ReadOnlyError) or str(exc).startswith(_ELSEWHERE)):
+                raise
+            self.owners.forget()
+            await self.disconnect(nowait=True)
+            raise NotSent(f"slot {self.slot} is not served here ({exc})") from exc

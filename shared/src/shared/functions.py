@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 2
-SOURCE_SHA256 = "38103258f980f711db89573190bf56c22f8a38026b6e07daf84cb8e217003e39"
+SOURCE_SHA256 = "7683f4401ad717c70f01da92b68359665b37ec5afc7bc24a6d68fce0e2720c3c"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -288,14 +288,22 @@ def _shown(name: str, value: object) -> str:
 
 
 def without_password(url: str) -> str:
-    """``url`` with its password, if any, as ``***``."""
+    """``url`` with its passwords, if any, as ``***``: the one before the host, and those
+    given as options (``?password=``, ``?sentinel_password=``)."""
     parts = urlsplit(url)
     try:
         password = parts.password
     except ValueError:
         password = None
-    if not password:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name in _PASSWORD_OPTIONS for name, _ in options):
+        masked = [(n, "***" if n in _PASSWORD_OPTIONS else v) for n, v in options]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
+
+
+_PASSWORD_OPTIONS = {"password", "sentinel_password"}

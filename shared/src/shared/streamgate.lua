@@ -30,8 +30,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- sg:{<job id>}:meta, or in a Cluster's shard sg:{<tag>}:<job id>:meta
 local function job_id_of(meta)
-  return meta:match('{(.-)}')
+  return meta:match('^sg:{[^}]*}:([^:]+):meta$') or meta:match('{(.-)}')
 end
 
 local function attempt(job_id, owner)

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import orjson
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import tracing
@@ -69,7 +70,9 @@ async def enqueue_request(
 
     if shard is not None:
         return await attempt(shard)
-    return await state.shards.place(attempt, also_next_on=QueueFull)
+    # A shard that refuses the write (full, read-only, loading) wrote nothing: the next.
+    refused = (QueueFull, OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+    return await state.shards.place(attempt, also_next_on=refused)
 
 
 async def check_session(state: State, chat: ChatRequest, identity: str) -> None:

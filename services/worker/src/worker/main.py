@@ -20,7 +20,7 @@ from typing import Any
 import uvloop
 from arq.worker import func
 
-from shared import keys, tool_catalog, tracing
+from shared import tool_catalog, tracing
 from shared.event_log import EventLog
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging
@@ -168,7 +168,7 @@ def create_worker(
         # Sentinel URL (and its passwords) means the same thing everywhere.
         shards=open_shards(specs, wake_timeout_s=poll_delay_s + 5),
         functions=[func(chat, name="chat")],
-        queue_name=keys.QUEUE_NAME,
+        queue_name=specs[0].keys.queue,  # arq's health check counts it
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         ctx={

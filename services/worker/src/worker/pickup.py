@@ -30,8 +30,10 @@ taking jobs, waits ``job_completion_wait``, then cancels what still runs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -213,11 +215,21 @@ class PushWorker(Worker):
             del self.job_tasks[arq_id]
 
     async def close(self) -> None:
-        await super().close()  # closes the first shard's pool (arq's)
+        """arq's ``close``, but its health-check key's deletion may fail (its shard down)
+        without skipping ``on_shutdown``: tools, batchers and spans are closed whatever."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if self._pool is None:
+            return
+        await asyncio.gather(*self.tasks.values())
+        with contextlib.suppress(RedisError, OSError):
+            await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        self._pool = None
         for shard in self.shards:
             await shard.wake.aclose()
-            if shard is not self.shards[0]:
-                await shard.pool.aclose()
+            await shard.pool.aclose()
 
 
 def _parse_wake_up(wake_up: bytes, now_ms: int) -> tuple[str, bytes | None]:
