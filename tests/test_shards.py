@@ -23,7 +23,7 @@ from shared.settings import Settings, load_settings
 from shared.shards import home, shard_of, split_urls
 
 from . import sse
-from .harness import FAST_ENV, RedisServer, Stack, free_port, wait_until
+from .harness import FAST_ENV, RedisServer, Service, Stack, free_port, wait_until
 
 SHARDS = 3
 
@@ -271,3 +271,26 @@ def test_a_gateway_started_with_a_shard_down_puts_every_chat_on_the_others(
     finally:
         stack.stop()
         live.stop()
+
+
+def test_a_shard_listed_out_of_place_stops_the_start(tmp_path: Path) -> None:
+    """A list reordered would make job ids and sessions name the wrong Redis: the first
+    process to reach a shard records its place, and a later one that lists it elsewhere
+    does not start."""
+    first, second = RedisServer(tmp_path / "a"), RedisServer(tmp_path / "b")
+    first.start()
+    second.start()
+    try:
+        stack = Stack(f"{first.url},{second.url}", tmp_path)
+        stack.add_gateway().stop()
+        swapped = Service(
+            "gateway", {**stack.env, "REDIS_URL": f"{second.url},{first.url}"}, tmp_path
+        )
+        swapped.start(wait=False)
+        assert swapped.proc is not None and swapped.proc.wait(30) == 1
+        said = swapped.log()
+        assert f"{second.url} is listed as shard 0 but holds the jobs of shard 1" in said
+        assert "DEL sg:shard" in said
+    finally:
+        first.stop()
+        second.stop()

@@ -150,6 +150,12 @@ class Keys:
     def usage(self, identity: str) -> str:
         return self._tagged(usage_key(identity))
 
+    @property
+    def place(self) -> str:
+        """The shard's place in ``REDIS_URL`` (set by the first process to start on it):
+        a shard listed elsewhere would make job ids name the wrong Redis."""
+        return f"{self._base}shard"
+
     def gateway_wake(self, relay: str) -> str:
         """A relay's own stream, to wake its blocking read when a reader joins."""
         return f"{self._base}gateway-wake:{relay}"

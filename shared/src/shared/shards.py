@@ -14,10 +14,14 @@ chat's active answer, a caller's rate-limit window.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import RedisError
 
 from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
@@ -59,6 +63,41 @@ def shard_specs(redis_url: str) -> list[ShardSpec]:
         return [ShardSpec(index, url, Keys()) for index, url in enumerate(urls)]
     tags = shard_tags(cluster_target(urls).shards)
     return [ShardSpec(index, redis_url, Keys(tag), tag_slot(tag)) for index, tag in enumerate(tags)]
+
+
+async def check_places(specs: list[ShardSpec]) -> list[str]:
+    """Each shard that answers now must hold its own place in the list (the first process
+    to reach it records it): a list reordered, or a Redis listed as another shard, would
+    make job ids and sessions name the wrong Redis. What is wrong, in words; shards that do
+    not answer are checked by no one (their processes reach them later)."""
+    from .redis_conn import connect  # redis_conn names shards by their URLs: no cycle
+
+    count = len(specs)
+    problems = []
+    for spec in specs:
+        place = f"{spec.index} of {count}" if spec.slot is not None else str(spec.index)
+        client = connect(spec.url, spec.slot, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            held = await client.set(spec.keys.place, place, nx=True, get=True)
+        except (RedisError, OSError):
+            continue
+        finally:
+            await client.aclose()
+        if held is not None and held.decode() != place:
+            problems.append(
+                f"{spec.name} is listed as shard {place} but holds the jobs of shard"
+                f" {held.decode()}: keep each shard's place (add new ones at the end"
+                f"{'; the same ?shards=' if spec.slot is not None else ''}), or, for a"
+                f" Redis that no longer holds anything of this deployment, DEL {spec.keys.place}"
+            )
+    return problems
+
+
+def require_places(redis_url: str) -> None:
+    """``check_places`` before a process starts: a shard out of place stops it, saying so."""
+    problems = asyncio.run(check_places(shard_specs(redis_url)))
+    if problems:
+        sys.exit("Streamgate cannot start: REDIS_URL\n  " + "\n  ".join(problems))
 
 
 def shard_of(job_id: str, count: int) -> int:

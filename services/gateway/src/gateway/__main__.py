@@ -7,6 +7,7 @@ import uvicorn
 from shared.gc_tuning import tune_gc
 from shared.logs import configure_logging, uvicorn_log_config
 from shared.settings import load_address, load_settings
+from shared.shards import require_places
 
 from .app import create_app
 from .http_protocol import protocol_for
@@ -16,6 +17,7 @@ def main() -> None:
     settings = load_settings()
     address = load_address(default_port=8000)
     configure_logging(settings.log_level, settings.log_format)
+    require_places(settings.redis_url)
     app = create_app(settings)
     tune_gc()
     uvicorn.run(

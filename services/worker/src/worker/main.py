@@ -27,7 +27,7 @@ from shared.logs import configure_logging
 from shared.roles import Roles, load_roles
 from shared.sessions import SessionStore
 from shared.settings import Settings, listen_host, load_settings
-from shared.shards import shard_specs
+from shared.shards import require_places, shard_specs
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 from shared.timing import Timing
@@ -195,6 +195,7 @@ def create_worker(
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    require_places(settings.redis_url)
     metrics = WorkerMetrics()
     try:
         tools = load_registry(settings)
