@@ -94,7 +94,11 @@ def _cluster_port() -> int:
 @pytest.fixture(scope="module")
 def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Stack]]:
     cluster = Cluster(tmp_path_factory.mktemp("cluster"))
-    cluster.start()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
     # Heartbeats 14 s apart: a cancel must reach the worker by itself (its pub/sub).
     slow_beats = {"WORKER_LOST_TIMEOUT_S": "60", "DISCONNECT_GRACE_S": "60"}
     stack = Stack(cluster.url, tmp_path_factory.mktemp("logs"), env=slow_beats).start(1, 1)
