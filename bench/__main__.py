@@ -22,16 +22,17 @@ from .runner import Bench, progress
 
 async def run(o: Options, cluster: Cluster) -> tuple[list[Table], int]:
     """The chosen benchmark's tables, and how many requests failed in it."""
-    redis = Redis.from_url(cluster.redis_url)
+    redises = [Redis.from_url(url) for url in cluster.redis_urls]
     try:
-        bench = Bench(cluster, redis, o.client_procs)
+        bench = Bench(cluster, redises, o.client_procs)
         if o.scenario == "main":
             tables = await compare.run(o, bench)
         else:
             tables = await scenarios.run(o, bench)
         return tables, bench.failed_requests
     finally:
-        await redis.aclose()
+        for redis in redises:
+            await redis.aclose()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -49,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         llm_delay_s=o.delay,
         workers=o.workers,
         worker_max_jobs=o.worker_max_jobs,
+        shards=o.shards,
     )
     started = datetime.datetime.now(datetime.UTC)
     load = load_average()
     reference = cpu_reference()
     began = time.monotonic()
+    redis = "Redis" if o.shards == 1 else f"{o.shards} Redis servers (shards)"
     progress(
-        f"bench {o.key}: starting Redis, the demo LLM, the direct relay, a gateway and"
+        f"bench {o.key}: starting {redis}, the demo LLM, the direct relay, a gateway and"
         f" {o.workers} worker(s); logs in {logdir}; open files up to {files};"
         f" load average {load}; CPU reference {reference}"
     )

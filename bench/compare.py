@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from . import shards
 from .loadgen import Spec
 from .measure import EnqueueProbe, percentile
 from .options import Options
@@ -81,12 +82,14 @@ async def run(o: Options, bench: Bench) -> list[Table]:
                 spec = Spec(t.port, level, o.rounds, o.tokens, o.delay, f"{t.name}-{level}")
                 progress(f"{t.name}: {level} concurrent clients, {_n(o.rounds, 'request')} each")
             spec.timeout_s = o.timeout
-            probe = (
-                await EnqueueProbe(bench.redis).start() if level == 1 and t.is_streamgate else None
+            probes = (
+                [await EnqueueProbe(redis).start() for redis in bench.redises]
+                if level == 1 and t.is_streamgate
+                else []
             )
             levels[level][t.name] = await phase(t, spec, 1 if level == 1 else None)
-            if probe is not None:
-                probe_delays = await probe.stop()
+            for probe in probes:
+                probe_delays += await probe.stop()
 
     hold: dict[str, Phase] = {}
     for t in targets:
@@ -102,7 +105,18 @@ async def run(o: Options, bench: Bench) -> list[Table]:
         spec.deadline_in_s, spec.timeout_s = o.sat_seconds, o.timeout
         saturation[t.name] = await phase(t, spec)
 
-    return [table(o, levels, probe_delays, hold, saturation, idle, totals)]
+    tables = [table(o, levels, probe_delays, hold, saturation, idle, totals)]
+    if o.shards > 1:
+        paced_level = _paced_level(o, levels)
+        for title, phases in (
+            (f"{_n(paced_level, 'client')} paced", levels[paced_level]),
+            (f"saturation, {_n(o.sat_clients, 'client')}", saturation),
+        ):
+            if "streamgate" in phases:
+                tables.append(
+                    shards.table(f"{title}: per shard ({o.shards})", phases["streamgate"])
+                )
+    return tables
 
 
 def table(
@@ -161,7 +175,6 @@ def table(
                 f"{num(p50)} / {num(p99)} ms",
             )
 
-    kept_up: list[int] = []
     for level, phases in levels.items():
         if level == 1 or o.delay <= 0:
             continue
@@ -173,8 +186,6 @@ def table(
             num(s),
             ratio(s, d),
         )
-        if all(x is None or x >= 0.8 * asked for x in (d, s)):
-            kept_up.append(level)
     d, s = pair(saturation, lambda p: p.summary.tokens_per_s)
     t.add(
         f"tokens/s at saturation ({o.sat_clients} clients, {o.sat_tokens} tokens back to back)",
@@ -185,9 +196,7 @@ def table(
     d, s = pair(saturation, lambda p: p.summary.tokens / max(1, p.summary.token_events))
     t.add("tokens per SSE event at saturation", num(d, "{:.1f}"), num(s, "{:.1f}"))
 
-    # CPU per token is read where the machine kept up with the pacing: once it cannot,
-    # tokens pile up and go out in batches, which is cheaper per token and not the norm.
-    paced_level = max(kept_up or [level for level in levels if level > 1] or list(levels))
+    paced_level = _paced_level(o, levels)
     paced = levels[paced_level]
     where = f"{_n(paced_level, 'client')} paced"
     d, s = pair(paced, lambda p: p.cpu_per_1k("front"))
@@ -257,7 +266,7 @@ def table(
     # Each column stands on its own: a stream the direct relay lost voids only its figure.
     d_full, s_full = (n is not None and n >= o.hold for n in (dh, sh))
 
-    def rss(value: float | None, full: bool, open_now: int | None) -> str:
+    def rss(value: float | None, full: bool, open_now: float | None) -> str:
         text = num(None if value is None else value / 1024, "{:.1f}", " KB")
         return text if full or value is None else f"{text} (not valid: {num(open_now)} open)"
 
@@ -327,6 +336,23 @@ def table(
         if summary.failed:
             t.notes.append(f"{name} failures: {summary.errors_text()}")
     return t
+
+
+def _paced_level(o: Options, levels: dict[int, dict[str, Phase]]) -> int:
+    """The most clients the machine kept pace with (80 % of the tokens asked), where CPU per
+    token is read: once it cannot, tokens pile up and go out in batches, which is cheaper
+    per token and not the norm."""
+    kept_up = [
+        level
+        for level, phases in levels.items()
+        if level > 1
+        and o.delay > 0
+        and all(
+            x is None or x >= 0.8 * level / o.delay
+            for x in pair(phases, lambda p: p.summary.tokens_per_s)
+        )
+    ]
+    return max(kept_up or [level for level in levels if level > 1] or list(levels))
 
 
 def _failed(s: Summary | None) -> str:

@@ -81,6 +81,19 @@ class RedisUsage:
 
     cpu_s: float = 0.0
     commands: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (calls, µs)
+    clients: int = 0  # connected_clients at the second read (the bench's own included)
+
+    @classmethod
+    def combined(cls, usages: Iterable[RedisUsage]) -> RedisUsage:
+        """Several shards' counts as one Redis's: CPU, calls and µs summed."""
+        total = cls()
+        for usage in usages:
+            total.cpu_s += usage.cpu_s
+            total.clients += usage.clients
+            for name, (calls, usec) in usage.commands.items():
+                calls0, usec0 = total.commands.get(name, (0, 0))
+                total.commands[name] = (calls0 + calls, usec0 + usec)
+        return total
 
     def top(self, tokens: int, n: int = 8) -> list[tuple[str, float, float]]:
         """The ``n`` costliest commands: (name, µs per token, calls per token)."""
@@ -98,11 +111,13 @@ class RedisMeter:
     async def _read(self) -> RedisUsage:
         cpu = await self.redis.info("cpu")
         stats = await self.redis.info("commandstats")
+        clients = await self.redis.info("clients")
         commands = {
             name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
             for name, v in stats.items()
         }
-        return RedisUsage(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), commands)
+        cpu_s = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+        return RedisUsage(cpu_s, commands, int(clients["connected_clients"]))
 
     async def start(self) -> RedisMeter:
         self.before = await self._read()
@@ -115,7 +130,7 @@ class RedisMeter:
             calls0, usec0 = self.before.commands.get(name, (0, 0))
             if calls > calls0:
                 delta[name] = (calls - calls0, usec - usec0)
-        return RedisUsage(after.cpu_s - self.before.cpu_s, delta)
+        return RedisUsage(after.cpu_s - self.before.cpu_s, delta, after.clients)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:

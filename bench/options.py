@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from shared.shards import MAX_SHARDS
+
 T = TypeVar("T")
 
 SCENARIOS = ("main", "concurrency1000", "hold10k", "paced200")
@@ -37,15 +39,24 @@ class Options:
     ramp: float
     timeout: float
     logdir: Path | None
+    shards: int = 1
 
     @property
     def key(self) -> str:
         """The section of docs/benchmarks.md this run updates."""
-        return f"{self.scenario}-quick" if self.quick else self.scenario
+        key = f"{self.scenario}-quick" if self.quick else self.scenario
+        return key if self.shards == 1 else f"{key}-shards{self.shards}"
 
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _shards(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"--shards must be 1 to {MAX_SHARDS}, not {count}")
+    return count
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
         help="seconds one request may take before it counts as lost (default 120)",
     )
     p.add_argument(
+        "--shards",
+        type=_shards,
+        default=1,
+        help="Redis servers to start, all in REDIS_URL; > 1 adds a table per shard (default 1)",
+    )
+    p.add_argument(
         "--logdir",
         type=Path,
         default=None,
@@ -214,4 +231,5 @@ def parse(argv: list[str] | None = None) -> Options:
         ramp=pick(a.ramp, 500.0, 200.0),
         timeout=pick(a.timeout, 120.0, 20.0),
         logdir=a.logdir,
+        shards=a.shards,
     )

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -131,26 +132,47 @@ def _http_ok(url: str) -> bool:
 
 @dataclass
 class Cluster:
-    """Redis, the demo LLM, the direct relay, one gateway and its workers."""
+    """Redis (one server per shard), the demo LLM, the direct relay, one gateway and its
+    workers."""
 
     logdir: Path
     llm_delay_s: float
     workers: int = 1
     worker_max_jobs: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    redis_port: int = field(default_factory=free_port)
+    shards: int = 1
+    redis_ports: list[int] = field(default_factory=list)
     llm_port: int = field(default_factory=free_port)
     relay_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
-    redis: Process | None = None
+    redis_procs: list[Process] = field(default_factory=list)
     llm: Process | None = None
     relay: Process | None = None
     gateway: Process | None = None
     worker_procs: list[Process] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.redis_ports = self.redis_ports or [free_port() for _ in range(self.shards)]
+
+    @property
+    def redis_urls(self) -> list[str]:
+        """One URL per shard, in the order of ``REDIS_URL``: a job id's first two hex digits
+        name its place."""
+        return [f"redis://127.0.0.1:{port}/0" for port in self.redis_ports]
+
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return ",".join(self.redis_urls)
+
+    @property
+    def redis_port(self) -> int:
+        """The first shard's port (the only one, unless ``shards`` > 1)."""
+        return self.redis_ports[0]
+
+    @property
+    def redis(self) -> Process | None:
+        """The first shard's server."""
+        return self.redis_procs[0] if self.redis_procs else None
 
     @property
     def llm_url(self) -> str:
@@ -158,7 +180,7 @@ class Cluster:
 
     @property
     def all(self) -> list[Process]:
-        found = [self.redis, self.llm, self.relay, self.gateway, *self.worker_procs]
+        found = [*self.redis_procs, self.llm, self.relay, self.gateway, *self.worker_procs]
         return [p for p in found if p is not None]
 
     def service_env(self) -> dict[str, str]:
@@ -177,32 +199,17 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.redis = Process(
-            "redis",
-            [
-                "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxclients",
-                "60000",
-                "--dir",
-                str(self.logdir),
-            ],
-            {},
-            self.logdir,
-        ).start()
+        self.redis_procs = [
+            self._redis_server("redis" if self.shards == 1 else f"redis{i}", port).start()
+            for i, port in enumerate(self.redis_ports)
+        ]
         llm_env = {"PORT": str(self.llm_port), "DEMO_LLM_DELAY_S": f"{self.llm_delay_s:f}"}
         self.llm = Process("demo_llm", _python("demo_llm"), llm_env, self.logdir).start()
         relay_env = {"PORT": str(self.relay_port), "OPENAI_BASE_URL": f"{self.llm_url}/v1"}
         self.relay = Process("direct_relay", _python("bench.direct_relay"), relay_env, self.logdir)
         self.relay.start()
-        _wait(lambda: _port_open(self.redis_port), "redis-server", [self.redis])
+        for proc, port in zip(self.redis_procs, self.redis_ports, strict=True):
+            _wait(partial(_port_open, port), proc.name, [proc])
         env = self.service_env()
         self.gateway = Process(
             "gateway", _python("gateway"), {**env, "PORT": str(self.gateway_port)}, self.logdir
@@ -225,6 +232,12 @@ class Cluster:
         for worker in self.worker_procs:
             _wait(_logged(worker, "ready: LLM"), worker.name, [worker])
         return self
+
+    def _redis_server(self, name: str, port: int) -> Process:
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--maxclients", "60000"]
+        argv += ["--dir", str(self.logdir)]
+        return Process(name, argv, {}, self.logdir)
 
     def check_alive(self) -> None:
         for proc in self.all:

@@ -18,20 +18,18 @@ from .processes import ROOT
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-@dataclass
-class Row:
-    metric: str
-    direct: str = "—"
-    streamgate: str = "—"
-    delta: str = ""
-    target: str = ""
+COMPARISON = ("metric", "direct relay", "Streamgate", "Streamgate vs direct", "target (issue 4)")
 
 
 @dataclass
 class Table:
+    """A markdown table: the comparison's columns unless ``header`` names others; figures
+    right-aligned, the first and last columns (names, remarks) left-aligned."""
+
     title: str
-    rows: list[Row] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    header: tuple[str, ...] = COMPARISON
 
     def add(
         self,
@@ -41,15 +39,15 @@ class Table:
         delta: str = "",
         target: str = "",
     ) -> None:
-        self.rows.append(Row(metric, direct, streamgate, delta, target))
+        self.rows.append([metric, direct, streamgate, delta, target])
+
+    def add_cells(self, *cells: str) -> None:
+        self.rows.append(list(cells))
 
     def markdown(self) -> str:
-        lines = [
-            "| metric | direct relay | Streamgate | Streamgate vs direct | target (issue 4) |",
-            "|---|---:|---:|---:|---|",
-        ]
-        for r in self.rows:
-            cells = [r.metric, r.direct, r.streamgate, r.delta, r.target]
+        align = ["---", *["---:"] * (len(self.header) - 2), "---"]
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join(align) + "|"]
+        for cells in self.rows:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         text = "\n".join(lines)
         if self.notes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from redis.asyncio import Redis
@@ -14,7 +14,7 @@ from .clients import drive
 from .loadgen import Spec
 from .measure import Connections, ConnectionSampler, CpuMeter, RedisMeter, RedisUsage, rss_bytes
 from .processes import Cluster
-from .stats import Summary
+from .stats import Summary, by_shard
 
 _T0 = time.monotonic()
 
@@ -48,7 +48,9 @@ class Phase:
     rss_before: int = 0
     rss_held: int = 0
     held_streams: int = 0
-    redis: RedisUsage | None = None  # Redis's own counts (Streamgate's phases)
+    redis: RedisUsage | None = None  # Redis's own counts, all shards (Streamgate's phases)
+    redis_shards: list[RedisUsage] = field(default_factory=list)  # the same, each shard
+    by_shard: list[Summary] = field(default_factory=list)  # the requests, by their job's shard
 
     def cpu_per_1k(self, group: str) -> float | None:
         """CPU seconds per 1,000 delivered tokens."""
@@ -81,9 +83,10 @@ async def cancel_jobs(port: int, job_ids: list[str]) -> None:
 class Bench:
     """The running cluster, and how to put one measured load on one of its targets."""
 
-    def __init__(self, cluster: Cluster, redis: Redis, client_procs: int) -> None:
+    def __init__(self, cluster: Cluster, redises: list[Redis], client_procs: int) -> None:
         self.cluster = cluster
-        self.redis = redis
+        self.redises = redises  # one client per shard, in the order of REDIS_URL
+        self.redis = redises[0]  # the first shard's (the only one, unless --shards)
         self.client_procs = client_procs
         self.failed_requests = 0  # over the whole run: the services' logs are kept if any
 
@@ -97,7 +100,7 @@ class Bench:
             groups = {
                 "front": [c.gateway.pid],
                 "worker": [w.pid for w in c.worker_procs],
-                "redis": [c.redis.pid],
+                "redis": [p.pid for p in c.redis_procs],
             }
             found.append(Target("streamgate", c.gateway_port, c.gateway.pid, groups))
         return found
@@ -124,7 +127,11 @@ class Bench:
         )
         result = Phase(Summary(), {}, 0.0)
         result.rss_before = rss_bytes(target.front_pid)
-        redis_meter = await RedisMeter(self.redis).start() if target.is_streamgate else None
+        redis_meters = (
+            [await RedisMeter(redis).start() for redis in self.redises]
+            if target.is_streamgate
+            else []
+        )
         meter = CpuMeter(groups).start()
         if sampler is not None:
             sampler.start()
@@ -147,11 +154,14 @@ class Bench:
             close_after_ready=close_when_held,
         )
         result.cpu = meter.stop()
-        if redis_meter is not None:
-            result.redis = await redis_meter.stop()
+        if redis_meters:
+            result.redis_shards = [await meter.stop() for meter in redis_meters]
+            result.redis = RedisUsage.combined(result.redis_shards)
         result.cpu["clients"] = outcome.client_cpu_s
         result.wall = meter.wall
         result.summary.add(outcome.requests)
+        if target.is_streamgate:
+            result.by_shard = by_shard(outcome.requests, len(self.redises))
         self.failed_requests += result.summary.failed
         if target.is_streamgate:
             # Dropped streams' jobs would run on for DISCONNECT_GRACE_S: cancel them, as a
@@ -181,7 +191,7 @@ class Bench:
         groups = {
             "relay": [c.relay.pid],
             "gateway": [c.gateway.pid],
-            "redis": [c.redis.pid],
+            "redis": [p.pid for p in c.redis_procs],
             **{w.name: [w.pid] for w in c.worker_procs},
         }
         meter = CpuMeter(groups).start()

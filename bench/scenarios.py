@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 
+from . import shards
 from .compare import describe, pair, quantile
 from .loadgen import Spec
 from .measure import percentile
@@ -39,7 +40,10 @@ async def run(o: Options, bench: Bench) -> list[Table]:
         phases[target.name] = result = await bench.phase(target, spec, close_when_held=close)
         progress(describe(target, result))
         await bench.drain(60 + o.streams / 100)
-    return [table(o, phases)]
+    tables = [table(o, phases)]
+    if o.shards > 1 and "streamgate" in phases:
+        tables.append(shards.table(f"{o.scenario}: per shard ({o.shards})", phases["streamgate"]))
+    return tables
 
 
 def table(o: Options, phases: dict[str, Phase]) -> Table:
@@ -116,8 +120,9 @@ def table(o: Options, phases: dict[str, Phase]) -> Table:
         )
     sg = phases.get("streamgate")
     if sg is not None and sg.connections is not None:
+        first = " (first shard)" if o.shards > 1 else ""
         t.add(
-            "Redis connections of the gateway, peak (blocking XREAD)",
+            f"Redis connections of the gateway{first}, peak (blocking XREAD)",
             "—",
             f"{sg.connections.total} ({sg.blocking_peak})",
             "",

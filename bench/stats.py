@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.shards import shard_of
+
 from .measure import percentile
 
 
@@ -118,6 +120,16 @@ class Summary:
 
     def errors_text(self, limit: int = 3) -> str:
         return "; ".join(f"{n}x {kind}" for kind, n in self.errors.most_common(limit))
+
+
+def by_shard(results: list[dict[str, Any]], shards: int) -> list[Summary]:
+    """One summary per shard, each of the requests whose job id names it (as every gateway
+    reads it). A request that never saw its ``queued`` event has no job id: it is in none."""
+    split: list[list[dict[str, Any]]] = [[] for _ in range(shards)]
+    for r in results:
+        if r["job_id"]:
+            split[shard_of(r["job_id"], shards)].append(r)
+    return [Summary().add(requests) for requests in split]
 
 
 def _error_kind(result: dict[str, Any]) -> str:

@@ -60,3 +60,19 @@ def test_quick_paced_bench_measures_each_tokens_delay_after_the_llm() -> None:
         _, direct, streamgate, *_ = _row(table, metric)
         for cell in (direct, streamgate):
             assert cell.endswith(" ms") and 0 <= float(cell.split()[0]) < 5000, table
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="the bench starts redis-server")
+def test_quick_bench_with_shards_reports_each_redis() -> None:
+    """``--shards 2`` starts two Redis servers, both in REDIS_URL: every job lands in one of
+    them, in turn, and the per-shard table gives each one's jobs and Redis CPU per token."""
+    table = _quick_bench("--scenario", "paced200", "--shards", "2").stdout
+    _, direct, streamgate, *_ = _row(table, "tokens lost / duplicated / reordered")
+    assert (direct, streamgate) == ("0 / 0 / 0", "0 / 0 / 0"), table
+    per_shard = table[table.index("per shard (2)") :]
+    jobs = [int(_row(per_shard, shard)[1].split()[0]) for shard in ("0", "1")]
+    # 20 streams, the gateway's turn goes round (a shard slow to connect passes one on).
+    assert sum(jobs) == 20 and abs(jobs[0] - jobs[1]) <= 2, per_shard
+    for shard in ("0", "1", "all 2"):
+        us_per_token = _row(per_shard, shard)[4]
+        assert float(us_per_token) > 0, per_shard
