@@ -252,3 +252,34 @@ def test_nothing_follows_a_batch_the_batcher_gave_up_on() -> None:
     with _instant_retries():
         asyncio.run(scenario())
     assert log.written["job"] == [], "written after a batch that never was"
+
+
+def test_a_gather_window_merges_later_tokens_and_never_holds_a_first_token_or_a_final() -> None:
+    """With TOKEN_GATHER_MS, tokens after a job's first wait for their followers (one
+    append, one event, for many); the first token and the final event go at once."""
+    log = _FakeLog([])
+    gather_s = 0.2
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(cast(Any, log), redis_patience_s=3600, gather_s=gather_s)
+        publisher = batcher.publisher("job-0", OWNER)
+        publisher.emit(ev.Token("first "))
+        await asyncio.sleep(gather_s / 4)
+        assert log.written["job-0"] == [ev.Token("first ")], "the first token waited"
+        for n in range(5):
+            publisher.emit(ev.Token(f"t{n} "))
+            await asyncio.sleep(0.005)
+        assert log.written["job-0"] == [ev.Token("first ")], "a later token did not wait"
+        closed_at = loop.time()
+        assert await publisher.close(ev.Done())
+        assert loop.time() - closed_at < gather_s / 2, "the final event waited"
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert log.written["job-0"] == [
+        ev.Token("first "),
+        ev.Token("t0 t1 t2 t3 t4 "),
+        ev.Done(),
+    ]
+    assert len(log.requests) == 2  # the first token; the rest with the final event

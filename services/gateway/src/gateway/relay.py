@@ -110,6 +110,7 @@ class Relay:
         """``shard``: its place and name, when it is one of several (logs, metrics)."""
         self.redis = redis
         self._suffix = f"[{shard[0]}]" if shard else ""
+        self._gather_s = settings.relay_gather_ms / 1000
         self._where = f" {shard[1]}" if shard else ""
         self.metrics = metrics
         # One XREAD after another; the client has no socket timeout, this bounds each.
@@ -260,6 +261,8 @@ class Relay:
             if self._redis_down_since is not None:
                 logger.info("relay reached Redis%s again", self._where)
                 self._redis_down_since = None
+            if self._gather_s:  # let more events come, for the next read to take at once
+                await asyncio.sleep(self._gather_s)
             delay = 0.05
 
     def _close_if_down_too_long(self) -> None:

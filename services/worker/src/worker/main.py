@@ -77,7 +77,11 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         )
         shard.ctx.update(
             event_log=log,
-            batcher=Batcher(log, redis_patience_s=settings.worker_lost_timeout_s),
+            batcher=Batcher(
+                log,
+                redis_patience_s=settings.worker_lost_timeout_s,
+                gather_s=settings.token_gather_ms / 1000,
+            ),
             heartbeat=heartbeat,
             sessions=SessionStore(
                 log,
