@@ -229,17 +229,16 @@ def test_stream_expires_after_retention(make_stack, client: httpx.Client) -> Non
     assert client.get(events_url).status_code == 404
 
 
-def test_gathered_tokens_arrive_merged_exact_and_the_first_at_once(
+def test_gathered_tokens_arrive_merged_exact_and_the_first_at_once(  # type: ignore[no-untyped-def]
     make_stack, client: httpx.Client
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """TOKEN_GATHER_MS and RELAY_GATHER_MS: later tokens travel several to an event, the
     text is the same, and the first token is not held back."""
-    stack = make_stack(TOKEN_GATHER_MS="100", RELAY_GATHER_MS="20")
-    stream = sse.read(
-        client, stack.gateway.url + "/chat", params={"prompt": "[long 40] [delay 0.01]"}
-    )
+    stack = make_stack(TOKEN_GATHER_MS="200", RELAY_GATHER_MS="20")
+    prompt = {"prompt": "[long 40] [delay 0.05]"}  # t1 comes 50 ms after t0
+    stream = sse.read(client, stack.gateway.url + "/chat", params=prompt)
     assert sse.ends_done(stream), stream.events
     assert stream.text == "".join(f"t{i} " for i in range(40))
     tokens = [e["token"] for e in stream.events if "token" in e]
     assert tokens[0] == "t0 "  # sent as it came
-    assert len(tokens) <= 15, f"{len(tokens)} token events for 40 tokens: nothing gathered"
+    assert len(tokens) <= 20, f"{len(tokens)} token events for 40 tokens: nothing gathered"

@@ -27,6 +27,7 @@ from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
 
 MAX_SHARDS = 256  # what two hex digits name
+CHECK_PLACES_S = 5.0
 
 # A comma starts the next shard's URL only where a scheme follows it: a Sentinel URL lists
 # its sentinels with commas too.
@@ -73,20 +74,29 @@ async def check_places(specs: list[ShardSpec]) -> list[str]:
     from .redis_conn import connect  # redis_conn names shards by their URLs: no cycle
 
     count = len(specs)
-    problems = []
-    for spec in specs:
+
+    async def held_place(spec: ShardSpec) -> tuple[str, str | None]:
         place = f"{spec.index} of {count}" if spec.slot is not None else str(spec.index)
         client = connect(spec.url, spec.slot, socket_connect_timeout=2, socket_timeout=2)
         try:
             held = await client.set(spec.keys.place, place, nx=True, get=True)
         except (RedisError, OSError):
-            continue
+            held = None
         finally:
             await client.aclose()
-        if held is not None and held.decode() != place:
+        return place, held.decode() if held is not None else None
+
+    try:  # all at once, and a start waits a few seconds at most for shards that hang
+        async with asyncio.timeout(CHECK_PLACES_S):
+            places = await asyncio.gather(*(held_place(spec) for spec in specs))
+    except TimeoutError:
+        return []
+    problems = []
+    for spec, (place, held) in zip(specs, places, strict=True):
+        if held is not None and held != place:
             problems.append(
                 f"{spec.name} is listed as shard {place} but holds the jobs of shard"
-                f" {held.decode()}: keep each shard's place (add new ones at the end"
+                f" {held}: keep each shard's place (add new ones at the end"
                 f"{'; the same ?shards=' if spec.slot is not None else ''}), or, for a"
                 f" Redis that no longer holds anything of this deployment, DEL {spec.keys.place}"
             )

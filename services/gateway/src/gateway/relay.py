@@ -261,7 +261,9 @@ class Relay:
             if self._redis_down_since is not None:
                 logger.info("relay reached Redis%s again", self._where)
                 self._redis_down_since = None
-            if self._gather_s:  # let more events come, for the next read to take at once
+            if self._gather_s and not self._fresh:
+                # Let more events come, for the next read to take at once; not when a
+                # reader just joined or drained (its stream is read at once).
                 await asyncio.sleep(self._gather_s)
             delay = 0.05
 

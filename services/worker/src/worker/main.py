@@ -199,7 +199,6 @@ def create_worker(
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    require_places(settings.redis_url)
     metrics = WorkerMetrics()
     try:
         tools = load_registry(settings)
@@ -209,6 +208,7 @@ def main() -> None:
         agent = load_agent(settings.agent) if settings.agent else None
     except ValueError as exc:
         sys.exit(f"Streamgate cannot start: invalid setting(s)\n  AGENT: {exc}")
+    require_places(settings.redis_url)  # the settings are sound: now Redis
     # uvloop: a third less CPU per socket event than asyncio's own loop, on every token.
     asyncio.set_event_loop(uvloop.new_event_loop())
     roles = load_roles(settings.roles_file or None)

@@ -140,6 +140,8 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self._dirty_due:
+                continue
             # Those due now, and those due within a quarter window: one round trip more
             # would cost Redis more than their short wait saves.
             soon = loop.time() + self.gather_s / 4
