@@ -476,3 +476,41 @@ def test_a_batch_that_cannot_be_sent_fails_its_job_alone(db_url: str) -> None:
         assert [e.get("token") for e in await events(log, good)][-1] == "ok"
 
     run(db_url, scenario)
+
+
+def test_many_jobs_tokens_go_in_one_call_each_job_fenced_and_failing_alone(
+    db_url: str,
+) -> None:
+    """Batches without a final event of several jobs share one function call (Redis pays a
+    call once); one job no longer owned and one whose key Redis cannot use are answered
+    alone, and a final batch beside them is written whole."""
+
+    async def scenario(log: EventLog) -> None:
+        jobs = [await new_job(log) for _ in range(5)]
+        for job_id in jobs:
+            assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        stolen, broken, ending = jobs[1], jobs[2], jobs[4]
+        assert (await log.end(stolen, ev.CANCELLED)) is True
+        await log.redis.delete(keys.events_key(broken))
+        await log.redis.set(keys.events_key(broken), b"not a stream")
+        calls_before = (await log.redis.info("commandstats"))["cmdstat_fcall"]["calls"]
+        results = await log.append_many(
+            [
+                (jobs[0], "w", 1, [ev.Token("a")], None),
+                (stolen, "w", 1, [ev.Token("x")], None),
+                (broken, "w", 1, [ev.Token("y")], None),
+                (jobs[3], "w", 1, [ev.Token("b"), ev.ToolCallStarted("c1", "t")], None),
+                (ending, "w", 1, [ev.Token("z"), ev.Done()], None),
+            ]
+        )
+        calls = (await log.redis.info("commandstats"))["cmdstat_fcall"]["calls"] - calls_before
+        assert calls == 2  # the four token batches together, the final batch alone
+        assert results[0] is True and results[1] is False and results[3] is True
+        assert isinstance(results[2], Exception) and "WRONGTYPE" in str(results[2])
+        assert results[4] is True
+        assert [e.get("token") for e in await events(log, jobs[0])][-1] == "a"
+        assert list((await events(log, jobs[3]))[-1]) == ["tool_call"]
+        assert [next(iter(e)) for e in await events(log, ending)][-2:] == ["token", "lifecycle"]
+        assert await log.is_over(ending)
+
+    run(db_url, scenario)

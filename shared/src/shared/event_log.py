@@ -83,6 +83,15 @@ def _appended(result: object) -> bool | Exception:
     return result if isinstance(result, Exception) else bool(result)
 
 
+def _each_result(reply: object, count: int) -> list[bool | Exception]:
+    """``append_each``'s reply: per job True, False, or its own error; the call's error
+    for every job if the call itself failed."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    assert isinstance(reply, list)
+    return [_appended(r) for r in reply]
+
+
 def running_job(member: bytes | str) -> str:
     """The job of a running index member, ``<job id> <owner>``."""
     text = member.decode() if isinstance(member, bytes) else member
@@ -221,18 +230,39 @@ class EventLog:
         events, closing)`` each; ``closing``, if any, is written with the batch's final
         event. Per batch: True, False if that attempt no longer owns its job, or the error
         Redis gave for that batch alone (the others are written)."""
+        results: list[bool | Exception | None] = [None] * len(batches)
         calls: list[tuple[list[str], list[bytes | str | int]]] = []
-        unwritable: dict[int, Exception] = {}  # batches that cannot even be sent
-        for job_id, owner, number, batch, closing in batches:
+        called: list[int] = []  # the batch of each call
+        for i, (job_id, owner, number, batch, closing) in enumerate(batches):
             try:
                 calls.append(self._append_call(job_id, owner, number, batch, closing))
+                called.append(i)
             except (TypeError, ValueError) as exc:  # one job's bad event fails that job alone
-                unwritable[len(calls) + len(unwritable)] = exc
-        results = iter(await self.functions.call_many("append", calls) if calls else [])
-        return [
-            unwritable[i] if i in unwritable else _appended(next(results))
-            for i in range(len(batches))
-        ]
+                results[i] = exc
+        # Batches without a final event go together in one call (``append_each``) when
+        # there are several: a call costs Redis more than the few commands of a token.
+        each = [n for n, (keys, _) in enumerate(calls) if len(keys) == 3]
+        named: list[tuple[str, list[str], list[bytes | str | int]]] = []
+        if len(each) > 1:
+            each_keys: list[str] = [self.keys.activity]
+            each_args: list[bytes | str | int] = []
+            for n in each:
+                keys, args = calls[n]
+                each_keys += keys[:2]
+                each_args += [*args[:3], len(args) - 3, *args[3:]]
+            named.append(("append_each", each_keys, each_args))
+        else:
+            each = []
+        alone = [n for n in range(len(calls)) if n not in set(each)]
+        named += [("append", *calls[n]) for n in alone]
+        replies = await self.functions.call_named(named) if named else []
+        if each:
+            reply = replies.pop(0)
+            for n, result in zip(each, _each_result(reply, len(each)), strict=True):
+                results[called[n]] = result
+        for n, reply in zip(alone, replies, strict=True):
+            results[called[n]] = _appended(reply)
+        return [r if r is not None else RuntimeError("not written") for r in results]
 
     def _append_call(
         self,

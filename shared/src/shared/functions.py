@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 2
-SOURCE_SHA256 = "7683f4401ad717c70f01da92b68359665b37ec5afc7bc24a6d68fce0e2720c3c"
+SOURCE_SHA256 = "63ba3d7d7242061c0f8993473ceb9f8af18e121eb89fc2d38c7b0646e1093e83"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 
@@ -80,15 +80,22 @@ class Functions:
     async def call_many(self, name: str, calls: Sequence[Call]) -> list[Any]:
         """Call function ``name`` once per ``(keys, args)``, in order, in one round trip;
         per call, its result or the error Redis gave for it alone."""
+        return await self.call_named([(name, keys, args) for keys, args in calls])
+
+    async def call_named(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[bytes | str | int]]]
+    ) -> list[Any]:
+        """``call_many`` for calls of several functions, ``(name, keys, args)`` each."""
         if not self._checked:
             await self.ensure_loaded()
-        function = f"sg{VERSION}_{name}"
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            replies = await self._held.run(
-                [("FCALL", function, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo]
-            )
+            commands = []
+            for i in todo:
+                name, keys, args = calls[i]
+                commands.append(("FCALL", f"sg{VERSION}_{name}", len(keys), *keys, *args))
+            replies = await self._held.run(commands)
             for i, reply in zip(todo, replies, strict=True):
                 results[i] = reply
             todo = [i for i in todo if _missing(results[i])]

@@ -235,6 +235,25 @@ end
 -- (when ARGV[8], the model, is not empty: counted exactly once), and ARGV 4-12 say what
 -- goes with it (see below); its events start at ARGV[13] and the last one is final.
 -- Returns 1 written (or a retry), 0 not this attempt's.
+
+-- The owner check and the batch number of an append; nil if the batch is to be written.
+local function fenced(meta, owner, batch, published)
+  local state = redis.call('HMGET', meta, 'owner', 'batch', 'published')
+  local applied = tonumber(state[2]) or 0
+  if state[1] ~= owner then
+    -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
+    local ours = redis.call('HGET', meta, 'ended_by') == owner
+    return (ours and batch <= applied) and 1 or 0
+  end
+  if batch <= applied then return 1 end
+  if published == '1' and not state[3] then
+    redis.call('HSET', meta, 'batch', batch, 'published', '1')
+  else
+    redis.call('HSET', meta, 'batch', batch)
+  end
+  return nil
+end
+
 register('append', function(keys, args)
   local final = #keys >= 6
   local meta, events = keys[1], keys[2]
@@ -249,19 +268,8 @@ register('append', function(keys, args)
       return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
     end
   end
-  local state = redis.call('HMGET', meta, 'owner', 'batch', 'published')
-  local applied = tonumber(state[2]) or 0
-  if state[1] ~= owner then
-    -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
-    local ours = redis.call('HGET', meta, 'ended_by') == owner
-    return (ours and batch <= applied) and 1 or 0
-  end
-  if batch <= applied then return 1 end
-  if published == '1' and not state[3] then
-    redis.call('HSET', meta, 'batch', batch, 'published', '1')
-  else
-    redis.call('HSET', meta, 'batch', batch)
-  end
+  local verdict = fenced(meta, owner, batch, published)
+  if verdict then return verdict end
   local last = #args - (final and 1 or 0)
   for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
   if not final then
@@ -282,6 +290,37 @@ register('append', function(keys, args)
   finalize(j, args[#args], retention_s)
   redis.call('HSET', meta, 'ended_by', owner)
   return 1
+end)
+
+-- append_each: the batches without a final event of many jobs of one shard, in one call
+-- (a call costs Redis more than the few commands of a one-token batch). KEYS: the
+-- doorbell, then each job's meta and events; ARGV per job: owner, batch, published, the
+-- number of its events, its events. Returns per job what append does, or that job's
+-- error alone (the others are written).
+register('append_each', function(keys, args)
+  local activity = keys[1]
+  local results = {}
+  local a = 1
+  for k = 2, #keys, 2 do
+    local meta, events = keys[k], keys[k + 1]
+    local owner, batch, published, count = args[a], tonumber(args[a + 1]), args[a + 2],
+      tonumber(args[a + 3])
+    local first, last = a + 4, a + 3 + count
+    a = last + 1
+    local ok, result = pcall(function()
+      local verdict = fenced(meta, owner, batch, published)
+      if verdict then return verdict end
+      for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
+      if last >= first then ring_at(activity, events) end
+      return 1
+    end)
+    if ok then
+      results[#results + 1] = result
+    else
+      results[#results + 1] = {err = type(result) == 'table' and result.err or tostring(result)}
+    end
+  end
+  return results
 end)
 
 -- release: an attempt that stops before any output (shutdown) hands the job back and
