@@ -121,13 +121,18 @@ def test_chats_run_end_to_end_on_every_master(
     cluster, stack = cluster_stack
     specs = shard_specs(cluster.url)
     used_masters = set()
-    for _ in range(SHARDS):
-        created = client.post(stack.gateway.url + "/chat", json={"prompt": "[long 4]"})
+    # Two jobs a shard at once: their tokens share the shard's calls (append_each).
+    job_ids = []
+    for _ in range(2 * SHARDS):
+        created = client.post(
+            stack.gateway.url + "/chat", json={"prompt": "[long 30] [delay 0.01]"}
+        )
         assert created.status_code == 202, created.text
-        job_id = created.json()["job_id"]
+        job_ids.append(created.json()["job_id"])
+    for job_id in job_ids:
         done = sse.read(client, f"{stack.gateway.url}/chat/{job_id}/events")
         assert sse.ends_done(done), done.events
-        assert done.text == "t0 t1 t2 t3 "
+        assert done.text == "".join(f"t{i} " for i in range(30))
         spec = specs[shard_of(job_id, SHARDS)]
         assert spec.slot is not None
         port = cluster.owner(spec.slot)
