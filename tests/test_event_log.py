@@ -514,3 +514,61 @@ def test_many_jobs_tokens_go_in_one_call_each_job_fenced_and_failing_alone(
         assert await log.is_over(ending)
 
     run(db_url, scenario)
+
+
+def test_a_batch_that_failed_midway_is_written_by_its_retry_not_acknowledged(
+    db_url: str,
+) -> None:
+    """The batch number is recorded after the events: a retry of a batch Redis refused
+    writes it (alone or in a shared call), rather than taking it for written."""
+
+    async def scenario(log: EventLog) -> None:
+        jobs = [await new_job(log) for _ in range(3)]
+        for job_id in jobs:
+            assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        lone, shared, other = jobs
+        for job_id in (lone, shared):
+            await log.redis.rename(keys.events_key(job_id), "kept")
+            await log.redis.set(keys.events_key(job_id), b"not a stream")
+            first = await log.append_many(
+                [(job_id, "w", 1, [ev.Token("a")], None)]
+                + ([(other, "w", 1, [ev.Token("o")], None)] if job_id == shared else [])
+            )
+            assert isinstance(first[0], Exception)
+            await log.redis.rename("kept", keys.events_key(job_id))
+            again = await log.append_many(
+                [(job_id, "w", 1, [ev.Token("a")], None)]
+                + ([(other, "w", 2, [ev.Token("p")], None)] if job_id == shared else [])
+            )
+            assert again[0] is True
+            assert [e.get("token") for e in await events(log, job_id)][-1] == "a"
+        assert [e.get("token") for e in await events(log, other)][-2:] == ["o", "p"]
+
+    run(db_url, scenario)
+
+
+def test_a_job_sent_twice_keeps_its_order_and_a_malformed_shared_call_writes_nothing(
+    db_url: str,
+) -> None:
+    async def scenario(log: EventLog) -> None:
+        ending, other = await new_job(log), await new_job(log)
+        for job_id in (ending, other):
+            assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        results = await log.append_many(
+            [
+                (ending, "w", 1, [ev.Token("last"), ev.Done()], None),
+                (ending, "w", 2, [ev.Token("after")], None),  # nothing follows a final
+                (other, "w", 1, [ev.Token("o")], None),
+            ]
+        )
+        assert results == [True, False, True]
+        assert await log.is_over(ending)
+        assert [e.get("token") for e in await events(log, ending)][-1] is None  # done last
+        length = await log.redis.xlen(keys.events_key(other))
+        call_keys = [keys.ACTIVITY, keys.meta_key(other), keys.events_key(other)]
+        for args in (["w", 2, 0, 2, "x"], ["w", 2, 0, "many", "x"], ["w", 2, 0]):
+            with pytest.raises(ResponseError, match="do not match"):
+                await log.functions.call("append_each", call_keys, args)
+        assert await log.redis.xlen(keys.events_key(other)) == length
+
+    run(db_url, scenario)

@@ -23,9 +23,10 @@ Every job stream thus ends with exactly one final event, and nothing follows it.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
@@ -241,7 +242,13 @@ class EventLog:
                 results[i] = exc
         # Batches without a final event go together in one call (``append_each``) when
         # there are several: a call costs Redis more than the few commands of a token.
-        each = [n for n, (keys, _) in enumerate(calls) if len(keys) == 3]
+        # A job sent twice keeps its order: only a job's one batch goes in the shared call.
+        sent = Counter(batches[i][0] for i in called)
+        each = [
+            n
+            for n, (keys, _) in enumerate(calls)
+            if len(keys) == 3 and sent[batches[called[n]][0]] == 1
+        ]
         named: list[tuple[str, list[str], list[bytes | str | int]]] = []
         if len(each) > 1:
             each_keys: list[str] = [self.keys.activity]
@@ -253,7 +260,8 @@ class EventLog:
             named.append(("append_each", each_keys, each_args))
         else:
             each = []
-        alone = [n for n in range(len(calls)) if n not in set(each)]
+        shared = set(each)
+        alone = [n for n in range(len(calls)) if n not in shared]
         named += [("append", *calls[n]) for n in alone]
         replies = await self.functions.call_named(named) if named else []
         if each:
@@ -262,7 +270,8 @@ class EventLog:
                 results[called[n]] = result
         for n, reply in zip(alone, replies, strict=True):
             results[called[n]] = _appended(reply)
-        return [r if r is not None else RuntimeError("not written") for r in results]
+        assert all(r is not None for r in results)  # each from its call, or unwritable
+        return cast(list[bool | Exception], results)
 
     def _append_call(
         self,

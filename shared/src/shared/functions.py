@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 2
-SOURCE_SHA256 = "63ba3d7d7242061c0f8993473ceb9f8af18e121eb89fc2d38c7b0646e1093e83"
+VERSION = 3
+SOURCE_SHA256 = "b14c409498233fe501f869a4bdb500cfe1bf2cd8703c812dce09210f5a235956"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

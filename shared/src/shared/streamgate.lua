@@ -236,8 +236,9 @@ end
 -- goes with it (see below); its events start at ARGV[13] and the last one is final.
 -- Returns 1 written (or a retry), 0 not this attempt's.
 
--- The owner check and the batch number of an append; nil if the batch is to be written.
-local function fenced(meta, owner, batch, published)
+-- The owner check of an append: its answer if the batch is not to be written (1 a retry,
+-- 0 not this attempt's), else nil and whether the job had output before.
+local function fenced(meta, owner, batch)
   local state = redis.call('HMGET', meta, 'owner', 'batch', 'published')
   local applied = tonumber(state[2]) or 0
   if state[1] ~= owner then
@@ -246,12 +247,17 @@ local function fenced(meta, owner, batch, published)
     return (ours and batch <= applied) and 1 or 0
   end
   if batch <= applied then return 1 end
-  if published == '1' and not state[3] then
+  return nil, state[3]
+end
+
+-- The batch is written: recorded last, so that a batch that failed midway is not taken
+-- for written by its retry.
+local function applied(meta, batch, published, published_before)
+  if published == '1' and not published_before then
     redis.call('HSET', meta, 'batch', batch, 'published', '1')
   else
     redis.call('HSET', meta, 'batch', batch)
   end
-  return nil
 end
 
 register('append', function(keys, args)
@@ -268,10 +274,11 @@ register('append', function(keys, args)
       return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
     end
   end
-  local verdict = fenced(meta, owner, batch, published)
+  local verdict, published_before = fenced(meta, owner, batch)
   if verdict then return verdict end
   local last = #args - (final and 1 or 0)
   for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
+  applied(meta, batch, published, published_before)
   if not final then
     if last >= first then ring_at(keys[3], events) end
     return 1
@@ -299,8 +306,18 @@ end)
 -- error alone (the others are written).
 register('append_each', function(keys, args)
   local activity = keys[1]
-  local results = {}
+  -- The whole call is checked before any write: a malformed one writes nothing.
   local a = 1
+  for _ = 2, #keys, 2 do
+    local count = tonumber(args[a + 3])
+    if not count or count < 0 or count % 1 ~= 0 then a = #args + 2 break end
+    a = a + 4 + count
+  end
+  if #keys % 2 ~= 1 or a ~= #args + 1 then
+    return redis.error_reply('append_each: its keys and arguments do not match')
+  end
+  local results = {}
+  a = 1
   for k = 2, #keys, 2 do
     local meta, events = keys[k], keys[k + 1]
     local owner, batch, published, count = args[a], tonumber(args[a + 1]), args[a + 2],
@@ -308,9 +325,10 @@ register('append_each', function(keys, args)
     local first, last = a + 4, a + 3 + count
     a = last + 1
     local ok, result = pcall(function()
-      local verdict = fenced(meta, owner, batch, published)
+      local verdict, published_before = fenced(meta, owner, batch)
       if verdict then return verdict end
       for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
+      applied(meta, batch, published, published_before)
       if last >= first then ring_at(activity, events) end
       return 1
     end)
