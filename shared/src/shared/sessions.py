@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from .event_log import EventLog, Turn
+from .settings import Settings
 
 
 class SessionStore:
@@ -29,6 +30,17 @@ class SessionStore:
         self.retention_s = retention_s
         self.lock_ttl_s = lock_ttl_s
         self._functions = log.functions
+
+    @classmethod
+    def of(cls, log: EventLog, settings: Settings) -> SessionStore:
+        """The store the settings describe, in ``log``'s shard."""
+        return cls(
+            log,
+            settings.session_max_turns,
+            settings.session_max_chars,
+            settings.session_retention_s,
+            lock_ttl_s=log.timing.session_lock_s,
+        )
 
     async def history(self, session: str) -> list[dict[str, Any]]:
         """The newest turns as chat messages, within the turn and character budgets."""

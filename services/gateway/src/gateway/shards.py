@@ -176,13 +176,7 @@ def open_shard(
     # each round trip itself (a socket timeout costs a task per command).
     blocking = connect(spec.url, spec.slot, socket_connect_timeout=2)
     log = EventLog(arq, timing, spec.keys)
-    sessions = SessionStore(
-        log,
-        settings.session_max_turns,
-        settings.session_max_chars,
-        settings.session_retention_s,
-        lock_ttl_s=timing.session_lock_s,
-    )
+    sessions = SessionStore.of(log, settings)
     shard = (spec.index, spec.name) if several else None
     relay = Relay(arq, blocking, log, settings, metrics, shutting_down, shard)
     return Shard(spec.index, spec.name, arq, blocking, log, relay, sessions)

@@ -83,13 +83,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
                 gather_s=settings.token_gather_ms / 1000,
             ),
             heartbeat=heartbeat,
-            sessions=SessionStore(
-                log,
-                settings.session_max_turns,
-                settings.session_max_chars,
-                settings.session_retention_s,
-                lock_ttl_s=timing.session_lock_s,
-            ),
+            sessions=SessionStore.of(log, settings),
         )
         suffix = f"[{shard.index}]" if len(shards) > 1 else ""
         tasks.append(asyncio.create_task(supervise(f"heartbeat{suffix}", heartbeat.run, restarted)))
