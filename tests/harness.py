@@ -255,6 +255,21 @@ class Stack:
         return stats
 
 
+def cancel_closes_the_upstream_within_a_second(
+    client: httpx.Client, stack: Stack, job_id: str
+) -> None:
+    """``DELETE`` the job once its request is at the demo LLM: the LLM sees that request
+    closed within the contract's second."""
+    closed_before = stack.llm_stats()["closed_early"]
+    # The request is at the model (a cancel before it is sent closes nothing there).
+    wait_until(lambda: stack.llm_stats()["open_streams"] == 1, 5, "the request at the LLM")
+    cancelled_at = time.monotonic()
+    assert client.delete(f"{stack.gateway.url}/chat/{job_id}").status_code == 204
+    while stack.llm_stats()["closed_early"] == closed_before:
+        assert time.monotonic() - cancelled_at < 1.0, "the upstream request is still open"
+        time.sleep(0.02)
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

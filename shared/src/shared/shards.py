@@ -71,7 +71,7 @@ async def check_places(specs: list[ShardSpec]) -> list[str]:
     to reach it records it): a list reordered, or a Redis listed as another shard, would
     make job ids and sessions name the wrong Redis. What is wrong, in words; shards that do
     not answer are checked by no one (their processes reach them later)."""
-    from .redis_conn import connect  # redis_conn names shards by their URLs: no cycle
+    from .redis_conn import connect  # here: redis_conn imports this module
 
     count = len(specs)
 

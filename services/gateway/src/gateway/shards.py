@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -76,8 +76,8 @@ class Shards:
         self.shutting_down = shutting_down  # set on SIGTERM: every relay ends its streams
         self._turn = itertools.count()
 
-    def __iter__(self) -> itertools.chain[Shard]:
-        return itertools.chain(self.all)
+    def __iter__(self) -> Iterator[Shard]:
+        return iter(self.all)
 
     def __len__(self) -> int:
         return len(self.all)
