@@ -13,7 +13,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready while some shard can take new jobs; the shards that cannot are named."""
+    """Ready while some shard answers a PING; the shards that do not are named (a shard
+    that answers but is full still counts as ready)."""
     state: State = request.app.state.sg
     down = [shard.name for shard in await state.shards.down()]
     if len(down) == len(state.shards):

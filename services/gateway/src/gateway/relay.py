@@ -263,7 +263,7 @@ class Relay:
                 self._redis_down_since = None
             if self._gather_s and not self._fresh:
                 # Let more events come, for the next read to take at once; not when a
-                # reader just joined or drained (its stream is read at once).
+                # reader joined or drained during this read (its stream is read now).
                 await asyncio.sleep(self._gather_s)
             delay = 0.05
 
