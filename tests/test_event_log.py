@@ -493,6 +493,7 @@ def test_many_jobs_tokens_go_in_one_call_each_job_fenced_and_failing_alone(
         assert (await log.end(stolen, ev.CANCELLED)) is True
         await log.redis.delete(keys.events_key(broken))
         await log.redis.set(keys.events_key(broken), b"not a stream")
+        marker = await log.redis.xadd(keys.ACTIVITY, {"k": ""})  # a gateway follows it
         calls_before = (await log.redis.info("commandstats"))["cmdstat_fcall"]["calls"]
         results = await log.append_many(
             [
@@ -512,6 +513,16 @@ def test_many_jobs_tokens_go_in_one_call_each_job_fenced_and_failing_alone(
         assert list((await events(log, jobs[3]))[-1]) == ["tool_call"]
         assert [next(iter(e)) for e in await events(log, ending)][-2:] == ["token", "lifecycle"]
         assert await log.is_over(ending)
+        after_marker = "(" + marker.decode()
+        # EVAL keeps the raw fields: redis-py's XRANGE makes a dict, losing repeated 'k's
+        entries = await log.redis.eval(
+            "return redis.call('XRANGE', KEYS[1], ARGV[1], '+')", 1, keys.ACTIVITY, after_marker
+        )
+        rings = [flat for _, flat in entries]
+        written = [keys.events_key(job_id).encode() for job_id in (jobs[0], jobs[3])]
+        assert sorted(rings) == sorted(
+            [[b"k", written[0], b"k", written[1]], [b"k", keys.events_key(ending).encode()]]
+        ), "the shared call rings once, naming only the streams it wrote"
 
     run(db_url, scenario)
 

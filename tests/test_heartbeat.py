@@ -66,6 +66,7 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
         await asyncio.sleep(0)
         before = await redis_ms(redis)
         await beat.beat()
+        await beat.check_readers()
         release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -283,3 +283,37 @@ def test_a_gather_window_merges_later_tokens_and_never_holds_a_first_token_or_a_
         ev.Done(),
     ]
     assert len(log.requests) == 2  # the first token; the rest with the final event
+
+
+def test_a_write_takes_every_jobs_pending_tokens_so_a_worker_writes_once_a_window() -> None:
+    """Held streams (a token a second each, thousands of jobs): each job's window ends at a
+    different time, yet a worker sends one write per window, not one per job."""
+    log = _FakeLog([])
+    gather_s = 0.2
+
+    async def scenario() -> None:
+        batcher = Batcher(cast(Any, log), redis_patience_s=3600, gather_s=gather_s)
+        publishers = [batcher.publisher(f"job-{n}", OWNER) for n in range(20)]
+        for p in publishers:
+            p.emit(ev.Token("first "))
+        await asyncio.sleep(gather_s / 4)
+        assert len(log.requests) == 1, "the first tokens went one write each"
+        for p in publishers:  # the later tokens, their windows ending one after another
+            p.emit(ev.Token("later "))
+            await asyncio.sleep(gather_s / 40)
+        await asyncio.sleep(gather_s * 1.5)
+        assert len(log.requests) == 2, f"{len(log.requests) - 1} writes for one window"
+        newcomer = batcher.publisher("job-new", OWNER)
+        publishers[0].emit(ev.Token("waiting "))
+        newcomer.emit(ev.Token("first "))  # goes at once, and takes job-0's token along
+        await asyncio.sleep(gather_s / 4)
+        assert log.requests[-1] == [
+            ("job-0", 3, [ev.Token("waiting ")]),
+            ("job-new", 1, [ev.Token("first ")]),
+        ]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert all(
+        log.written[f"job-{n}"] == [ev.Token("first "), ev.Token("later ")] for n in range(1, 20)
+    )

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 3
-SOURCE_SHA256 = "b14c409498233fe501f869a4bdb500cfe1bf2cd8703c812dce09210f5a235956"
+VERSION = 4
+SOURCE_SHA256 = "e8dc26c49fa7ede4958a51282230603d34dc2971fbfb27d931c064c6a4e01a72"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -23,6 +23,7 @@
 --   by when its heartbeat lapses; the waiting set one per arq id queued, scored by when.
 
 local ACTIVITY_LEN = 100000 -- doorbell entries kept (approximately): seconds of writes
+local MANY_MAX = 1000 -- items one variadic command takes: Lua's unpack has a limit
 local DAY_MS = 86400000
 
 local function now_ms()
@@ -58,6 +59,20 @@ end
 local function ring_at(activity, events)
   if redis.call('EXISTS', activity) == 1 then
     redis.call('XADD', activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', events)
+  end
+end
+
+-- One doorbell entry naming many streams ('k' once per stream): a write of many jobs
+-- rings once.
+local function ring_many(activity, rung)
+  if #rung == 0 or redis.call('EXISTS', activity) == 0 then return end
+  for start = 1, #rung, MANY_MAX do
+    local fields = {}
+    for i = start, math.min(start + MANY_MAX - 1, #rung) do
+      fields[#fields + 1] = 'k'
+      fields[#fields + 1] = rung[i]
+    end
+    redis.call('XADD', activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', unpack(fields))
   end
 end
 
@@ -300,7 +315,8 @@ register('append', function(keys, args)
 end)
 
 -- append_each: the batches without a final event of many jobs of one shard, in one call
--- (a call costs Redis more than the few commands of a one-token batch). KEYS: the
+-- (a call costs Redis more than the few commands of a one-token batch), ringing the
+-- doorbell once for them all. KEYS: the
 -- doorbell, then each job's meta and events; ARGV per job: owner, batch, published, the
 -- number of its events, its events. Returns per job what append does, or that job's
 -- error alone (the others are written).
@@ -316,7 +332,7 @@ register('append_each', function(keys, args)
   if #keys % 2 ~= 1 or a ~= #args + 1 then
     return redis.error_reply('append_each: its keys and arguments do not match')
   end
-  local results = {}
+  local results, rung = {}, {}
   a = 1
   for k = 2, #keys, 2 do
     local meta, events = keys[k], keys[k + 1]
@@ -329,7 +345,7 @@ register('append_each', function(keys, args)
       if verdict then return verdict end
       for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
       applied(meta, batch, published, published_before)
-      if last >= first then ring_at(activity, events) end
+      if last >= first then rung[#rung + 1] = events end
       return 1
     end)
     if ok then
@@ -338,6 +354,7 @@ register('append_each', function(keys, args)
       results[#results + 1] = {err = type(result) == 'table' and result.err or tostring(result)}
     end
   end
+  ring_many(activity, rung)
   return results
 end)
 
@@ -433,31 +450,35 @@ end, {'no-writes'})
 
 -- beat: a worker's heartbeat. The worker counts as alive (KEYS[2], idle ones too); each
 -- attempt it runs that still owns its job is renewed. KEYS after the two indexes: per job
--- its meta hash, alive key and watched key. ARGV: alive ms, worker name, then per job its
--- id, the attempt's owner and '1' for a GET job (it needs a reader). Returns Redis's time
--- (ms), then per job: 0 go on, 1 no longer this attempt's (nothing renewed), 2 nobody
--- relays it. Workers silent for a day leave the workers index. An attempt's running index
--- entry leaves with the step that ends its ownership (finalize, hand_back, a takeover), never
--- here: an attempt that exits still owning its job (its final write failed) must lapse, for
--- the janitor to end the job.
+-- its meta hash and alive key. ARGV: alive ms, worker name, then per job its id and the
+-- attempt's owner. Returns Redis's time (ms), then per job: 0 go on, 1 no longer this
+-- attempt's (nothing renewed). Workers silent for a day leave the workers index. An
+-- attempt's running index entry leaves with the step that ends its ownership (finalize,
+-- hand_back, a takeover), never here: an attempt that exits still owning its job (its
+-- final write failed) must lapse, for the janitor to end the job.
 register('beat', function(keys, args)
   local running, workers = keys[1], keys[2]
   local alive_ms, name = tonumber(args[1]), args[2]
   local now = now_ms()
   redis.call('ZADD', workers, now + alive_ms, name)
   redis.call('ZREMRANGEBYSCORE', workers, '-inf', now - DAY_MS)
-  local a = 2
-  local out = {now}
-  for i = 0, (#keys - 2) / 3 - 1 do
-    local meta, alive, watched = keys[3 + 3 * i], keys[4 + 3 * i], keys[5 + 3 * i]
-    local job_id, owner, needs_reader = args[a + 1 + 3 * i], args[a + 2 + 3 * i], args[a + 3 + 3 * i]
+  local out, renewed = {now}, {}
+  for i = 0, (#keys - 2) / 2 - 1 do
+    local meta, alive = keys[3 + 2 * i], keys[4 + 2 * i]
+    local job_id, owner = args[3 + 2 * i], args[4 + 2 * i]
     if redis.call('HGET', meta, 'owner') ~= owner then
       out[i + 2] = 1
     else
       redis.call('SET', alive, '1', 'PX', alive_ms)
-      redis.call('ZADD', running, now + alive_ms, attempt(job_id, owner))
-      out[i + 2] = (needs_reader == '1' and redis.call('EXISTS', watched) == 0) and 2 or 0
+      renewed[#renewed + 1] = now + alive_ms
+      renewed[#renewed + 1] = attempt(job_id, owner)
+      out[i + 2] = 0
     end
+  end
+  -- one ZADD for the lot: the beat's costliest step was a call per job
+  for start = 1, #renewed, 2 * MANY_MAX do
+    local stop = math.min(start + 2 * MANY_MAX - 1, #renewed)
+    redis.call('ZADD', running, unpack(renewed, start, stop))
   end
   return out
 end)

@@ -37,9 +37,20 @@ class Timing:
     quarter of the timeouts it enforces, and at least once a second."""
     heartbeat_s: float
     """How often a worker beats: three beats per heartbeat lifetime (one lost beat is
-    survived), and three per disconnect grace (a GET job nobody reads stops in time)."""
+    survived)."""
+    readers_check_s: float
+    """How often a worker asks whether its GET jobs still have a reader: three times per
+    disconnect grace, so that one nobody reads stops in time."""
+    idle_check_after_s: float
+    """How long a relayed job must have been silent before a gateway asks whether its worker
+    still beats: no sooner can the heartbeat of a worker that wrote its last event have
+    lapsed (its last beat came at most a beat before that event; a second beat is a margin
+    for events read late). A queued job's deadline bounds it too. The janitor ends lapsed
+    jobs whoever reads them; this check is each gateway's own, and after a Redis error it
+    looks at every silent job (Redis may have restarted empty)."""
     watched_renew_s: float
-    """How often a gateway marks the jobs it relays as read: three times per grace."""
+    """How often a gateway marks the jobs it relays as read: once per grace, so that its
+    marks (``watched_ms``) outlive it being killed by two to three graces."""
     watched_ms: int
     """A renewal's lifetime: generous (a busy gateway may renew late); the grace proper
     starts when the last reader leaves, set to exactly ``grace_ms``."""
@@ -73,8 +84,10 @@ class Timing:
         return cls(
             alive_ms=int(alive_s * 1000),
             watch_tick_s=tick,
-            heartbeat_s=min(alive_s / 3, s.disconnect_grace_s / 3),
-            watched_renew_s=s.disconnect_grace_s / 3,
+            heartbeat_s=alive_s / 3,
+            readers_check_s=s.disconnect_grace_s / 3,
+            idle_check_after_s=max(tick, min(alive_s / 3, s.queue_timeout_s)),
+            watched_renew_s=s.disconnect_grace_s,
             watched_ms=int((s.disconnect_grace_s * 3 + 5) * 1000),
             grace_ms=int(s.disconnect_grace_s * 1000),
             queue_timeout_ms=int(s.queue_timeout_s * 1000),

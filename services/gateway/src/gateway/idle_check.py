@@ -1,6 +1,6 @@
 """The relay's look at its own silent jobs: every tick, each relayed job that delivered
-nothing for a tick and whose worker's heartbeat has lapsed is checked in Redis (the
-library's ``check``). It ends those whose worker stopped after output or that no worker
+nothing for ``idle_check_after_s`` (for a tick, after the relay's Redis failed) and whose
+worker's heartbeat has lapsed is checked in Redis (the library's ``check``). It ends those whose worker stopped after output or that no worker
 started in time (the end is written to the stream, so every reader on every gateway sees
 the same final event), queues again those whose worker died before any output, and tells
 this gateway's readers of jobs Redis no longer knows.
@@ -32,21 +32,32 @@ class IdleCheck:
         self.log = log
         self.metrics = metrics
         self.tick = timing.watch_tick_s
+        self.after_s = timing.idle_check_after_s
+        self._failures_seen = 0
 
     async def run(self) -> None:
         loop_time = asyncio.get_running_loop().time  # the relay's clock
         while True:
             await asyncio.sleep(self.tick)
+            failures = self.relay.read_failures
+            after_s = self.after_s if failures == self._failures_seen else self.tick
             try:
-                await self.check(loop_time() - self.tick)
+                await self.check(loop_time(), after_s)
             except RedisError as exc:
                 logger.debug("idle check: Redis unreachable (%s)", exc)
+            else:
+                self._failures_seen = failures
 
-    async def check(self, idle_since: float) -> None:
-        idle = self.relay.idle_since(idle_since)
+    async def check(self, now: float, after_s: float) -> None:
+        """Sweep the jobs silent for a tick; check those silent for ``after_s``."""
+        idle = self.relay.idle_since(now - self.tick)
         if not idle:
             return
         self.relay.sweep(idle)
+        if after_s > self.tick:
+            idle = self.relay.idle_since(now - after_s)
+            if not idle:
+                return
         # A job whose worker's heartbeat is alive needs no check: one MGET tells them
         # apart, so slow streams (a token a second, thousands of them) cost no call each.
         async with self.relay.redis.pipeline(transaction=False) as pipe:

@@ -13,8 +13,8 @@ Decisions a reader might want to undo:
 - Past ``RELAY_MULTIPLEX_MAX`` streams, naming every stream in each XREAD costs Redis more
   than the events do (~2.4 µs per stream and call). The loop then blocks on the doorbell
   instead: every write to a job's stream also appends that stream's key to one shared
-  stream (``sg:activity``, in the same function), and the loop reads just the streams that
-  rang, from their cursors. After any Redis error it reads every stream once (doorbells may
+  stream (``sg:activity``, in the same function; one entry names every stream of a
+  worker's write), and the loop reads just the streams that rang, from their cursors. After any Redis error it reads every stream once (doorbells may
   have been lost), and silent streams are read anyway every ``SWEEP_S``: a doorbell
   trimmed away unread costs a few seconds, never an event.
 - The functions ring only while the doorbell stream exists, for its XADD was most of what
@@ -129,6 +129,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
+        self.read_failures = 0  # the idle check looks at every silent job after one
         self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
         self._now = loop_time
@@ -245,6 +246,7 @@ class Relay:
                     await self._read_all()
             except (RedisError, OSError) as exc:
                 self._activity_cursor = None  # doorbells may have been lost
+                self.read_failures += 1
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
                     logger.warning("relay lost Redis%s (%s); retrying", self._where, exc)
@@ -314,9 +316,8 @@ class Relay:
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                if rung_key := fields[1]:  # [b"k", <the stream's key>]; b"": a marker
-                    job_id = self.log.keys.job_of_events(rung_key)
-                    if job_id in self.jobs:
+                for rung_key in fields[1::2]:  # [b"k", <a stream's key>, ...]; b"": a marker
+                    if rung_key and (job_id := self.log.keys.job_of_events(rung_key)) in self.jobs:
                         self._fresh.add(job_id)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
         self._fresh.clear()

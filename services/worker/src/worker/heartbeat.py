@@ -4,8 +4,10 @@ Every heartbeat interval one round trip (the library's ``beat``) renews every ru
 attempt's ``alive`` key (a gateway that sees it lapse ends the job: its worker is gone;
 ``RUNNING`` indexes when each lapses, so the janitor finds the job even when nobody reads
 it) and checks, per attempt, that it still owns its job (a cancel or a takeover ends the
-stream from outside) and, for a ``GET /chat`` job, that some gateway still relays it. An
-attempt that fails a check has its task cancelled, which closes its upstream request.
+stream from outside). Three times per disconnect grace, one ``MGET`` asks whether some
+gateway still relays each ``GET /chat`` job (its ``watched`` key): apart, the beat need not
+run at the grace's pace. An attempt that fails a check has its task cancelled, which
+closes its upstream request.
 
 Attempts are tracked by their owner token, not their job: a job handed back may run again
 on this worker while its old attempt is still unwinding, and each has its own verdict.
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,6 +53,7 @@ class Running:
 
 
 BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between calls
+READERS_BATCH = 1000  # GET jobs per MGET of their watched keys
 
 
 class Heartbeat:
@@ -62,11 +65,13 @@ class Heartbeat:
         name: str,
         clock: RedisClock | None = None,
         names: Keys | None = None,
+        readers_s: float | None = None,
     ) -> None:
         self.redis = redis
         self.keys = names or Keys()  # the shard's key names
         self.name = name  # in the workers index, beaten even while idle
         self.interval_s = interval_s
+        self.readers_s = readers_s or interval_s  # how often GET jobs' readers are asked for
         self.alive_ms = alive_ms
         self.clock = clock or RedisClock()
         self._functions = Functions(redis)
@@ -97,19 +102,30 @@ class Heartbeat:
         after a failed beat, every second until one succeeds, so that a Redis outage ends
         with this worker and its jobs proven alive again as soon as it can be. While
         cancels are not followed (``following``), every half second at most: the beat's
-        ownership check then carries them, within the contract's second."""
+        ownership check then carries them, within the contract's second. The readers of GET
+        jobs are asked for on their own pace, likewise retried."""
+        next_beat = next_readers = time.monotonic()
         while True:
-            self.last_tick = time.monotonic()
-            try:
-                await self.beat()
-            except Exception as exc:  # never stop beating: the jobs' alive keys would lapse
-                if isinstance(exc, RedisError):
-                    logger.warning("heartbeat failed: %s", exc)
-                else:
-                    logger.exception("heartbeat failed")
-                await self._sleep(min(1.0, self._next_beat_s()))
+            now = self.last_tick = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + await self._attempt(self.beat, self._next_beat_s())
+            if now >= next_readers:
+                next_readers = now + await self._attempt(self.check_readers, self.readers_s)
+            if await self._sleep(min(next_beat, next_readers) - time.monotonic()):
+                next_beat = 0.0  # woken by ``following``: beat now
+
+    @staticmethod
+    async def _attempt(step: Callable[[], Awaitable[None]], interval_s: float) -> float:
+        """Run one step; the seconds until it is due again (a second at most if it failed)."""
+        try:
+            await step()
+        except Exception as exc:  # never stop beating: the jobs' alive keys would lapse
+            if isinstance(exc, RedisError):
+                logger.warning("heartbeat failed: %s", exc)
             else:
-                await self._sleep(self._next_beat_s())
+                logger.exception("heartbeat failed")
+            return min(1.0, interval_s)
+        return interval_s
 
     def ticking(self) -> bool:
         """Whether the event loop still runs the heartbeat (a Redis outage does not stop it:
@@ -126,10 +142,13 @@ class Heartbeat:
         self._following = on
         self._wake.set()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> bool:
+        """Whether woken before ``seconds`` passed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            await asyncio.wait_for(self._wake.wait(), max(seconds, 0))
+        woken = self._wake.is_set()
         self._wake.clear()
+        return woken
 
     async def beat(self) -> None:
         attempts = list(self.attempts.values())
@@ -139,12 +158,8 @@ class Heartbeat:
             function_keys = [k.running, k.workers]
             args: list[str | int] = [self.alive_ms, self.name]
             for running in attempts[start : start + BEAT_BATCH]:
-                function_keys += [
-                    k.meta(running.job_id),
-                    k.alive(running.job_id),
-                    k.watched(running.job_id),
-                ]
-                args += [running.job_id, running.owner, "1" if running.watched else "0"]
+                function_keys += [k.meta(running.job_id), k.alive(running.job_id)]
+                args += [running.job_id, running.owner]
             calls.append((function_keys, args))
         sent_at = self.clock.local()
         replies = await self._functions.call_all("beat", calls)
@@ -153,7 +168,19 @@ class Heartbeat:
         for running, verdict in zip(attempts, verdicts, strict=True):
             if verdict == 1:
                 self._stop(running, "not-owner")
-            elif verdict == 2:
+
+    async def check_readers(self) -> None:
+        """Stop the GET jobs that no gateway relays: their ``watched`` keys have lapsed."""
+        watched = [r for r in self.attempts.values() if r.watched and r.stop_reason is None]
+        if not watched:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(watched), READERS_BATCH):
+                chunk = watched[start : start + READERS_BATCH]
+                pipe.mget([self.keys.watched(running.job_id) for running in chunk])
+            marks = [mark for batch in await pipe.execute() for mark in batch]
+        for running, mark in zip(watched, marks, strict=True):
+            if mark is None:
                 self._stop(running, "unwatched")
 
     def stop_ended(self, job_id: str) -> None:

@@ -74,6 +74,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             name=ctx["worker_name"],
             clock=shard.clock,
             names=shard.keys,
+            readers_s=timing.readers_check_s,
         )
         shard.ctx.update(
             event_log=log,

@@ -7,7 +7,8 @@ costs one round trip. Adjacent tokens of a job are merged into one event: their
 concatenation is the same text. With a ``gather_s`` window (``TOKEN_GATHER_MS``), a token
 waits up to that long for the tokens after it, so Redis appends, and every gateway reads,
 several tokens a step instead of one: what a token costs Redis falls by about as many.
-A job's first output and its final event never wait. Each job's batches
+A job's first output and its final event never wait, and whenever a write goes, every
+job's pending events go with it: a worker sends one write per window, however many jobs. Each job's batches
 are numbered, so retrying a write whose reply was lost (Redis blinked) never duplicates.
 """
 
@@ -113,9 +114,10 @@ class Batcher:
         self.log = log
         self.redis_patience_s = redis_patience_s
         self.gather_s = gather_s
-        # Per dirty publisher, when its events are due (loop time): at once, or, with a
-        # gather window, that long after the first of them arrived.
-        self._dirty_due: dict[Publisher, float] = {}
+        self._dirty: dict[Publisher, None] = {}  # publishers with pending events, in order
+        # When the next write is due (loop time): at once for a first output or a final
+        # event, else a gather window after the oldest pending event. None: nothing pending.
+        self._due_at: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -123,12 +125,13 @@ class Batcher:
         return Publisher(self, job_id, owner)
 
     def mark(self, publisher: Publisher) -> None:
-        now = asyncio.get_running_loop().time()
-        if not publisher.published_output or publisher.closing_soon or not self.gather_s:
-            self._dirty_due[publisher] = now  # a first output, or the final event: now
-        else:
-            self._dirty_due.setdefault(publisher, now + self.gather_s)
-        self._wake.set()
+        due = asyncio.get_running_loop().time()
+        if publisher.published_output and not publisher.closing_soon:
+            due += self.gather_s  # a later token: it may wait for its followers
+        self._dirty[publisher] = None
+        if self._due_at is None or due < self._due_at:
+            self._due_at = due
+            self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="event-batcher")
 
@@ -140,22 +143,16 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._dirty_due:
+            if self._due_at is None:
                 continue
-            # Those due now, and those due within a quarter window: one round trip more
-            # would cost Redis more than their short wait saves.
-            soon = loop.time() + self.gather_s / 4
-            due = [p for p, at in self._dirty_due.items() if at <= soon]
-            if not due:
-                first = min(self._dirty_due.values())
+            if (wait_s := self._due_at - loop.time()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), first - loop.time())
-                self._wake.set()  # look again: a publisher is due, or a new one came
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                self._wake.set()  # look again: it is due, or an earlier one came
                 continue
-            for publisher in due:
-                del self._dirty_due[publisher]
-            if self._dirty_due:
-                self._wake.set()  # the others are looked at again after this write
+            # Every job's pending events go with the one that is due: the round trip is paid
+            # anyway, so a worker sends one write per window, however many jobs it runs.
+            due, self._dirty, self._due_at = list(self._dirty), {}, None
             # A failed publisher writes nothing more: what follows a lost batch would leave
             # a hole in its stream (the gateways end the job once its heartbeat lapses).
             publishers = [p for p in due if p.pending and p.error is None]
