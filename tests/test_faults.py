@@ -5,6 +5,7 @@ twice, and no client left hanging."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import threading
@@ -48,6 +49,10 @@ class Background:
 
     def _got(self, chunk: bytes) -> None:
         self._received += chunk
+
+    @property
+    def received(self) -> bytes:
+        return self._received
 
     def tokens(self) -> int:
         """Token events the reader has received whole so far."""
@@ -246,6 +251,24 @@ def test_a_get_job_nobody_reads_is_cancelled_after_the_grace(
     assert stream.events[-1] == {"error": ev.CLIENT_GONE}
 
 
+def test_a_get_job_read_for_longer_than_its_grace_is_marked_read_at_once_and_ends_done(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    """``create`` gives a GET job's ``watched`` key just the grace; the gateway relaying it
+    renews it within a tick (not at its next renewal of all, a grace away), so a reader
+    that stays is never taken for gone."""
+    stack = make_stack(DISCONNECT_GRACE_S="3")
+    grace_ms = 3000
+    reader = Background(stack.gateway.url + "/chat", {"prompt": "[long 100] [delay 0.05]"})
+    reader.wait_tokens()
+    job_id = json.loads(reader.received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["job_id"]
+    watched = keys.watched_key(job_id)
+    wait_until(lambda: redis_pttl(stack, watched) > grace_ms, 1.5, "the job marked read")
+    stream = reader.join(30)
+    assert sse.is_done(stream.events[-1])
+    assert stream.text == LONG
+
+
 def test_a_post_job_runs_to_its_end_unread(
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
@@ -407,6 +430,14 @@ def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
     client = redis.Redis.from_url(stack.redis_url)
     try:
         return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
+    finally:
+        client.close()
+
+
+def redis_pttl(stack: Stack, key: str) -> int:
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return int(client.pttl(key))
     finally:
         client.close()
 

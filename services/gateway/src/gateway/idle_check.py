@@ -1,9 +1,10 @@
 """The relay's look at its own silent jobs: every tick, each relayed job that delivered
 nothing for ``idle_check_after_s`` (for a tick, after the relay's Redis failed) and whose
-worker's heartbeat has lapsed is checked in Redis (the library's ``check``). It ends those whose worker stopped after output or that no worker
-started in time (the end is written to the stream, so every reader on every gateway sees
-the same final event), queues again those whose worker died before any output, and tells
-this gateway's readers of jobs Redis no longer knows.
+worker's heartbeat has lapsed is checked in Redis (the library's ``check``). It ends those
+whose worker stopped after output or that no worker started in time (the end is written to
+the stream, so every reader on every gateway sees the same final event), queues again
+those whose worker died before any output, and tells this gateway's readers of jobs Redis
+no longer knows.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ Decisions a reader might want to undo:
   than the events do (~2.4 µs per stream and call). The loop then blocks on the doorbell
   instead: every write to a job's stream also appends that stream's key to one shared
   stream (``sg:activity``, in the same function; one entry names every stream of a
-  worker's write), and the loop reads just the streams that rang, from their cursors. After any Redis error it reads every stream once (doorbells may
-  have been lost), and silent streams are read anyway every ``SWEEP_S``: a doorbell
-  trimmed away unread costs a few seconds, never an event.
+  worker's write), and the loop reads just the streams that rang, from their cursors.
+  After any Redis error it reads every stream once (doorbells may have been lost), and
+  silent streams are read anyway every ``SWEEP_S``: a doorbell trimmed away unread costs
+  a few seconds, never an event.
 - The functions ring only while the doorbell stream exists, for its XADD was most of what
   Redis spent per token with no gateway listening. A gateway following it keeps it alive:
   it creates it with a marker entry (whose id is where it reads from) and a TTL, renews
@@ -130,6 +131,7 @@ class Relay:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
         self.read_failures = 0  # the idle check looks at every silent job after one
+        self.joined: set[str] = set()  # jobs relayed here since watched.py last marked them
         self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
         self._now = loop_time
@@ -188,6 +190,7 @@ class Relay:
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = _Job(job_id, self.log.keys.events(job_id), self._now())
+            self.joined.add(job_id)
         job.readers.add(reader)
         self._fresh.add(job_id)
         self._wake()

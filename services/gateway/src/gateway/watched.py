@@ -1,6 +1,9 @@
 """Keeping relayed jobs marked as read: a ``GET /chat`` job that some gateway relays is not
 cancelled. Every ``watched_renew_s`` one function call per thousand relayed jobs renews
-their ``watched`` keys (a ``SET`` each cost the gateway ~20 µs of CPU per job and renewal).
+their ``watched`` keys (a ``SET`` each cost the gateway ~20 µs of CPU per job and renewal),
+and a job this gateway begins to relay is marked within a tick: its key may have been set
+to just the grace (by ``create``, or by the gateway its last reader left), shorter than the
+wait for the next renewal of all.
 """
 
 from __future__ import annotations
@@ -22,13 +25,23 @@ class WatchedRenewal:
         self.timing = timing
 
     async def run(self) -> None:
+        step_s = min(self.timing.watch_tick_s, self.timing.grace_ms / 3000)
+        loop_time = asyncio.get_running_loop().time
+        all_due = loop_time() + self.timing.watched_renew_s
         while True:
-            await asyncio.sleep(self.timing.watched_renew_s)
-            if self.relay.redis_down_since is None:
-                await self.renew()
+            await asyncio.sleep(step_s)
+            if self.relay.redis_down_since is not None:
+                continue
+            joined = set(self.relay.joined)
+            if loop_time() >= all_due:
+                await self.renew(list(self.relay.jobs))
+                all_due = loop_time() + self.timing.watched_renew_s
+            elif joined:
+                await self.renew([job_id for job_id in joined if job_id in self.relay.jobs])
+            self.relay.joined -= joined  # kept on a failure: the next step tries again
 
-    async def renew(self) -> None:
-        watched = [self.relay.log.keys.watched(job_id) for job_id in self.relay.jobs]
+    async def renew(self, job_ids: list[str]) -> None:
+        watched = [self.relay.log.keys.watched(job_id) for job_id in job_ids]
         calls = [
             (watched[start : start + BATCH], [self.timing.watched_ms])
             for start in range(0, len(watched), BATCH)

@@ -6,10 +6,11 @@ write was out, as one pipelined round trip of fenced appends (one per job), so a
 costs one round trip. Adjacent tokens of a job are merged into one event: their
 concatenation is the same text. With a ``gather_s`` window (``TOKEN_GATHER_MS``), a token
 waits up to that long for the tokens after it, so Redis appends, and every gateway reads,
-several tokens a step instead of one: what a token costs Redis falls by about as many.
-A job's first output and its final event never wait, and whenever a write goes, every
-job's pending events go with it: a worker sends one write per window, however many jobs. Each job's batches
-are numbered, so retrying a write whose reply was lost (Redis blinked) never duplicates.
+several tokens a step instead of one: what a token costs Redis falls by about as many. A
+job's first output and its final event never wait, and whenever a write goes, every job's
+pending events go with it: a worker sends one write per window, however many jobs. Each
+job's batches are numbered, so retrying a write whose reply was lost (Redis blinked) never
+duplicates.
 """
 
 from __future__ import annotations
