@@ -4,6 +4,8 @@ still owns and stops the others, each job getting its own verdict."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +15,7 @@ from shared import keys
 from shared.redis_conn import connect
 from worker import heartbeat as hb
 
-from .harness import private_db, release_db
+from .harness import RedisServer, private_db, release_db
 
 
 async def redis_ms(redis: Redis) -> int:
@@ -216,6 +218,96 @@ def test_an_attempt_that_exits_still_owning_its_job_stays_indexed_for_the_janito
             await beat.beat()
         await beat.beat()  # the attempt has exited; its job is still its
         assert await redis.zrange(keys.RUNNING, 0, -1) == [b"j me"]
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+async def calls(redis: Redis, command: str) -> int:
+    """How many times this Redis has run ``command`` (a server of the test's own)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def until_calls(redis: Redis, command: str, at_least: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while await calls(redis, command) < at_least:
+        assert time.monotonic() < deadline, f"{command} not run {at_least} times in {within_s} s"
+        await asyncio.sleep(0.01)
+
+
+def running_job(beat: hb.Heartbeat, job_id: str, watched: bool) -> asyncio.Task[str | None]:
+    """A job tracked by ``beat`` until it is stopped: its stop reason."""
+
+    async def job() -> str | None:
+        with beat.track(job_id, "me", watched) as running:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            return running.stop_reason
+
+    return asyncio.create_task(job())
+
+
+def test_a_get_job_nobody_reads_stops_at_the_readers_pace_and_no_beat_comes_with_it(
+    own_redis: RedisServer,
+) -> None:
+    """The beat runs every alive/3 (7 s): a GET job whose ``watched`` key is gone must stop
+    within the readers' interval (a third of the grace), each asking costing one MGET and
+    no beat; a POST job has no ``watched`` key and is never stopped for it."""
+    readers_s = 0.2
+
+    async def scenario() -> None:
+        redis = connect(own_redis.url)
+        for job_id in ("get", "post"):
+            await redis.hset(keys.meta_key(job_id), "owner", "me")  # type: ignore[misc]
+        await redis.set(keys.watched_key("get"), b"1")
+        beat = hb.Heartbeat(redis, interval_s=3600, alive_ms=60_000, name="w", readers_s=readers_s)
+        get, post = running_job(beat, "get", True), running_job(beat, "post", False)
+        beat.following(True)  # cancels followed: the beat keeps its interval; beat at once
+        loop = asyncio.create_task(beat.run())
+        await until_calls(redis, "mget", 3, 5)  # asked for thrice...
+        assert await calls(redis, "fcall") == 2  # ...beaten at the start and on following()
+
+        await redis.delete(keys.watched_key("get"))
+        assert await asyncio.wait_for(get, readers_s + 1) == "unwatched"
+        assert await calls(redis, "fcall") == 2, "asking for readers beat"
+        assert not post.done()
+        for task in (post, loop):
+            task.cancel()
+        assert await post is None
+        await asyncio.gather(loop, return_exceptions=True)
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_beats_keep_their_interval_and_leave_the_readers_to_theirs(
+    own_redis: RedisServer,
+) -> None:
+    """The converse: beats come every interval, and none asks whether a GET job is read
+    (the beat used to, stopping it at the beat's pace)."""
+    interval_s = 0.2
+
+    async def scenario() -> None:
+        redis = connect(own_redis.url)
+        await redis.hset(keys.meta_key("get"), "owner", "me")  # type: ignore[misc]
+        await redis.set(keys.watched_key("get"), b"1")
+        beat = hb.Heartbeat(redis, interval_s=interval_s, alive_ms=60_000, name="w", readers_s=3600)
+        get = running_job(beat, "get", True)
+        beat.following(True)
+        loop = asyncio.create_task(beat.run())
+        await until_calls(redis, "fcall", 2, 5)  # the start's two beats
+        assert await calls(redis, "mget") == 1
+
+        await redis.delete(keys.watched_key("get"))
+        started, beats = time.monotonic(), await calls(redis, "fcall")
+        await until_calls(redis, "fcall", beats + 3, 3 * interval_s + 2)
+        assert time.monotonic() - started > 2 * interval_s - 0.05  # paced, not spinning
+        assert await redis.pttl(keys.alive_key("get")) > 59_000  # renewed by the last beat
+        assert not get.done() and await calls(redis, "mget") == 1
+        for task in (get, loop):
+            task.cancel()
+        await asyncio.gather(get, loop, return_exceptions=True)
         await redis.aclose()
 
     asyncio.run(scenario())
