@@ -179,3 +179,21 @@ def test_while_redis_is_down_a_silent_job_stays_due_until_a_check_gets_through(
             await watched.until(lambda: "cut-off" in watched.lost, 4 * TICK_S + 1)
 
     asyncio.run(scenario())
+
+
+def test_a_job_streaming_until_the_relays_reads_failed_is_looked_up_once_silent_a_tick(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its events stop with the failure (Redis restarted empty in a blink): the first check
+    after the failure finds it silent for less than a tick, and must not be the only one
+    to skip the wait, else its readers learn the job is lost only after the wait."""
+
+    async def scenario() -> None:
+        async with idle_check(db_url, 3600, monkeypatch) as watched:
+            await watched.checks_pass(1)
+            await asyncio.sleep(TICK_S / 2)  # mid-tick: the next check is half a tick away
+            watched.relay.subscribe("streaming", START)  # delivered its last event now
+            watched.relay.read_failures += 1
+            await watched.until(lambda: "streaming" in watched.lost, 4 * TICK_S + 1)
+
+    asyncio.run(scenario())

@@ -38,16 +38,22 @@ class IdleCheck:
 
     async def run(self) -> None:
         loop_time = asyncio.get_running_loop().time  # the relay's clock
+        # After a read failure, when it was noticed: every job silent for a tick is checked
+        # until a check gets through that covers those whose events stopped with it (they
+        # were not silent for a tick yet at the first check after it).
+        failed_at: float | None = None
         while True:
             await asyncio.sleep(self.tick)
-            failures = self.relay.read_failures
-            after_s = self.after_s if failures == self._failures_seen else self.tick
+            now = loop_time()
+            if (failures := self.relay.read_failures) != self._failures_seen:
+                self._failures_seen, failed_at = failures, now
             try:
-                await self.check(loop_time(), after_s)
+                await self.check(now, self.after_s if failed_at is None else self.tick)
             except RedisError as exc:
                 logger.debug("idle check: Redis unreachable (%s)", exc)
             else:
-                self._failures_seen = failures
+                if failed_at is not None and now - self.tick >= failed_at:
+                    failed_at = None
 
     async def check(self, now: float, after_s: float) -> None:
         """Sweep the jobs silent for a tick; check those silent for ``after_s``."""
