@@ -234,7 +234,7 @@ def test_gathered_tokens_arrive_merged_exact_and_the_first_at_once(  # type: ign
 ) -> None:
     """TOKEN_GATHER_MS and RELAY_GATHER_MS: later tokens travel several to an event, the
     text is the same, and the first token is not held back."""
-    stack = make_stack(TOKEN_GATHER_MS="200", RELAY_GATHER_MS="20")
+    stack = make_stack(TOKEN_GATHER_MS="200", RELAY_GATHER_MS="20", GATHER_FROM_STREAMS="0")
     prompt = {"prompt": "[long 40] [delay 0.05]"}  # t1 comes 50 ms after t0
     stream = sse.read(client, stack.gateway.url + "/chat", params=prompt)
     assert sse.ends_done(stream), stream.events

@@ -317,3 +317,30 @@ def test_a_write_takes_every_jobs_pending_tokens_so_a_worker_writes_once_a_windo
     assert all(
         log.written[f"job-{n}"] == [ev.Token("first "), ev.Token("later ")] for n in range(1, 20)
     )
+
+
+def test_a_lone_job_never_waits_below_the_gather_threshold() -> None:
+    """GATHER_FROM_STREAMS: with fewer jobs running, Redis is idle and latency is all that
+    counts; once enough run, later tokens wait for their followers."""
+    log = _FakeLog([])
+    gather_s = 0.2
+
+    async def scenario() -> None:
+        batcher = Batcher(cast(Any, log), redis_patience_s=3600, gather_s=gather_s, gather_from=2)
+        alone = batcher.publisher("alone", OWNER)
+        alone.emit(ev.Token("first "))
+        await asyncio.sleep(gather_s / 10)
+        alone.emit(ev.Token("second "))
+        await asyncio.sleep(gather_s / 10)
+        assert log.written["alone"] == [ev.Token("first "), ev.Token("second ")], "it waited"
+        other = batcher.publisher("other", OWNER)  # two jobs now: the window applies
+        other.emit(ev.Token("first "))
+        await asyncio.sleep(gather_s / 10)
+        alone.emit(ev.Token("third "))
+        await asyncio.sleep(gather_s / 10)
+        assert log.written["alone"][-1] == ev.Token("second "), "a later token did not wait"
+        await asyncio.sleep(gather_s)
+        assert log.written["alone"][-1] == ev.Token("third ")
+        await batcher.stop()
+
+    asyncio.run(scenario())

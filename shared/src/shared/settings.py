@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     rate_limit_per_min: Annotated[int, Field(ge=0)] = 0
     # Not in the contract's table; each is documented in the README's one table.
     worker_max_jobs: Annotated[int, Field(gt=0)] = 200
-    token_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.0
+    token_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 20.0
     job_timeout_s: PositiveSeconds = 900.0
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 20.0
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     # (keys.ACTIVITY) and reads only the streams that changed: Redis spends ~2.4 µs per
     # stream named in each XREAD, 24 ms per call at 10,000.
     relay_multiplex_max: Annotated[int, Field(ge=0)] = 512
-    relay_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.0
+    relay_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 5.0
+    # The gather windows apply only to a process carrying this many streams of a shard: a
+    # few chats leave Redis idle, and then latency is all that counts.
+    gather_from_streams: Annotated[int, Field(ge=0)] = 32
     send_timeout_s: PositiveSeconds = 30.0
     # Proxies whose X-Forwarded-For the gateway believes; empty: none, so no client can pose
     # as other addresses to get past the per-address caps.

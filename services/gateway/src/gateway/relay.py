@@ -266,11 +266,19 @@ class Relay:
             if self._redis_down_since is not None:
                 logger.info("relay reached Redis%s again", self._where)
                 self._redis_down_since = None
-            if self._gather_s and not self._fresh:
-                # Let more events come, for the next read to take at once; not when a
-                # reader joined or drained during this read (its stream is read now).
+            if self._gathering():
                 await asyncio.sleep(self._gather_s)
             delay = 0.05
+
+    def _gathering(self) -> bool:
+        """Whether to let more events come before the next read, for it to take them at once:
+        under load only, and not when a reader joined or drained during this read (its
+        stream is read now)."""
+        return (
+            self._gather_s > 0
+            and not self._fresh
+            and len(self.jobs) >= self.settings.gather_from_streams
+        )
 
     def _close_if_down_too_long(self) -> None:
         down = self._redis_down_since

@@ -82,6 +82,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
                 log,
                 redis_patience_s=settings.worker_lost_timeout_s,
                 gather_s=settings.token_gather_ms / 1000,
+                gather_from=settings.gather_from_streams,
             ),
             heartbeat=heartbeat,
             sessions=SessionStore.of(log, settings),

@@ -4,13 +4,13 @@
 task (the ``Batcher``) sends whatever all jobs of this worker produced while its previous
 write was out, as one pipelined round trip of fenced appends (one per job), so a burst
 costs one round trip. Adjacent tokens of a job are merged into one event: their
-concatenation is the same text. With a ``gather_s`` window (``TOKEN_GATHER_MS``), a token
-waits up to that long for the tokens after it, so Redis appends, and every gateway reads,
-several tokens a step instead of one: what a token costs Redis falls by about as many. A
-job's first output and its final event never wait, and whenever a write goes, every job's
-pending events go with it: a worker sends one write per window, however many jobs. Each
-job's batches are numbered, so retrying a write whose reply was lost (Redis blinked) never
-duplicates.
+concatenation is the same text. With a ``gather_s`` window (``TOKEN_GATHER_MS``), while
+the worker runs ``GATHER_FROM_STREAMS`` jobs or more, a token waits up to that long for
+the tokens after it, so Redis appends, and every gateway reads, several tokens a step
+instead of one: what a token costs Redis falls by about as many. A job's first output and
+its final event never wait, and whenever a write goes, every job's pending events go with
+it: a worker sends one write per window, however many jobs. Each job's batches are
+numbered, so retrying a write whose reply was lost (Redis blinked) never duplicates.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -111,10 +112,14 @@ class Publisher:
 class Batcher:
     """The worker's one writer of events, for every job it runs."""
 
-    def __init__(self, log: EventLog, redis_patience_s: float, gather_s: float = 0.0) -> None:
+    def __init__(
+        self, log: EventLog, redis_patience_s: float, gather_s: float = 0.0, gather_from: int = 0
+    ) -> None:
         self.log = log
         self.redis_patience_s = redis_patience_s
         self.gather_s = gather_s
+        self.gather_from = gather_from  # jobs running here from which the window applies
+        self._live: weakref.WeakSet[Publisher] = weakref.WeakSet()  # its jobs' publishers
         self._dirty: dict[Publisher, None] = {}  # publishers with pending events, in order
         # When the next write is due (loop time): at once for a first output or a final
         # event, else a gather window after the oldest pending event. None: nothing pending.
@@ -123,12 +128,18 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
 
     def publisher(self, job_id: str, owner: str) -> Publisher:
-        return Publisher(self, job_id, owner)
+        publisher = Publisher(self, job_id, owner)
+        self._live.add(publisher)
+        return publisher
 
     def mark(self, publisher: Publisher) -> None:
         due = asyncio.get_running_loop().time()
-        if publisher.published_output and not publisher.closing_soon:
-            due += self.gather_s  # a later token: it may wait for its followers
+        if (
+            publisher.published_output
+            and not publisher.closing_soon
+            and len(self._live) >= self.gather_from
+        ):
+            due += self.gather_s  # a later token, under load: it may wait for its followers
         self._dirty[publisher] = None
         if self._due_at is None or due < self._due_at:
             self._due_at = due
