@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     rate_limit_per_min: Annotated[int, Field(ge=0)] = 0
     # Not in the contract's table; each is documented in the README's one table.
     worker_max_jobs: Annotated[int, Field(gt=0)] = 200
-    token_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 20.0
+    token_gather_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 10.0
     job_timeout_s: PositiveSeconds = 900.0
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 20.0
     relay_buffer_events: Annotated[int, Field(gt=0)] = 1024
