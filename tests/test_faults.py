@@ -475,3 +475,48 @@ def test_a_job_past_its_timeout_ends_saying_so_logged_and_counted(
     assert "ran past JOB_TIMEOUT_S" in worker.log()
     metrics = httpx.get(f"http://127.0.0.1:{worker.env['METRICS_PORT']}/metrics").text
     assert 'streamgate_jobs_total{outcome="timeout"} 1.0' in metrics
+
+
+def test_a_get_job_read_on_one_gateway_survives_its_reader_on_another_leaving(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    """Any number of readers at once, on any gateways: when one gateway's last reader of a
+    job leaves, that gateway sets ``watched`` to exactly the grace, but the job is still
+    read on another gateway and must not be cancelled. Gateway 0 renews ``watched`` only
+    every grace now (plus up to a step), so a grace set just after its renewal lapses
+    before its next one, and the worker's readers check (every grace/3) cancels the job."""
+    # A grace of 3.05 s: gateway 0 steps every 1 s (a tick) and renews all at the first
+    # step 3.05 s after its last renewal, 3 steps being short of it: 4 s. A grace set just
+    # after that renewal is missing for ~0.9 s, and the worker asks every ~1 s.
+    stack = make_stack(gateways=2, DISCONNECT_GRACE_S="3.05", WORKER_LOST_TIMEOUT_S="4")
+    stayer = Background(stack.gateways[0].url + "/chat", {"prompt": "[long 200] [delay 0.05]"})
+    stayer.wait_tokens()
+    job_id = json.loads(stayer.received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["job_id"]
+    watched = keys.watched_key(job_id)
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        # Wait for gateway 0's renewal of all (a jump of the key's TTL; the first jump,
+        # the mark of the job it began to relay, may have come already).
+        wait_until(lambda: r.pttl(watched) > 3050, 2, "the job marked read")
+        previous = r.pttl(watched)
+        while True:
+            now = r.pttl(watched)
+            if now > previous + 200:
+                break
+            previous = now
+            time.sleep(0.005)
+        # Right after it, a reader of the job on gateway 1 comes and goes.
+        url = f"{stack.gateways[1].url}/chat/{job_id}/events"
+        with httpx.stream("GET", url, timeout=10) as response:
+            next(response.iter_bytes())
+        missing_at = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and missing_at is None:
+            if not r.exists(watched):
+                missing_at = time.monotonic()
+            time.sleep(0.01)
+    finally:
+        r.close()
+    stream = stayer.join(30)
+    assert sse.is_done(stream.events[-1]), f"{stream.events[-1]}, watched missing: {missing_at}"
+    assert missing_at is None, "watched lapsed while gateway 0 still relays the job"
