@@ -49,8 +49,10 @@ class Timing:
     jobs whoever reads them; this check is each gateway's own, and after a Redis error it
     looks at every silent job (Redis may have restarted empty)."""
     watched_renew_s: float
-    """How often a gateway marks the jobs it relays as read: once per grace, so that its
-    marks (``watched_ms``) outlive it being killed by two to three graces."""
+    """How often a gateway marks the jobs it relays as read: twice per grace. Another
+    gateway's last reader leaving sets the key to just the grace, at any moment: the next
+    renewal (this interval, plus up to a step of watched.py, plus a busy loop's lateness)
+    must come before it lapses."""
     watched_ms: int
     """A renewal's lifetime: generous (a busy gateway may renew late); the grace proper
     starts when the last reader leaves, set to exactly ``grace_ms``."""
@@ -87,7 +89,7 @@ class Timing:
             heartbeat_s=alive_s / 3,
             readers_check_s=s.disconnect_grace_s / 3,
             idle_check_after_s=max(tick, min(alive_s / 3, s.queue_timeout_s)),
-            watched_renew_s=s.disconnect_grace_s,
+            watched_renew_s=s.disconnect_grace_s / 2,
             watched_ms=int((s.disconnect_grace_s * 3 + 5) * 1000),
             grace_ms=int(s.disconnect_grace_s * 1000),
             queue_timeout_ms=int(s.queue_timeout_s * 1000),

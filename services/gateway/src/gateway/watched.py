@@ -9,11 +9,16 @@ wait for the next renewal of all.
 from __future__ import annotations
 
 import asyncio
+import logging
+
+from redis.exceptions import RedisError
 
 from shared.functions import Functions
 from shared.timing import Timing
 
 from .relay import Relay
+
+logger = logging.getLogger(__name__)
 
 BATCH = 1000  # jobs per function call
 
@@ -33,12 +38,18 @@ class WatchedRenewal:
             if self.relay.redis_down_since is not None:
                 continue
             joined = set(self.relay.joined)
-            if loop_time() >= all_due:
-                await self.renew(list(self.relay.jobs))
-                all_due = loop_time() + self.timing.watched_renew_s
-            elif joined:
-                await self.renew([job_id for job_id in joined if job_id in self.relay.jobs])
-            self.relay.joined -= joined  # kept on a failure: the next step tries again
+            try:
+                if loop_time() >= all_due:
+                    await self.renew(list(self.relay.jobs))
+                    all_due = loop_time() + self.timing.watched_renew_s
+                elif joined:
+                    await self.renew([job_id for job_id in joined if job_id in self.relay.jobs])
+            except RedisError as exc:
+                # Kept due (all of them, or the joined): the next step tries again, rather
+                # than a restart putting the renewal of all a whole interval off.
+                logger.warning("renewing watched keys failed: %s", exc)
+                continue
+            self.relay.joined -= joined
 
     async def renew(self, job_ids: list[str]) -> None:
         watched = [self.relay.log.keys.watched(job_id) for job_id in job_ids]
