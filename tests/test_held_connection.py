@@ -42,7 +42,9 @@ def test_a_restart_of_redis_costs_no_failed_command(own_redis: RedisServer) -> N
             # The old socket's EOF reaches the loop (the stop and start above blocked it).
             await wait_until_async(lambda: closed_seen(held), 5, "the old socket's EOF")
             # The pool would have noticed the closed socket; the kept connection must too.
+            assert held.dropped == 0
             assert await held.call("GET", "k") is None  # a new, empty Redis
+            assert held.dropped == 1  # counted: the relay then checks its silent jobs
         finally:
             await client.aclose()
 

@@ -145,7 +145,7 @@ def test_after_the_relays_reads_failed_a_job_silent_for_a_tick_is_looked_up_at_o
             await watched.until(lambda: watched.swept.count("before") >= 2 or bool(watched.lost), 2)
             assert not watched.lost, "looked up before the wait"
 
-            watched.relay.read_failures += 1
+            watched.relay._read_errors += 1
             await watched.until(lambda: "before" in watched.lost, 4 * TICK_S + 1)
             await watched.checks_pass(2)
             watched.relay.subscribe("after", START)
@@ -172,7 +172,7 @@ def test_while_redis_is_down_a_silent_job_stays_due_until_a_check_gets_through(
             assert not watched.lost, "looked up before the wait"
 
             own_redis.stop()
-            watched.relay.read_failures += 1  # as the relay's read loop counts it
+            watched.relay._read_errors += 1  # as the relay's read loop counts it
             await watched.checks_pass(3)  # each fails: Redis is down
             assert not watched.lost
             await asyncio.to_thread(own_redis.start)
@@ -193,7 +193,7 @@ def test_a_job_streaming_until_the_relays_reads_failed_is_looked_up_once_silent_
             await watched.checks_pass(1)
             await asyncio.sleep(TICK_S / 2)  # mid-tick: the next check is half a tick away
             watched.relay.subscribe("streaming", START)  # delivered its last event now
-            watched.relay.read_failures += 1
+            watched.relay._read_errors += 1
             await watched.until(lambda: "streaming" in watched.lost, 4 * TICK_S + 1)
 
     asyncio.run(scenario())

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 4
-SOURCE_SHA256 = "e8dc26c49fa7ede4958a51282230603d34dc2971fbfb27d931c064c6a4e01a72"
+VERSION = 5
+SOURCE_SHA256 = "fc872b5f80e52b8b528caa57f64e85a1c0ff93e271f9393511f1e4bdc83c1893"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -40,6 +40,7 @@ class HeldConnection:
         self._socket_timeout: float | None = self._pool.connection_kwargs.get("socket_timeout")
         self._timeout_s = timeout_s if timeout_s is not None else self._socket_timeout
         self._idle: AbstractConnection | None = None
+        self.dropped = 0  # kept connections found closed by the server (a Redis restart?)
 
     async def take(self) -> AbstractConnection:
         """The kept connection, or one from the pool while another caller has it."""
@@ -50,6 +51,7 @@ class HeldConnection:
         reader = getattr(conn, "_reader", None)  # redis-py's StreamReader, None if closed
         if reader is not None and (reader.at_eof() or reader.exception() is not None):
             # Closed or reset by the server: the next command connects again.
+            self.dropped += 1
             await conn.disconnect(nowait=True)
         return conn
 

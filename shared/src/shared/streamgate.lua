@@ -22,7 +22,9 @@
 -- * The running index holds one member per running attempt, '<job id> <owner>', scored
 --   by when its heartbeat lapses; the waiting set one per arq id queued, scored by when.
 
-local ACTIVITY_LEN = 100000 -- doorbell entries kept (approximately): seconds of writes
+-- Doorbells kept (approximately): the last 10 s. By time, not by entries: one entry may name
+-- a thousand streams. A gateway behind by more finds the streams on its 5 s sweep.
+local ACTIVITY_KEEP_MS = 10000
 local MANY_MAX = 1000 -- items one variadic command takes: Lua's unpack has a limit
 local DAY_MS = 86400000
 
@@ -58,7 +60,7 @@ end
 -- token for nobody.
 local function ring_at(activity, events)
   if redis.call('EXISTS', activity) == 1 then
-    redis.call('XADD', activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', 'k', events)
+    redis.call('XADD', activity, 'MINID', '~', now_ms() - ACTIVITY_KEEP_MS, '*', 'k', events)
   end
 end
 
@@ -72,7 +74,7 @@ local function ring_many(activity, rung)
       fields[#fields + 1] = 'k'
       fields[#fields + 1] = rung[i]
     end
-    redis.call('XADD', activity, 'MAXLEN', '~', ACTIVITY_LEN, '*', unpack(fields))
+    redis.call('XADD', activity, 'MINID', '~', now_ms() - ACTIVITY_KEEP_MS, '*', unpack(fields))
   end
 end
 
@@ -354,7 +356,9 @@ register('append_each', function(keys, args)
       results[#results + 1] = {err = type(result) == 'table' and result.err or tostring(result)}
     end
   end
-  ring_many(activity, rung)
+  -- every job's events are written: a doorbell that fails (never, but for a key of the wrong
+  -- type) is read on the gateways' sweep, rather than fail them all
+  pcall(ring_many, activity, rung)
   return results
 end)
 

@@ -51,8 +51,7 @@ class Timing:
     watched_renew_s: float
     """How often a gateway marks the jobs it relays as read: twice per grace. Another
     gateway's last reader leaving sets the key to just the grace, at any moment: the next
-    renewal (this interval, plus up to a step of watched.py, plus a busy loop's lateness)
-    must come before it lapses."""
+    renewal (this interval, plus a busy loop's lateness) must come before it lapses."""
     watched_ms: int
     """A renewal's lifetime: generous (a busy gateway may renew late); the grace proper
     starts when the last reader leaves, set to exactly ``grace_ms``."""

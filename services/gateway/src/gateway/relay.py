@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 BLOCK_MS = 5000
 READ_COUNT = 512
 READ_BATCH = 1000  # doorbell mode: streams per XREAD of the streams that rang
-RING_COUNT = 4096  # doorbells per read
+RING_COUNT = 512  # doorbells per read: one may name a worker's every job
 SWEEP_S = 5.0  # doorbell mode: how often a silent stream is read anyway
 DOORBELL_TTL_MS = 30_000  # the doorbell outlives its last renewal this long
 DOORBELL_RENEW_S = 10.0  # renewed this often; a block (5 s) may delay it
@@ -130,7 +130,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
-        self.read_failures = 0  # the idle check looks at every silent job after one
+        self._read_errors = 0
         self.joined: set[str] = set()  # jobs relayed here since watched.py last marked them
         self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
@@ -249,7 +249,7 @@ class Relay:
                     await self._read_all()
             except (RedisError, OSError) as exc:
                 self._activity_cursor = None  # doorbells may have been lost
-                self.read_failures += 1
+                self._read_errors += 1
                 if self._redis_down_since is None:
                     self._redis_down_since = self._now()
                     logger.warning("relay lost Redis%s (%s); retrying", self._where, exc)
@@ -269,6 +269,12 @@ class Relay:
             if self._gathering():
                 await asyncio.sleep(self._gather_s)
             delay = 0.05
+
+    @property
+    def read_failures(self) -> int:
+        """Reads that failed, or found their connection closed by Redis between two reads:
+        Redis may have restarted empty, and the idle check then looks at every silent job."""
+        return self._read_errors + self._reads.dropped
 
     def _gathering(self) -> bool:
         """Whether to let more events come before the next read, for it to take them at once:

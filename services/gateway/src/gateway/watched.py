@@ -34,7 +34,8 @@ class WatchedRenewal:
         loop_time = asyncio.get_running_loop().time
         all_due = loop_time() + self.timing.watched_renew_s
         while True:
-            await asyncio.sleep(step_s)
+            until_all = all_due - loop_time()  # past due (a failure): a step, not a spin
+            await asyncio.sleep(min(step_s, until_all) if until_all > 0 else step_s)
             if self.relay.redis_down_since is not None:
                 continue
             joined = set(self.relay.joined)
