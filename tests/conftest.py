@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from .harness import RedisServer, Stack, private_db
+from .harness import RedisServer, Stack, private_db, release_db
 
 
 def _testcontainers_redis() -> tuple[str, object] | None:
@@ -84,6 +84,14 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture
+def db_url(redis_url: str) -> Iterator[str]:
+    """A database of the shared Redis of this test's own, emptied after it."""
+    url = private_db(redis_url)
+    yield url
+    release_db(url)
 
 
 @pytest.fixture(scope="session")

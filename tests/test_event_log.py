@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -20,16 +20,9 @@ from shared.sessions import SessionStore
 from shared.settings import Settings
 from shared.timing import MAX_REQUEUES, Timing
 
-from .harness import RedisServer, private_db, release_db
+from .harness import RedisServer
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def db_url(redis_url: str) -> Iterator[str]:
-    url = private_db(redis_url)
-    yield url
-    release_db(url)
 
 
 TIMING = Timing.of(Settings(stream_retention_s=60, queue_timeout_s=5))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -15,19 +14,12 @@ from shared import keys
 from shared.redis_conn import connect
 from worker import heartbeat as hb
 
-from .harness import RedisServer, private_db, release_db
+from .harness import RedisServer
 
 
 async def redis_ms(redis: Redis) -> int:
     seconds, micros = await redis.time()
     return int(seconds * 1000 + micros // 1000)
-
-
-@pytest.fixture
-def db_url(redis_url: str) -> Iterator[str]:
-    url = private_db(redis_url)
-    yield url
-    release_db(url)
 
 
 def test_each_job_gets_its_own_verdict_across_script_batches(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -25,7 +25,7 @@ from shared.redis_conn import connect
 from shared.settings import Settings
 from shared.timing import Timing
 
-from .harness import RedisServer, private_db, release_db
+from .harness import RedisServer
 
 TICK_S = 0.05
 
@@ -99,13 +99,6 @@ async def idle_check(
         await relay.stop()
         await redis.aclose()
         await blocking.aclose()
-
-
-@pytest.fixture
-def db_url(redis_url: str) -> Iterator[str]:
-    url = private_db(redis_url)
-    yield url
-    release_db(url)
 
 
 def test_a_silent_job_is_swept_every_tick_but_looked_up_only_once_silent_past_the_wait(

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 import redis
 from arq.worker import func
 
@@ -20,14 +18,7 @@ from worker.pickup import JOB_FUNCTION, PushWorker
 from worker.shards import open_shards
 
 from . import sse
-from .harness import Stack, private_db, release_db, wait_until
-
-
-@pytest.fixture
-def db_url(redis_url: str) -> Iterator[str]:
-    url = private_db(redis_url)
-    yield url
-    release_db(url)
+from .harness import Stack, wait_until
 
 
 def _worker(db_url: str, job: Any) -> PushWorker:
