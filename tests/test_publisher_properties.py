@@ -326,14 +326,22 @@ def test_a_lone_job_never_waits_below_the_gather_threshold() -> None:
     gather_s = 0.2
 
     async def scenario() -> None:
-        batcher = Batcher(cast(Any, log), redis_patience_s=3600, gather_s=gather_s, gather_from=2)
+        running = 1
+        batcher = Batcher(
+            cast(Any, log),
+            redis_patience_s=3600,
+            gather_s=gather_s,
+            gather_from=2,
+            running=lambda: running,
+        )
         alone = batcher.publisher("alone", OWNER)
         alone.emit(ev.Token("first "))
         await asyncio.sleep(gather_s / 10)
         alone.emit(ev.Token("second "))
         await asyncio.sleep(gather_s / 10)
         assert log.written["alone"] == [ev.Token("first "), ev.Token("second ")], "it waited"
-        other = batcher.publisher("other", OWNER)  # two jobs now: the window applies
+        running = 2  # two jobs now: the window applies
+        other = batcher.publisher("other", OWNER)
         other.emit(ev.Token("first "))
         await asyncio.sleep(gather_s / 10)
         alone.emit(ev.Token("third "))

@@ -83,6 +83,10 @@ class Heartbeat:
         self._wake = asyncio.Event()
         self._following = False  # until the cancel subscription is confirmed
 
+    def running(self) -> int:
+        """Attempts running here now."""
+        return len(self.attempts)
+
     @contextmanager
     def track(self, job_id: str, owner: str, watched: bool) -> Iterator[Running]:
         task = asyncio.current_task()

@@ -83,6 +83,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
                 redis_patience_s=settings.worker_lost_timeout_s,
                 gather_s=settings.token_gather_ms / 1000,
                 gather_from=settings.gather_from_streams,
+                running=heartbeat.running,
             ),
             heartbeat=heartbeat,
             sessions=SessionStore.of(log, settings),

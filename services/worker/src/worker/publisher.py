@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
+from collections.abc import Callable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -113,13 +113,18 @@ class Batcher:
     """The worker's one writer of events, for every job it runs."""
 
     def __init__(
-        self, log: EventLog, redis_patience_s: float, gather_s: float = 0.0, gather_from: int = 0
+        self,
+        log: EventLog,
+        redis_patience_s: float,
+        gather_s: float = 0.0,
+        gather_from: int = 0,
+        running: Callable[[], int] = lambda: 0,
     ) -> None:
         self.log = log
         self.redis_patience_s = redis_patience_s
         self.gather_s = gather_s
-        self.gather_from = gather_from  # jobs running here from which the window applies
-        self._live: weakref.WeakSet[Publisher] = weakref.WeakSet()  # its jobs' publishers
+        self.gather_from = gather_from  # jobs running from which the window applies
+        self.running = running  # how many jobs run here now (the heartbeat tracks them)
         self._dirty: dict[Publisher, None] = {}  # publishers with pending events, in order
         # When the next write is due (loop time): at once for a first output or a final
         # event, else a gather window after the oldest pending event. None: nothing pending.
@@ -128,16 +133,14 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
 
     def publisher(self, job_id: str, owner: str) -> Publisher:
-        publisher = Publisher(self, job_id, owner)
-        self._live.add(publisher)
-        return publisher
+        return Publisher(self, job_id, owner)
 
     def mark(self, publisher: Publisher) -> None:
         due = asyncio.get_running_loop().time()
         if (
             publisher.published_output
             and not publisher.closing_soon
-            and len(self._live) >= self.gather_from
+            and self.running() >= self.gather_from
         ):
             due += self.gather_s  # a later token, under load: it may wait for its followers
         self._dirty[publisher] = None
