@@ -255,7 +255,7 @@ def test_a_get_job_read_for_longer_than_its_grace_is_marked_read_at_once_and_end
     make_stack: Callable[..., Stack], client: httpx.Client
 ) -> None:
     """``create`` gives a GET job's ``watched`` key just the grace; the gateway relaying it
-    renews it within a tick (not at its next renewal of all, a grace away), so a reader
+    renews it within a tick (not at its next renewal of all, half a grace away), so a reader
     that stays is never taken for gone."""
     stack = make_stack(DISCONNECT_GRACE_S="3")
     grace_ms = 3000
@@ -482,12 +482,13 @@ def test_a_get_job_read_on_one_gateway_survives_its_reader_on_another_leaving(
 ) -> None:
     """Any number of readers at once, on any gateways: when one gateway's last reader of a
     job leaves, that gateway sets ``watched`` to exactly the grace, but the job is still
-    read on another gateway and must not be cancelled. Gateway 0 renews ``watched`` only
-    every grace now (plus up to a step), so a grace set just after its renewal lapses
-    before its next one, and the worker's readers check (every grace/3) cancels the job."""
-    # A grace of 3.05 s: gateway 0 steps every 1 s (a tick) and renews all at the first
-    # step 3.05 s after its last renewal, 3 steps being short of it: 4 s. A grace set just
-    # after that renewal is missing for ~0.9 s, and the worker asks every ~1 s.
+    read on another gateway and must not be cancelled. Gateway 0 renews ``watched`` every
+    half grace, at its due time, so a grace set just after one renewal is renewed again
+    before it lapses (renewing once a grace, it lapsed and the worker's readers check,
+    every grace/3, cancelled the job)."""
+    # A grace of 3.05 s: gateway 0 renews all every 1.525 s. Renewing every grace (at the
+    # first 1 s step past 3.05 s: 4 s), a grace set just after a renewal was missing for
+    # ~0.9 s, and the worker asks every ~1 s.
     stack = make_stack(gateways=2, DISCONNECT_GRACE_S="3.05", WORKER_LOST_TIMEOUT_S="4")
     stayer = Background(stack.gateways[0].url + "/chat", {"prompt": "[long 200] [delay 0.05]"})
     stayer.wait_tokens()
@@ -499,7 +500,9 @@ def test_a_get_job_read_on_one_gateway_survives_its_reader_on_another_leaving(
         # the mark of the job it began to relay, may have come already).
         wait_until(lambda: r.pttl(watched) > 3050, 2, "the job marked read")
         previous = r.pttl(watched)
+        deadline = time.monotonic() + 5
         while True:
+            assert time.monotonic() < deadline, "no renewal seen"
             now = r.pttl(watched)
             if now > previous + 200:
                 break

@@ -131,6 +131,7 @@ class Relay:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
         self._read_errors = 0
+        self._dropped_seen = 0
         self.joined: set[str] = set()  # jobs relayed here since watched.py last marked them
         self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
@@ -315,6 +316,9 @@ class Relay:
 
     async def _read_rung(self) -> None:
         """Block on the doorbell, then read the streams that rang (and new readers')."""
+        if self._reads.dropped != self._dropped_seen:  # Redis closed it: restarted, maybe
+            self._dropped_seen = self._reads.dropped
+            self._activity_cursor = None  # open the doorbell again, and read every stream
         since = self._now() - self._doorbell_renewed
         if self._activity_cursor is None or since >= DOORBELL_SAFE_S:
             if not await self._open_doorbell():

@@ -33,6 +33,7 @@ class WatchedRenewal:
         step_s = min(self.timing.watch_tick_s, self.timing.grace_ms / 3000)
         loop_time = asyncio.get_running_loop().time
         all_due = loop_time() + self.timing.watched_renew_s
+        failing = False  # logged once, not every step
         while True:
             until_all = all_due - loop_time()  # past due (a failure): a step, not a spin
             await asyncio.sleep(min(step_s, until_all) if until_all > 0 else step_s)
@@ -48,8 +49,13 @@ class WatchedRenewal:
             except RedisError as exc:
                 # Kept due (all of them, or the joined): the next step tries again, rather
                 # than a restart putting the renewal of all a whole interval off.
-                logger.warning("renewing watched keys failed: %s", exc)
+                if not failing:
+                    logger.warning("renewing watched keys failed: %s; retrying", exc)
+                failing = True
                 continue
+            if failing:
+                logger.info("renewing watched keys works again")
+                failing = False
             self.relay.joined -= joined
 
     async def renew(self, job_ids: list[str]) -> None:
