@@ -480,6 +480,39 @@ def test_asks_for_an_api_key_and_sends_it(
     wait_state(page, "stopped")
 
 
+def test_a_key_saved_while_a_refused_turn_is_still_failing_sends_it_again(
+    keyed_gateway: Service, open_page: Callable[..., Page]
+) -> None:
+    """The page learns of a refused key from ``/roles`` and from the turn's own stream,
+    in either order. When ``/roles`` answers first, the user may save a good key before
+    the turn has failed: the turn must still be taken for refused (its own key asked
+    about, not the one saved since) and sent again with the new key. It was asked about
+    with the new key, found fine, and ended as "the server would not start this answer"."""
+    page = open_page(keyed_gateway.url)
+    panel = page.locator("#key-panel")
+    expect(panel).to_be_visible()
+    held: list[Route] = []
+    page.route(
+        re.compile(r"/chat\?.*access_token=not-the-key"),
+        lambda route: held.append(route) if route.request.method == "GET" else route.continue_(),
+    )
+    page.fill("#api-key", "not-the-key")
+    page.press("#api-key", "Enter")
+    send(page, "let me in")
+    expect(panel).to_contain_text("refused the saved API key")  # /roles said so first
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Enter")
+    for _ in range(200):  # handlers run while Playwright waits: wait in its own way
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the turn was never sent"
+    held[0].continue_()  # now the turn sent with the old key fails: 401
+    last = wait_state(page, "done")
+    expect(last).to_contain_text('You said: "let me in"')
+    expect(page.locator(".msg.user")).to_have_count(1)
+
+
 def test_an_answer_that_cannot_be_resumed_is_reported(
     open_page: Callable[..., Page], stack: Stack
 ) -> None:

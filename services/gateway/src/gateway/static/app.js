@@ -82,8 +82,8 @@
 
   // --- requests -------------------------------------------------------------------
 
-  function authHeaders() {
-    return apiKey ? { Authorization: "Bearer " + apiKey } : {};
+  function authHeaders(key = apiKey) {
+    return key ? { Authorization: "Bearer " + key } : {};
   }
 
   function chatUrl(prompt) {
@@ -98,7 +98,8 @@
     let url = t.url;
     if (t.lastEventId) url += "&last_event_id=" + encodeURIComponent(t.lastEventId);
     try {
-      const response = await fetch(url, { method: "HEAD", headers: authHeaders() });
+      // With the turn's own key: a key saved since must not answer for the one it was sent with.
+      const response = await fetch(url, { method: "HEAD", headers: authHeaders(t.key) });
       return response.status;
     } catch {
       return 0;
@@ -111,7 +112,7 @@
     if (t.gotEvent || (status !== 400 && status !== 413)) return null;
     const controller = new AbortController();
     try {
-      const response = await fetch(t.url, { headers: authHeaders(), signal: controller.signal });
+      const response = await fetch(t.url, { headers: authHeaders(t.key), signal: controller.signal });
       if (response.ok) {
         controller.abort(); // it was accepted after all: drop it, the server cancels it
         return null;
@@ -445,7 +446,7 @@
     try {
       const response = await fetch("/chat/" + encodeURIComponent(t.jobId), {
         method: "DELETE",
-        headers: authHeaders(),
+        headers: authHeaders(t.key), // the job is its key's: a key saved since may not stop it
       });
       // The stream ends with {"error": "cancelled"}; if the server would not cancel, stop here.
       if (!response.ok) finish(t, "error", "cancelled");
