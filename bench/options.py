@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shared.shards import MAX_SHARDS
+from shared.cursors import MAX_SHARDS
 
 T = TypeVar("T")
 

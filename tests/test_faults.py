@@ -10,7 +10,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,6 @@ class Background:
     def __init__(self, url: str, params: dict[str, str] | None = None) -> None:
         self.result: sse.Stream | None = None
         self.error: BaseException | None = None
-        self.job_id: str | None = None
         self._received = b""  # what has reached the reader so far
         self._thread = threading.Thread(target=self._run, args=(url, params), daemon=True)
         self._thread.start()
@@ -50,9 +50,11 @@ class Background:
     def _got(self, chunk: bytes) -> None:
         self._received += chunk
 
-    @property
-    def received(self) -> bytes:
-        return self._received
+    def job_id(self) -> str:
+        """The job's id, from its first event (``queued``): call once a token has come."""
+        first = self._received.split(b"data: ", 1)[1].split(b"\n", 1)[0]
+        job_id: str = json.loads(first)["job_id"]
+        return job_id
 
     def tokens(self) -> int:
         """Token events the reader has received whole so far."""
@@ -92,14 +94,7 @@ def worker_running(stack: Stack, job_id: str) -> int:
 
     def claimed() -> bool:
         found[:] = [i for i, w in enumerate(stack.workers) if job_id in w.log()]
-        events = redis.Redis.from_url(stack.redis_url)
-        try:
-            started = any(
-                b'"lifecycle":"started"' in fields[b"d"]
-                for _, fields in events.xrange(keys.events_key(job_id))
-            )
-        finally:
-            events.close()
+        started = {"lifecycle": "started", "job_id": job_id} in redis_events(stack, job_id)
         return bool(found) and started
 
     wait_until(claimed, 10, f"a worker to claim {job_id}")
@@ -261,7 +256,7 @@ def test_a_get_job_read_for_longer_than_its_grace_is_marked_read_at_once_and_end
     grace_ms = 3000
     reader = Background(stack.gateway.url + "/chat", {"prompt": "[long 100] [delay 0.05]"})
     reader.wait_tokens()
-    job_id = json.loads(reader.received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["job_id"]
+    job_id = reader.job_id()
     watched = keys.watched_key(job_id)
     wait_until(lambda: redis_pttl(stack, watched) > grace_ms, 1.5, "the job marked read")
     stream = reader.join(30)
@@ -426,28 +421,29 @@ def test_a_get_job_left_while_queued_never_reaches_the_model(
     assert stack.llm_stats()["requests"] == 0
 
 
-def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
+@contextmanager
+def stack_redis(stack: Stack) -> Iterator[redis.Redis]:
+    """A client of the stack's Redis, closed after."""
     client = redis.Redis.from_url(stack.redis_url)
     try:
-        return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
+        yield client
     finally:
         client.close()
+
+
+def redis_events(stack: Stack, job_id: str) -> list[dict[str, object]]:
+    with stack_redis(stack) as client:
+        return [ev.decode(f[b"d"]) for _, f in client.xrange(keys.events_key(job_id))]
 
 
 def redis_pttl(stack: Stack, key: str) -> int:
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
+    with stack_redis(stack) as client:
         return int(client.pttl(key))
-    finally:
-        client.close()
 
 
 def redis_exists(stack: Stack, key: str) -> bool:
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
+    with stack_redis(stack) as client:
         return bool(client.exists(key))
-    finally:
-        client.close()
 
 
 def refused(stack: Stack, job_id: str) -> None:
@@ -492,10 +488,9 @@ def test_a_get_job_read_on_one_gateway_survives_its_reader_on_another_leaving(
     stack = make_stack(gateways=2, DISCONNECT_GRACE_S="3.05", WORKER_LOST_TIMEOUT_S="4")
     stayer = Background(stack.gateways[0].url + "/chat", {"prompt": "[long 200] [delay 0.05]"})
     stayer.wait_tokens()
-    job_id = json.loads(stayer.received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["job_id"]
+    job_id = stayer.job_id()
     watched = keys.watched_key(job_id)
-    r = redis.Redis.from_url(stack.redis_url)
-    try:
+    with stack_redis(stack) as r:
         # Wait for gateway 0's renewal of all (a jump of the key's TTL; the first jump,
         # the mark of the job it began to relay, may have come already).
         wait_until(lambda: r.pttl(watched) > 3050, 2, "the job marked read")
@@ -518,8 +513,6 @@ def test_a_get_job_read_on_one_gateway_survives_its_reader_on_another_leaving(
             if not r.exists(watched):
                 missing_at = time.monotonic()
             time.sleep(0.01)
-    finally:
-        r.close()
     stream = stayer.join(30)
     assert sse.is_done(stream.events[-1]), f"{stream.events[-1]}, watched missing: {missing_at}"
     assert missing_at is None, "watched lapsed while gateway 0 still relays the job"

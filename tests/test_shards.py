@@ -81,6 +81,14 @@ class Shards:
     def client(self, shard: int) -> redis.Redis:
         return redis.Redis.from_url(self.servers[shard].url)
 
+    def names(self, shard: int, job_id: str) -> list[bytes]:
+        """Every key of this shard whose name holds the job's id."""
+        client = self.client(shard)
+        try:
+            return list(client.scan_iter(match=f"*{job_id}*"))
+        finally:
+            client.close()
+
     def holds(self, shard: int, job_id: str) -> bool:
         client = self.client(shard)
         try:
@@ -122,6 +130,9 @@ def test_chats_spread_over_every_shard_and_each_job_lives_in_its_own(
             done = sse.read(client, f"{gateway.url}/chat/{job_id}/events")
             assert sse.ends_done(done), done.events
             assert done.text == "".join(f"t{i} " for i in range(5))
+    for job_id, shard in zip(job_ids, placed, strict=True):  # wholly: no key of it elsewhere
+        assert shards.names(shard, job_id)
+        assert not [k for o in range(SHARDS) if o != shard for k in shards.names(o, job_id)]
 
 
 def test_a_cursor_resumes_on_the_other_gateway_whichever_shard_holds_the_job(

@@ -26,11 +26,11 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
+from .cursors import MAX_SHARDS
 from .held_connection import NotSent
 
 SCHEME = "redis+cluster"
 DEFAULT_SHARDS = 12  # spreads evenly over 1, 2, 3, 4, 6 or 12 masters
-MAX_SHARDS = 256
 TABLE_TTL_S = 1.0  # how long an answer of CLUSTER SLOTS is taken for the truth
 
 

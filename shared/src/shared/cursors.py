@@ -26,6 +26,9 @@ class Cursor(NamedTuple):
         return f"{self.job_id}_{self.entry_id}"
 
 
+MAX_SHARDS = 256  # what the job id's two hex digits name
+
+
 def new_job_id(shard: int = 0) -> str:
     """The shard's number (two hex digits: where the job lives, see shards.py), then 120
     random bits: job ids are unguessable, so knowing one is the right to read it."""

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 5
-SOURCE_SHA256 = "fc872b5f80e52b8b528caa57f64e85a1c0ff93e271f9393511f1e4bdc83c1893"
+VERSION = 6
+SOURCE_SHA256 = "acda3eb71a0227fa1f7bf17c4faf4a0c94bdb9dfb571d05f1edcdaa77a634346"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -74,15 +74,12 @@ class HeldConnection:
         in_step = False
         try:
             async with asyncio.timeout(self._timeout_s) as deadline:
-                try:  # a pooled connection is connected as it is taken
+                try:  # a pooled connection is connected as it is taken, a kept one here
                     conn = await self.take()
+                    if not conn.is_connected:
+                        await conn.connect()  # type: ignore[no-untyped-call]
                 except _CONNECT_ERRORS as exc:
                     raise NotSent(str(exc)) from exc
-                if not conn.is_connected:
-                    try:
-                        await conn.connect()  # type: ignore[no-untyped-call]
-                    except _CONNECT_ERRORS as exc:
-                        raise NotSent(str(exc)) from exc
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 replies: list[Any] = []
                 for _ in commands:

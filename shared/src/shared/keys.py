@@ -1,7 +1,8 @@
 """Every Redis name Streamgate uses, in one place.
 
-All keys of one job carry the hash tag ``{<job_id>}`` so that they land in one Cluster slot
-and the functions of the library (streamgate.lua) may touch them together.
+On a Redis of its own, all keys of one job carry the hash tag ``{<job_id>}``; in a Redis
+Cluster every key of a shard carries that shard's tag instead (``Keys``). Either way the
+functions of the library (streamgate.lua) may touch them together.
 """
 
 from __future__ import annotations

@@ -62,6 +62,17 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     return SentinelTarget(sentinels, path[0], db, password, sentinel_password)
 
 
+MGET_BATCH = 1000  # keys per MGET: Redis serves other clients between them
+
+
+async def mget_many(redis: Redis, names: list[str]) -> list[bytes | None]:
+    """The values of ``names`` (None where missing), in one round trip of MGETs."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for start in range(0, len(names), MGET_BATCH):
+            pipe.mget(names[start : start + MGET_BATCH])
+        return [value for batch in await pipe.execute() for value in batch]
+
+
 def connect(url: str, slot: int | None = None, **options: Any) -> Redis:
     """A client (with its own pool) for ``url``; ``options`` go to each connection. For a
     Redis Cluster (``redis+cluster://``), a client of the master that owns ``slot``."""

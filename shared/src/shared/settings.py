@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         from .cluster import cluster_target, is_cluster_url
-        from .shards import MAX_SHARDS, split_urls
+        from .cursors import MAX_SHARDS
+        from .shards import split_urls
 
         urls = split_urls(value)
         if not urls:

@@ -26,7 +26,6 @@ from redis.exceptions import RedisError
 from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
 
-MAX_SHARDS = 256  # what two hex digits name
 CHECK_PLACES_S = 5.0
 
 # A comma starts the next shard's URL only where a scheme follows it: a Sentinel URL lists

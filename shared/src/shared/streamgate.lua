@@ -57,25 +57,23 @@ end
 -- Every write to a job's stream rings the doorbell (gateway/relay.py) while it exists: a
 -- gateway that follows it keeps it alive (a TTL it renews), and re-reads every stream
 -- whenever it may have lapsed. Without one, the XADD would be Redis's costliest step of a
--- token for nobody.
-local function ring_at(activity, events)
-  if redis.call('EXISTS', activity) == 1 then
-    redis.call('XADD', activity, 'MINID', '~', now_ms() - ACTIVITY_KEEP_MS, '*', 'k', events)
-  end
-end
-
--- One doorbell entry naming many streams ('k' once per stream): a write of many jobs
--- rings once.
+-- token for nobody. One entry names every stream of a write ('k' once per stream): a
+-- write of many jobs rings once.
 local function ring_many(activity, rung)
   if #rung == 0 or redis.call('EXISTS', activity) == 0 then return end
+  local min_id = now_ms() - ACTIVITY_KEEP_MS
   for start = 1, #rung, MANY_MAX do
     local fields = {}
     for i = start, math.min(start + MANY_MAX - 1, #rung) do
       fields[#fields + 1] = 'k'
       fields[#fields + 1] = rung[i]
     end
-    redis.call('XADD', activity, 'MINID', '~', now_ms() - ACTIVITY_KEEP_MS, '*', unpack(fields))
+    redis.call('XADD', activity, 'MINID', '~', min_id, '*', unpack(fields))
   end
+end
+
+local function ring_at(activity, events)
+  ring_many(activity, {events})
 end
 
 local function ring(j)
@@ -277,6 +275,15 @@ local function applied(meta, batch, published, published_before)
   end
 end
 
+-- A batch's events (ARGV[first..last]) written under the attempt's fence: nil once
+-- written, else append's answer (1 a retry, 0 not this attempt's).
+local function write_batch(meta, events, owner, batch, published, args, first, last)
+  local verdict, published_before = fenced(meta, owner, batch)
+  if verdict then return verdict end
+  for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
+  applied(meta, batch, published, published_before)
+end
+
 register('append', function(keys, args)
   local final = #keys >= 6
   local meta, events = keys[1], keys[2]
@@ -291,11 +298,9 @@ register('append', function(keys, args)
       return redis.error_reply('usage figures must be whole numbers of tokens') -- before writes
     end
   end
-  local verdict, published_before = fenced(meta, owner, batch)
-  if verdict then return verdict end
   local last = #args - (final and 1 or 0)
-  for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
-  applied(meta, batch, published, published_before)
+  local verdict = write_batch(meta, events, owner, batch, published, args, first, last)
+  if verdict then return verdict end
   if not final then
     if last >= first then ring_at(keys[3], events) end
     return 1
@@ -342,18 +347,15 @@ register('append_each', function(keys, args)
       tonumber(args[a + 3])
     local first, last = a + 4, a + 3 + count
     a = last + 1
-    local ok, result = pcall(function()
-      local verdict, published_before = fenced(meta, owner, batch)
-      if verdict then return verdict end
-      for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
-      applied(meta, batch, published, published_before)
-      if last >= first then rung[#rung + 1] = events end
-      return 1
-    end)
-    if ok then
-      results[#results + 1] = result
+    local ok, verdict = pcall(write_batch, meta, events, owner, batch, published, args, first,
+                              last)
+    if not ok then
+      results[#results + 1] = {err = type(verdict) == 'table' and verdict.err or tostring(verdict)}
+    elseif verdict then
+      results[#results + 1] = verdict
     else
-      results[#results + 1] = {err = type(result) == 'table' and result.err or tostring(result)}
+      results[#results + 1] = 1
+      if last >= first then rung[#rung + 1] = events end
     end
   end
   -- every job's events are written: a doorbell that fails (never, but for a key of the wrong

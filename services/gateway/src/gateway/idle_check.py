@@ -15,14 +15,13 @@ import logging
 from redis.exceptions import RedisError
 
 from shared.event_log import EventLog
+from shared.redis_conn import mget_many
 from shared.timing import Timing
 
 from .metrics import GatewayMetrics, count_check
 from .relay import Relay
 
 logger = logging.getLogger(__name__)
-
-BATCH = 1000  # jobs per MGET
 
 
 class IdleCheck:
@@ -62,15 +61,13 @@ class IdleCheck:
             return
         self.relay.sweep(idle)
         if after_s > self.tick:
-            idle = self.relay.idle_since(now - after_s)
+            jobs = self.relay.jobs
+            idle = [j for j in idle if jobs[j].last_activity <= now - after_s]
             if not idle:
                 return
         # A job whose worker's heartbeat is alive needs no check: one MGET tells them
         # apart, so slow streams (a token a second, thousands of them) cost no call each.
-        async with self.relay.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(idle), BATCH):
-                pipe.mget([self.log.keys.alive(job_id) for job_id in idle[start : start + BATCH]])
-            alive = [v for batch in await pipe.execute() for v in batch]
+        alive = await mget_many(self.relay.redis, [self.log.keys.alive(j) for j in idle])
         idle = [job_id for job_id, beating in zip(idle, alive, strict=True) if beating is None]
         if not idle:
             return

@@ -108,7 +108,7 @@ class Shards:
         has; the last error if no shard answers."""
         error: Exception | None = None
         answered = False
-        for shard in self.in_turn():
+        for shard in sorted(self.all, key=lambda shard: shard.known_down):  # the turn unmoved
             try:
                 tools = await tool_catalog.read(shard.arq, shard.log.keys)
             except (RedisError, OSError) as exc:

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from shared.functions import Functions
 from shared.keys import Keys
 from shared.redis_clock import RedisClock
+from shared.redis_conn import mget_many
 from shared.timing import CANCEL_FALLBACK_S, ENDED_MEMORY_S, STALLED_S
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ class Running:
 
 
 BEAT_BATCH = 500  # jobs per script call: Redis serves other clients between calls
-READERS_BATCH = 1000  # GET jobs per MGET of their watched keys
 
 
 class Heartbeat:
@@ -178,11 +178,7 @@ class Heartbeat:
         watched = [r for r in self.attempts.values() if r.watched and r.stop_reason is None]
         if not watched:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(watched), READERS_BATCH):
-                chunk = watched[start : start + READERS_BATCH]
-                pipe.mget([self.keys.watched(running.job_id) for running in chunk])
-            marks = [mark for batch in await pipe.execute() for mark in batch]
+        marks = await mget_many(self.redis, [self.keys.watched(r.job_id) for r in watched])
         for running, mark in zip(watched, marks, strict=True):
             if mark is None:
                 self._stop(running, "unwatched")
