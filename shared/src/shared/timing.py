@@ -43,11 +43,12 @@ class Timing:
     disconnect grace, so that one nobody reads stops in time."""
     idle_check_after_s: float
     """How long a relayed job must have been silent before a gateway asks whether its worker
-    still beats: the heartbeat of a worker that wrote its last event lapses no sooner than
-    two beats after it (its last beat came at most a beat before the event); one beat
-    less is a margin for events read late. A queued job's deadline bounds it too. The janitor ends lapsed
-    jobs whoever reads them; this check is each gateway's own, and after a Redis error it
-    looks at every silent job (Redis may have restarted empty)."""
+    still beats: the heartbeat of a worker that wrote its last event lapses no sooner
+    than two beats after it (its last beat came at most a beat before the event); one
+    beat less is a margin for events read late. A queued job's deadline bounds it too.
+    The janitor ends lapsed jobs whoever reads them; this check is each gateway's own,
+    and after a Redis error it looks at every silent job (Redis may have restarted
+    empty)."""
     watched_renew_s: float
     """How often a gateway marks the jobs it relays as read: twice per grace. Another
     gateway's last reader leaving sets the key to just the grace, at any moment: the next

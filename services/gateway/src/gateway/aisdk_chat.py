@@ -18,14 +18,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import events as ev
-
 from .aisdk_inputs import chat_id_of, chat_turn
 from .chat import event_stream
 from .inputs import json_body, max_request_bytes
 from .job_events import encoded
-from .jobs import enqueue_request
+from .jobs import cancel_job, enqueue_request
 from .resume_trace import traced
+from .shards import Shard
 from .state import State
 from .ui_message_stream import HEADERS, UIMessageParts
 
@@ -44,7 +43,7 @@ async def chat(request: Request) -> Response:
     release = state.access.take_stream_slot(request, identity)
     # The chat's answers run in the shard that keeps which one is active: no answer starts
     # where that cannot be written.
-    home = state.shards.home(f"{identity}:{turn.chat_id}")
+    home = _home(state, identity, turn.chat_id)
     try:
         async with state.access.count_chat(request, identity):
             traceparent = request.headers.get("traceparent")
@@ -56,8 +55,8 @@ async def chat(request: Request) -> Response:
         before: bytes | None = await home.arq.set(key, job_id, ex=lifetime, get=True)
         # One answer per chat: a new message ends the one before (useChat stopped reading
         # it, and neither resume nor DELETE could reach it any more).
-        if before is not None and await _end(state, before.decode()):
-            state.metrics.jobs.labels("cancelled").inc()
+        if before is not None:
+            await cancel_job(state, before.decode())
     except BaseException:
         release()
         raise
@@ -81,14 +80,14 @@ async def cancel(request: Request) -> Response:
     state: State = request.app.state.sg
     identity = state.access.identify(request)
     job_id = await _active(state, identity, chat_id_of(request.path_params["chat_id"]))
-    if job_id is not None and await _end(state, job_id):
-        state.metrics.jobs.labels("cancelled").inc()
+    if job_id is not None:
+        await cancel_job(state, job_id)
     return Response(status_code=204)
 
 
 async def _active(state: State, identity: str, chat_id: str) -> str | None:
     """The chat's answer still running (or queued), if any."""
-    home = state.shards.home(f"{identity}:{chat_id}")
+    home = _home(state, identity, chat_id)
     found: bytes | None = await home.arq.get(home.log.keys.aisdk_chat(identity, chat_id))
     if found is None:
         return None
@@ -99,5 +98,6 @@ async def _active(state: State, identity: str, chat_id: str) -> str | None:
     return job_id
 
 
-async def _end(state: State, job_id: str) -> bool:
-    return await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED)
+def _home(state: State, identity: str, chat_id: str) -> Shard:
+    """The shard that keeps which answer of the chat is active, and runs its answers."""
+    return state.shards.home(f"{identity}:{chat_id}")

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from shared import events as ev
 from shared.cursors import START, Cursor, is_job_id
 from shared.event_log import FINAL
 
@@ -22,7 +21,7 @@ from .inputs import (
     max_request_bytes,
     query_params,
 )
-from .jobs import check_session, enqueue
+from .jobs import cancel_job, check_session, enqueue
 from .resume_trace import traced
 from .state import State
 
@@ -80,8 +79,7 @@ async def chat_cancel(request: Request) -> Response:
     identity = state.access.identify(request)
     job_id = _job_id(request)
     await _find(state, job_id, identity)
-    if await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED):
-        state.metrics.jobs.labels("cancelled").inc()
+    await cancel_job(state, job_id)
     return Response(status_code=204)
 
 

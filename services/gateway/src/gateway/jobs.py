@@ -10,6 +10,7 @@ import orjson
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from shared import events as ev
 from shared import tracing
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
@@ -37,10 +38,7 @@ async def enqueue(
     event is written first. ``traceparent``: the client's, to join its trace."""
     if not chat.session:
         return await enqueue_request(state, asdict(chat), kind, identity, traceparent)
-    # Sessions are per key: two keys never share a conversation. A session's jobs run in
-    # its shard, where its turns are written with each job's final event.
-    session = f"{identity[:12]}.{chat.session}" if identity else chat.session
-    shard = state.shards.home(session)
+    session, shard = _session_home(state, identity, chat.session)
     job_id = new_job_id(shard.index)
     await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
     fields = asdict(replace(chat, session=session))
@@ -81,11 +79,24 @@ async def check_session(state: State, chat: ChatRequest, identity: str) -> None:
     if not chat.session and len(await state.shards.down()) == len(state.shards):
         raise RedisConnectionError("no Redis shard is reachable")
     if chat.session:
-        session = f"{identity[:12]}.{chat.session}" if identity else chat.session
-        shard = state.shards.home(session)
+        session, shard = _session_home(state, identity, chat.session)
         holder = await shard.sessions.holder(session)
         if holder is not None and not await shard.log.is_over(holder):
             raise _busy(chat.session, holder)
+
+
+async def cancel_job(state: State, job_id: str) -> None:
+    """End the job as cancelled (DELETE, or a new AI SDK message), counted if this ended it."""
+    if await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED):
+        state.metrics.jobs.labels("cancelled").inc()
+
+
+def _session_home(state: State, identity: str, name: str) -> tuple[str, Shard]:
+    """A session's name in Redis and its shard. Sessions are per key: two keys never share a
+    conversation. A session's jobs run in its shard, where its turns are written with each
+    job's final event."""
+    session = f"{identity[:12]}.{name}" if identity else name
+    return session, state.shards.home(session)
 
 
 def _busy(shown: str, holder: str) -> Conflict:

@@ -18,13 +18,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from shared import events as ev
-
 from .chat import SSE_HEADERS, event_stream
 from .errors import BadRequest, NotFound
 from .inputs import json_body, max_request_bytes
 from .job_events import relayed, stored, unless_client_leaves
-from .jobs import enqueue_request
+from .jobs import cancel_job, enqueue_request
 from .openai_inputs import InvalidField
 from .reader import PING
 from .response_events import ResponseEvents, conversation_after
@@ -96,8 +94,7 @@ async def cancel_response(request: Request) -> Response:
     state: State = request.app.state.sg
     identity = state.access.identify(request)
     job_id, echoed = await _find(state, request.path_params["response_id"], identity)
-    if await state.shards.of_job(job_id).log.end(job_id, ev.CANCELLED):
-        state.metrics.jobs.labels("cancelled").inc()
+    await cancel_job(state, job_id)
     return JSONResponse((await _as_stored(state, job_id, echoed)).response())
 
 
