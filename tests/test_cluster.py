@@ -13,8 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.cluster import SlotOwners, cluster_target, shard_tags, tag_slot
+from shared.held_connection import HeldConnection, NotSent
+from shared.redis_conn import connect
 from shared.shards import shard_of, shard_specs
 
 from . import sse
@@ -244,3 +247,32 @@ def test_a_seed_that_does_not_answer_is_passed_over(cluster_stack: tuple[Cluster
     slot = tag_slot(shard_tags(SHARDS)[1])  # the first shard's slot has moved
     host, port = asyncio.run(owners.owner(slot))
     assert (host, port) == ("127.0.0.1", cluster.owner(slot))
+
+
+def test_a_round_trip_cut_by_moved_after_its_first_command_is_not_taken_for_unsent(
+    cluster_stack: tuple[Cluster, Stack],
+) -> None:
+    """``NotSent`` lets a caller send the round trip elsewhere; once a command of it ran,
+    that would do it twice: a later reply saying MOVED is a plain connection error."""
+    cluster, _ = cluster_stack
+    tags = shard_tags(SHARDS)
+    home = tag_slot(tags[1])
+    other = next(t for t in tags if cluster.owner(tag_slot(t)) != cluster.owner(home))
+    key, elsewhere = f"sg:{{{tags[1]}}}:cut-round-trip", f"sg:{{{other}}}:cut-round-trip"
+
+    async def round_trips() -> None:
+        redis = connect(cluster.url, slot=home)
+        held = HeldConnection(redis)
+        try:
+            with pytest.raises(NotSent):  # its one command moved: nothing ran
+                await held.run([("SET", elsewhere, "1")])
+            with pytest.raises(RedisConnectionError) as cut:
+                await held.run([("SET", key, "1"), ("SET", elsewhere, "1")])
+            assert not isinstance(cut.value, NotSent), cut.value
+            assert "1 of 2 commands ran" in str(cut.value)
+            assert await redis.get(key) == b"1"
+        finally:
+            await redis.delete(key)
+            await redis.aclose()
+
+    asyncio.run(round_trips())

@@ -28,8 +28,9 @@ _CONNECT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class NotSent(RedisConnectionError):
-    """No connection could be made: nothing of the round trip reached Redis, so it may go
-    to another shard without being done twice."""
+    """Nothing of the round trip ran (no connection could be made, or a Cluster node said
+    the slot of its first command is elsewhere), so it may go to another shard without
+    being done twice."""
 
 
 class HeldConnection:
@@ -87,6 +88,11 @@ class HeldConnection:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:  # this command's alone, read whole
                         replies.append(exc)
+                    except NotSent as exc:
+                        if replies:  # the commands before it ran: retrying may repeat them
+                            ran = f"{len(replies)} of {len(commands)} commands ran"
+                            raise RedisConnectionError(f"{exc}; {ran}") from exc
+                        raise
             in_step = True
             return replies
         except TimeoutError:
