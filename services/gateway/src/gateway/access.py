@@ -87,15 +87,22 @@ class Access:
         member = secrets.token_hex(8)
         # A sliding window on Redis's clock (the library's ``take``): the chats of the last
         # minute, one member each, so a burst across a minute boundary counts as one minute.
+        several = len(self.shards) > 1
         try:
-            taken, retry_after = await shard.log.functions.call(
-                "take", [key], [WINDOW_MS, self.rate_per_min, member]
-            )
-        except NotSent:
-            if len(self.shards) == 1:
+            if several and shard.known_down:  # not a wait for its connect timeout per chat
+                raise NotSent(f"{shard.name} was found down in the last seconds")
+            try:
+                taken, retry_after = await shard.log.functions.call(
+                    "take", [key], [WINDOW_MS, self.rate_per_min, member]
+                )
+            except NotSent:
+                shard.mark_down()
+                raise
+        except NotSent as exc:
+            if not several:
                 raise  # no chat can start anyway: 503
             # The other shards take chats: a window out of reach does not stop its caller.
-            logger.warning("rate limit not counted: %s is unreachable", shard.name)
+            logger.warning("rate limit not counted: %s", exc)
             taken, retry_after = True, 0
             member = ""
         if not taken:
