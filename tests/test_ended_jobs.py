@@ -74,14 +74,17 @@ def test_a_cancel_published_before_the_worker_follows_is_caught_once_it_does(
         beat = Heartbeat(client, interval_s=3600, alive_ms=5000, name="w")
         beat.following(True)  # as before the loss: no half-second beats to catch it
         beating = asyncio.create_task(beat.run())
-        await client.hset(keys.meta_key("missed"), mapping={"owner": "me"})
+        await client.zadd(keys.RUNNING, {"missed me": 1})  # as claim writes it
         task = asyncio.create_task(tracked_job(beat, "missed"))
-        # The first beat has run and renewed the job (its alive key): the cancel below comes
-        # after the beats a start brings, so only the subscription's beat can catch it.
-        alive = keys.alive_key("missed")
-        await wait_until_async(lambda: client.exists(alive), 5, "a beat to renew the job")
+
+        # The first beat has run and renewed the job: the cancel below comes after the beats
+        # a start brings, so only the subscription's beat can catch it.
+        async def renewed() -> bool:
+            return (await client.zscore(keys.RUNNING, "missed me") or 0) > 1
+
+        await wait_until_async(renewed, 5, "a beat to renew the job")
         assert not task.done()
-        await client.hset(keys.meta_key("missed"), "owner", "-")  # ended, as the end script does
+        await client.zrem(keys.RUNNING, "missed me")  # ended, as the end script does
         await client.publish(keys.ENDED, "missed")  # to nobody
         follower = asyncio.create_task(follow_ended_jobs(client, beat))
         try:
@@ -107,7 +110,7 @@ def test_a_worker_that_cannot_follow_cancels_beats_them_within_the_second(
         beat = Heartbeat(client, interval_s=3600, alive_ms=5000, name="w")
         beating = asyncio.create_task(beat.run())
         follower = asyncio.create_task(follow_ended_jobs(client, beat))
-        await admin.hset(keys.meta_key("ended"), mapping={"owner": "me"})
+        await admin.zadd(keys.RUNNING, {"ended me": 1})  # as claim writes it
         task = asyncio.create_task(tracked_job(beat, "ended"))
         try:
             # Beats have come and gone (two renewals of the job, its score in the running
@@ -122,7 +125,7 @@ def test_a_worker_that_cannot_follow_cancels_beats_them_within_the_second(
 
             await wait_until_async(renewed_twice, 5, "two beats to renew the job")
             assert not task.done()
-            await admin.hset(keys.meta_key("ended"), "owner", "-")  # as the end script does
+            await admin.zrem(keys.RUNNING, "ended me")  # as the end script does
             ended_at = time.monotonic()
             assert await asyncio.wait_for(task, 2) == "not-owner"
             assert time.monotonic() - ended_at < 1.0

@@ -50,6 +50,11 @@ async def redis_ms(log: EventLog) -> int:
     return int(seconds * 1000 + micros // 1000)
 
 
+async def lapse(log: EventLog, job_id: str, owner: str) -> None:
+    """The attempt's heartbeat lapsed: its running index entry is behind Redis's clock."""
+    await log.redis.zadd(keys.RUNNING, {f"{job_id} {owner}": 1}, xx=True)
+
+
 async def events(log: EventLog, job_id: str) -> list[dict[str, Any]]:
     entries = await log.redis.xrange(keys.events_key(job_id))
     return [ev.decode(fields[b"d"]) for _, fields in entries]
@@ -89,7 +94,7 @@ def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
         job_id = await new_job(log)
         (await log.claim(job_id, job_id, "dead"))[0]
         await log.append(job_id, "dead", 1, [ev.Token("half")])
-        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+        await lapse(log, job_id, "dead")  # its heartbeat lapsed
         assert (await log.claim(job_id, job_id, "rerun"))[0] == "lost"
         assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
@@ -102,7 +107,7 @@ def test_the_watchdog_hands_back_a_job_without_output_then_gives_up(db_url: str)
         job_id = await new_job(log)
         for attempt in range(1, MAX_REQUEUES + 2):
             assert (await log.claim(job_id, job_id, f"attempt-{attempt}"))[0] == "run"
-            await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+            await lapse(log, job_id, f"attempt-{attempt}")  # its heartbeat lapsed
             result = (await log.check_stalled([job_id]))[job_id]
             assert result == (2 if attempt <= MAX_REQUEUES else 4)
         assert (await events(log, job_id))[-1] == {"error": ev.TOO_MANY_ATTEMPTS}
@@ -119,7 +124,7 @@ def test_a_job_without_output_ends_at_once_when_no_worker_is_alive_to_rerun_it(
         await log.redis.zadd(keys.WORKERS, {"lapsed": await redis_ms(log) - 1})
         job_id = await new_job(log)
         assert (await log.claim(job_id, job_id, "dead"))[0] == "run"
-        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+        await lapse(log, job_id, "dead")  # its heartbeat lapsed
         assert (await log.check_stalled([job_id]))[job_id] == 1
         assert (await events(log, job_id))[-1] == {"error": ev.WORKER_LOST}
 
@@ -321,7 +326,7 @@ def test_new_chats_leave_a_late_job_to_the_janitor_which_ends_it(db_url: str) ->
 
 
 def test_the_janitor_leaves_an_entry_whose_job_still_needs_it(db_url: str) -> None:
-    """A lapsed entry whose attempt is alive after all stays (its next beat re-scores it);
+    """A lapsed entry whose attempt beat since the janitor listed it stays;
     one of an attempt that no longer runs the job goes, without touching the job."""
 
     async def scenario(log: EventLog) -> None:
@@ -331,6 +336,7 @@ def test_the_janitor_leaves_an_entry_whose_job_still_needs_it(db_url: str) -> No
         await log.redis.zadd(keys.RUNNING, {current: 1, stale: 1})  # both lapsed
         lapsed, _ = await log.due(100)
         assert sorted(lapsed) == sorted([current, stale])
+        await log.redis.zadd(keys.RUNNING, {current: await redis_ms(log) + 60_000})  # a beat
         results = await log.check_stalled([job_id, job_id], [(current, b""), (stale, b"")])
         assert results == {job_id: 0}
         assert await log.redis.zrange(keys.RUNNING, 0, -1) == [current]
@@ -397,7 +403,7 @@ def test_a_session_is_not_freed_by_an_attempt_whose_job_runs_again(db_url: str) 
         job_id = await new_job(log)
         assert await sessions.lock("s", job_id) is None
         assert (await log.claim(job_id, job_id, "paused"))[0] == "run"
-        await log.redis.delete(keys.alive_key(job_id))  # its heartbeat lapsed
+        await lapse(log, job_id, "paused")  # its heartbeat lapsed
         assert (await log.check_stalled([job_id]))[job_id] == 2  # queued again
         await sessions.unlock("s", job_id)  # the paused attempt's clean-up
         assert await sessions.holder("s") == job_id

@@ -17,6 +17,12 @@ from worker import heartbeat as hb
 from .harness import RedisServer
 
 
+async def owns(redis: Redis, job_id: str, owner: str) -> None:
+    """The attempt ``owner`` runs the job: its entry in the running index, as ``claim``
+    writes it (its heartbeat renews only attempts found there)."""
+    await redis.zadd(keys.RUNNING, {f"{job_id} {owner}": 1})
+
+
 async def redis_ms(redis: Redis) -> int:
     seconds, micros = await redis.time()
     return int(seconds * 1000 + micros // 1000)
@@ -41,8 +47,8 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
             "ours-too": ("me", False, False, None),
         }
         for job_id, (owner, _, read, _) in cases.items():
-            if owner is not None:
-                await redis.hset(keys.meta_key(job_id), "owner", owner)  # type: ignore[misc]
+            if owner not in (None, "-"):  # an ended job's attempt left the index
+                await owns(redis, job_id, owner)
             if read:
                 await redis.set(keys.watched_key(job_id), b"1")
 
@@ -66,12 +72,10 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
 
         assert stops == {job_id: c[3] for job_id, c in cases.items()}
         running = dict(await redis.zrange(keys.RUNNING, 0, -1, withscores=True))
-        renewed = {j for j, c in cases.items() if c[0] == "me"}
-        assert {k.decode() for k in running} == {f"{j} me" for j in renewed}  # by attempt
-        assert all(score >= before + 5000 for score in running.values())
-        for job_id in cases:
-            ttl = await redis.pttl(keys.alive_key(job_id))
-            assert (0 < ttl <= 5000) if job_id in renewed else ttl == -2, job_id
+        renewed = {f"{j} me".encode() for j, c in cases.items() if c[0] == "me"}
+        assert set(running) == renewed | {b"taken-over other"}  # none added: by attempt
+        assert all(running[member] >= before + 5000 for member in renewed)
+        assert running[b"taken-over other"] == 1  # not this worker's attempt
         assert await redis.zscore(keys.WORKERS, "w1") >= before + 5000
         await redis.aclose()
 
@@ -169,7 +173,7 @@ def test_an_attempt_unwinding_does_not_stop_the_beats_of_its_jobs_next_attempt(
     async def scenario() -> None:
         redis = connect(db_url)
         beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
-        await redis.hset(keys.meta_key("j"), "owner", "new")  # type: ignore[misc]
+        await owns(redis, "j", "new")
         old_done, new_done = asyncio.Event(), asyncio.Event()
         new_stop: list[str | None] = []
 
@@ -185,7 +189,7 @@ def test_an_attempt_unwinding_does_not_stop_the_beats_of_its_jobs_next_attempt(
         old_done.set()  # the old attempt finishes unwinding, the new one runs on
         await old
         await beat.beat()
-        assert await redis.pttl(keys.alive_key("j")) > 0, "the new attempt was not renewed"
+        assert await redis.zscore(keys.RUNNING, "j new") > 1, "the new attempt was not renewed"
         assert await redis.zrange(keys.RUNNING, 0, -1) == [b"j new"]
         new_done.set()
         await new
@@ -205,7 +209,7 @@ def test_an_attempt_that_exits_still_owning_its_job_stays_indexed_for_the_janito
     async def scenario() -> None:
         redis = connect(db_url)
         beat = hb.Heartbeat(redis, interval_s=60, alive_ms=5000, name="w")
-        await redis.hset(keys.meta_key("j"), "owner", "me")  # type: ignore[misc]
+        await owns(redis, "j", "me")
         with beat.track("j", "me", watched=False):
             await beat.beat()
         await beat.beat()  # the attempt has exited; its job is still its
@@ -251,7 +255,7 @@ def test_a_get_job_nobody_reads_stops_at_the_readers_pace_and_no_beat_comes_with
     async def scenario() -> None:
         redis = connect(own_redis.url)
         for job_id in ("get", "post"):
-            await redis.hset(keys.meta_key(job_id), "owner", "me")  # type: ignore[misc]
+            await owns(redis, job_id, "me")
         await redis.set(keys.watched_key("get"), b"1")
         beat = hb.Heartbeat(redis, interval_s=3600, alive_ms=60_000, name="w", readers_s=readers_s)
         get, post = running_job(beat, "get", True), running_job(beat, "post", False)
@@ -282,7 +286,7 @@ def test_beats_keep_their_interval_and_leave_the_readers_to_theirs(
 
     async def scenario() -> None:
         redis = connect(own_redis.url)
-        await redis.hset(keys.meta_key("get"), "owner", "me")  # type: ignore[misc]
+        await owns(redis, "get", "me")
         await redis.set(keys.watched_key("get"), b"1")
         beat = hb.Heartbeat(redis, interval_s=interval_s, alive_ms=60_000, name="w", readers_s=3600)
         get = running_job(beat, "get", True)
@@ -295,7 +299,8 @@ def test_beats_keep_their_interval_and_leave_the_readers_to_theirs(
         started, beats = time.monotonic(), await calls(redis, "fcall")
         await until_calls(redis, "fcall", beats + 3, 3 * interval_s + 2)
         assert time.monotonic() - started > 2 * interval_s - 0.05  # paced, not spinning
-        assert await redis.pttl(keys.alive_key("get")) > 59_000  # renewed by the last beat
+        renewed = await redis.zscore(keys.RUNNING, "get me")
+        assert renewed >= await redis_ms(redis) + 59_000  # by the last beat
         assert not get.done() and await calls(redis, "mget") == 1
         for task in (get, loop):
             task.cancel()

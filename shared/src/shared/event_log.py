@@ -15,7 +15,8 @@ each is atomic with the job's state in its meta hash; docs/architecture.md draws
   hands one back to the queue when its worker died before any output, and ends one that
   no worker started in time. The checks run in Redis, so two gateways watching one job
   cannot both act.
-- ``due`` lists the jobs the janitor should check: lapsed heartbeats, late waits.
+- ``due`` lists the jobs the janitor should check: lapsed heartbeats, late waits;
+  ``beating`` tells which jobs' attempts still beat.
 
 Every job stream thus ends with exactly one final event, and nothing follows it.
 """
@@ -124,7 +125,6 @@ class EventLog:
         return [
             k.meta(job_id),
             k.events(job_id),
-            k.alive(job_id),
             k.deadline(job_id),
             k.activity,
             k.running,
@@ -393,6 +393,15 @@ class EventLog:
             "due", [self.keys.running, self.keys.pending], args
         )
         return list(lapsed), list(late)
+
+    async def beating(self, job_ids: Sequence[str], batch: int = 1000) -> list[bool]:
+        """Per job: whether an attempt owns it and its heartbeat has not lapsed."""
+        calls: list[tuple[list[str], list[bytes | str | int]]] = [
+            ([self.keys.running, *(self.keys.meta(j) for j in job_ids[i : i + batch])], [])
+            for i in range(0, len(job_ids), batch)
+        ]
+        replies = await self.functions.call_all("beating", calls) if calls else []
+        return [bool(beats) for reply in replies for beats in reply]
 
     async def is_over(self, job_id: str) -> bool:
         """True once the job has its final event, or when Redis no longer knows it."""

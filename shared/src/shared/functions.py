@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 6
-SOURCE_SHA256 = "acda3eb71a0227fa1f7bf17c4faf4a0c94bdb9dfb571d05f1edcdaa77a634346"
+VERSION = 7
+SOURCE_SHA256 = "03393909dfa9f077431f3ac50ae6ff310c49208ff2008ceb192a73637e582e11"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -18,7 +18,8 @@ WAKE_REQUEST_MAX = 16_384  # bytes of request a wake-up carries, at most
 ACTIVITY = "sg:activity"  # the doorbell: every write to a job's stream adds that stream's
 # key here, so a gateway relaying thousands of streams blocks on this one (capped) stream
 RUNNING = "sg:running"  # running attempts, "<job id> <owner>", scored by when their heartbeat
-# lapses (ms, Redis's clock): lets the janitor find a dead worker's job that nobody reads
+# lapses (ms, Redis's clock): an attempt is alive while its score is ahead, and the janitor
+# finds a dead worker's job that nobody reads
 ENDED = "sg:ended"  # pub/sub channel: the id of each job ended from outside (DELETE), so
 # that its worker stops the upstream request at once rather than at its next heartbeat
 WORKERS = "sg:workers"  # worker names scored by when their heartbeat lapses (ms), idle ones
@@ -36,11 +37,6 @@ def events_key(job_id: str) -> str:
 def meta_key(job_id: str) -> str:
     """The job's state (kind, owning attempt, published, final); expires with the stream."""
     return f"sg:{{{job_id}}}:meta"
-
-
-def alive_key(job_id: str) -> str:
-    """Set by the worker running the job; lives WORKER_LOST_TIMEOUT_S unless renewed."""
-    return f"sg:{{{job_id}}}:alive"
 
 
 def deadline_key(job_id: str) -> str:
@@ -123,9 +119,6 @@ class Keys:
 
     def meta(self, job_id: str) -> str:
         return self._tagged(meta_key(job_id))
-
-    def alive(self, job_id: str) -> str:
-        return self._tagged(alive_key(job_id))
 
     def deadline(self, job_id: str) -> str:
         return self._tagged(deadline_key(job_id))

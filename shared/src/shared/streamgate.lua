@@ -20,7 +20,9 @@
 --     requeues  how often it was handed back; queued  when it was last queued (ms)
 --     started, kind, request, key
 -- * The running index holds one member per running attempt, '<job id> <owner>', scored
---   by when its heartbeat lapses; the waiting set one per arq id queued, scored by when.
+--   by when its heartbeat lapses: an attempt is alive while its score is ahead of Redis's
+--   clock (no key per job: renewing thousands is one ZADD). The waiting set holds one
+--   member per arq id queued, scored by when.
 
 -- Doorbells kept (approximately): the last 10 s. By time, not by entries: one entry may name
 -- a thousand streams. A gateway behind by more finds the streams on its 5 s sweep.
@@ -49,8 +51,8 @@ end
 -- A job's keys, in the order every job function's KEYS start with.
 local function job_keys(keys)
   return {
-    meta = keys[1], events = keys[2], alive = keys[3], deadline = keys[4],
-    activity = keys[5], running = keys[6],
+    meta = keys[1], events = keys[2], deadline = keys[3], activity = keys[4],
+    running = keys[5],
   }
 end
 
@@ -80,6 +82,12 @@ local function ring(j)
   ring_at(j.activity, j.events)
 end
 
+-- Whether the job's attempt `owner` beats: its running index entry is ahead of `now`.
+local function beating(j, owner, now)
+  local lapses = redis.call('ZSCORE', j.running, attempt(job_id_of(j.meta), owner))
+  return lapses and tonumber(lapses) > now
+end
+
 -- The running attempt, if any, leaves the running index: it no longer owns the job.
 local function drop_attempt(j)
   local owner = redis.call('HGET', j.meta, 'owner')
@@ -94,7 +102,7 @@ local function finalize(j, data, retention_s)
   redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
   redis.call('EXPIRE', j.meta, retention_s)
   redis.call('EXPIRE', j.events, retention_s)
-  redis.call('DEL', j.alive, j.deadline)
+  redis.call('DEL', j.deadline)
 end
 
 -- A job's keys outlive whatever may still happen to it (a wait, a run, the retention).
@@ -124,7 +132,6 @@ local function hand_back(j, h)
   end
   drop_attempt(j)
   redis.call('HSET', j.meta, 'owner', '', 'queued', now_ms())
-  redis.call('DEL', j.alive)
   redis.call('SET', j.deadline, '1', 'PX', h.queue_timeout_ms)
   extend(j, h.queued_ttl_s)
   return count
@@ -142,7 +149,7 @@ end
 -- Jobs that waited past the queue timeout do not count: the janitor ends them.
 register('create', function(keys, args)
   local j = job_keys(keys)
-  local pending, queue, wake, watched, arq_job = keys[7], keys[8], keys[9], keys[10], keys[11]
+  local pending, queue, wake, watched, arq_job = keys[6], keys[7], keys[8], keys[9], keys[10]
   local kind, request, queued_before, queued_after, queue_timeout_ms, ttl_s, watched_ms,
         key_digest, max_queued, arq_id, payload, wake_last, wake_request_max = unpack(args)
   local now = now_ms()
@@ -174,7 +181,7 @@ end)
 -- before a single upstream token is paid for.
 register('claim', function(keys, args)
   local j = job_keys(keys)
-  local pending, queue, watched, arq_job = keys[7], keys[8], keys[9], keys[10]
+  local pending, queue, watched, arq_job = keys[6], keys[7], keys[8], keys[9]
   local owner, alive_ms, started, worker_lost, no_worker, retention_s, queued_as,
         check_readers, client_gone, run_ttl_s = unpack(args)
   redis.call('ZREM', pending, queued_as)
@@ -183,8 +190,9 @@ register('claim', function(keys, args)
   if redis.call('EXISTS', j.meta) == 0 then return {'gone'} end
   if redis.call('HEXISTS', j.meta, 'final') == 1 then return {'final'} end
   local previous = redis.call('HGET', j.meta, 'owner')
+  local now = now_ms()
   if owned_by(previous) then
-    if redis.call('EXISTS', j.alive) == 1 then return {'busy'} end
+    if beating(j, previous, now) then return {'busy'} end
   elseif redis.call('EXISTS', j.deadline) == 0 then
     finalize(j, no_worker, retention_s)
     return {'expired'}
@@ -200,9 +208,7 @@ register('claim', function(keys, args)
   end
   local job_id = job_id_of(j.meta)
   if owned_by(previous) then redis.call('ZREM', j.running, attempt(job_id, previous)) end
-  local now = now_ms()
   redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
-  redis.call('SET', j.alive, '1', 'PX', alive_ms)
   redis.call('ZADD', j.running, now + tonumber(alive_ms), attempt(job_id, owner))
   redis.call('DEL', j.deadline)
   extend(j, run_ttl_s)
@@ -245,7 +251,7 @@ end
 -- A batch without the final event, by far the most common call (a token or two), needs
 -- only KEYS meta, events, activity and ARGV owner, batch, published, then its events:
 -- every key and argument less is work Redis does per token. A batch ending with the final
--- event has the job's six keys, then the session's turns (when ARGV[5], the turn, is not
+-- event has the job's five keys, then the session's turns (when ARGV[5], the turn, is not
 -- empty: memory never holds a turn whose answer the client saw fail) and the usage hash
 -- (when ARGV[8], the model, is not empty: counted exactly once), and ARGV 4-12 say what
 -- goes with it (see below); its events start at ARGV[13] and the last one is final.
@@ -285,7 +291,7 @@ local function write_batch(meta, events, owner, batch, published, args, first, l
 end
 
 register('append', function(keys, args)
-  local final = #keys >= 6
+  local final = #keys >= 5
   local meta, events = keys[1], keys[2]
   local owner, batch, published = args[1], tonumber(args[2]), args[3]
   local first = final and 13 or 4
@@ -307,13 +313,13 @@ register('append', function(keys, args)
   end
   local j = job_keys(keys) -- finalize rings for the batch
   if turn ~= '' then
-    local turns = keys[7]
+    local turns = keys[6]
     redis.call('RPUSH', turns, turn)
     redis.call('LTRIM', turns, -tonumber(max_turns), -1)
     redis.call('EXPIRE', turns, turns_retention_s)
   end
   if model ~= '' then
-    local usage = keys[turn ~= '' and 8 or 7]
+    local usage = keys[turn ~= '' and 7 or 6]
     count_usage(j, usage, model, prompt, completion, total, usage_retention_s)
   end
   finalize(j, args[#args], retention_s)
@@ -369,7 +375,7 @@ end)
 -- Returns 0 if it was not ours or had output, else as hand_back.
 register('release', function(keys, args)
   local j = job_keys(keys)
-  local q = {pending = keys[7], queue = keys[8], wake = keys[9], arq_job = keys[10]}
+  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9]}
   local owner, queue_timeout_ms, max_requeues, too_many, retention_s, queued_ttl_s, arq_id,
         payload, wake_last = unpack(args)
   if redis.call('HGET', j.meta, 'owner') ~= owner then return 0 end
@@ -403,8 +409,8 @@ end)
 -- now (no worker started it in time), 4 ended now (handed back too often).
 register('check', function(keys, args)
   local j = job_keys(keys)
-  local q = {pending = keys[7], queue = keys[8], wake = keys[9], arq_job = keys[10]}
-  local workers = keys[11]
+  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9]}
+  local workers = keys[10]
   local worker_lost, no_worker, retention_s, queue_timeout_ms, max_requeues, too_many,
         queued_ttl_s, arq_id, payload, wake_last, running_member, pending_member = unpack(args)
   local function settled(result)
@@ -421,8 +427,8 @@ register('check', function(keys, args)
     if running_member ~= '' and running_member ~= current then
       redis.call('ZREM', j.running, running_member) -- an attempt that has since ended
     end
-    if redis.call('EXISTS', j.alive) == 1 then return 0 end
     local now = now_ms()
+    if beating(j, owner, now) then return 0 end
     if redis.call('HEXISTS', j.meta, 'published') == 1
         or redis.call('ZCOUNT', workers, '(' .. now, '+inf') == 0 then
       finalize(j, worker_lost, retention_s)
@@ -455,39 +461,49 @@ register('due', function(keys, args)
 end, {'no-writes'})
 
 -- beat: a worker's heartbeat. The worker counts as alive (KEYS[2], idle ones too); each
--- attempt it runs that still owns its job is renewed. KEYS after the two indexes: per job
--- its meta hash and alive key. ARGV: alive ms, worker name, then per job its id and the
--- attempt's owner. Returns Redis's time (ms), then per job: 0 go on, 1 no longer this
--- attempt's (nothing renewed). Workers silent for a day leave the workers index. An
--- attempt's running index entry leaves with the step that ends its ownership (finalize,
--- hand_back, a takeover), never here: an attempt that exits still owning its job (its
--- final write failed) must lapse, for the janitor to end the job.
+-- attempt it runs that still owns its job is renewed: its entry in the running index
+-- (KEYS[1]), which the step that ends its ownership removes (finalize, hand_back, a
+-- takeover). ARGV: alive ms, worker name, then the attempts' members ('<job id> <owner>').
+-- Returns Redis's time (ms), then per attempt: 0 go on, 1 no longer this attempt's job.
+-- Workers silent for a day leave the workers index. An attempt that exits still owning
+-- its job (its final write failed) keeps its entry until it lapses, for the janitor to
+-- end the job.
 register('beat', function(keys, args)
   local running, workers = keys[1], keys[2]
-  local alive_ms, name = tonumber(args[1]), args[2]
   local now = now_ms()
-  redis.call('ZADD', workers, now + alive_ms, name)
+  local lapses = tostring(now + tonumber(args[1])) -- formatted once, not per attempt
+  redis.call('ZADD', workers, lapses, args[2])
   redis.call('ZREMRANGEBYSCORE', workers, '-inf', now - DAY_MS)
-  local out, renewed = {now}, {}
-  for i = 0, (#keys - 2) / 2 - 1 do
-    local meta, alive = keys[3 + 2 * i], keys[4 + 2 * i]
-    local job_id, owner = args[3 + 2 * i], args[4 + 2 * i]
-    if redis.call('HGET', meta, 'owner') ~= owner then
-      out[i + 2] = 1
-    else
-      redis.call('SET', alive, '1', 'PX', alive_ms)
-      renewed[#renewed + 1] = now + alive_ms
-      renewed[#renewed + 1] = attempt(job_id, owner)
-      out[i + 2] = 0
+  local out = {now}
+  for first = 3, #args, MANY_MAX do
+    local last = math.min(first + MANY_MAX - 1, #args)
+    local scores = redis.call('ZMSCORE', running, unpack(args, first, last))
+    local renewed = {}
+    for i = first, last do
+      local owns = scores[i - first + 1] ~= false
+      out[#out + 1] = owns and 0 or 1
+      if owns then
+        renewed[#renewed + 1] = lapses
+        renewed[#renewed + 1] = args[i]
+      end
     end
-  end
-  -- one ZADD for the lot: the beat's costliest step was a call per job
-  for start = 1, #renewed, 2 * MANY_MAX do
-    local stop = math.min(start + 2 * MANY_MAX - 1, #renewed)
-    redis.call('ZADD', running, unpack(renewed, start, stop))
+    if #renewed > 0 then redis.call('ZADD', running, 'XX', unpack(renewed)) end
   end
   return out
 end)
+
+-- beating: per job in KEYS after the running index (its meta hash), 1 if an attempt owns
+-- it and beats, else 0: a gateway's idle check leaves the ones that beat alone.
+register('beating', function(keys)
+  local now = now_ms()
+  local out = {}
+  for i = 2, #keys do
+    local j = {meta = keys[i], running = keys[1]}
+    local owner = redis.call('HGET', j.meta, 'owner')
+    out[i - 1] = (owned_by(owner) and beating(j, owner, now)) and 1 or 0
+  end
+  return out
+end, {'no-writes'})
 
 -- watch: mark every job in KEYS (their watched keys) as read, for ARGV[1] ms: one call for
 -- a thousand relayed jobs.

@@ -29,7 +29,7 @@ STALLED_S = 60.0  # a worker whose heartbeat loop has not begun a beat for this 
 @dataclass(frozen=True)
 class Timing:
     alive_ms: int
-    """A running attempt's heartbeat key lives this long unless renewed: 0.7 of
+    """A running attempt's heartbeat lapses this long after its last beat: 0.7 of
     WORKER_LOST_TIMEOUT_S, so that with one ``watch_tick_s`` (at most a quarter) for a
     gateway to notice, the job ends within the timeout."""
     watch_tick_s: float

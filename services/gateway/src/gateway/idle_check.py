@@ -15,7 +15,6 @@ import logging
 from redis.exceptions import RedisError
 
 from shared.event_log import EventLog
-from shared.redis_conn import mget_many
 from shared.timing import Timing
 
 from .metrics import GatewayMetrics, count_check
@@ -65,10 +64,10 @@ class IdleCheck:
             idle = [j for j in idle if jobs[j].last_activity <= now - after_s]
             if not idle:
                 return
-        # A job whose worker's heartbeat is alive needs no check: one MGET tells them
-        # apart, so slow streams (a token a second, thousands of them) cost no call each.
-        alive = await mget_many(self.relay.redis, [self.log.keys.alive(j) for j in idle])
-        idle = [job_id for job_id, beating in zip(idle, alive, strict=True) if beating is None]
+        # A job whose worker's heartbeat is alive needs no check: one read-only call tells
+        # them apart, so slow streams (a token a second, thousands of them) cost no check.
+        beats = await self.log.beating(idle)
+        idle = [job_id for job_id, beating in zip(idle, beats, strict=True) if not beating]
         if not idle:
             return
         for job_id, result in (await self.log.check_stalled(idle)).items():
