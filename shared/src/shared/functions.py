@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 7
-SOURCE_SHA256 = "03393909dfa9f077431f3ac50ae6ff310c49208ff2008ceb192a73637e582e11"
+VERSION = 8
+SOURCE_SHA256 = "cc2ca1ee5c04fb83aaf11907fc9ec39cdf61772396acc8bdfce89639889243b8"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -60,10 +60,10 @@ end
 -- gateway that follows it keeps it alive (a TTL it renews), and re-reads every stream
 -- whenever it may have lapsed. Without one, the XADD would be Redis's costliest step of a
 -- token for nobody. One entry names every stream of a write ('k' once per stream): a
--- write of many jobs rings once.
-local function ring_many(activity, rung)
+-- write of many jobs rings once. `now`: Redis's time, if the caller has read it.
+local function ring_many(activity, rung, now)
   if #rung == 0 or redis.call('EXISTS', activity) == 0 then return end
-  local min_id = now_ms() - ACTIVITY_KEEP_MS
+  local min_id = (now or now_ms()) - ACTIVITY_KEEP_MS
   for start = 1, #rung, MANY_MAX do
     local fields = {}
     for i = start, math.min(start + MANY_MAX - 1, #rung) do
@@ -74,12 +74,12 @@ local function ring_many(activity, rung)
   end
 end
 
-local function ring_at(activity, events)
-  ring_many(activity, {events})
+local function ring_at(activity, events, now)
+  ring_many(activity, {events}, now)
 end
 
-local function ring(j)
-  ring_at(j.activity, j.events)
+local function ring(j, now)
+  ring_at(j.activity, j.events, now)
 end
 
 -- Whether the job's attempt `owner` beats: its running index entry is ahead of `now`.
@@ -89,17 +89,19 @@ local function beating(j, owner, now)
 end
 
 -- The running attempt, if any, leaves the running index: it no longer owns the job.
-local function drop_attempt(j)
-  local owner = redis.call('HGET', j.meta, 'owner')
+-- `owner`: the job's owner, if the caller has read it.
+local function drop_attempt(j, owner)
+  owner = owner or redis.call('HGET', j.meta, 'owner')
   if owned_by(owner) then redis.call('ZREM', j.running, attempt(job_id_of(j.meta), owner)) end
 end
 
--- The one final event: nothing is written to the stream after it.
-local function finalize(j, data, retention_s)
+-- The one final event: nothing is written to the stream after it. `owner` as for
+-- drop_attempt; `record`: more fields of the meta hash to set with it.
+local function finalize(j, data, retention_s, owner, record)
   redis.call('XADD', j.events, '*', 'd', data, 'f', '1')
   ring(j)
-  drop_attempt(j)
-  redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
+  drop_attempt(j, owner)
+  redis.call('HSET', j.meta, 'final', '1', 'owner', '-', unpack(record or {}))
   redis.call('EXPIRE', j.meta, retention_s)
   redis.call('EXPIRE', j.events, retention_s)
   redis.call('DEL', j.deadline)
@@ -117,20 +119,21 @@ local function queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last,
   redis.call('PSETEX', q.arq_job, queue_timeout_ms, payload)
   redis.call('ZADD', q.queue, now, arq_id)
   redis.call('ZADD', q.pending, now, arq_id)
-  redis.call('LPUSH', q.wake, wake_entry or arq_id)
-  redis.call('LTRIM', q.wake, 0, wake_last)
+  if redis.call('LPUSH', q.wake, wake_entry or arq_id) > tonumber(wake_last) + 1 then
+    redis.call('LTRIM', q.wake, 0, wake_last)
+  end
 end
 
 -- A job that produced no output goes back to the queue unless it was handed back too
 -- often already: a job that kills every worker must not run forever. Returns the number of
 -- hand-backs so far, or -1 if it ended the job.
-local function hand_back(j, h)
+local function hand_back(j, h, owner)
   local count = redis.call('HINCRBY', j.meta, 'requeues', 1)
   if count > tonumber(h.max_requeues) then
-    finalize(j, h.too_many, h.retention_s)
+    finalize(j, h.too_many, h.retention_s, owner)
     return -1
   end
-  drop_attempt(j)
+  drop_attempt(j, owner)
   redis.call('HSET', j.meta, 'owner', '', 'queued', now_ms())
   redis.call('SET', j.deadline, '1', 'PX', h.queue_timeout_ms)
   extend(j, h.queued_ttl_s)
@@ -158,7 +161,7 @@ register('create', function(keys, args)
   redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest,
              'queued', now)
   redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
-  ring(j)
+  ring(j, now)
   redis.call('SET', j.deadline, '1', 'PX', queue_timeout_ms)
   if watched_ms ~= '0' then redis.call('SET', watched, '1', 'PX', watched_ms) end
   redis.call('EXPIRE', j.meta, ttl_s)
@@ -187,36 +190,41 @@ register('claim', function(keys, args)
   redis.call('ZREM', pending, queued_as)
   redis.call('ZREM', queue, queued_as)
   redis.call('DEL', arq_job)
-  if redis.call('EXISTS', j.meta) == 0 then return {'gone'} end
-  if redis.call('HEXISTS', j.meta, 'final') == 1 then return {'final'} end
-  local previous = redis.call('HGET', j.meta, 'owner')
+  -- one read of its state (every job's meta hash has its kind, from create on)
+  local kind, final, previous, published, was_started, request, queued, key = unpack(
+    redis.call('HMGET', j.meta, 'kind', 'final', 'owner', 'published', 'started', 'request',
+               'queued', 'key'))
+  if not kind then return {'gone'} end
+  if final then return {'final'} end
   local now = now_ms()
   if owned_by(previous) then
     if beating(j, previous, now) then return {'busy'} end
   elseif redis.call('EXISTS', j.deadline) == 0 then
-    finalize(j, no_worker, retention_s)
+    finalize(j, no_worker, retention_s, previous)
     return {'expired'}
   end
-  if redis.call('HEXISTS', j.meta, 'published') == 1 then
-    finalize(j, worker_lost, retention_s)
+  if published then
+    finalize(j, worker_lost, retention_s, previous)
     return {'lost'}
   end
-  if check_readers == '1' and redis.call('HGET', j.meta, 'kind') == 'get'
-      and redis.call('EXISTS', watched) == 0 then
-    finalize(j, client_gone, retention_s)
+  if check_readers == '1' and kind == 'get' and redis.call('EXISTS', watched) == 0 then
+    finalize(j, client_gone, retention_s, previous)
     return {'unwatched'}
   end
   local job_id = job_id_of(j.meta)
   if owned_by(previous) then redis.call('ZREM', j.running, attempt(job_id, previous)) end
-  redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
+  if was_started then
+    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
+  else
+    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0', 'started', '1')
+  end
   redis.call('ZADD', j.running, now + tonumber(alive_ms), attempt(job_id, owner))
   redis.call('DEL', j.deadline)
   extend(j, run_ttl_s)
-  if redis.call('HSETNX', j.meta, 'started', '1') == 1 then
+  if not was_started then
     redis.call('XADD', j.events, '*', 'd', started)
-    ring(j)
+    ring(j, now)
   end
-  local request, queued, key = unpack(redis.call('HMGET', j.meta, 'request', 'queued', 'key'))
   return {'run', request, tonumber(queued) or now, now, key or ''}
 end)
 
@@ -271,29 +279,38 @@ local function fenced(meta, owner, batch)
   return nil, state[3]
 end
 
--- The batch is written: recorded last, so that a batch that failed midway is not taken
--- for written by its retry.
-local function applied(meta, batch, published, published_before)
+-- What the meta hash records of a written batch (its number, as the caller sent it, and
+-- that the job has output, once): set last, so that a batch that failed midway is not
+-- taken for written by its retry.
+local function applied(batch_arg, published, published_before)
   if published == '1' and not published_before then
-    redis.call('HSET', meta, 'batch', batch, 'published', '1')
-  else
-    redis.call('HSET', meta, 'batch', batch)
+    return {'batch', batch_arg, 'published', '1'}
   end
+  return {'batch', batch_arg}
 end
 
--- A batch's events (ARGV[first..last]) written under the attempt's fence: nil once
--- written, else append's answer (1 a retry, 0 not this attempt's).
-local function write_batch(meta, events, owner, batch, published, args, first, last)
-  local verdict, published_before = fenced(meta, owner, batch)
+-- A batch's events (ARGV[first..last]) written under the attempt's fence: nil and what
+-- the meta hash is to record of it once written, else append's answer (1 a retry, 0 not
+-- this attempt's).
+local function write_events(meta, events, owner, batch_arg, published, args, first, last)
+  local verdict, published_before = fenced(meta, owner, tonumber(batch_arg))
   if verdict then return verdict end
   for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
-  applied(meta, batch, published, published_before)
+  return nil, applied(batch_arg, published, published_before)
+end
+
+-- write_events, the record set at once: a batch without the final event.
+local function write_batch(meta, events, owner, batch_arg, published, args, first, last)
+  local verdict, record = write_events(meta, events, owner, batch_arg, published, args, first,
+                                       last)
+  if verdict then return verdict end
+  redis.call('HSET', meta, unpack(record))
 end
 
 register('append', function(keys, args)
   local final = #keys >= 5
   local meta, events = keys[1], keys[2]
-  local owner, batch, published = args[1], tonumber(args[2]), args[3]
+  local owner, batch, published = args[1], args[2], args[3]
   local first = final and 13 or 4
   local retention_s, turn, max_turns, turns_retention_s, model, prompt, completion, total,
         usage_retention_s
@@ -305,12 +322,14 @@ register('append', function(keys, args)
     end
   end
   local last = #args - (final and 1 or 0)
-  local verdict = write_batch(meta, events, owner, batch, published, args, first, last)
-  if verdict then return verdict end
   if not final then
+    local verdict = write_batch(meta, events, owner, batch, published, args, first, last)
+    if verdict then return verdict end
     if last >= first then ring_at(keys[3], events) end
     return 1
   end
+  local verdict, record = write_events(meta, events, owner, batch, published, args, first, last)
+  if verdict then return verdict end
   local j = job_keys(keys) -- finalize rings for the batch
   if turn ~= '' then
     local turns = keys[6]
@@ -322,8 +341,9 @@ register('append', function(keys, args)
     local usage = keys[turn ~= '' and 7 or 6]
     count_usage(j, usage, model, prompt, completion, total, usage_retention_s)
   end
-  finalize(j, args[#args], retention_s)
-  redis.call('HSET', meta, 'ended_by', owner)
+  record[#record + 1] = 'ended_by'
+  record[#record + 1] = owner
+  finalize(j, args[#args], retention_s, owner, record)
   return 1
 end)
 
@@ -349,7 +369,7 @@ register('append_each', function(keys, args)
   a = 1
   for k = 2, #keys, 2 do
     local meta, events = keys[k], keys[k + 1]
-    local owner, batch, published, count = args[a], tonumber(args[a + 1]), args[a + 2],
+    local owner, batch, published, count = args[a], args[a + 1], args[a + 2],
       tonumber(args[a + 3])
     local first, last = a + 4, a + 3 + count
     a = last + 1
@@ -378,12 +398,12 @@ register('release', function(keys, args)
   local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9]}
   local owner, queue_timeout_ms, max_requeues, too_many, retention_s, queued_ttl_s, arq_id,
         payload, wake_last = unpack(args)
-  if redis.call('HGET', j.meta, 'owner') ~= owner then return 0 end
-  if redis.call('HEXISTS', j.meta, 'published') == 1 then return 0 end
+  local current, published = unpack(redis.call('HMGET', j.meta, 'owner', 'published'))
+  if current ~= owner or published then return 0 end
   local count = hand_back(j, {
     max_requeues = max_requeues, too_many = too_many, retention_s = retention_s,
     queue_timeout_ms = queue_timeout_ms, queued_ttl_s = queued_ttl_s,
-  })
+  }, owner)
   if count > 0 then queue_again(q, queue_timeout_ms, arq_id, payload, now_ms(), wake_last) end
   return count
 end)
@@ -418,9 +438,10 @@ register('check', function(keys, args)
     if pending_member ~= '' then redis.call('ZREM', q.pending, pending_member) end
     return result
   end
-  if redis.call('EXISTS', j.meta) == 0 then return settled(-1) end
-  if redis.call('HEXISTS', j.meta, 'final') == 1 then return settled(0) end
-  local owner = redis.call('HGET', j.meta, 'owner')
+  local kind, final, owner, published = unpack(
+    redis.call('HMGET', j.meta, 'kind', 'final', 'owner', 'published'))
+  if not kind then return settled(-1) end
+  if final then return settled(0) end
   if owned_by(owner) then
     if pending_member ~= '' then redis.call('ZREM', q.pending, pending_member) end
     local current = attempt(job_id_of(j.meta), owner)
@@ -429,22 +450,21 @@ register('check', function(keys, args)
     end
     local now = now_ms()
     if beating(j, owner, now) then return 0 end
-    if redis.call('HEXISTS', j.meta, 'published') == 1
-        or redis.call('ZCOUNT', workers, '(' .. now, '+inf') == 0 then
-      finalize(j, worker_lost, retention_s)
+    if published or redis.call('ZCOUNT', workers, '(' .. now, '+inf') == 0 then
+      finalize(j, worker_lost, retention_s, owner)
       return 1
     end
     local count = hand_back(j, {
       max_requeues = max_requeues, too_many = too_many, retention_s = retention_s,
       queue_timeout_ms = queue_timeout_ms, queued_ttl_s = queued_ttl_s,
-    })
+    }, owner)
     if count < 0 then return 4 end
     queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last)
     return 2
   end
   if running_member ~= '' then redis.call('ZREM', j.running, running_member) end
   if redis.call('EXISTS', j.deadline) == 1 then return 0 end
-  finalize(j, no_worker, retention_s)
+  finalize(j, no_worker, retention_s, owner)
   return settled(3)
 end)
 
