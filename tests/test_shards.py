@@ -8,9 +8,11 @@ at once, and its return brings it back into use.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -282,6 +284,83 @@ def test_a_gateway_started_with_a_shard_down_puts_every_chat_on_the_others(
     finally:
         stack.stop()
         live.stop()
+
+
+@contextmanager
+def hung_listener() -> Iterator[str]:
+    """A Redis URL whose port accepts no connection and refuses none: its backlog is full,
+    so a connect hangs until its timeout (a host gone mid-network, not a closed port)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # what the kernel queues despite backlog 0
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+def test_a_caller_whose_rate_window_lives_in_a_hung_shard_waits_for_it_once(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """A shard whose connects hang costs the first chat its connect timeout (2 s); the chats
+    after it, within the seconds the shard is known down, neither wait for it nor go
+    uncounted for long: the caller's window is skipped at once."""
+    live = RedisServer(tmp_path / "live")
+    live.start()
+    with hung_listener() as hung:
+        urls = [hung, live.url] if home("addr:127.0.0.1", 2) == 0 else [live.url, hung]
+        stack = Stack(",".join(urls), tmp_path, env={"RATE_LIMIT_PER_MIN": "1000"}).start(1, 1)
+        try:
+            took = []
+            for _ in range(3):
+                began = time.monotonic()
+                created = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"})
+                took.append(time.monotonic() - began)
+                assert created.status_code == 202, created.text
+                assert shard_of(created.json()["job_id"], 2) == urls.index(live.url)
+            assert took[0] > 1.5, took  # it met the hung shard: the connect timeout
+            assert max(took[1:]) < 1.0, took  # known down since: not waited for again
+        finally:
+            stack.stop()
+            live.stop()
+
+
+def test_a_full_shard_hands_new_chats_to_the_next_and_readyz_stays_ready(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """Each shard's queue holds MAX_QUEUED_JOBS: a chat whose turn meets a full shard goes to
+    the next one, and only when every shard is full is it refused (503). Full shards still
+    answer: /readyz stays 200 (api.md, difference 16)."""
+    servers = [RedisServer(tmp_path / name) for name in ("a", "b")]
+    for server in servers:
+        server.start()
+    stack = Stack(",".join(s.url for s in servers), tmp_path, env={"MAX_QUEUED_JOBS": "2"})
+    stack.start(1, 0)  # no worker: every chat waits in its shard's queue
+    try:
+        # Shard 0 is full: two waiting jobs (scored ahead, so that no janitor ends them).
+        with redis.Redis.from_url(servers[0].url) as first:
+            seconds, _ = first.time()
+            first.zadd(keys.PENDING, {"waiting-1": seconds * 1000 + 600_000})
+            first.zadd(keys.PENDING, {"waiting-2": seconds * 1000 + 600_000})
+        for _ in range(2):  # one of them has its turn on shard 0
+            created = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"})
+            assert created.status_code == 202, created.text
+            assert shard_of(created.json()["job_id"], 2) == 1
+        refused = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"})
+        assert refused.status_code == 503, refused.text
+        assert "the queue is full" in refused.json()["error"], refused.text
+        assert refused.headers["retry-after"]
+        assert client.get(stack.gateway.url + "/readyz").status_code == 200
+    finally:
+        stack.stop()
+        for server in servers:
+            server.stop()
 
 
 def test_a_shard_listed_out_of_place_stops_the_start(tmp_path: Path) -> None:
