@@ -46,6 +46,7 @@ class ShardSpec:
     url: str
     keys: Keys
     slot: int | None = None  # a Cluster's shard: its tag's slot
+    count: int = 1  # the shards REDIS_URL names
 
     @property
     def name(self) -> str:
@@ -55,14 +56,26 @@ class ShardSpec:
         shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
         return shown if self.slot is None else f"{shown} shard {self.index} (slot {self.slot})"
 
+    @property
+    def suffix(self) -> str:
+        """What tells its tasks apart from other shards' (``[1]``): none when it is alone."""
+        return f"[{self.index}]" if self.count > 1 else ""
+
+    @property
+    def where(self) -> str:
+        """What a log line about it adds (`` redis://b:6379/0``): none when it is alone."""
+        return f" {self.name}" if self.count > 1 else ""
+
 
 def shard_specs(redis_url: str) -> list[ShardSpec]:
     """The shards ``REDIS_URL`` names, in order."""
     urls = split_urls(redis_url)
     if not is_cluster_url(urls[0]):
-        return [ShardSpec(index, url, Keys()) for index, url in enumerate(urls)]
+        return [ShardSpec(i, url, Keys(), None, len(urls)) for i, url in enumerate(urls)]
     tags = shard_tags(cluster_target(urls).shards)
-    return [ShardSpec(index, redis_url, Keys(tag), tag_slot(tag)) for index, tag in enumerate(tags)]
+    return [
+        ShardSpec(i, redis_url, Keys(tag), tag_slot(tag), len(tags)) for i, tag in enumerate(tags)
+    ]
 
 
 async def check_places(specs: list[ShardSpec]) -> list[str]:

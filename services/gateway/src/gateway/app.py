@@ -108,13 +108,12 @@ def create_app(settings: Settings) -> Starlette:
         duties: dict[str, Callable[[], Awaitable[None]]] = {}
         for shard in shards:
             await shard.relay.start()
-            suffix = f"[{shard.index}]" if len(shards) > 1 else ""
             duties |= {
-                f"relay-watched{suffix}": WatchedRenewal(
+                f"relay-watched{shard.suffix}": WatchedRenewal(
                     shard.relay, shard.log.functions, timing
                 ).run,
-                f"relay-idle{suffix}": IdleCheck(shard.relay, shard.log, metrics, timing).run,
-                f"janitor{suffix}": Janitor(shard.log, metrics, timing).run,
+                f"relay-idle{shard.suffix}": IdleCheck(shard.relay, shard.log, metrics, timing).run,
+                f"janitor{shard.suffix}": Janitor(shard.log, metrics, timing).run,
             }
         background = [
             asyncio.create_task(supervise(name, run, lambda n: restarted(n).inc()), name=name)

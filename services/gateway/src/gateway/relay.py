@@ -49,6 +49,7 @@ from shared import events as ev
 from shared.event_log import DATA, FINAL, EventLog
 from shared.held_connection import HeldConnection
 from shared.settings import Settings
+from shared.shards import ShardSpec
 from shared.supervise import supervise
 from shared.tasks import cancel_and_wait
 
@@ -106,13 +107,13 @@ class Relay:
         settings: Settings,
         metrics: GatewayMetrics,
         shutting_down: anyio.Event,
-        shard: tuple[int, str] | None = None,
+        shard: ShardSpec | None = None,
     ) -> None:
-        """``shard``: its place and name, when it is one of several (logs, metrics)."""
+        """``shard``: the shard it reads, named in its task and logs when one of several."""
         self.redis = redis
-        self._suffix = f"[{shard[0]}]" if shard else ""
+        self._suffix = shard.suffix if shard else ""
         self._gather_s = settings.relay_gather_ms / 1000
-        self._where = f" {shard[1]}" if shard else ""
+        self._where = shard.where if shard else ""
         self.metrics = metrics
         # One XREAD after another; the client has no socket timeout, this bounds each.
         self._reads = HeldConnection(blocking_redis, timeout_s=BLOCK_MS / 1000 + 5)

@@ -50,6 +50,7 @@ class Shard:
     log: EventLog
     relay: Relay
     sessions: SessionStore
+    suffix: str = ""  # tells its tasks apart from other shards' (ShardSpec.suffix)
     down_until: float = field(default=0.0)
 
     @property
@@ -146,9 +147,8 @@ class Shards:
 def open_shards(settings: Settings, timing: Timing, metrics: GatewayMetrics) -> Shards:
     shutting_down = anyio.Event()
     specs = shard_specs(settings.redis_url)
-    several = len(specs) > 1
     return Shards(
-        [open_shard(spec, settings, timing, metrics, shutting_down, several) for spec in specs],
+        [open_shard(spec, settings, timing, metrics, shutting_down) for spec in specs],
         shutting_down,
     )
 
@@ -159,7 +159,6 @@ def open_shard(
     timing: Timing,
     metrics: GatewayMetrics,
     shutting_down: anyio.Event,
-    several: bool,
 ) -> Shard:
     """A shard's clients and what rides on them; connections are made on first use, so
     a gateway starts (and answers /healthz) whichever shards are down."""
@@ -177,9 +176,8 @@ def open_shard(
     blocking = connect(spec.url, spec.slot, socket_connect_timeout=2)
     log = EventLog(arq, timing, spec.keys)
     sessions = SessionStore.of(log, settings)
-    shard = (spec.index, spec.name) if several else None
-    relay = Relay(arq, blocking, log, settings, metrics, shutting_down, shard)
-    return Shard(spec.index, spec.name, arq, blocking, log, relay, sessions)
+    relay = Relay(arq, blocking, log, settings, metrics, shutting_down, spec)
+    return Shard(spec.index, spec.name, arq, blocking, log, relay, sessions, spec.suffix)
 
 
 async def close_shard(shard: Shard) -> None:

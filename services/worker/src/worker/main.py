@@ -88,7 +88,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             heartbeat=heartbeat,
             sessions=SessionStore.of(log, settings),
         )
-        suffix = f"[{shard.index}]" if len(shards) > 1 else ""
+        suffix = shard.suffix
         tasks.append(asyncio.create_task(supervise(f"heartbeat{suffix}", heartbeat.run, restarted)))
         tasks.append(
             asyncio.create_task(

@@ -29,6 +29,7 @@ class WorkerShard:
     keys: Keys
     pool: ArqRedis  # every command but the idle wait
     wake: Redis  # the idle worker's blocking pop of new jobs
+    suffix: str  # tells its tasks apart from other shards' (ShardSpec.suffix)
     clock: RedisClock = field(default_factory=RedisClock)  # this Redis's, from the heartbeat
     # What a job of this shard finds in its ctx (event log, batcher, heartbeat, sessions),
     # made in on_startup.
@@ -49,6 +50,7 @@ def open_shards(specs: list[ShardSpec], wake_timeout_s: float) -> list[WorkerSha
                 max_connections=POOL_PER_SHARD,
             ),
             connect(spec.url, spec.slot, socket_connect_timeout=2, socket_timeout=wake_timeout_s),
+            spec.suffix,
         )
         for spec in specs
     ]
