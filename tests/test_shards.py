@@ -21,8 +21,10 @@ import redis
 
 from shared import keys
 from shared.cursors import new_job_id
+from shared.redis_conn import sentinel_target
 from shared.settings import Settings, load_settings
-from shared.shards import home, shard_of, split_urls
+from shared.shards import home, shard_of
+from shared.urls import split_urls
 
 from . import sse
 from .harness import FAST_ENV, RedisServer, Service, Stack, free_port, wait_until
@@ -38,6 +40,8 @@ def test_redis_url_lists_shards_and_sentinel_urls_keep_their_commas() -> None:
         "rediss://c:6380/1",
     ]
     Settings(redis_url=f"redis://a:6379/0,{sentinel}")  # valid
+    ipv6 = sentinel_target("redis+sentinel://[::1]:26379,s2:26380/main")
+    assert ipv6 is not None and ipv6.sentinels == [("::1", 26379), ("s2", 26380)]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +53,7 @@ def test_redis_url_lists_shards_and_sentinel_urls_keep_their_commas() -> None:
         ("redis+cluster://a:7000,redis://b:6379/0", "names a Redis Cluster and other"),
         ("redis+cluster://a:7000?shards=0", "shards='0': must be a number from 1 to 256"),
         ("redis+cluster://a:x", "cluster node 'a:x' is not host:port"),
+        ("redis+sentinel://s1:70000/main", "sentinel address 's1:70000' is not host:port"),
     ],
 )
 def test_a_bad_shard_url_is_named_by_its_place(

@@ -28,6 +28,7 @@ from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from .cursors import MAX_SHARDS
 from .held_connection import NotSent
+from .urls import host_ports
 
 SCHEME = "redis+cluster"
 DEFAULT_SHARDS = 12  # spreads evenly over 1, 2, 3, 4, 6 or 12 masters
@@ -52,11 +53,7 @@ def cluster_target(urls: list[str]) -> ClusterTarget:
     seeds: list[tuple[str, int]] = []
     for url in urls:
         parts = urlsplit(url)
-        for host in parts.netloc.rsplit("@", 1)[-1].split(","):
-            name, _, port = host.rpartition(":")
-            if not name or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"cluster node {host!r} is not host:port")
-            seeds.append((name.strip("[]"), int(port)))
+        seeds += host_ports(parts.netloc.rsplit("@", 1)[-1], "cluster node")
         if parts.path.strip("/") not in ("", "0"):
             raise ValueError("a Redis Cluster has database 0 only: drop the path")
     first = urlsplit(urls[0])

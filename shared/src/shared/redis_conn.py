@@ -22,7 +22,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from . import keys
 from .cluster import SlotOwnerConnection, cluster_target, is_cluster_url, owners_of
-from .shards import split_urls
+from .urls import host_ports, split_urls
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -44,13 +44,7 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     parts = urlsplit(url)
     if parts.scheme != SENTINEL_SCHEME:
         return None
-    hosts = parts.netloc.rsplit("@", 1)[-1]
-    sentinels = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        if not name or not port.isdigit():
-            raise ValueError(f"sentinel address {host!r} is not host:port")
-        sentinels.append((name, int(port)))
+    sentinels = host_ports(parts.netloc.rsplit("@", 1)[-1], "sentinel address")
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ValueError("names no Sentinel service: redis+sentinel://host:port/<service>/<db>")

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .urls import split_urls
+
 # Finite and at most a year: "inf" would overflow timers deep inside asyncio and Redis.
 PositiveSeconds = Annotated[float, Field(gt=0, le=365 * 24 * 3600, allow_inf_nan=False)]
 
@@ -84,7 +86,6 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         from .cluster import cluster_target, is_cluster_url
         from .cursors import MAX_SHARDS
-        from .shards import split_urls
 
         urls = split_urls(value)
         if not urls:
@@ -285,8 +286,6 @@ _URLS = {"REDIS_URL", "OPENAI_BASE_URL"}
 def _shown(name: str, value: object) -> str:
     """A setting's bad value as an error message may show it: never a password."""
     if name == "REDIS_URL" and isinstance(value, str):
-        from .shards import split_urls
-
         return repr(",".join(without_password(url) for url in split_urls(value)))
     if name in _URLS and isinstance(value, str):
         return repr(without_password(value))

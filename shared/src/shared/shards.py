@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -25,17 +24,10 @@ from redis.exceptions import RedisError
 
 from .cluster import cluster_target, is_cluster_url, shard_tags, tag_slot
 from .keys import Keys
+from .redis_conn import connect
+from .urls import split_urls
 
 CHECK_PLACES_S = 5.0
-
-# A comma starts the next shard's URL only where a scheme follows it: a Sentinel URL lists
-# its sentinels with commas too.
-_NEXT_URL = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
-
-
-def split_urls(redis_url: str) -> list[str]:
-    """The shards' URLs that ``REDIS_URL`` lists, in order."""
-    return [url for url in _NEXT_URL.split(redis_url.strip()) if url]
 
 
 @dataclass(frozen=True)
@@ -83,8 +75,6 @@ async def check_places(specs: list[ShardSpec]) -> list[str]:
     to reach it records it): a list reordered, or a Redis listed as another shard, would
     make job ids and sessions name the wrong Redis. What is wrong, in words; shards that do
     not answer are checked by no one (their processes reach them later)."""
-    from .redis_conn import connect  # here: redis_conn imports this module
-
     count = len(specs)
 
     async def held_place(spec: ShardSpec) -> tuple[str, str | None]:
