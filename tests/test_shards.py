@@ -336,6 +336,39 @@ def test_a_caller_whose_rate_window_lives_in_a_hung_shard_waits_for_it_once(
             live.stop()
 
 
+def test_what_lives_in_a_down_shard_answers_503_and_the_rest_works_on(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """A shard that is down fails only what lives in it: a session homed there, a job's
+    events, its cancel, each answer 503 saying so (api.md, difference 16); a chat without
+    a session goes to the other shard."""
+    live = RedisServer(tmp_path / "live")
+    live.start()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    stack = Stack(f"{dead},{live.url}", tmp_path).start(1, 1)
+    gateway = stack.gateway.url
+    try:
+        session = next(f"s{i}" for i in range(1000) if home(f"s{i}", 2) == 0)
+        job_id = new_job_id(0)
+        answers = [
+            client.post(gateway + "/chat", json={"prompt": "hi", "session": session}),
+            client.get(f"{gateway}/chat/{job_id}/events"),
+            client.delete(f"{gateway}/chat/{job_id}"),
+        ]
+        for answer in answers:
+            assert answer.status_code == 503, (answer.request.url, answer.text)
+            assert "Redis is unreachable" in answer.json()["error"], answer.text
+            assert answer.headers["retry-after"] == "5"
+        other = next(f"s{i}" for i in range(1000) if home(f"s{i}", 2) == 1)
+        for params in ({"prompt": "[long 2]"}, {"prompt": "[long 2]", "session": other}):
+            stream = sse.read(client, gateway + "/chat", params=params)
+            assert sse.ends_done(stream), stream.events
+            assert shard_of(stream.events[0]["job_id"], 2) == 1
+    finally:
+        stack.stop()
+        live.stop()
+
+
 def test_a_full_shard_hands_new_chats_to_the_next_and_readyz_stays_ready(
     tmp_path: Path, client: httpx.Client
 ) -> None:
