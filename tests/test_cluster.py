@@ -253,7 +253,8 @@ def test_a_round_trip_cut_by_moved_after_its_first_command_is_not_taken_for_unse
     cluster_stack: tuple[Cluster, Stack],
 ) -> None:
     """``NotSent`` lets a caller send the round trip elsewhere; once a command of it ran,
-    that would do it twice: a later reply saying MOVED is a plain connection error."""
+    that would do it twice: MOVED in a round trip of several commands is a plain
+    connection error."""
     cluster, _ = cluster_stack
     tags = shard_tags(SHARDS)
     home = tag_slot(tags[1])
@@ -269,7 +270,7 @@ def test_a_round_trip_cut_by_moved_after_its_first_command_is_not_taken_for_unse
             with pytest.raises(RedisConnectionError) as cut:
                 await held.run([("SET", key, "1"), ("SET", elsewhere, "1")])
             assert not isinstance(cut.value, NotSent), cut.value
-            assert "1 of 2 commands ran" in str(cut.value)
+            assert "some may have run" in str(cut.value)
             assert await redis.get(key) == b"1"
         finally:
             await redis.delete(key)

@@ -29,8 +29,8 @@ _CONNECT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 class NotSent(RedisConnectionError):
     """Nothing of the round trip ran (no connection could be made, or a Cluster node said
-    the slot of its first command is elsewhere), so it may go to another shard without
-    being done twice."""
+    the slot of its one command is elsewhere), so it may go to another shard without being
+    done twice."""
 
 
 class HeldConnection:
@@ -89,9 +89,14 @@ class HeldConnection:
                     except ResponseError as exc:  # this command's alone, read whole
                         replies.append(exc)
                     except NotSent as exc:
-                        if replies:  # the commands before it ran: retrying may repeat them
-                            ran = f"{len(replies)} of {len(commands)} commands ran"
-                            raise RedisConnectionError(f"{exc}; {ran}") from exc
+                        # Another command of the round trip may have run (one before it, or
+                        # after it while a slot migrates key by key): sending it to another
+                        # shard could do that one twice.
+                        if len(commands) > 1:
+                            many = f"a round trip of {len(commands)} commands"
+                            raise RedisConnectionError(
+                                f"{exc}, in {many}: some may have run"
+                            ) from exc
                         raise
             in_step = True
             return replies
