@@ -314,8 +314,8 @@ def test_a_caller_whose_rate_window_lives_in_a_hung_shard_waits_for_it_once(
     tmp_path: Path, client: httpx.Client
 ) -> None:
     """A shard whose connects hang costs the first chat its connect timeout (2 s); the chats
-    after it, within the seconds the shard is known down, neither wait for it nor go
-    uncounted for long: the caller's window is skipped at once."""
+    after it, while the shard is known down, do not wait for it: the caller's window is
+    skipped at once."""
     live = RedisServer(tmp_path / "live")
     live.start()
     with hung_listener() as hung:

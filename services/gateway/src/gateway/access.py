@@ -91,6 +91,9 @@ class Access:
         try:
             if several and shard.known_down:  # not a wait for its connect timeout per chat
                 raise NotSent(f"{shard.name} was found down in the last seconds")
+            probing = several and shard.down_until > 0
+            if probing:  # found down before: this chat looks again, the others skip it
+                shard.mark_down()
             try:
                 taken, retry_after = await shard.log.functions.call(
                     "take", [key], [WINDOW_MS, self.rate_per_min, member]
@@ -98,6 +101,8 @@ class Access:
             except NotSent:
                 shard.mark_down()
                 raise
+            if probing:
+                shard.down_until = 0.0
         except NotSent as exc:
             if not several:
                 raise  # no chat can start anyway: 503
