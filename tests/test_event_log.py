@@ -518,10 +518,21 @@ def test_many_jobs_tokens_go_in_one_call_each_job_fenced_and_failing_alone(
             "return redis.call('XRANGE', KEYS[1], ARGV[1], '+')", 1, keys.ACTIVITY, after_marker
         )
         rings = [flat for _, flat in entries]
-        written = [keys.events_key(job_id).encode() for job_id in (jobs[0], jobs[3])]
-        assert sorted(rings) == sorted(
-            [[b"k", written[0], b"k", written[1]], [b"k", keys.events_key(ending).encode()]]
-        ), "the shared call rings once, naming only the streams it wrote"
+
+        async def group(job_id: str) -> list[bytes]:
+            """What a write after the claim rings: the stream, its entry before the write
+            (``started``), then each entry written, as the stream holds it."""
+            _queued, started, *written = await log.redis.xrange(keys.events_key(job_id))
+            flat = [b"k", keys.events_key(job_id).encode(), b"p", started[0]]
+            for entry_id, fields in written:
+                flat += [b"i", entry_id, b"d", fields[b"d"]]
+                flat += [b"f", b"1"] if FINAL in fields else []
+            return flat
+
+        shared = await group(jobs[0]) + await group(jobs[3])
+        assert rings == [shared, await group(ending)], (
+            "the shared call rings once, with only the streams it wrote and what it wrote"
+        )
 
     run(db_url, scenario)
 

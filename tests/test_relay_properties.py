@@ -184,7 +184,9 @@ def _note_coverage(job: _Job | None) -> None:
 
 _ACTIONS = st.lists(
     st.tuples(
-        st.sampled_from(["arrive", "subscribe", "wake", "reply", "reply", "step", "leave"]),
+        st.sampled_from(
+            ["arrive", "subscribe", "wake", "reply", "step", "leave", "ring", "ring", "ring"]
+        ),
         st.integers(0, 40),
     ),
     min_size=10,
@@ -218,6 +220,23 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
         arrived = 0  # entries in Redis so far
         in_flight: tuple[int, int] | None = None  # the start of the read in flight
         clients: list[_Client] = []
+        # Doorbell entries not yet read, one per write: what a worker's write rings (the
+        # entry before it and the entries it added), or the stream's name alone (a write of
+        # the gateway's, or the first); a doorbell that lapsed rings nothing.
+        rung: list[list[bytes]] = []
+
+        def write(upto: int, how: int) -> None:
+            nonlocal arrived
+            before, arrived = arrived, upto
+            if how % 4 == 3 or before == arrived:
+                return  # unrung: only a read finds it
+            if how % 4 == 2 or before == 0:
+                rung.append([b"k", KEY])
+                return
+            group = [b"k", KEY, b"p", stream[before - 1][0]]
+            for entry_id, fields in stream[before:arrived]:
+                group += [b"i", entry_id, *fields]
+            rung.append(group)
 
         def start_read() -> None:
             nonlocal in_flight
@@ -231,6 +250,7 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
                 else:
                     assert cursor is None, "a job with every reader paused is read"
             in_flight = entry_key(cursor) if cursor is not None else None
+            relay._fresh.discard(JOB)  # this read covers the job
 
         def reply(count: int) -> None:
             """The read in flight returns up to ``count`` entries after its start (none: it
@@ -247,7 +267,11 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
 
         for action, n in actions:
             if action == "arrive":
-                arrived = min(len(stream), arrived + 1 + n % 3)
+                write(min(len(stream), arrived + 1 + n % 3), n // 3)
+            elif action == "ring" and rung:
+                relay._rung(rung.pop(0))
+                for client in clients:
+                    _check_mailbox(client.reader)
             elif action == "subscribe":
                 # A client resumes from START or from an entry it was sent, never the final
                 # (the gateway answers that cursor with 204, without a reader).
@@ -264,7 +288,7 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
             await _turns()
 
         # Then the job runs to its end, every client drains, and the loop reads on.
-        arrived = len(stream)
+        write(len(stream), 0)
         for _ in range(4 * len(stream) + 10):
             if all(c.done or c.left for c in clients):
                 break

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 8
-SOURCE_SHA256 = "cc2ca1ee5c04fb83aaf11907fc9ec39cdf61772396acc8bdfce89639889243b8"
+VERSION = 9
+SOURCE_SHA256 = "86b530de3a3b72c19d272a18211e8b8da80ca3163527e1a2f13d7222d4fa83d1"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

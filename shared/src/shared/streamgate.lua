@@ -15,6 +15,7 @@
 --     final     '1' once the final event is written (nothing follows it)
 --     published '1' once the job streamed output (it never runs again)
 --     batch     the owning attempt's last applied append (retries are not written twice)
+--     last      the id of the stream's last entry (the doorbell tells what a write follows)
 --     ended_by  the attempt whose append wrote the final event (its retry is acknowledged)
 --     counted   '1' once the job's usage is counted (exactly once)
 --     requeues  how often it was handed back; queued  when it was last queued (ms)
@@ -59,27 +60,47 @@ end
 -- Every write to a job's stream rings the doorbell (gateway/relay.py) while it exists: a
 -- gateway that follows it keeps it alive (a TTL it renews), and re-reads every stream
 -- whenever it may have lapsed. Without one, the XADD would be Redis's costliest step of a
--- token for nobody. One entry names every stream of a write ('k' once per stream): a
--- write of many jobs rings once. `now`: Redis's time, if the caller has read it.
-local function ring_many(activity, rung, now)
-  if #rung == 0 or redis.call('EXISTS', activity) == 0 then return end
-  local min_id = (now or now_ms()) - ACTIVITY_KEEP_MS
-  for start = 1, #rung, MANY_MAX do
-    local fields = {}
-    for i = start, math.min(start + MANY_MAX - 1, #rung) do
-      fields[#fields + 1] = 'k'
-      fields[#fields + 1] = rung[i]
-    end
-    redis.call('XADD', activity, 'MINID', '~', min_id, '*', unpack(fields))
-  end
-end
-
-local function ring_at(activity, events, now)
-  ring_many(activity, {events}, now)
-end
-
+-- token for nobody. An entry names the streams written ('k' <stream>); the workers'
+-- writes add what they wrote, so that a gateway delivers it from the doorbell alone,
+-- reading a stream only to catch up (its key lookup and seek were most of a gateway's
+-- reads): after 'k', 'p' <the stream's last entry before the write>, then per entry 'i'
+-- <id>, 'd' <data> (and 'f' '1' after the final event's). A gateway delivers such a group
+-- to each reader that has every entry up to 'p', and reads the stream for any other. One
+-- entry holds every stream of a write: a write of many jobs rings once.
 local function ring(j, now)
-  ring_at(j.activity, j.events, now)
+  if redis.call('EXISTS', j.activity) == 0 then return end
+  redis.call('XADD', j.activity, 'MINID', '~', (now or now_ms()) - ACTIVITY_KEEP_MS, '*', 'k',
+             j.events)
+end
+
+local GROUP_FIELDS_MAX = 4000 -- fields of one doorbell entry: Lua's unpack has a limit
+
+local function ring_groups(activity, groups)
+  if #groups == 0 or redis.call('EXISTS', activity) == 0 then return end
+  local min_id = now_ms() - ACTIVITY_KEEP_MS
+  local fields = {}
+  local function flush()
+    if #fields > 0 then redis.call('XADD', activity, 'MINID', '~', min_id, '*', unpack(fields)) end
+    fields = {}
+  end
+  for _, group in ipairs(groups) do
+    if #group > GROUP_FIELDS_MAX then group = {group[1], group[2]} end -- just its name
+    if #fields + #group > GROUP_FIELDS_MAX then flush() end
+    for _, value in ipairs(group) do fields[#fields + 1] = value end
+  end
+  flush()
+end
+
+-- A stream's doorbell group, to which its entries are added as they are written.
+local function group_of(events, last)
+  return {'k', events, 'p', last or ''}
+end
+
+local function add_entry(group, id, data)
+  group[#group + 1] = 'i'
+  group[#group + 1] = id
+  group[#group + 1] = 'd'
+  group[#group + 1] = data
 end
 
 -- Whether the job's attempt `owner` beats: its running index entry is ahead of `now`.
@@ -96,10 +117,18 @@ local function drop_attempt(j, owner)
 end
 
 -- The one final event: nothing is written to the stream after it. `owner` as for
--- drop_attempt; `record`: more fields of the meta hash to set with it.
-local function finalize(j, data, retention_s, owner, record)
-  redis.call('XADD', j.events, '*', 'd', data, 'f', '1')
-  ring(j)
+-- drop_attempt; `record`: more fields of the meta hash to set with it; `group`: the
+-- doorbell group of the write it ends, if it carries one.
+local function finalize(j, data, retention_s, owner, record, group)
+  local id = redis.call('XADD', j.events, '*', 'd', data, 'f', '1')
+  if group then
+    add_entry(group, id, data)
+    group[#group + 1] = 'f'
+    group[#group + 1] = '1'
+    ring_groups(j.activity, {group})
+  else
+    ring(j)
+  end
   drop_attempt(j, owner)
   redis.call('HSET', j.meta, 'final', '1', 'owner', '-', unpack(record or {}))
   redis.call('EXPIRE', j.meta, retention_s)
@@ -158,9 +187,9 @@ register('create', function(keys, args)
   local now = now_ms()
   local waiting = redis.call('ZCOUNT', pending, '(' .. (now - tonumber(queue_timeout_ms)), '+inf')
   if waiting >= tonumber(max_queued) then return -waiting end
+  local id = redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
   redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest,
-             'queued', now)
-  redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
+             'queued', now, 'last', id)
   ring(j, now)
   redis.call('SET', j.deadline, '1', 'PX', queue_timeout_ms)
   if watched_ms ~= '0' then redis.call('SET', watched, '1', 'PX', watched_ms) end
@@ -216,15 +245,13 @@ register('claim', function(keys, args)
   if was_started then
     redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
   else
-    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0', 'started', '1')
+    local id = redis.call('XADD', j.events, '*', 'd', started)
+    ring(j, now)
+    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0', 'started', '1', 'last', id)
   end
   redis.call('ZADD', j.running, now + tonumber(alive_ms), attempt(job_id, owner))
   redis.call('DEL', j.deadline)
   extend(j, run_ttl_s)
-  if not was_started then
-    redis.call('XADD', j.events, '*', 'd', started)
-    ring(j, now)
-  end
   return {'run', request, tonumber(queued) or now, now, key or ''}
 end)
 
@@ -268,7 +295,7 @@ end
 -- The owner check of an append: its answer if the batch is not to be written (1 a retry,
 -- 0 not this attempt's), else nil and whether the job had output before.
 local function fenced(meta, owner, batch)
-  local state = redis.call('HMGET', meta, 'owner', 'batch', 'published')
+  local state = redis.call('HMGET', meta, 'owner', 'batch', 'published', 'last')
   local applied = tonumber(state[2]) or 0
   if state[1] ~= owner then
     -- the retry of this attempt's own final batch (its reply was lost) is acknowledged
@@ -276,35 +303,47 @@ local function fenced(meta, owner, batch)
     return (ours and batch <= applied) and 1 or 0
   end
   if batch <= applied then return 1 end
-  return nil, state[3]
+  return nil, state[3], state[4]
 end
 
--- What the meta hash records of a written batch (its number, as the caller sent it, and
--- that the job has output, once): set last, so that a batch that failed midway is not
--- taken for written by its retry.
-local function applied(batch_arg, published, published_before)
+-- What the meta hash records of a written batch (its number, as the caller sent it, that
+-- the job has output, once, and the stream's last entry): set last, so that a batch that
+-- failed midway is not taken for written by its retry.
+local function applied(batch_arg, published, published_before, last_id)
+  local record = {'batch', batch_arg}
   if published == '1' and not published_before then
-    return {'batch', batch_arg, 'published', '1'}
+    record[#record + 1] = 'published'
+    record[#record + 1] = '1'
   end
-  return {'batch', batch_arg}
+  if last_id then
+    record[#record + 1] = 'last'
+    record[#record + 1] = last_id
+  end
+  return record
 end
 
--- A batch's events (ARGV[first..last]) written under the attempt's fence: nil and what
--- the meta hash is to record of it once written, else append's answer (1 a retry, 0 not
--- this attempt's).
+-- A batch's events (ARGV[first..last]) written under the attempt's fence: nil, what the
+-- meta hash is to record of it once written and its doorbell group, else append's answer
+-- (1 a retry, 0 not this attempt's).
 local function write_events(meta, events, owner, batch_arg, published, args, first, last)
-  local verdict, published_before = fenced(meta, owner, tonumber(batch_arg))
+  local verdict, published_before, last_before = fenced(meta, owner, tonumber(batch_arg))
   if verdict then return verdict end
-  for i = first, last do redis.call('XADD', events, '*', 'd', args[i]) end
-  return nil, applied(batch_arg, published, published_before)
+  local group, id = group_of(events, last_before), nil
+  for i = first, last do
+    id = redis.call('XADD', events, '*', 'd', args[i])
+    add_entry(group, id, args[i])
+  end
+  return nil, applied(batch_arg, published, published_before, id), group
 end
 
--- write_events, the record set at once: a batch without the final event.
+-- write_events, the record set at once: a batch without the final event. Returns nil and
+-- its doorbell group once written (none if it had no events), else append's answer.
 local function write_batch(meta, events, owner, batch_arg, published, args, first, last)
-  local verdict, record = write_events(meta, events, owner, batch_arg, published, args, first,
-                                       last)
+  local verdict, record, group = write_events(meta, events, owner, batch_arg, published, args,
+                                              first, last)
   if verdict then return verdict end
   redis.call('HSET', meta, unpack(record))
+  if last >= first then return nil, group end
 end
 
 register('append', function(keys, args)
@@ -323,13 +362,17 @@ register('append', function(keys, args)
   end
   local last = #args - (final and 1 or 0)
   if not final then
-    local verdict = write_batch(meta, events, owner, batch, published, args, first, last)
+    local verdict, group = write_batch(meta, events, owner, batch, published, args, first, last)
     if verdict then return verdict end
-    if last >= first then ring_at(keys[3], events) end
+    if group then ring_groups(keys[3], {group}) end
     return 1
   end
-  local verdict, record = write_events(meta, events, owner, batch, published, args, first, last)
+  local verdict, record, group = write_events(meta, events, owner, batch, published, args, first,
+                                              last)
   if verdict then return verdict end
+  -- Output is recorded at once: were a step below to fail, a job whose output was written
+  -- must never run again.
+  if published == '1' then redis.call('HSET', meta, 'published', '1') end
   local j = job_keys(keys) -- finalize rings for the batch
   if turn ~= '' then
     local turns = keys[6]
@@ -343,7 +386,7 @@ register('append', function(keys, args)
   end
   record[#record + 1] = 'ended_by'
   record[#record + 1] = owner
-  finalize(j, args[#args], retention_s, owner, record)
+  finalize(j, args[#args], retention_s, owner, record, group)
   return 1
 end)
 
@@ -365,7 +408,7 @@ register('append_each', function(keys, args)
   if #keys % 2 ~= 1 or a ~= #args + 1 then
     return redis.error_reply('append_each: its keys and arguments do not match')
   end
-  local results, rung = {}, {}
+  local results, groups = {}, {}
   a = 1
   for k = 2, #keys, 2 do
     local meta, events = keys[k], keys[k + 1]
@@ -373,20 +416,20 @@ register('append_each', function(keys, args)
       tonumber(args[a + 3])
     local first, last = a + 4, a + 3 + count
     a = last + 1
-    local ok, verdict = pcall(write_batch, meta, events, owner, batch, published, args, first,
-                              last)
+    local ok, verdict, group = pcall(write_batch, meta, events, owner, batch, published, args,
+                                     first, last)
     if not ok then
       results[#results + 1] = {err = type(verdict) == 'table' and verdict.err or tostring(verdict)}
     elseif verdict then
       results[#results + 1] = verdict
     else
       results[#results + 1] = 1
-      if last >= first then rung[#rung + 1] = events end
+      if group then groups[#groups + 1] = group end
     end
   end
   -- every job's events are written: a doorbell that fails (never, but for a key of the wrong
   -- type) is read on the gateways' sweep, rather than fail them all
-  pcall(ring_many, activity, rung)
+  pcall(ring_groups, activity, groups)
   return results
 end)
 
@@ -487,7 +530,8 @@ end, {'no-writes'})
 -- Returns Redis's time (ms), then per attempt: 0 go on, 1 no longer this attempt's job.
 -- Workers silent for a day leave the workers index. An attempt that exits still owning
 -- its job (its final write failed) keeps its entry until it lapses, for the janitor to
--- end the job.
+-- end the job. (An attempt whose job's meta hash vanished while it ran, evicted or
+-- deleted, keeps its entry too: its next append, which the meta hash fences, stops it.)
 register('beat', function(keys, args)
   local running, workers = keys[1], keys[2]
   local now = now_ms()

@@ -14,7 +14,11 @@ Decisions a reader might want to undo:
   than the events do (~2.4 µs per stream and call). The loop then blocks on the doorbell
   instead: every write to a job's stream also appends that stream's key to one shared
   stream (``sg:activity``, in the same function; one entry names every stream of a
-  worker's write), and the loop reads just the streams that rang, from their cursors.
+  worker's write). A worker's write adds what it wrote and the entry it follows: the loop
+  delivers that from the doorbell to the readers that have everything up to it, and reads
+  from their cursors only the streams that rang without it or have a reader behind (a
+  stream's read, its key found among tens of thousands, was most of what Redis spent on a
+  gateway's token).
   After any Redis error it reads every stream once (doorbells may have been lost), and
   silent streams are read anyway every ``SWEEP_S``: a doorbell trimmed away unread costs
   a few seconds, never an event.
@@ -338,9 +342,7 @@ class Relay:
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                for rung_key in fields[1::2]:  # [b"k", <a stream's key>, ...]; b"": a marker
-                    if rung_key and (job_id := self.log.keys.job_of_events(rung_key)) in self.jobs:
-                        self._fresh.add(job_id)
+                self._rung(fields)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
         self._fresh.clear()
         for start in range(0, len(fresh), READ_BATCH):
@@ -353,6 +355,42 @@ class Relay:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
                     self._fresh.add(self.log.keys.job_of_events(key))  # more may be waiting
+
+    def _rung(self, fields: list[bytes]) -> None:
+        """One doorbell entry: per stream it names (``k``; b"": a marker), what the write
+        added (``p``, the stream's last entry before it, then ``i``/``d``/``f`` per entry),
+        if it says. That is delivered here to the readers that have every entry up to ``p``;
+        a stream named alone, or with a reader behind, is read."""
+        at, end = 0, len(fields)
+        while at < end:
+            key = fields[at + 1]  # fields[at] is b"k"
+            group = at = at + 2
+            while at < end and fields[at] != b"k":
+                at += 2
+            if not key or (job_id := self.log.keys.job_of_events(key)) not in self.jobs:
+                continue
+            if job_id in self._fresh or not self._deliver_group(key, fields[group:at]):
+                self._fresh.add(job_id)
+
+    def _deliver_group(self, key: bytes, group: list[bytes]) -> bool:
+        """Deliver a doorbell group (``p`` <last before>, then ``i``/``d``[/``f``] per
+        entry) if every reader that is not paused has all up to ``p``; False if it is not
+        one, or a reader is behind (its stream is to be read)."""
+        if len(group) < 6 or group[0] != b"p" or not group[1]:
+            return False
+        job = self.jobs[self.log.keys.job_of_events(key)]
+        before = entry_key(group[1])
+        if any(not (r.paused or r.ended) and r.after < before for r in job.readers):
+            return False
+        entries: list[tuple[bytes, list[bytes]]] = []
+        for at in range(2, len(group), 2):
+            name, value = group[at], group[at + 1]
+            if name == b"i":
+                entries.append((value, []))
+            elif entries:  # b"d" <data>, b"f" b"1": the entry's fields as its stream holds them
+                entries[-1][1].extend((name, value))
+        self._deliver(key, entries, before)
+        return True
 
     async def _open_doorbell(self) -> bool:
         """Make sure the functions ring, and follow from a marker: any write before it is
@@ -392,14 +430,21 @@ class Relay:
         args += ["STREAMS", *streams.keys(), *streams.values()]
         return await self._reads.call(*args) or []
 
-    def _deliver(self, key: bytes, entries: list[tuple[bytes, list[bytes]]]) -> None:
+    def _deliver(
+        self,
+        key: bytes,
+        entries: list[tuple[bytes, list[bytes]]],
+        read_from: tuple[int, int] | None = None,
+    ) -> None:
+        """Entries of a job's stream, all those after ``read_from`` (by default where the
+        job's read in flight started), to each reader that has every entry up to it."""
         job_id = self.log.keys.job_of_events(key)
         job = self.jobs.get(job_id)
         if job is None:
             return
         job.last_activity = self._now()
         readers = list(job.readers)
-        read_from = job.read_from
+        read_from = read_from or job.read_from
         now = job.last_activity
         for entry_id, flat in entries:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
