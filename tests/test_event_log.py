@@ -89,6 +89,22 @@ def test_a_retried_batch_is_written_once(db_url: str) -> None:
     run(db_url, scenario)
 
 
+def test_a_claim_takes_the_streams_last_entry_from_the_stream(db_url: str) -> None:
+    """The doorbell tells which entry a write follows from the meta hash's ``last``: a job
+    claimed again takes it from the stream itself, which an attempt of an older library
+    may have written without keeping ``last``."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "old"))[0] == "run"
+        unkept = await log.redis.xadd(keys.events_key(job_id), {"d": b'{"lifecycle":"x"}'})
+        assert await log.release(job_id, "old") == 1
+        assert (await log.claim(job_id, job_id, "new"))[0] == "run"
+        assert await log.redis.hget(keys.meta_key(job_id), "last") == unkept
+
+    run(db_url, scenario)
+
+
 def test_a_job_with_output_is_never_run_again(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)

@@ -363,3 +363,36 @@ def test_a_mailbox_is_bounded_pauses_when_full_and_resumes_once_its_chunk_is_sen
         assert drained == [reader] * len(drained)
 
     asyncio.run(scenario())
+
+
+def test_a_doorbell_group_goes_to_readers_that_have_all_before_it_and_an_unreadable_one_reads() -> (
+    None
+):
+    """A group (``p``, then its entries) is delivered to a reader at ``p``; a reader behind
+    it, a stream named alone, or an entry this release cannot read has the stream read."""
+
+    async def scenario() -> None:
+        relay = Relay(
+            cast(Any, _StubRedis()),
+            cast(Any, _StubRedis()),
+            cast(Any, SimpleNamespace(keys=Keys())),
+            SETTINGS,
+            GatewayMetrics(),
+            anyio.Event(),
+        )
+        at = relay.subscribe(JOB, "5-0")
+        relay._fresh.clear()  # as after the read that brought it to 5-0
+        relay._take_rung([b"k", KEY, b"p", b"5-0", b"i", b"6-0", b"d", b'{"token":"a"}'])
+        assert at.after == (6, 0) and JOB not in relay._fresh
+        behind = relay.subscribe(JOB, "1-0")
+        relay._fresh.clear()
+        relay._take_rung([b"k", KEY, b"p", b"6-0", b"i", b"7-0", b"d", b'{"token":"b"}'])
+        assert JOB in relay._fresh and at.after == (6, 0) and behind.after == (1, 0)
+        relay.unsubscribe(behind)
+        for unread in ([b"k", KEY], [b"k", KEY, b"p", b"not-an-id", b"i", b"7-0", b"d", b"{}"]):
+            relay._fresh.clear()
+            relay._take_rung(unread)
+            assert JOB in relay._fresh and at.after == (6, 0)
+        await relay.stop()
+
+    asyncio.run(scenario())

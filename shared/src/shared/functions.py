@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 9
-SOURCE_SHA256 = "86b530de3a3b72c19d272a18211e8b8da80ca3163527e1a2f13d7222d4fa83d1"
+SOURCE_SHA256 = "bda4c36694a4e95747dbc544c8c3b7819a04a6d5355331fb1c02434227357f1e"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -74,6 +74,7 @@ local function ring(j, now)
 end
 
 local GROUP_FIELDS_MAX = 4000 -- fields of one doorbell entry: Lua's unpack has a limit
+local GROUP_BYTES_MAX = 65536 -- a write's data the doorbell copies, at most, per stream
 
 local function ring_groups(activity, groups)
   if #groups == 0 or redis.call('EXISTS', activity) == 0 then return end
@@ -84,7 +85,11 @@ local function ring_groups(activity, groups)
     fields = {}
   end
   for _, group in ipairs(groups) do
-    if #group > GROUP_FIELDS_MAX then group = {group[1], group[2]} end -- just its name
+    local size = 0
+    for i = 6, #group, 2 do size = size + #group[i] end
+    if #group > GROUP_FIELDS_MAX or size > GROUP_BYTES_MAX then
+      group = {group[1], group[2]} -- just its name: the gateways read the stream
+    end
     if #fields + #group > GROUP_FIELDS_MAX then flush() end
     for _, value in ipairs(group) do fields[#fields + 1] = value end
   end
@@ -243,7 +248,9 @@ register('claim', function(keys, args)
   local job_id = job_id_of(j.meta)
   if owned_by(previous) then redis.call('ZREM', j.running, attempt(job_id, previous)) end
   if was_started then
-    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0')
+    -- 'last' from the stream itself: an attempt of an older library may have written it
+    local tail = redis.call('XREVRANGE', j.events, '+', '-', 'COUNT', 1)[1]
+    redis.call('HSET', j.meta, 'owner', owner, 'batch', '0', 'last', tail and tail[1] or '')
   else
     local id = redis.call('XADD', j.events, '*', 'd', started)
     ring(j, now)

@@ -137,6 +137,7 @@ class Relay:
         self._redis_down_since: float | None = None
         self._read_errors = 0
         self._dropped_seen = 0
+        self._unreadable = False  # a doorbell entry could not be read (logged once)
         self.joined: set[str] = set()  # jobs relayed here since watched.py last marked them
         self.shutting_down = shutting_down  # one for the process: set on SIGTERM
         loop_time = asyncio.get_running_loop().time
@@ -342,7 +343,7 @@ class Relay:
                 continue
             self._activity_cursor = entries[-1][0].decode()
             for _, fields in entries:
-                self._rung(fields)
+                self._take_rung(fields)
         fresh = [job_id for job_id in self._fresh if job_id in self.jobs]
         self._fresh.clear()
         for start in range(0, len(fresh), READ_BATCH):
@@ -355,6 +356,22 @@ class Relay:
                 self._deliver(key, entries)
                 if len(entries) >= READ_COUNT:
                     self._fresh.add(self.log.keys.job_of_events(key))  # more may be waiting
+
+    def _take_rung(self, fields: list[bytes]) -> None:
+        """One doorbell entry (``_rung``); one this release cannot read (a later release's
+        workers', during a rollback) has every stream read instead."""
+        try:
+            self._rung(fields)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            if not self._unreadable:
+                logger.warning(
+                    "a doorbell entry%s this gateway cannot read (from workers of a later"
+                    " release? upgrade the gateways first); reading every stream: %.200r",
+                    self._where,
+                    fields,
+                )
+            self._unreadable = True
+            self._fresh.update(self.jobs)
 
     def _rung(self, fields: list[bytes]) -> None:
         """One doorbell entry: per stream it names (``k``; b"": a marker), what the write
