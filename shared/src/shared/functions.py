@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 9
-SOURCE_SHA256 = "bda4c36694a4e95747dbc544c8c3b7819a04a6d5355331fb1c02434227357f1e"
+SOURCE_SHA256 = "8321915999008f5476cb786f15ab77b40f52fe99f5b4121ac1695be1e970015c"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

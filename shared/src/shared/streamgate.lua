@@ -67,18 +67,14 @@ end
 -- <id>, 'd' <data> (and 'f' '1' after the final event's). A gateway delivers such a group
 -- to each reader that has every entry up to 'p', and reads the stream for any other. One
 -- entry holds every stream of a write: a write of many jobs rings once.
-local function ring(j, now)
-  if redis.call('EXISTS', j.activity) == 0 then return end
-  redis.call('XADD', j.activity, 'MINID', '~', (now or now_ms()) - ACTIVITY_KEEP_MS, '*', 'k',
-             j.events)
-end
-
 local GROUP_FIELDS_MAX = 4000 -- fields of one doorbell entry: Lua's unpack has a limit
 local GROUP_BYTES_MAX = 65536 -- a write's data the doorbell copies, at most, per stream
 
-local function ring_groups(activity, groups)
+-- `groups`: per stream its fields ('k' <stream>, then what the write added, if it says);
+-- `now`: Redis's time, if the caller has read it.
+local function ring_groups(activity, groups, now)
   if #groups == 0 or redis.call('EXISTS', activity) == 0 then return end
-  local min_id = now_ms() - ACTIVITY_KEEP_MS
+  local min_id = (now or now_ms()) - ACTIVITY_KEEP_MS
   local fields = {}
   local function flush()
     if #fields > 0 then redis.call('XADD', activity, 'MINID', '~', min_id, '*', unpack(fields)) end
@@ -94,6 +90,11 @@ local function ring_groups(activity, groups)
     for _, value in ipairs(group) do fields[#fields + 1] = value end
   end
   flush()
+end
+
+-- A write that rings with the stream's name alone (the gateways read the stream).
+local function ring(j, now)
+  ring_groups(j.activity, {{'k', j.events}}, now)
 end
 
 -- A stream's doorbell group, to which its entries are added as they are written.

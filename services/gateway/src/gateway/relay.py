@@ -386,16 +386,16 @@ class Relay:
                 at += 2
             if not key or (job_id := self.log.keys.job_of_events(key)) not in self.jobs:
                 continue
-            if job_id in self._fresh or not self._deliver_group(key, fields[group:at]):
+            if job_id in self._fresh or not self._deliver_group(key, job_id, fields[group:at]):
                 self._fresh.add(job_id)
 
-    def _deliver_group(self, key: bytes, group: list[bytes]) -> bool:
+    def _deliver_group(self, key: bytes, job_id: str, group: list[bytes]) -> bool:
         """Deliver a doorbell group (``p`` <last before>, then ``i``/``d``[/``f``] per
         entry) if every reader that is not paused has all up to ``p``; False if it is not
         one, or a reader is behind (its stream is to be read)."""
         if len(group) < 6 or group[0] != b"p" or not group[1]:
             return False
-        job = self.jobs[self.log.keys.job_of_events(key)]
+        job = self.jobs[job_id]
         before = entry_key(group[1])
         if any(not (r.paused or r.ended) and r.after < before for r in job.readers):
             return False
