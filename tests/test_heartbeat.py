@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.functions import Functions
 from shared.redis_conn import connect
 from worker import heartbeat as hb
 
@@ -77,6 +78,25 @@ def test_each_job_gets_its_own_verdict_across_script_batches(
         assert all(running[member] >= before + 5000 for member in renewed)
         assert running[b"taken-over other"] == 1  # not this worker's attempt
         assert await redis.zscore(keys.WORKERS, "w1") >= before + 5000
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_beats_in_one_millisecond_still_find_every_attempt_present(db_url: str) -> None:
+    """A beat asks which attempts are gone only when its renewal moved fewer entries than
+    it named: a second beat within the same millisecond moves none, and must still find
+    every attempt there (and one gone, gone)."""
+
+    async def scenario() -> None:
+        redis = connect(db_url)
+        functions = Functions(redis)
+        members = ["a me", "b me", "c me"]
+        await redis.zadd(keys.RUNNING, {m: 1 for m in members[:2]})  # "c me" is gone
+        calls = [([keys.RUNNING, keys.WORKERS], [5000, "w1", *members])] * 3
+        replies = await functions.call_all("beat", calls)  # one round trip: mostly one ms
+        for reply in replies:
+            assert reply[1:] == [0, 0, 1]
         await redis.aclose()
 
     asyncio.run(scenario())

@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 9
-SOURCE_SHA256 = "8321915999008f5476cb786f15ab77b40f52fe99f5b4121ac1695be1e970015c"
+VERSION = 10
+SOURCE_SHA256 = "53a72d53f30974e0293b494fbacf96e5ceba45537b4488f685eae51110d809b2"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -70,10 +70,15 @@ end
 local GROUP_FIELDS_MAX = 4000 -- fields of one doorbell entry: Lua's unpack has a limit
 local GROUP_BYTES_MAX = 65536 -- a write's data the doorbell copies, at most, per stream
 
+-- Whether a gateway follows the doorbell: a write that finds none builds no group.
+local function followed(activity)
+  return redis.call('EXISTS', activity) == 1
+end
+
 -- `groups`: per stream its fields ('k' <stream>, then what the write added, if it says);
--- `now`: Redis's time, if the caller has read it.
-local function ring_groups(activity, groups, now)
-  if #groups == 0 or redis.call('EXISTS', activity) == 0 then return end
+-- `now`: Redis's time, if the caller has read it; `known`: the caller found it followed.
+local function ring_groups(activity, groups, now, known)
+  if #groups == 0 or not (known or followed(activity)) then return end
   local min_id = (now or now_ms()) - ACTIVITY_KEEP_MS
   local fields = {}
   local function flush()
@@ -331,24 +336,25 @@ local function applied(batch_arg, published, published_before, last_id)
 end
 
 -- A batch's events (ARGV[first..last]) written under the attempt's fence: nil, what the
--- meta hash is to record of it once written and its doorbell group, else append's answer
--- (1 a retry, 0 not this attempt's).
-local function write_events(meta, events, owner, batch_arg, published, args, first, last)
+-- meta hash is to record of it once written and its doorbell group (if `rings`: the
+-- doorbell is followed), else append's answer (1 a retry, 0 not this attempt's).
+local function write_events(meta, events, owner, batch_arg, published, args, first, last, rings)
   local verdict, published_before, last_before = fenced(meta, owner, tonumber(batch_arg))
   if verdict then return verdict end
-  local group, id = group_of(events, last_before), nil
+  local group, id = rings and group_of(events, last_before), nil
   for i = first, last do
     id = redis.call('XADD', events, '*', 'd', args[i])
-    add_entry(group, id, args[i])
+    if group then add_entry(group, id, args[i]) end
   end
   return nil, applied(batch_arg, published, published_before, id), group
 end
 
 -- write_events, the record set at once: a batch without the final event. Returns nil and
--- its doorbell group once written (none if it had no events), else append's answer.
-local function write_batch(meta, events, owner, batch_arg, published, args, first, last)
+-- its doorbell group once written (none if it had no events or `rings` is false), else
+-- append's answer.
+local function write_batch(meta, events, owner, batch_arg, published, args, first, last, rings)
   local verdict, record, group = write_events(meta, events, owner, batch_arg, published, args,
-                                              first, last)
+                                              first, last, rings)
   if verdict then return verdict end
   redis.call('HSET', meta, unpack(record))
   if last >= first then return nil, group end
@@ -369,14 +375,17 @@ register('append', function(keys, args)
     end
   end
   local last = #args - (final and 1 or 0)
+  local activity = keys[final and 4 or 3]
+  local rings = followed(activity)
   if not final then
-    local verdict, group = write_batch(meta, events, owner, batch, published, args, first, last)
+    local verdict, group = write_batch(meta, events, owner, batch, published, args, first, last,
+                                       rings)
     if verdict then return verdict end
-    if group then ring_groups(keys[3], {group}) end
+    if group then ring_groups(activity, {group}, nil, true) end
     return 1
   end
   local verdict, record, group = write_events(meta, events, owner, batch, published, args, first,
-                                              last)
+                                              last, rings)
   if verdict then return verdict end
   -- Output is recorded at once: were a step below to fail, a job whose output was written
   -- must never run again.
@@ -416,6 +425,7 @@ register('append_each', function(keys, args)
   if #keys % 2 ~= 1 or a ~= #args + 1 then
     return redis.error_reply('append_each: its keys and arguments do not match')
   end
+  local rings = followed(activity)
   local results, groups = {}, {}
   a = 1
   for k = 2, #keys, 2 do
@@ -425,7 +435,7 @@ register('append_each', function(keys, args)
     local first, last = a + 4, a + 3 + count
     a = last + 1
     local ok, verdict, group = pcall(write_batch, meta, events, owner, batch, published, args,
-                                     first, last)
+                                     first, last, rings)
     if not ok then
       results[#results + 1] = {err = type(verdict) == 'table' and verdict.err or tostring(verdict)}
     elseif verdict then
@@ -437,7 +447,7 @@ register('append_each', function(keys, args)
   end
   -- every job's events are written: a doorbell that fails (never, but for a key of the wrong
   -- type) is read on the gateways' sweep, rather than fail them all
-  pcall(ring_groups, activity, groups)
+  pcall(ring_groups, activity, groups, nil, rings)
   return results
 end)
 
@@ -549,17 +559,19 @@ register('beat', function(keys, args)
   local out = {now}
   for first = 3, #args, MANY_MAX do
     local last = math.min(first + MANY_MAX - 1, #args)
-    local scores = redis.call('ZMSCORE', running, unpack(args, first, last))
     local renewed = {}
     for i = first, last do
-      local owns = scores[i - first + 1] ~= false
-      out[#out + 1] = owns and 0 or 1
-      if owns then
-        renewed[#renewed + 1] = lapses
-        renewed[#renewed + 1] = args[i]
-      end
+      renewed[#renewed + 1] = lapses
+      renewed[#renewed + 1] = args[i]
     end
-    if #renewed > 0 then redis.call('ZADD', running, 'XX', unpack(renewed)) end
+    -- Every entry present moves forward, so CH counts them all: the common case needs no
+    -- read. Fewer (an attempt gone, or a second beat within a millisecond): ask which.
+    local moved = redis.call('ZADD', running, 'XX', 'CH', unpack(renewed))
+    local scores = moved < last - first + 1 and redis.call('ZMSCORE', running,
+                                                           unpack(args, first, last))
+    for i = first, last do
+      out[#out + 1] = (scores and scores[i - first + 1] == false) and 1 or 0
+    end
   end
   return out
 end)

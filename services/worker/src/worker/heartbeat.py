@@ -12,9 +12,9 @@ cancelled, which closes its upstream request.
 Attempts are tracked by their owner token, not their job: a job handed back may run again
 on this worker while its old attempt is still unwinding, and each has its own verdict.
 
-The checks run in Redis, two commands per thousand attempts: a command per job and beat
-was most of Redis's and the worker's CPU once they held thousands of slow streams. Each
-beat also reads Redis's clock (``RedisClock``).
+The checks run in Redis, one command per thousand attempts (two when one is gone): a
+command per job and beat was most of Redis's and the worker's CPU once they held thousands
+of slow streams. Each beat also reads Redis's clock (``RedisClock``).
 """
 
 from __future__ import annotations
