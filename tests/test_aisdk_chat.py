@@ -181,3 +181,23 @@ def test_an_error_settles_the_tool_calls_it_interrupted() -> None:
         "dynamic": True,
     }  # fmt: skip
     assert out[-1] == b"data: [DONE]\n\n"
+
+
+def test_an_error_after_a_tool_round_leaves_its_answered_calls_as_they_were() -> None:
+    """Only calls started and never answered get an error part: one whose output was sent
+    keeps it (useChat would turn an answered call's part into an error)."""
+    from gateway.ui_message_stream import UIMessageParts
+
+    encoder = UIMessageParts("job")
+    out = [
+        *encoder.encode({"tool_call": {"id": "call_0", "name": "calc"}}),
+        *encoder.encode(
+            {"tools_called": [{"id": "call_0", "name": "calc", "arguments": {}, "output": "4"}]}
+        ),
+        *encoder.encode({"tool_call": {"id": "call_1", "name": "calc"}}),
+        *encoder.encode({"error": "too many tool rounds"}),
+    ]
+    sent = [json.loads(line[6:]) for line in out if line != b"data: [DONE]\n\n"]
+    errors = [p["toolCallId"] for p in sent if p["type"] == "tool-output-error"]
+    assert errors == ["call_1"]
+    assert [p["toolCallId"] for p in sent if p["type"] == "tool-output-available"] == ["call_0"]

@@ -94,11 +94,8 @@ class UIMessageParts:
         call_id, name = call["id"], call["name"]
         arguments = call.get("arguments")
         common = {"toolCallId": call_id, "dynamic": True}
-        parts = (
-            []
-            if call_id in self._tool_names
-            else [{"type": "tool-input-start", "toolName": name, **common}]
-        )
+        started = self._tool_names.pop(call_id, None) is not None  # answered: settled
+        parts = [] if started else [{"type": "tool-input-start", "toolName": name, **common}]
         parts.append(
             {"type": "tool-input-available", "toolName": name, "input": arguments, **common}
         )
