@@ -8,6 +8,7 @@ at once, and its return brings it back into use.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,8 +20,10 @@ import httpx
 import pytest
 import redis
 
+from gateway.shards import Shard as GatewayShard
 from shared import keys
 from shared.cursors import new_job_id
+from shared.held_connection import NotSent
 from shared.redis_conn import sentinel_target
 from shared.settings import Settings, load_settings
 from shared.shards import home, shard_of
@@ -422,3 +425,50 @@ def test_a_shard_listed_out_of_place_stops_the_start(tmp_path: Path) -> None:
     finally:
         first.stop()
         second.stop()
+
+
+def bare_shard() -> GatewayShard:
+    """A gateway's shard with no clients: what its down mark does, apart from Redis."""
+    return GatewayShard(0, "redis://x", None, None, None, None, None)  # type: ignore[arg-type]
+
+
+def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_again() -> None:
+    async def scenario() -> None:
+        shard = bare_shard()
+        sent: list[str] = []
+
+        async def answered(name: str, until: asyncio.Event | None = None) -> str:
+            sent.append(name)
+            if until is not None:
+                await until.wait()
+            return name
+
+        async def refused() -> str:
+            raise NotSent("connection refused")
+
+        with pytest.raises(NotSent):
+            await shard.attempt(refused)
+        assert shard.known_down
+        with pytest.raises(NotSent, match="found down"):
+            await shard.attempt(lambda: answered("skipped"), skippable=True)
+        assert sent == []
+
+        shard.down_until = time.monotonic() - 0.1  # the mark lapsed: one call looks again
+        release = asyncio.Event()
+        probe = asyncio.create_task(shard.attempt(lambda: answered("probe", release), True))
+        await asyncio.sleep(0)
+        with pytest.raises(NotSent):  # while it looks, the others still skip
+            await shard.attempt(lambda: answered("meanwhile"), skippable=True)
+        release.set()
+        assert await probe == "probe"
+        assert shard.down_until == 0.0  # it answered: in use again
+        assert await shard.attempt(lambda: answered("after"), skippable=True) == "after"
+
+        # A call that cannot do without it (a placement's last resort) is sent all the
+        # same, and its answer ends the mark for everyone.
+        shard.mark_down()
+        assert await shard.attempt(lambda: answered("last resort")) == "last resort"
+        assert not shard.known_down
+        assert sent == ["probe", "after", "last resort"]
+
+    asyncio.run(scenario())

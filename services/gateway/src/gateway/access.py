@@ -89,20 +89,14 @@ class Access:
         # minute, one member each, so a burst across a minute boundary counts as one minute.
         several = len(self.shards) > 1
         try:
-            if several and shard.known_down:  # not a wait for its connect timeout per chat
-                raise NotSent(f"{shard.name} was found down in the last seconds")
-            probing = several and shard.down_until > 0
-            if probing:  # found down before: this chat looks again, the others skip it
-                shard.mark_down()
-            try:
-                taken, retry_after = await shard.log.functions.call(
+            # Skippable with other shards: not a wait for a down shard's connect timeout
+            # per chat.
+            taken, retry_after = await shard.attempt(
+                lambda: shard.log.functions.call(
                     "take", [key], [WINDOW_MS, self.rate_per_min, member]
-                )
-            except NotSent:
-                shard.mark_down()
-                raise
-            if probing:
-                shard.down_until = 0.0
+                ),
+                skippable=several,
+            )
         except NotSent as exc:
             if not several:
                 raise  # no chat can start anyway: 503

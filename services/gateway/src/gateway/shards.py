@@ -3,13 +3,15 @@ sessions, and the choice of where a new job goes.
 
 A new job goes to the next shard in turn that is not known to be down. A shard is known
 down for ``DOWN_FOR_S`` after a command to it could not even be sent (its connection was
-refused or timed out), and a job that met such a shard goes to the next one at once: it
-was written nowhere. Jobs of a session go to the session's own shard, which has its turns.
+refused or timed out), until a command to it is answered, and a job that met such a shard
+goes to the next one at once: it was written nowhere. Jobs of a session go to the session's
+own shard, which has its turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,7 +53,8 @@ class Shard:
     relay: Relay
     sessions: SessionStore
     suffix: str = ""  # tells its tasks apart from other shards' (ShardSpec.suffix)
-    down_until: float = field(default=0.0)
+    down_until: float = field(default=0.0)  # 0 once it answered since it was found down
+    _probing: bool = field(default=False)  # a skippable call looks again (see attempt)
 
     @property
     def known_down(self) -> bool:
@@ -59,6 +62,28 @@ class Shard:
 
     def mark_down(self) -> None:
         self.down_until = time.monotonic() + DOWN_FOR_S
+
+    async def attempt(self, call: Callable[[], Awaitable[T]], skippable: bool = False) -> T:
+        """``call`` on this shard, keeping what it shows: a call that could not be sent
+        marks the shard down for ``DOWN_FOR_S``, one answered clears the mark. A
+        ``skippable`` call (one that can do without this shard) is not sent while the mark
+        holds, nor while another looks again once it lapsed: one call looks, not every
+        call waiting for a connect timeout. It raises ``NotSent`` when skipped."""
+        if skippable and (self.known_down or self._probing):
+            raise NotSent(f"{self.name} was found down in the last seconds")
+        probing = skippable and self.down_until > 0
+        if probing:
+            self._probing = True
+        try:
+            result = await call()
+        except NotSent:
+            self.mark_down()
+            raise
+        finally:
+            if probing:
+                self._probing = False
+        self.down_until = 0.0
+        return result
 
     async def reachable(self) -> bool:
         try:
@@ -133,9 +158,8 @@ class Shards:
         candidates = self.in_turn()
         for shard in candidates:
             try:
-                return await attempt(shard)
+                return await shard.attempt(functools.partial(attempt, shard))
             except NotSent:
-                shard.mark_down()
                 if shard is candidates[-1]:
                     raise
             except also_next_on:
