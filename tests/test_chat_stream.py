@@ -195,6 +195,19 @@ def test_cors_allows_configured_origins(make_stack, client: httpx.Client) -> Non
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    # What a browser client of the OpenAI API sends (the official SDK's own headers).
+    asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,traceparent"
+    openai = client.options(
+        stack.gateway.url + "/v1/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": asked,
+        },
+    )
+    assert openai.status_code == 200, openai.text
+    allowed = openai.headers["access-control-allow-headers"].lower().replace(" ", "")
+    assert set(asked.split(",")) <= set(allowed.split(","))
     refused = client.options(
         stack.gateway.url + "/chat",
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},

@@ -164,7 +164,9 @@ def create_app(settings: Settings) -> Starlette:
             JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
+            # Any request header: browser clients send their own (the OpenAI SDK its
+            # X-Stainless-*, tracing a traceparent); the origins are the gate.
+            allow_headers=["*"],
             expose_headers=["Retry-After"],
             max_age=600,
         ),
