@@ -166,6 +166,8 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         (ask(temperature=7), 400, "temperature"),
         (ask(max_tokens=0), 400, "max_tokens"),
         (ask(tools=[{"type": "web"}]), 400, "tools[0]"),
+        (ask(tool_choice={"function": "calc"}), 400, "tool_choice"),
+        (ask(logprobs=True), 400, "logprobs"),
         (ask(stream="yes"), 400, "stream"),
         (ask(user("x" * 40_000)), 413, None),
     ],

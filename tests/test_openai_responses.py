@@ -165,6 +165,19 @@ def test_a_bad_request_is_openais_error_naming_the_field(
     assert response.json()["error"]["param"] == param
 
 
+def test_a_bad_starting_after_is_openais_error_naming_it(two: Stack) -> None:
+    response_id = (
+        sdk(two.gateway.url).responses.create(model="assistant", input="hi", background=True).id
+    )
+    for bad in ("--1", "-2", "\u00b9", "1.5", "x", ""):
+        response = httpx.get(
+            f"{two.gateway.url}/v1/responses/{response_id}",
+            params={"stream": "true", "starting_after": bad},
+        )
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"] == "starting_after"
+
+
 def test_an_unknown_response_is_a_404(two: Stack) -> None:
     for url in ("/v1/responses/resp_" + "2" * 32, "/v1/responses/nope"):
         response = httpx.get(two.gateway.url + url)

@@ -210,9 +210,8 @@ def params_of(body: dict[str, Any]) -> dict[str, Any]:
         params["stop"] = stop
     choice = body.get("tool_choice")
     if choice is not None:
-        named = isinstance(choice, dict) and isinstance(
-            (choice.get("function") or {}).get("name"), str
-        )
+        function = choice.get("function") if isinstance(choice, dict) else None
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
         if choice not in ("none", "auto", "required") and not named:
             raise InvalidField(
                 "tool_choice", 'must be "none", "auto", "required" or a named function'
