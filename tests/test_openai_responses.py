@@ -91,7 +91,9 @@ def test_a_background_response_is_queued_then_runs_to_its_end_unread(two: Stack)
         wait_until(
             lambda: client.responses.retrieve(created.id).status == "completed", 10, "its end"
         )
-        assert client.responses.retrieve(created.id).output_text == "t0 t1 t2 t3 t4 "
+        retrieved = client.responses.retrieve(created.id)
+        assert retrieved.output_text == "t0 t1 t2 t3 t4 "
+        assert retrieved.created_at == created.created_at  # one clock: the job's first event
 
 
 def test_cancel_is_idempotent_and_leaves_a_finished_response_as_it_ended(two: Stack) -> None:

@@ -58,8 +58,8 @@ async def create_response(request: Request) -> Response:
         if release is not None:
             release()
         raise
-    if release is None:  # background, not streamed: the response as it stands, queued
-        return JSONResponse(ResponseEvents(job_id, echoed, time.time()).response())
+    if release is None:  # background, not streamed: the response as it was queued
+        return JSONResponse((await _as_stored(state, job_id, echoed, first_only=True)).response())
     if stream:
         frames = _frames(state, job_id, echoed, -1, new_chat=True)
         return event_stream(state, frames, release)
@@ -135,11 +135,17 @@ class _NotFinished(BadRequest):
     param = "previous_response_id"
 
 
-async def _as_stored(state: State, job_id: str, echoed: dict[str, Any]) -> ResponseEvents:
+async def _as_stored(
+    state: State, job_id: str, echoed: dict[str, Any], first_only: bool = False
+) -> ResponseEvents:
+    """The response as its stored events tell (``first_only``: as it was queued, whatever
+    happened since), its ``created_at`` their first's time: the same for every reader."""
     encoder: ResponseEvents | None = None
     async for at, event in stored(state, job_id):
         encoder = encoder or ResponseEvents(job_id, echoed, at)
         encoder.feed(event)
+        if first_only:
+            break
     return encoder or ResponseEvents(job_id, echoed, time.time())
 
 
