@@ -66,6 +66,24 @@ def test_a_huge_header_is_a_431_while_it_arrives(edge: Stack) -> None:
     assert status == 431 and "MAX_HEADER_BYTES" in body["error"]
 
 
+def test_a_refusal_under_v1_is_in_openais_error_shape(edge: Stack) -> None:
+    """The OpenAI SDKs read ``error.message``: the edge's own refusals there carry it too,
+    a head's (431) as a body's (408)."""
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 400) for i in range(100))
+    with connect(edge) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+        status, body = answer_of(sock)
+    assert status == 431 and "MAX_HEADER_BYTES" in body["error"]["message"]  # type: ignore[index]
+    with connect(edge) as sock:
+        sock.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"input": '
+        )
+        status, body = answer_of(sock)
+    assert status == 408
+    assert set(body["error"]) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+
+
 def test_many_headers_past_the_cap_are_a_431(edge: Stack) -> None:
     lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 400) for i in range(100))
     with connect(edge) as sock:

@@ -84,17 +84,25 @@ def error_response(
 ) -> JSONResponse:
     """The JSON error: ``{"error": message}``, or under /v1/ the OpenAI API's shape."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    body: dict[str, object] = {"error": message}
-    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
-        body = {
-            "error": {
-                "message": message,
-                "type": OPENAI_TYPES.get(status, "invalid_request_error"),
-                "param": param,
-                "code": code or OPENAI_CODES.get(status),
-            }
-        }
+    openai = request is not None and request.url.path.startswith(OPENAI_PREFIX)
+    body = error_body(status, message, openai, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_body(
+    status: int, message: str, openai: bool, param: str | None = None, code: str | None = None
+) -> dict[str, object]:
+    """An error's JSON: ``openai`` (a path under /v1/), the OpenAI API's shape."""
+    if not openai:
+        return {"error": message}
+    return {
+        "error": {
+            "message": message,
+            "type": OPENAI_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code or OPENAI_CODES.get(status),
+        }
+    }
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:

@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared.settings import Settings
 
+from .errors import OPENAI_PREFIX, error_body
 from .inputs import max_request_bytes
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0  # bytes of the current head received so far
     _header_bytes = 0  # bytes of the current head's header lines parsed so far
     _boundary = False  # a request began or ended during the current feed
-    _deferred: tuple[int, str] | None = None  # a refusal waiting for earlier answers
+    _deferred: tuple[int, str, bool] | None = None  # a refusal waiting for earlier answers
+    _target = b""  # the request line's target as far as it came, while a head arrives
     _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -88,6 +90,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._boundary = True
+        self._target = b""
         self._in_head = True
         self._header_bytes = 0
         self._arm(self.header_timeout_s, self._head_too_slow)
@@ -101,6 +104,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 " prompt within MAX_PROMPT_CHARS needs; send long prompts with POST /chat",
             )
             raise _Refused
+        self._target += url[: 16 - len(self._target)]  # enough to tell its path's prefix
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -137,6 +141,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._boundary = True
+        self._target = b""
         self._disarm()
         self._in_head = True
         self._head_bytes = 0
@@ -182,6 +187,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm()
         logger.info("refused a request with %d: %s", status, reason)
         cycle = self.cycle
+        # Its path, as far as it came: under /v1/ the answer is in the OpenAI API's shape.
+        target = cycle.scope["path"].encode() if current and cycle is not None else self._target
+        openai = target.startswith(OPENAI_PREFIX.encode())
         if current and cycle is not None:
             if cycle.response_started and not cycle.response_complete:
                 self.transport.abort()  # its answer is under way: nothing can follow
@@ -192,13 +200,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         elif self._busy():
             # HTTP/1.1 answers in order: once the earlier requests have their answers.
-            self._deferred = (status, reason)
+            self._deferred = (status, reason, openai)
             return
-        self._answer(status, reason)
+        self._answer(status, reason, openai)
 
-    def _answer(self, status: int, reason: str) -> None:
+    def _answer(self, status: int, reason: str, openai: bool) -> None:
         self._deferred = None
-        body = orjson.dumps({"error": reason})
+        body = orjson.dumps(error_body(status, reason, openai))
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n" % (status, REASONS[status])
         head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.transport.write(head + body)
