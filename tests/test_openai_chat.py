@@ -49,6 +49,17 @@ def test_a_completion_is_the_models_text_exactly(sdk: openai.OpenAI) -> None:
     assert choice.finish_reason == "stop" and answer.object == "chat.completion"
     assert answer.usage is not None and answer.usage.completion_tokens == len(HARD_TOKENS)
     assert answer.model == "assistant"
+    # What an SDK may send that changes nothing here is taken (a text-only modality, the
+    # legacy function_call left at "none", a seed, a user).
+    again = sdk.chat.completions.create(
+        model="assistant",
+        messages=user("[hard]"),  # type: ignore[arg-type]
+        modalities=["text"],
+        function_call="none",
+        seed=7,
+        user="u1",
+    )
+    assert again.choices[0].message.content == HARD_TEXT
 
 
 def test_a_streamed_completion_is_the_models_text_exactly(sdk: openai.OpenAI) -> None:
@@ -168,6 +179,12 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         (ask(tools=[{"type": "web"}]), 400, "tools[0]"),
         (ask(tool_choice={"function": "calc"}), 400, "tool_choice"),
         (ask(logprobs=True), 400, "logprobs"),
+        (ask(top_logprobs=2), 400, "top_logprobs"),
+        (ask(modalities=["text", "audio"]), 400, "modalities"),
+        (ask(audio={"voice": "alloy", "format": "wav"}), 400, "audio"),
+        (ask(functions=[{"name": "f", "parameters": {}}]), 400, "functions"),
+        (ask(function_call={"name": "f"}), 400, "function_call"),
+        (ask(web_search_options={}), 400, "web_search_options"),
         (ask(stream="yes"), 400, "stream"),
         (ask(user("x" * 40_000)), 413, None),
     ],

@@ -152,6 +152,8 @@ def test_function_tools_come_back_as_calls_and_their_outputs_go_on(two: Stack) -
         ({"model": "assistant", "input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0]"),
         ({"model": "assistant", "input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({"model": "gpt-nope", "input": "hi"}, 404, "model"),
+        ({"model": "assistant", "input": "hi", "prompt": {"id": "pmpt_1"}}, 400, "prompt"),
+        ({"model": "assistant", "input": "hi", "conversation": "conv_1"}, 400, "conversation"),
         (
             {"model": "assistant", "input": "hi", "previous_response_id": "resp_" + "1" * 32},
             404,

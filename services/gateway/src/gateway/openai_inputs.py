@@ -3,8 +3,9 @@ and the sampling parameters, each checked, so a bad request is a 400 naming its 
 enqueues nothing.
 
 OpenAI's API reference is the authority on every field. A field Streamgate does not use is
-ignored, unless ignoring it would change the answer's meaning (``n`` > 1, ``logprobs``,
-non-text content): that is a 400.
+ignored, unless ignoring it would change the answer's meaning (``n`` > 1, log
+probabilities, audio or other non-text output or content, the legacy ``functions``, web
+search; in the Responses API a stored ``prompt`` or ``conversation``): that is a 400.
 """
 
 from __future__ import annotations
@@ -79,14 +80,37 @@ def chat_completion(
     role = role_of(body.get("model"), roles, upstream_model)
     if body.get("n") not in (None, 1):
         raise InvalidField("n", "only one choice is produced: leave n out or set it to 1")
-    if body.get("logprobs"):
-        raise InvalidField("logprobs", "log probabilities are not available here")
+    for name in ("logprobs", "top_logprobs"):
+        if body.get(name):
+            raise InvalidField(name, "log probabilities are not available here")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise InvalidField("modalities", 'only text is produced: leave it out or send ["text"]')
+    if body.get("functions"):
+        raise InvalidField("functions", "the legacy functions are not supported: send tools")
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise InvalidField("function_call", "not supported: send tools and tool_choice")
+    refuse_present(body, CHAT_UNAVAILABLE)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidField("messages", "required: a non-empty list of messages")
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
     check_size(checked, max_chars)
     return Conversation(role, checked, tools_of(body.get("tools")), params_of(body))
+
+
+CHAT_UNAVAILABLE = {
+    "audio": "audio output is not available here",
+    "web_search_options": "web search is not available here",
+}
+
+
+def refuse_present(body: dict[str, Any], unavailable: dict[str, str]) -> None:
+    """A 400 for the first field of ``unavailable`` the body sets: the answer without it
+    would mean something else."""
+    for name, why in unavailable.items():
+        if body.get(name) is not None:
+            raise InvalidField(name, why)
 
 
 def check_size(messages: list[dict[str, Any]], max_chars: int) -> None:

@@ -10,11 +10,23 @@ from typing import Any
 
 from shared.roles import Roles
 
-from .openai_inputs import Conversation, InvalidField, check_size, params_of, role_of, tools_of
+from .openai_inputs import (
+    Conversation,
+    InvalidField,
+    check_size,
+    params_of,
+    refuse_present,
+    role_of,
+    tools_of,
+)
 
 RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _MESSAGE_ROLES = {"user", "system", "developer", "assistant"}
+_UNAVAILABLE = {
+    "prompt": "stored prompts are not available here: send instructions and input",
+    "conversation": "stored conversations are not available here: use previous_response_id",
+}
 
 
 def response_request(
@@ -27,6 +39,7 @@ def response_request(
     """The conversation (``earlier`` turns first: the previous response's) and what the
     response object echoes."""
     role = role_of(body.get("model"), roles, upstream_model)
+    refuse_present(body, _UNAVAILABLE)
     for name in ("background", "stream"):
         if not isinstance(body.get(name, False), bool):
             raise InvalidField(name, "must be true or false")
