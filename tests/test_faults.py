@@ -339,6 +339,33 @@ def test_redis_restart_mid_stream(
         stack.stop()
 
 
+def test_a_reader_cut_off_by_a_hung_redis_resumes_by_its_cursor_once_redis_answers(
+    own_redis: RedisServer, logdir: Path, client: httpx.Client
+) -> None:
+    """The error a gateway sends when Redis stops answering is no event of the job: its
+    cursor names none, yet a reconnect with it, once Redis answers again with the job,
+    gets exactly the events after the last one the reader had, and ends."""
+    stack = Stack(own_redis.url, logdir).start()
+    try:
+        background = Background(stack.gateway.url + "/chat", {"prompt": "[long 400] [delay 0.02]"})
+        background.wait_tokens()
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            cut = background.join(30)
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert "Redis" in cut.events[-1]["error"], cut.events[-1]
+        assert cut.last_id.endswith("~")  # its own cursor, unique within the job
+        rest = sse.read(client, stack.gateway.url + "/chat", headers={"Last-Event-ID": cut.last_id})
+        assert rest.events and len(rest.finals) == 1, rest.events
+        # Nothing lost or repeated at the seam (the job then went on, or ended as lost).
+        whole = "".join(f"t{i} " for i in range(400))
+        assert cut.text + rest.text == whole[: len(cut.text + rest.text)]
+    finally:
+        stack.stop()
+
+
 def test_200_streams_each_read_twice_arrive_exactly(redis_url: str, logdir: Path) -> None:
     stack = Stack(private_db(redis_url), logdir, {"QUEUE_TIMEOUT_S": "60"}).start(workers=2)
     expected = "".join(f"t{i} " for i in range(50))

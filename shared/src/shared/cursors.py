@@ -1,7 +1,10 @@
 """Cursors: the SSE ``id:`` of every event, naming both the job and the place in its stream.
 
 A cursor is ``<job_id>_<stream entry id>``. It is opaque to clients; carrying the job id is
-what lets a bare ``Last-Event-ID`` find the job again on any gateway.
+what lets a bare ``Last-Event-ID`` find the job again on any gateway. An event a gateway
+makes up (the error it sends when Redis is out of reach) is no entry of the stream: its
+cursor is the reader's last entry's with ``~`` after it (``MADE_UP``), unique within the
+job, and a reconnect with it resumes after that entry, as with the entry's own.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import NamedTuple
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 # [0-9], not \d: \d takes any script's digits, which Redis refuses as an entry id.
-_CURSOR = re.compile(r"([0-9a-f]{32})_([0-9]{1,20}-[0-9]{1,20})")
+_CURSOR = re.compile(r"([0-9a-f]{32})_([0-9]{1,20}-[0-9]{1,20})(~?)")
+MADE_UP = "~"
 
 START = "0-0"  # the stream position before the first event
 _MAX_ID_PART = 2**64 - 1  # each half of a stream entry id is an unsigned 64-bit number
@@ -41,9 +45,10 @@ def is_job_id(value: str) -> bool:
 
 def parse_cursor(value: str) -> Cursor | None:
     """The cursor ``value`` spells exactly, or None; ``<job>_0-0`` names no event (the
-    start of a job's events is its URL without a cursor)."""
+    start of a job's events is its URL without a cursor), ``<job>_0-0~`` the start (an event
+    made up for a reader that had none)."""
     match = _CURSOR.fullmatch(value)
-    if match is None or match.group(2) == START:
+    if match is None or (match.group(2) == START and not match.group(3)):
         return None
     ms, _, seq = match.group(2).partition("-")
     if int(ms) > _MAX_ID_PART or int(seq) > _MAX_ID_PART:

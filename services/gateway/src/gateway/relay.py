@@ -50,6 +50,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import events as ev
+from shared.cursors import MADE_UP
 from shared.event_log import DATA, FINAL, EventLog
 from shared.held_connection import HeldConnection
 from shared.settings import Settings
@@ -521,4 +522,7 @@ class Relay:
         data = ev.encode(ev.Error(why))
         for reader in job.readers:
             ms, seq = reader.after
-            reader.close(job.prefix + f"{ms}-{seq + 1}\ndata: ".encode() + data + b"\n\n")
+            # No entry of the stream: a cursor of its own, that resumes after the reader's
+            # last (cursors.MADE_UP), should Redis come back with the job.
+            made_up = job.prefix + f"{ms}-{seq}{MADE_UP}".encode()
+            reader.close(made_up + b"\ndata: " + data + b"\n\n")
