@@ -158,3 +158,33 @@ def test_past_the_multiplex_limit_streams_follow_the_doorbell_without_losing_eve
     doorbell = redis.Redis.from_url(stack.redis_url)
     assert doorbell.xlen(keys.ACTIVITY) > 0  # every write rang
     doorbell.close()
+
+
+def test_past_the_multiplex_limit_a_cursor_resumes_on_another_gateway_exactly(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Both gateways follow the doorbell (each relays more streams than RELAY_MULTIPLEX_MAX),
+    so the tokens come from the doorbell's copies: a reader cut mid-stream on one resumes by
+    its cursor on the other with every token after it, once each, in order."""
+    stack = make_stack(gateways=2, RELAY_MULTIPLEX_MAX="2", QUEUE_TIMEOUT_S="20")
+    first, second = stack.gateways
+    expected = "".join(f"t{i} " for i in range(80))
+
+    def hold(url: str, n: int) -> str:  # keeps a gateway past the limit meanwhile
+        with httpx.Client(timeout=30) as own:
+            return sse.read(
+                own, url + "/chat", params={"prompt": f"[long 60] [delay 0.06] {n}"}
+            ).text
+
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(8) as pool:
+        held = [pool.submit(hold, gateway.url, n) for n in range(3) for gateway in (first, second)]
+        for n in range(3):
+            params = {"prompt": f"[long 80] [delay 0.01] resumed {n}"}
+            part = sse.read(client, first.url + "/chat", params=params, stop_after=10 + 20 * n)
+            rest = sse.read(client, second.url + "/chat", headers={"Last-Event-ID": part.last_id})
+            assert sse.ends_done(rest), rest.events
+            assert part.text + rest.text == expected
+        assert [h.result() for h in held] == ["".join(f"t{i} " for i in range(60))] * 6
+    doorbell = redis.Redis.from_url(stack.redis_url)
+    assert doorbell.xlen(keys.ACTIVITY) > 0  # the gateways followed the doorbell
+    doorbell.close()
