@@ -3,9 +3,10 @@ headers, resume, cancel, and bad bodies refused before anything is enqueued."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ def test_a_client_that_leaves_has_its_answer_cancelled_after_the_grace(ai_stack:
         ({"id": "c", "messages": []}, "messages:"),
         ({"id": "c", "messages": [{"role": "user", "parts": [{"type": "file"}]}]}, "only text"),
         (body("c", "hi", "there"), "the last message must be the user's"),
+        (body("c", "  "), "has no text"),
         (body("c", "hi", role="nobody"), "unknown role"),
         (body("c", "x" * 40_000), "MAX_PROMPT_CHARS"),
     ],
@@ -178,7 +180,7 @@ def test_an_error_settles_the_tool_calls_it_interrupted() -> None:
     ]  # fmt: skip
     assert sent[3] == {
         "type": "tool-output-error", "toolCallId": "call_0", "errorText": "cancelled",
-        "dynamic": True,
+        "dynamic": True, "providerExecuted": True,
     }  # fmt: skip
     assert out[-1] == b"data: [DONE]\n\n"
 
@@ -201,3 +203,26 @@ def test_an_error_after_a_tool_round_leaves_its_answered_calls_as_they_were() ->
     errors = [p["toolCallId"] for p in sent if p["type"] == "tool-output-error"]
     assert errors == ["call_1"]
     assert [p["toolCallId"] for p in sent if p["type"] == "tool-output-available"] == ["call_0"]
+
+
+def test_an_event_the_stream_does_not_show_is_a_ping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``started`` has no part: it still restarted the reader's wait for a ping, so it goes
+    out as one, or a client would hear nothing for two ping intervals."""
+    from gateway import job_events
+    from gateway.reader import PING
+    from gateway.ui_message_stream import UIMessageParts
+
+    async def relayed(*_: object, **__: object) -> AsyncIterator[object]:
+        yield (0.0, {"lifecycle": "queued", "job_id": "job", "position": 1})
+        yield (0.0, {"lifecycle": "started"})
+        yield None  # the reader's own ping
+        yield (0.0, {"token": "hi"})
+
+    monkeypatch.setattr(job_events, "relayed", relayed)
+
+    async def frames() -> list[bytes]:
+        encode = UIMessageParts("job").encode
+        return [f async for f in job_events.encoded(None, "job", encode)]  # type: ignore[arg-type]
+
+    out = asyncio.run(frames())
+    assert out[1:3] == [PING, PING] and b"text-delta" in out[3], out

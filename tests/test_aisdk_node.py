@@ -46,7 +46,7 @@ def test_default_chat_transport_streams_and_resumes_on_another_gateway(
     assert started["toolName"] == given["toolName"] == "calculator"
     assert started["toolCallId"] == given["toolCallId"] == output["toolCallId"]
     assert given["input"] == {"expression": "2 + 3 * 4"} and output["output"] == "14"
-    assert started["dynamic"] is True
+    assert started["dynamic"] is True and started["providerExecuted"] is True
     assert types.index("tool-output-available") < types.index("text-start")
     assert seen["toolText"] == "From the tools: calculator said 14."
 

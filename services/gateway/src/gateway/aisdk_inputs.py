@@ -60,6 +60,8 @@ def chat_turn(body: dict[str, Any], roles: Roles, max_chars: int) -> ChatTurn:
     messages = [m for m in messages if m["content"] or m["role"] == "user"]
     if not messages or messages[-1]["role"] != "user":
         raise BadRequest("messages: the last message must be the user's")
+    if not messages[-1]["content"].strip():  # as /chat refuses a blank prompt
+        raise BadRequest("messages: the last user message has no text")
     check_size(messages, max_chars)
     return ChatTurn(chat_id, role or roles.default, messages)
 

@@ -46,12 +46,14 @@ async def encoded(
     new_chat: bool = False,
 ) -> AsyncIterator[bytes]:
     """The job's events live, each as the frames ``encode`` makes of it (a dialect's
-    encoder), the idle stream's pings kept."""
+    encoder), the idle stream's pings kept: an event the dialect does not show is a ping,
+    since it restarted the reader's wait for the next one (a gap of two intervals)."""
     async for entry in relayed(state, job_id, new_chat):
         if entry is None:
             yield PING
-        elif out := encode(entry[1]):
-            yield b"".join(out)
+        else:
+            out = encode(entry[1])
+            yield b"".join(out) if out else PING
 
 
 async def stored(state: State, job_id: str) -> AsyncIterator[Event]:

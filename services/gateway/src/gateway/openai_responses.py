@@ -163,11 +163,14 @@ async def _frames(
             yield PING
             continue
         encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
-        out = [e for e in encoder.feed(entry[1]) if e["sequence_number"] > starting_after]
+        events = encoder.feed(entry[1])
+        out = [e for e in events if e["sequence_number"] > starting_after]
         if out:
             yield b"".join(
                 b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in out
             )
+        elif not events:  # an event Responses do not show: a ping, as in encoded()
+            yield PING
 
 
 async def _until_done(

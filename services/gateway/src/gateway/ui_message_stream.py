@@ -4,7 +4,9 @@ One assistant message per job (its ``messageId`` is the job's id, so a replay on
 gateway is the same message): ``start``, then one step per model round (``start-step`` ...
 ``finish-step``). Tokens are a text block (``text-start``, ``text-delta`` each, ``text-end``)
 closed when a tool call starts or the step ends. Streamgate's tools ran in the worker, so
-each call is a dynamic tool (``dynamic: true``: the client did not declare it):
+each call is a dynamic tool (``dynamic: true``: the client did not declare it) that the
+server ran (``providerExecuted: true``: ``useChat`` neither calls its ``onToolCall`` for it
+nor sends the conversation again when a step ends with it):
 ``tool-input-start`` when it starts, then ``tool-input-available`` and
 ``tool-output-available`` when the results are in (an ``error: ...`` output too: the model
 read it and answered on); the next round is a new step. ``done`` is ``finish`` with the
@@ -26,6 +28,7 @@ FINISH_REASONS = {
     "content_filter": "content-filter",
     "tool_calls": "tool-calls",
 }
+SERVER_TOOL = {"dynamic": True, "providerExecuted": True}  # every tool part's
 
 
 class UIMessageParts:
@@ -61,7 +64,7 @@ class UIMessageParts:
                     "type": "tool-input-start",
                     "toolCallId": call["id"],
                     "toolName": call["name"],
-                    "dynamic": True,
+                    **SERVER_TOOL,
                 }
             )
         elif "tools_called" in event:
@@ -73,7 +76,7 @@ class UIMessageParts:
         elif "error" in event:
             self._end_text(parts)
             for call_id in self._tool_names:  # started, never answered: settle them
-                unanswered = {"toolCallId": call_id, "errorText": event["error"], "dynamic": True}
+                unanswered = {"toolCallId": call_id, "errorText": event["error"], **SERVER_TOOL}
                 parts.append({"type": "tool-output-error", **unanswered})
             self._end_step(parts)
             parts.append({"type": "error", "errorText": event["error"]})
@@ -93,7 +96,7 @@ class UIMessageParts:
     def _tool_result(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         call_id, name = call["id"], call["name"]
         arguments = call.get("arguments")
-        common = {"toolCallId": call_id, "dynamic": True}
+        common = {"toolCallId": call_id, **SERVER_TOOL}
         started = self._tool_names.pop(call_id, None) is not None  # answered: settled
         parts = [] if started else [{"type": "tool-input-start", "toolName": name, **common}]
         parts.append(
