@@ -97,6 +97,18 @@ def test_upstream_failures_end_with_one_error_event(
     assert words in stream.events[-1]["error"]
 
 
+def test_an_answer_whose_connection_drops_after_its_finish_reason_is_whole(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Complete, by the contract's test: it has a finish reason (only [DONE] and the usage
+    after it were lost)."""
+    stream = chat(client, stack, "[drop-end]")
+    assert_well_formed(stream)
+    done = stream.events[-1]
+    assert done["lifecycle"] == "done" and done["finish_reason"] == "stop", done
+    assert "usage" not in done and stream.text
+
+
 def test_done_carries_the_finish_reason_and_the_upstreams_usage(
     stack: Stack, client: httpx.Client
 ) -> None:

@@ -4,6 +4,8 @@ job starts cannot hold up the tokens of the jobs already running."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 from shared.settings import Settings
 from worker.llm import Upstream
@@ -34,3 +36,31 @@ def test_a_burst_of_requests_takes_one_loop_round_each() -> None:
     seen = asyncio.run(scenario())
     assert len(seen) == 20
     assert len(set(seen)) == 20  # never two in the same round
+
+
+def test_an_upstream_silent_before_its_answer_begins_ends_in_the_idle_timeout() -> None:
+    """The SDK retries a request whose answer did not begin within its read timeout: the
+    idle timeout bounds them all, not each (with two retries it took three timeouts)."""
+    from worker.llm import UpstreamError
+
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, answers nothing
+
+    async def scenario() -> tuple[str, float]:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        upstream = Upstream(
+            Settings(openai_base_url=url, upstream_idle_timeout_s=1, openai_max_retries=2)
+        )
+        began = time.monotonic()
+        try:
+            async for _ in upstream.stream([{"role": "user", "content": "hi"}]):
+                pass
+        except UpstreamError as exc:
+            return exc.message, time.monotonic() - began
+        finally:
+            await upstream.close()
+        raise AssertionError("the silent upstream gave an answer")
+
+    with silent:
+        message, took = asyncio.run(scenario())
+    assert "sent nothing for 1 s" in message
+    assert took < 1.8, took

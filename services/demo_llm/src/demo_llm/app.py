@@ -224,6 +224,9 @@ async def _stream(
             return
         if script.then == "fail":
             raise ConnectionAbortedError("demo: dropping the connection mid-stream")
+        if script.then == "drop-end":
+            yield _chunk(completion_id, {}, finish=finish)
+            raise ConnectionAbortedError("demo: dropping the connection after the finish")
         if script.then == "error":
             error = {
                 "error": {"message": "demo error mid-stream, as requested", "type": "server_error"}

@@ -10,6 +10,8 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[delay S]``      | S seconds between tokens (default ``DEMO_LLM_DELAY_S``)           |
 | ``[wait S]``       | S seconds of silence before the first token                     |
 | ``[fail-mid]``     | a few tokens, then the connection drops                         |
+| ``[drop-end]``     | a few tokens and the finish reason, then the connection drops   |
+|                    | (no usage, no ``[DONE]``: a whole answer whose end was lost)      |
 | ``[error-mid]``    | a few tokens, then an error object in the stream                |
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
@@ -79,7 +81,7 @@ HARD_TOKENS = [
 ]
 
 _DIRECTIVE = re.compile(
-    r"\[(hard|long|delay|wait|fail-mid|error-mid|http|stall|echo|stamp|cut)(?:\s+([^\]\s]+))?\]"
+    r"\[(hard|long|delay|wait|fail-mid|drop-end|error-mid|http|stall|echo|stamp|cut)(?:\s+([^\]\s]+))?\]"
 )
 # What each directive's number may be: anything else is a 400, not a crash, and no prompt
 # makes the model hold more than one token at a time (``[long N]`` is made as it is sent).
@@ -125,7 +127,7 @@ class Script:
     tokens: Sequence[str]
     delay_s: float
     http_status: int | None = None
-    then: str | None = None  # "fail", "error", "stall" or "cut" after the tokens
+    then: str | None = None  # "fail", "drop-end", "error", "stall" or "cut" after the tokens
     wait_s: float = 0.0  # silence before the first token
     tool_calls: list[PlannedCall] = field(default_factory=list)
     with_index: bool = True  # False: tool call deltas without "index" (Ollama)
@@ -268,6 +270,7 @@ def plan(
     wait = numbers.get("wait", 0.0)
     for name, then in (
         ("fail-mid", "fail"),
+        ("drop-end", "drop-end"),
         ("error-mid", "error"),
         ("stall", "stall"),
         ("cut", "cut"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from shared import tracing
 from shared.settings import Settings
 
 # What ``with_streaming_response`` sends: the SDK then returns the response unparsed.
+logger = logging.getLogger(__name__)
+
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 
 
@@ -144,18 +147,21 @@ class Upstream:
             body.pop("tool_choice", None)
         # The client's generic POST (the SDK's documented way to any endpoint), asking for
         # the raw streamed response: the typed ``create`` re-validates the messages and
-        # tools of every request, a millisecond of CPU spent on data built here.
-        return cast(
-            "openai.AsyncAPIResponse[object]",
-            await self.client.post(
-                "/chat/completions",
-                cast_to=object,
-                body=body,
-                options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
-                stream=True,
-                stream_cls=openai.AsyncStream[object],
-            ),
-        )
+        # tools of every request, a millisecond of CPU spent on data built here. The SDK
+        # retries a request whose answer did not begin within its read timeout: one
+        # deadline over them all, or a silent upstream took the idle timeout thrice.
+        async with asyncio.timeout(self.idle_timeout_s):
+            return cast(
+                "openai.AsyncAPIResponse[object]",
+                await self.client.post(
+                    "/chat/completions",
+                    cast_to=object,
+                    body=body,
+                    options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
+                    stream=True,
+                    stream_cls=openai.AsyncStream[object],
+                ),
+            )
 
     def stream(
         self,
@@ -226,15 +232,23 @@ class Upstream:
             response = await (opened if opened is not None else self._post(messages, tools, params))
             finished = False
             try:
-                async for line in sse_lines(response.iter_bytes()):
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, event: lines
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        return
-                    for delta in parse_chunk(payload):
-                        finished = finished or isinstance(delta, Finish)
-                        yield delta
+                try:
+                    async for line in sse_lines(response.iter_bytes()):
+                        if not line.startswith(b"data:"):
+                            continue  # blank separators, comments, event: lines
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            return
+                        for delta in parse_chunk(payload):
+                            finished = finished or isinstance(delta, Finish)
+                            yield delta
+                except (httpx2.TransportError, httpx2.StreamError):
+                    if not finished:
+                        raise
+                    # A finish reason came: the answer is whole, only its end was lost
+                    # (the usage that may follow it, and [DONE]).
+                    logger.info("the LLM's connection ended after its finish reason")
+                    return
                 if not finished:
                     raise UpstreamError(
                         "the LLM's answer ended without [DONE] or a finish reason; the answer"
@@ -259,7 +273,7 @@ class Upstream:
             raise UpstreamError(
                 f"the LLM answered HTTP {exc.status_code}", "status", f"it said: {_detail(exc)}"
             ) from exc
-        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+        except (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError) as exc:
             if _caused_by(exc, httpx2.ConnectTimeout):  # also how aiohttp reports a refusal
                 raise UpstreamError(
                     "could not reach the LLM",
