@@ -90,3 +90,29 @@ def test_a_bad_agent_stops_the_worker_at_start(spec: str, says: str) -> None:
     )
     assert done.returncode != 0
     assert says in done.stderr, done.stderr
+
+
+def test_an_agent_yielding_the_contracts_json_objects_streams_them(
+    redis_url: str, logdir: Path, client: httpx.Client
+) -> None:
+    """PROTOCOL names an agent's events by their JSON: an agent written from it alone
+    streams, ends with its ``done``, or with its ``error``."""
+    fixtures = str(ROOT / "tests" / "fixtures")
+    env = {**agent_env("wire_agent:answer"), "PYTHONPATH": fixtures}
+    stack = Stack(private_db(redis_url), logdir, env).start()
+    try:
+        stream = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hello wire"})
+        assert [e for e in stream.events if "lifecycle" not in e][:2] == [
+            {"tool_call": {"id": "call_1", "name": "echo"}},
+            {"tools_called": [{"id": "call_1", "name": "echo", "arguments": {"text": "hello wire"},
+                               "output": "hello wire"}]},
+        ]  # fmt: skip
+        assert stream.text == "hello wire "
+        assert stream.finals == [
+            {"lifecycle": "done", "finish_reason": "stop",
+             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+        ]  # fmt: skip
+        failed = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "give up"})
+        assert failed.text == "partial " and failed.finals == [{"error": "the wire agent gave up"}]
+    finally:
+        stack.stop()

@@ -2,7 +2,10 @@
 
 An agent is an async generator function taking one :class:`AgentRequest` and yielding
 events: :class:`Token` (or a plain ``str``), :class:`ToolCallStarted`, :class:`ToolsCalled`,
-and optionally a last :class:`Done` carrying the finish reason and usage. Streamgate does the
+and optionally a last :class:`Done` carrying the finish reason and usage; or the same
+events as the contract's JSON objects (``{"token": ...}``, ``{"tool_call": ...}``,
+``{"tools_called": [...]}``, ``{"lifecycle": "done", ...}``, and ``{"error": ...}``, which
+ends the job with that error as :class:`AgentError` does). Streamgate does the
 rest: the queue, publishing each event as it is yielded, the final event, the worker's
 liveness, resuming readers and cancelling. Raising :class:`AgentError` ends the job with
 that message as its ``error`` event; any other exception ends it with a generic error and
@@ -74,7 +77,38 @@ class AgentRequest:
 # What an agent may yield before its optional last ``Done`` (``str`` aside).
 AGENT_EVENTS = (Token, ToolCallStarted, ToolsCalled, ClientToolCalls)
 
-Agent = Callable[[AgentRequest], AsyncIterator[Event | str]]
+Agent = Callable[[AgentRequest], AsyncIterator[Event | str | dict[str, Any]]]
+
+
+def event_of(item: dict[str, Any]) -> Event:
+    """An event an agent yielded as the contract's JSON object; raises ``AgentError`` for
+    an ``error`` (the job ends with it), ``TypeError`` for what is no event it may send."""
+    try:
+        if isinstance(item.get("error"), str) and len(item) == 1:
+            raise AgentError(item["error"])
+        if isinstance(item.get("token"), str) and len(item) == 1:
+            return Token(item["token"])
+        if "tool_call" in item and len(item) == 1:
+            call = item["tool_call"]
+            return ToolCallStarted(str(call["id"]), str(call["name"]))
+        if isinstance(item.get("tools_called"), list) and len(item) == 1:
+            return ToolsCalled(
+                [
+                    ToolResult(str(c["id"]), str(c["name"]), c.get("arguments"), str(c["output"]))
+                    for c in item["tools_called"]
+                ]
+            )
+        if item.get("lifecycle") == "done":
+            usage = item.get("usage")
+            counts: list[Any] = (
+                [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+                if isinstance(usage, dict)
+                else []
+            )  # checked as an agent's Done is: not whole counts, no usage
+            return Done(item.get("finish_reason"), Usage(*counts) if counts else None)
+    except (KeyError, TypeError, AttributeError):
+        pass
+    raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
 
 
 def load_agent(spec: str) -> Agent:

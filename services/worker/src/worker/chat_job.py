@@ -25,7 +25,7 @@ from shared.roles import Role, Roles
 from shared.settings import Settings
 
 from .agent import OpenAIAgent
-from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest
+from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest, event_of
 from .heartbeat import Heartbeat
 from .llm import Opening, Upstream, UpstreamError
 from .metrics import WorkerMetrics
@@ -293,7 +293,7 @@ def messages_for(
 
 
 async def relay_agent(
-    events: AsyncIterator[ev.Event | str],
+    events: AsyncIterator[ev.Event | str | dict[str, Any]],
     publisher: Publisher,
     metrics: WorkerMetrics,
     output_max_chars: int = 20_000,
@@ -306,7 +306,10 @@ async def relay_agent(
         async for item in events:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError  # an agent that swallowed its cancel stops here
-            event = ev.Token(item) if isinstance(item, str) else item
+            if isinstance(item, dict):
+                event = event_of(item)
+            else:
+                event = ev.Token(item) if isinstance(item, str) else item
             if isinstance(event, ev.Done):
                 return "".join(text), _with_valid_usage(event)
             if not isinstance(event, AGENT_EVENTS):
