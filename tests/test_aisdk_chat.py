@@ -226,3 +226,23 @@ def test_an_event_the_stream_does_not_show_is_a_ping(monkeypatch: pytest.MonkeyP
 
     out = asyncio.run(frames())
     assert out[1:3] == [PING, PING] and b"text-delta" in out[3], out
+
+
+def test_head_on_an_active_chats_stream_answers_headers_and_holds_nothing(
+    ai_stack: Stack,
+) -> None:
+    """HEAD opens no stream: the connection it came on serves the next request at once, and
+    the answer, unread, is cancelled after its grace as with any reader gone."""
+    url = ai_stack.gateway.url
+    with httpx.Client(timeout=10, headers=auth()) as client:
+        with client.stream(
+            "POST", url + "/aisdk/chat", json=body("c9", "[long 1000] [delay 0.05]")
+        ) as running:
+            job_id = json.loads(next(running.iter_lines())[6:])["messageId"]
+        head = client.head(url + "/aisdk/chat/c9/stream")
+        assert head.status_code == 200 and head.headers["x-vercel-ai-ui-message-stream"] == "v1"
+        assert client.get(url + "/healthz", timeout=3).status_code == 200  # same connection
+        # Nobody reads meanwhile (a reader would keep the answer going): the grace is 2 s.
+        wait_until(lambda: ai_stack.llm_stats()["open_streams"] == 0, 10, "the cancel")
+        events = client.get(f"{url}/chat/{job_id}/events").text
+        assert '"error":"cancelled: every reader disconnected"' in events

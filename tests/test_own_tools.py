@@ -320,3 +320,16 @@ args = ["1000"]
     psutil.wait_procs(servers, timeout=5)
     assert not [s for s in servers if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
     assert "MCP server mute" in worker.log()  # the silent one was named in the log
+
+
+def test_the_contracts_stdio_example_runs_a_python_module_with_the_workers_python(
+    tmp_path: Path, make_stack: Callable[..., Stack]
+) -> None:
+    """``command = "python"``, ``args = ["-m", ...]`` as PROTOCOL.md writes it: the worker's
+    own interpreter (with the MCP SDK) runs it, even where PATH has no such python, and
+    the module is found through the worker's PYTHONPATH."""
+    path = tmp_path / "tools.toml"
+    path.write_text('[mcp.files]\ncommand = "python"\nargs = ["-m", "mcp_probe_server", "stdio"]\n')
+    python_path = os.pathsep.join(p for p in (str(FIXTURES), os.environ.get("PYTHONPATH")) if p)
+    stack = make_stack(TOOLS_FILE=str(path), PYTHONPATH=python_path, PATH="/usr/bin:/bin")
+    assert the_call(chat(stack, call("files_echo", {"text": "x"})))["output"] == "x"

@@ -137,3 +137,11 @@ def test_keys_that_are_there_are_enough(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("API_KEYS", "")
     with pytest.raises(ValueError, match="API_KEYS_FILE: holds no key"):
         Settings()
+
+
+def test_a_fractional_retention_keeps_keys_the_whole_seconds_above_it() -> None:
+    from shared.timing import Timing
+
+    timing = Timing.of(Settings(stream_retention_s=1.5))
+    assert timing.retention_s == 2  # Redis expires keys in whole seconds: at least 1.5 s
+    assert isinstance(timing.run_ttl_s, int) and isinstance(timing.queued_ttl_s, int)

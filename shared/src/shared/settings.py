@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     upstream_idle_timeout_s: PositiveSeconds = 30.0
     queue_timeout_s: PositiveSeconds = 60.0
     disconnect_grace_s: PositiveSeconds = 10.0
-    stream_retention_s: Annotated[int, Field(gt=0, le=365 * 24 * 3600)] = 3600
+    # Fractions too, as every *_S setting takes: keys expire in whole seconds, rounded up.
+    stream_retention_s: Annotated[float, Field(gt=0, le=365 * 24 * 3600, allow_inf_nan=False)] = (
+        3600
+    )
     max_queued_jobs: Annotated[int, Field(gt=0)] = 1000
     api_keys: str = ""
     rate_limit_per_min: Annotated[int, Field(ge=0)] = 0

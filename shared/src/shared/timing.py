@@ -83,6 +83,7 @@ class Timing:
         alive_s = s.worker_lost_timeout_s * 0.7
         tick = min(1.0, s.worker_lost_timeout_s / 4, s.queue_timeout_s / 4)
         run_s = s.job_timeout_s + s.worker_lost_timeout_s
+        retention_s = math.ceil(s.stream_retention_s)
         return cls(
             alive_ms=int(alive_s * 1000),
             watch_tick_s=tick,
@@ -93,9 +94,9 @@ class Timing:
             watched_ms=int((s.disconnect_grace_s * 3 + 5) * 1000),
             grace_ms=int(s.disconnect_grace_s * 1000),
             queue_timeout_ms=int(s.queue_timeout_s * 1000),
-            queued_ttl_s=math.ceil(s.queue_timeout_s + run_s) + s.stream_retention_s,
-            run_ttl_s=math.ceil(run_s) + s.stream_retention_s,
-            retention_s=s.stream_retention_s,
+            queued_ttl_s=math.ceil(s.queue_timeout_s + run_s) + retention_s,
+            run_ttl_s=math.ceil(run_s) + retention_s,
+            retention_s=retention_s,
             session_lock_s=math.ceil(s.queue_timeout_s + run_s),
             redis_down_close_s=s.worker_lost_timeout_s,
             janitor_lease_ms=int(tick * 3 * 1000),

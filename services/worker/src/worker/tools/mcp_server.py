@@ -24,6 +24,8 @@ import contextlib
 import fnmatch
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +55,19 @@ RECONNECT_EARLY_S = 1.0  # a call brings the next attempt forward if the last is
 MAX_RESPONSE_BYTES = 32 << 20  # an SSE event larger than this is refused (JSON and stdio
 # answers are not bounded by the SDK; outputs are capped after the answer is read)
 _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
+def _interpreter(command: str) -> str:
+    """``python`` is the worker's own interpreter: the one with the project's packages (the
+    MCP SDK a Python server needs), where ``PATH`` may hold another, or none by that name."""
+    return sys.executable if command in ("python", "python3") else command
+
+
+def _python_env() -> dict[str, str]:
+    """The worker's ``PYTHONPATH``, if set, for a Python server's own modules: beside the
+    SDK's safe environment, which leaves it out (a server's ``env`` may override it)."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": path} if path else {}
 
 
 class McpTool:
@@ -199,7 +214,10 @@ class McpServer:
             )
         else:
             server = StdioServerParameters(
-                command=config.command, args=config.args, env=config.env or None, cwd=config.cwd
+                command=_interpreter(config.command),
+                args=config.args,
+                env=_python_env() | config.env,
+                cwd=config.cwd,
             )
         return Client(server, message_handler=self._on_message, cache=None)
 
