@@ -84,6 +84,9 @@ def test_model_settings_pass_through_from_env_file() -> None:
     assert env["OPENAI_BASE_URL"] == "${OPENAI_BASE_URL:-http://llm:8001/v1}"
     assert env["OPENAI_API_KEY"] == "${OPENAI_API_KEY:-}"
     assert env["OPENAI_MODEL"].startswith("${OPENAI_MODEL:-")
+    # The gateway names the default role by it too (/v1's model): one value for both.
+    gateway = compose()["services"]["gateway"]["environment"]
+    assert gateway["OPENAI_MODEL"] == env["OPENAI_MODEL"]
 
 
 def test_images_install_only_their_own_service() -> None:
