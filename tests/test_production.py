@@ -209,6 +209,23 @@ def test_queue_cap(make_stack: Callable[..., Stack], client: httpx.Client) -> No
     assert "MAX_QUEUED_JOBS" in full.json()["error"]
 
 
+def test_a_cancelled_queued_job_frees_its_place_at_once(
+    make_stack: Callable[..., Stack], client: httpx.Client
+) -> None:
+    """The cap counts jobs that may still run: one cancelled while it waits (DELETE) is out
+    of the count at once, not after QUEUE_TIMEOUT_S."""
+    stack = make_stack(workers=0, MAX_QUEUED_JOBS="2", QUEUE_TIMEOUT_S="60")
+    url = stack.gateway.url + "/chat"
+    waiting = [client.post(url, json={"prompt": "hi"}).json()["job_id"] for _ in range(2)]
+    assert client.post(url, json={"prompt": "hi"}).status_code == 503
+    for job_id in waiting:
+        assert client.delete(f"{url}/{job_id}").status_code == 204
+    again = client.post(url, json={"prompt": "hi"})
+    assert again.status_code == 202, again.text
+    queued = sse.read(client, stack.gateway.url + again.json()["events_url"], stop_after=1)
+    assert queued.events[0]["position"] == 1  # first in line: the cancelled ones are gone
+
+
 def test_open_streams_per_key_cap(make_stack: Callable[..., Stack], client: httpx.Client) -> None:
     stack = make_stack(MAX_STREAMS_PER_KEY="1")
     job_id = client.post(

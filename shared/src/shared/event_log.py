@@ -349,7 +349,8 @@ class EventLog:
             self.timing.retention_s,
             self.keys.ended,
         ]
-        return int(await self.functions.call("end", self._job_keys(job_id), args)) == 1
+        keys = [*self._job_keys(job_id), self.keys.pending]
+        return int(await self.functions.call("end", keys, args)) == 1
 
     async def check_stalled(
         self, job_ids: Sequence[str], members: Sequence[tuple[bytes, bytes]] | None = None

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 10
-SOURCE_SHA256 = "53a72d53f30974e0293b494fbacf96e5ceba45537b4488f685eae51110d809b2"
+SOURCE_SHA256 = "70c9031db3033023f3096293945c7c0c2455d6c24d264a1fe7ed1d519adae778"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -19,6 +19,7 @@
 --     ended_by  the attempt whose append wrote the final event (its retry is acknowledged)
 --     counted   '1' once the job's usage is counted (exactly once)
 --     requeues  how often it was handed back; queued  when it was last queued (ms)
+--     arq       the arq id it was last queued under (its waiting set member)
 --     started, kind, request, key
 -- * The running index holds one member per running attempt, '<job id> <owner>', scored
 --   by when its heartbeat lapses: an attempt is alive while its score is ahead of Redis's
@@ -154,8 +155,10 @@ local function extend(j, ttl_s)
 end
 
 -- Put a job on arq's queue (what arq's enqueue_job writes, without its WATCH round trips:
--- our arq ids are never reused), count it as waiting and wake a worker.
+-- our arq ids are never reused), count it as waiting (its meta hash, q.meta, says under
+-- which id) and wake a worker.
 local function queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last, wake_entry)
+  redis.call('HSET', q.meta, 'arq', arq_id)
   redis.call('PSETEX', q.arq_job, queue_timeout_ms, payload)
   redis.call('ZADD', q.queue, now, arq_id)
   redis.call('ZADD', q.pending, now, arq_id)
@@ -210,7 +213,7 @@ register('create', function(keys, args)
   if #request <= tonumber(wake_request_max) then
     wake_entry = arq_id .. ' ' .. now .. ' ' .. request
   end
-  local q = {arq_job = arq_job, queue = queue, pending = pending, wake = wake}
+  local q = {arq_job = arq_job, queue = queue, pending = pending, wake = wake, meta = j.meta}
   queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last, wake_entry)
   return waiting + 1
 end)
@@ -456,7 +459,7 @@ end)
 -- Returns 0 if it was not ours or had output, else as hand_back.
 register('release', function(keys, args)
   local j = job_keys(keys)
-  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9]}
+  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9], meta = j.meta}
   local owner, queue_timeout_ms, max_requeues, too_many, retention_s, queued_ttl_s, arq_id,
         payload, wake_last = unpack(args)
   local current, published = unpack(redis.call('HMGET', j.meta, 'owner', 'published'))
@@ -470,13 +473,19 @@ register('release', function(keys, args)
 end)
 
 -- end: end a job from outside (a cancel) unless it has ended, and tell its worker on the
--- ended-jobs channel. Returns 1 ended now, 0 ended before, -1 unknown.
+-- ended-jobs channel. A job still waiting leaves the waiting set (KEYS[6]) at once: the
+-- queue's cap counts jobs that may still run. Returns 1 ended now, 0 ended before, -1
+-- unknown.
 register('end', function(keys, args)
   local j = job_keys(keys)
+  local pending = keys[6]
   local error_event, retention_s, channel = unpack(args)
-  if redis.call('EXISTS', j.meta) == 0 then return -1 end
-  if redis.call('HEXISTS', j.meta, 'final') == 1 then return 0 end
-  finalize(j, error_event, retention_s)
+  local kind, final, owner, arq_id = unpack(
+    redis.call('HMGET', j.meta, 'kind', 'final', 'owner', 'arq'))
+  if not kind then return -1 end
+  if final then return 0 end
+  finalize(j, error_event, retention_s, owner)
+  if owner == '' and arq_id then redis.call('ZREM', pending, arq_id) end
   -- pcall: a Redis user without the channel is told by the heartbeat instead
   redis.pcall('PUBLISH', channel, job_id_of(j.meta))
   return 1
@@ -490,7 +499,7 @@ end)
 -- now (no worker started it in time), 4 ended now (handed back too often).
 register('check', function(keys, args)
   local j = job_keys(keys)
-  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9]}
+  local q = {pending = keys[6], queue = keys[7], wake = keys[8], arq_job = keys[9], meta = j.meta}
   local workers = keys[10]
   local worker_lost, no_worker, retention_s, queue_timeout_ms, max_requeues, too_many,
         queued_ttl_s, arq_id, payload, wake_last, running_member, pending_member = unpack(args)
