@@ -64,3 +64,41 @@ def test_an_upstream_silent_before_its_answer_begins_ends_in_the_idle_timeout() 
         message, took = asyncio.run(scenario())
     assert "sent nothing for 1 s" in message
     assert took < 1.8, took
+
+
+def test_a_rate_limit_whose_retry_after_outlasts_the_idle_timeout_is_told_as_one() -> None:
+    """The deadline falls while the SDK waits out a 429's Retry-After: the job's error
+    says the LLM is rate limiting, not that it sent nothing."""
+    from worker.llm import UpstreamError
+
+    body = b'{"error": {"message": "slow down", "type": "rate_limit"}}'
+    head = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 5\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    answer = head.encode() + body
+
+    async def scenario() -> tuple[str, float]:
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        upstream = Upstream(
+            Settings(openai_base_url=url, upstream_idle_timeout_s=1, openai_max_retries=2)
+        )
+        began = time.monotonic()
+        try:
+            async for _ in upstream.stream([{"role": "user", "content": "hi"}]):
+                pass
+        except UpstreamError as exc:
+            return exc.message, time.monotonic() - began
+        finally:
+            await upstream.close()
+            server.close()
+            await server.wait_closed()
+        raise AssertionError("the refusing upstream gave an answer")
+
+    message, took = asyncio.run(scenario())
+    assert "rate limiting" in message and took < 1.8, (message, took)

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httpx2
@@ -28,6 +28,7 @@ from shared.settings import Settings
 
 # What ``with_streaming_response`` sends: the SDK then returns the response unparsed.
 logger = logging.getLogger(__name__)
+E = TypeVar("E", bound=BaseException)
 
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 
@@ -273,7 +274,27 @@ class Upstream:
             raise UpstreamError(
                 f"the LLM answered HTTP {exc.status_code}", "status", f"it said: {_detail(exc)}"
             ) from exc
-        except (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError) as exc:
+        except TimeoutError as exc:
+            # The deadline over the wait for the answer to begin: if it fell while the SDK
+            # waited to retry, what it retried is the error (a 429's Retry-After, a 5xx).
+            refused = _cause(exc, httpx2.HTTPStatusError)
+            if refused is not None and refused.response.status_code == 429:
+                raise UpstreamError(
+                    "the LLM is rate limiting requests (HTTP 429); retry later", "rate_limit"
+                ) from exc
+            if refused is not None:
+                status = refused.response.status_code
+                raise UpstreamError(f"the LLM answered HTTP {status}", "status") from exc
+            if _caused_by(exc, httpx2.ConnectError) or _caused_by(exc, httpx2.ConnectTimeout):
+                raise UpstreamError(
+                    "could not reach the LLM", "connection", f"at {self.base_url}"
+                ) from exc
+            raise UpstreamError(
+                f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
+                " the answer is incomplete",
+                "timeout",
+            ) from exc
+        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             if _caused_by(exc, httpx2.ConnectTimeout):  # also how aiohttp reports a refusal
                 raise UpstreamError(
                     "could not reach the LLM",
@@ -300,12 +321,17 @@ class Upstream:
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    return _cause(exc, kind) is not None
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s chain, if any."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, kind):
-            return True
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 def _detail(exc: openai.APIStatusError) -> str:
