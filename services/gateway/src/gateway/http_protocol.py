@@ -97,6 +97,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.scope["extensions"] = {ABORT: self.transport.abort}  # type: ignore[dict-item]
 
     def on_url(self, url: bytes) -> None:
+        self._target += url[: 16 - len(self._target)]  # enough to tell its path's prefix
         if len(self.url) + len(url) > self.max_target_bytes:
             self._refuse(
                 414,
@@ -104,7 +105,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 " prompt within MAX_PROMPT_CHARS needs; send long prompts with POST /chat",
             )
             raise _Refused
-        self._target += url[: 16 - len(self._target)]  # enough to tell its path's prefix
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:

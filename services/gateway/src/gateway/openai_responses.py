@@ -78,7 +78,8 @@ async def retrieve_response(request: Request) -> Response:
     if request.query_params.get("stream", "false").lower() != "true":
         return JSONResponse((await _as_stored(state, job_id, echoed)).response())
     raw = request.query_params.get("starting_after", "-1")
-    if raw != "-1" and not (raw.isascii() and raw.isdigit()):  # "¹" is a digit to isdigit
+    # "¹" is a digit to isdigit, and int() takes at most 4,300 digits
+    if raw != "-1" and not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
         raise InvalidField("starting_after", "must be a sequence number (0 or more)")
     if request.method == "HEAD":  # what a stream would answer, without one
         return Response(media_type="text/event-stream", headers=SSE_HEADERS)
