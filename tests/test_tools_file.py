@@ -159,8 +159,15 @@ async def test_an_agent_may_yield_strings_and_ends_at_done() -> None:
 async def test_an_agent_yielding_something_else_fails_and_is_closed() -> None:
     with pytest.raises(TypeError, match="not an event it may send"):
         await relay("a", ev.Error("nope"))
-    with pytest.raises(TypeError, match="not an event it may send"):
-        await relay({"token": "raw dict"})
+    # The contract's JSON objects are events (test_custom_agent); others are not.
+    for not_an_event in (
+        {"tokens": "x"},
+        {"token": "x", "extra": 1},
+        {"tool_call": {"id": 1, "name": "calc"}},
+        {"lifecycle": "done", "finish_reason": 3},
+    ):
+        with pytest.raises(TypeError, match="not an event it may send"):
+            await relay(not_an_event)
 
 
 @pytest.mark.asyncio

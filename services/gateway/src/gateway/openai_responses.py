@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -59,7 +60,11 @@ async def create_response(request: Request) -> Response:
             release()
         raise
     if release is None:  # background, not streamed: the response as it was queued
-        return JSONResponse((await _as_stored(state, job_id, echoed, first_only=True)).response())
+        try:
+            queued = await _as_stored(state, job_id, echoed, first_only=True)
+        except RedisError:  # it is queued all the same: a 503 would have the client repeat it
+            queued = ResponseEvents(job_id, echoed, time.time())
+        return JSONResponse(queued.response())
     if stream:
         frames = _frames(state, job_id, echoed, -1, new_chat=True)
         return event_stream(state, frames, release)

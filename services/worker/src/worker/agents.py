@@ -90,15 +90,18 @@ def event_of(item: dict[str, Any]) -> Event:
             return Token(item["token"])
         if "tool_call" in item and len(item) == 1:
             call = item["tool_call"]
-            return ToolCallStarted(str(call["id"]), str(call["name"]))
+            return ToolCallStarted(_text(call["id"]), _text(call["name"]))
         if isinstance(item.get("tools_called"), list) and len(item) == 1:
             return ToolsCalled(
                 [
-                    ToolResult(str(c["id"]), str(c["name"]), c.get("arguments"), str(c["output"]))
+                    ToolResult(
+                        _text(c["id"]), _text(c["name"]), c.get("arguments"), _text(c["output"])
+                    )
                     for c in item["tools_called"]
                 ]
             )
-        if item.get("lifecycle") == "done":
+        finish = item.get("finish_reason")
+        if item.get("lifecycle") == "done" and (finish is None or isinstance(finish, str)):
             usage = item.get("usage")
             counts: list[Any] = (
                 [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
@@ -109,6 +112,12 @@ def event_of(item: dict[str, Any]) -> Event:
     except (KeyError, TypeError, AttributeError):
         pass
     raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
 
 
 def load_agent(spec: str) -> Agent:

@@ -57,17 +57,22 @@ MAX_RESPONSE_BYTES = 32 << 20  # an SSE event larger than this is refused (JSON 
 _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
 
 
+_PYTHON = ("python", "python3")
+
+
 def _interpreter(command: str) -> str:
     """``python`` is the worker's own interpreter: the one with the project's packages (the
     MCP SDK a Python server needs), where ``PATH`` may hold another, or none by that name."""
-    return sys.executable if command in ("python", "python3") else command
+    return sys.executable if command in _PYTHON else command
 
 
-def _python_env() -> dict[str, str]:
-    """The worker's ``PYTHONPATH``, if set, for a Python server's own modules: beside the
-    SDK's safe environment, which leaves it out (a server's ``env`` may override it)."""
+def _python_env(command: str) -> dict[str, str]:
+    """For a server run by the worker's interpreter, the worker's ``PYTHONPATH``, if set:
+    its own modules, beside the SDK's safe environment, which leaves it out (a server's
+    ``env`` may override it). Another program (``uvx``, ``node``) is not given it: it could
+    shadow that one's packages."""
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": path} if path else {}
+    return {"PYTHONPATH": path} if path and command in _PYTHON else {}
 
 
 class McpTool:
@@ -216,7 +221,7 @@ class McpServer:
             server = StdioServerParameters(
                 command=_interpreter(config.command),
                 args=config.args,
-                env=_python_env() | config.env,
+                env=_python_env(config.command) | config.env,
                 cwd=config.cwd,
             )
         return Client(server, message_handler=self._on_message, cache=None)
