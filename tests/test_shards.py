@@ -9,6 +9,7 @@ at once, and its return brings it back into use.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -337,6 +338,40 @@ def test_a_caller_whose_rate_window_lives_in_a_hung_shard_waits_for_it_once(
         finally:
             stack.stop()
             live.stop()
+
+
+def test_a_hung_shard_costs_one_chat_a_wait_and_the_others_go_elsewhere(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """A Redis that stops answering (SIGSTOP: its connections stay open, commands go
+    unanswered) is no refused connection: the chat that meets it waits out the round trip
+    (5 s), then goes to the next shard; the chats after it go elsewhere at once."""
+    live, hung = RedisServer(tmp_path / "live"), RedisServer(tmp_path / "hung")
+    live.start()
+    hung.start()
+    urls = [live.url, hung.url]
+    stack = Stack(",".join(urls), tmp_path, env={"RATE_LIMIT_PER_MIN": "1000"}).start(1, 1)
+    try:
+        for _ in range(2):  # both shards in use, their connections open
+            assert (
+                client.post(stack.gateway.url + "/chat", json={"prompt": "hi"}).status_code == 202
+            )
+        assert hung.proc is not None
+        hung.proc.send_signal(signal.SIGSTOP)
+        took = []
+        for _ in range(4):
+            began = time.monotonic()
+            created = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"}, timeout=20)
+            took.append(time.monotonic() - began)
+            assert created.status_code == 202, created.text
+            assert shard_of(created.json()["job_id"], 2) == 0
+        assert max(took) < 12 and sorted(took)[-2] < 1.5, took  # one wait at most
+    finally:
+        if hung.proc is not None:
+            hung.proc.send_signal(signal.SIGCONT)
+        stack.stop()
+        live.stop()
+        hung.stop()
 
 
 def test_what_lives_in_a_down_shard_answers_503_and_the_rest_works_on(

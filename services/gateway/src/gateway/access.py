@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 
 from shared.held_connection import NotSent
@@ -97,7 +98,7 @@ class Access:
                 ),
                 skippable=several,
             )
-        except NotSent as exc:
+        except (NotSent, RedisTimeoutError) as exc:
             if not several:
                 raise  # no chat can start anyway: 503
             # The other shards take chats: a window out of reach does not stop its caller.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import anyio
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import shards as placement
 from shared import tool_catalog
@@ -41,6 +43,7 @@ DOWN_FOR_S = 2.0  # how long a shard that refused a connection gets no new jobs
 PING_TIMEOUT_S = 2.0
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,8 +67,9 @@ class Shard:
         self.down_until = time.monotonic() + DOWN_FOR_S
 
     async def attempt(self, call: Callable[[], Awaitable[T]], skippable: bool = False) -> T:
-        """``call`` on this shard, keeping what it shows: a call that could not be sent
-        marks the shard down for ``DOWN_FOR_S``, one answered clears the mark. A
+        """``call`` on this shard, keeping what it shows: a call that could not be sent, or
+        got no answer in time (a hung Redis), marks the shard down for ``DOWN_FOR_S``, one
+        answered clears the mark. A
         ``skippable`` call (one that can do without this shard) is not sent while the mark
         holds, nor while another looks again once it lapsed: one call looks, not every
         call waiting for a connect timeout. It raises ``NotSent`` when skipped."""
@@ -76,7 +80,7 @@ class Shard:
             self._probing = True
         try:
             result = await call()
-        except NotSent:
+        except (NotSent, RedisTimeoutError):
             self.mark_down()
             raise
         finally:
@@ -153,8 +157,9 @@ class Shards:
         also_next_on: type[Exception] | tuple[type[Exception], ...] = (),
     ) -> T:
         """``attempt`` on the shards in turn until one takes the job: the next is tried when
-        a shard could not be sent it (or refused it with ``also_next_on``); the last
-        shard's error is raised."""
+        a shard could not be sent it, did not answer in time (a hung Redis: the job may
+        be written there, unread, should it wake), or refused it with ``also_next_on``; the
+        last shard's error is raised."""
         candidates = self.in_turn()
         for shard in candidates:
             try:
@@ -162,6 +167,12 @@ class Shards:
             except NotSent:
                 if shard is candidates[-1]:
                     raise
+            except RedisTimeoutError as exc:
+                if shard is candidates[-1]:
+                    raise
+                logger.warning(
+                    "%s did not answer (%s): the chat goes to the next shard", shard.name, exc
+                )
             except also_next_on:
                 if shard is candidates[-1]:
                     raise
