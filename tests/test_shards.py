@@ -499,11 +499,20 @@ def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_aga
         assert shard.down_until == 0.0  # it answered: in use again
         assert await shard.attempt(lambda: answered("after"), skippable=True) == "after"
 
+        # An answer to a call sent before the shard was found down tells nothing.
+        slow = asyncio.Event()
+        earlier = asyncio.create_task(shard.attempt(lambda: answered("earlier", slow)))
+        await asyncio.sleep(0)
+        with pytest.raises(NotSent):
+            await shard.attempt(refused)
+        slow.set()
+        assert await earlier == "earlier" and shard.known_down
+
         # A call that cannot do without it (a placement's last resort) is sent all the
         # same, and its answer ends the mark for everyone.
         shard.mark_down()
         assert await shard.attempt(lambda: answered("last resort")) == "last resort"
         assert not shard.known_down
-        assert sent == ["probe", "after", "last resort"]
+        assert sent == ["probe", "after", "earlier", "last resort"]
 
     asyncio.run(scenario())

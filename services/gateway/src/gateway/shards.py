@@ -57,6 +57,7 @@ class Shard:
     sessions: SessionStore
     suffix: str = ""  # tells its tasks apart from other shards' (ShardSpec.suffix)
     down_until: float = field(default=0.0)  # 0 once it answered since it was found down
+    marked_at: float = field(default=-1.0)  # when it was last found down
     _probing: bool = field(default=False)  # a skippable call looks again (see attempt)
 
     @property
@@ -64,7 +65,8 @@ class Shard:
         return time.monotonic() < self.down_until
 
     def mark_down(self) -> None:
-        self.down_until = time.monotonic() + DOWN_FOR_S
+        self.marked_at = time.monotonic()
+        self.down_until = self.marked_at + DOWN_FOR_S
 
     async def attempt(self, call: Callable[[], Awaitable[T]], skippable: bool = False) -> T:
         """``call`` on this shard, keeping what it shows: a call that could not be sent, or
@@ -78,6 +80,7 @@ class Shard:
         probing = skippable and self.down_until > 0
         if probing:
             self._probing = True
+        began = time.monotonic()
         try:
             result = await call()
         except (NotSent, RedisTimeoutError):
@@ -86,7 +89,8 @@ class Shard:
         finally:
             if probing:
                 self._probing = False
-        self.down_until = 0.0
+        if began >= self.marked_at:  # an answer to a call sent before the mark tells nothing
+            self.down_until = 0.0
         return result
 
     async def reachable(self) -> bool:
