@@ -38,30 +38,30 @@ def test_a_burst_of_requests_takes_one_loop_round_each() -> None:
     assert len(set(seen)) == 20  # never two in the same round
 
 
+async def first_error(url: str) -> tuple[str, float]:
+    """What a request to ``url`` ends with (idle timeout 1 s, two retries), and when."""
+    from worker.llm import UpstreamError
+
+    upstream = Upstream(
+        Settings(openai_base_url=url, upstream_idle_timeout_s=1, openai_max_retries=2)
+    )
+    began = time.monotonic()
+    try:
+        async for _ in upstream.stream([{"role": "user", "content": "hi"}]):
+            pass
+    except UpstreamError as exc:
+        return exc.message, time.monotonic() - began
+    finally:
+        await upstream.close()
+    raise AssertionError("the upstream gave an answer")
+
+
 def test_an_upstream_silent_before_its_answer_begins_ends_in_the_idle_timeout() -> None:
     """The SDK retries a request whose answer did not begin within its read timeout: the
     idle timeout bounds them all, not each (with two retries it took three timeouts)."""
-    from worker.llm import UpstreamError
-
-    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, answers nothing
-
-    async def scenario() -> tuple[str, float]:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, answers none
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
-        upstream = Upstream(
-            Settings(openai_base_url=url, upstream_idle_timeout_s=1, openai_max_retries=2)
-        )
-        began = time.monotonic()
-        try:
-            async for _ in upstream.stream([{"role": "user", "content": "hi"}]):
-                pass
-        except UpstreamError as exc:
-            return exc.message, time.monotonic() - began
-        finally:
-            await upstream.close()
-        raise AssertionError("the silent upstream gave an answer")
-
-    with silent:
-        message, took = asyncio.run(scenario())
+        message, took = asyncio.run(first_error(url))
     assert "sent nothing for 1 s" in message
     assert took < 1.8, took
 
@@ -69,8 +69,6 @@ def test_an_upstream_silent_before_its_answer_begins_ends_in_the_idle_timeout() 
 def test_a_rate_limit_whose_retry_after_outlasts_the_idle_timeout_is_told_as_one() -> None:
     """The deadline falls while the SDK waits out a 429's Retry-After: the job's error
     says the LLM is rate limiting, not that it sent nothing."""
-    from worker.llm import UpstreamError
-
     body = b'{"error": {"message": "slow down", "type": "rate_limit"}}'
     head = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 5\r\n"
     head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -84,21 +82,11 @@ def test_a_rate_limit_whose_retry_after_outlasts_the_idle_timeout_is_told_as_one
             writer.close()
 
         server = await asyncio.start_server(refuse, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        upstream = Upstream(
-            Settings(openai_base_url=url, upstream_idle_timeout_s=1, openai_max_retries=2)
-        )
-        began = time.monotonic()
         try:
-            async for _ in upstream.stream([{"role": "user", "content": "hi"}]):
-                pass
-        except UpstreamError as exc:
-            return exc.message, time.monotonic() - began
+            return await first_error(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
         finally:
-            await upstream.close()
             server.close()
             await server.wait_closed()
-        raise AssertionError("the refusing upstream gave an answer")
 
     message, took = asyncio.run(scenario())
     assert "rate limiting" in message and took < 1.8, (message, took)

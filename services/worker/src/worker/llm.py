@@ -222,6 +222,30 @@ class Upstream:
             span.end()
             await deltas.aclose()  # a consumer that stopped early closes the request too
 
+    def _timed_out(self, exc: BaseException) -> UpstreamError:
+        """The error of a wait that timed out: a read's, or the deadline over the wait for
+        the answer to begin. If the deadline fell while the SDK waited to retry, what it
+        retried is the error (a 429's Retry-After, a 5xx, a refused connect)."""
+        refused = _cause(exc, httpx2.HTTPStatusError)
+        if refused is not None and refused.response.status_code == 429:
+            return UpstreamError(
+                "the LLM is rate limiting requests (HTTP 429); retry later", "rate_limit"
+            )
+        if refused is not None:
+            return UpstreamError(f"the LLM answered HTTP {refused.response.status_code}", "status")
+        # a ConnectTimeout is also how aiohttp reports a refusal
+        if _caused_by(exc, httpx2.ConnectTimeout) or _caused_by(exc, httpx2.ConnectError):
+            return UpstreamError(
+                "could not reach the LLM",
+                "connection",
+                f"at {self.base_url}; check OPENAI_BASE_URL",
+            )
+        return UpstreamError(
+            f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
+            " the answer is incomplete",
+            "timeout",
+        )
+
     async def _stream(
         self,
         messages: list[dict[str, Any]],
@@ -274,38 +298,8 @@ class Upstream:
             raise UpstreamError(
                 f"the LLM answered HTTP {exc.status_code}", "status", f"it said: {_detail(exc)}"
             ) from exc
-        except TimeoutError as exc:
-            # The deadline over the wait for the answer to begin: if it fell while the SDK
-            # waited to retry, what it retried is the error (a 429's Retry-After, a 5xx).
-            refused = _cause(exc, httpx2.HTTPStatusError)
-            if refused is not None and refused.response.status_code == 429:
-                raise UpstreamError(
-                    "the LLM is rate limiting requests (HTTP 429); retry later", "rate_limit"
-                ) from exc
-            if refused is not None:
-                status = refused.response.status_code
-                raise UpstreamError(f"the LLM answered HTTP {status}", "status") from exc
-            if _caused_by(exc, httpx2.ConnectError) or _caused_by(exc, httpx2.ConnectTimeout):
-                raise UpstreamError(
-                    "could not reach the LLM", "connection", f"at {self.base_url}"
-                ) from exc
-            raise UpstreamError(
-                f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
-                " the answer is incomplete",
-                "timeout",
-            ) from exc
-        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
-            if _caused_by(exc, httpx2.ConnectTimeout):  # also how aiohttp reports a refusal
-                raise UpstreamError(
-                    "could not reach the LLM",
-                    "connection",
-                    f"at {self.base_url}; check OPENAI_BASE_URL",
-                ) from exc
-            raise UpstreamError(
-                f"the LLM sent nothing for {self.idle_timeout_s:g} s (UPSTREAM_IDLE_TIMEOUT_S);"
-                " the answer is incomplete",
-                "timeout",
-            ) from exc
+        except (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError) as exc:
+            raise self._timed_out(exc) from exc
         except openai.APIConnectionError as exc:
             raise UpstreamError(
                 "could not reach the LLM",
