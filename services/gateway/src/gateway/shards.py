@@ -94,13 +94,15 @@ class Shard:
         return result
 
     async def reachable(self) -> bool:
+        began = time.monotonic()
         try:
             async with asyncio.timeout(PING_TIMEOUT_S):
                 await self.arq.ping()
         except (RedisError, OSError, TimeoutError):
             self.mark_down()
             return False
-        self.down_until = 0.0
+        if began >= self.marked_at:  # as in attempt: an answer from before the mark
+            self.down_until = 0.0
         return True
 
 
@@ -167,7 +169,10 @@ class Shards:
         candidates = self.in_turn()
         for shard in candidates:
             try:
-                return await shard.attempt(functools.partial(attempt, shard))
+                # All but the last may be skipped: past a lapsed mark one chat looks, rather
+                # than every chat waiting out a hung shard's round trip.
+                last = shard is candidates[-1]
+                return await shard.attempt(functools.partial(attempt, shard), skippable=not last)
             except NotSent:
                 if shard is candidates[-1]:
                     raise

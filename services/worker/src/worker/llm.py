@@ -321,9 +321,11 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 def _cause(exc: BaseException, kind: type[E]) -> E | None:
     """The first exception of ``kind`` in ``exc``'s chain, if any."""
     seen: BaseException | None = exc
-    while seen is not None:
+    visited: set[int] = set()  # a chain may loop (an exception raised again from its wrapper)
+    while seen is not None and id(seen) not in visited:
         if isinstance(seen, kind):
             return seen
+        visited.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return None
 

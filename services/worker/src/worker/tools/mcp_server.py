@@ -72,7 +72,7 @@ def _python_env(command: str) -> dict[str, str]:
     ``env`` may override it). Another program (``uvx``, ``node``) is not given it: it could
     shadow that one's packages."""
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": path} if path and command in _PYTHON else {}
+    return {"PYTHONPATH": path} if path and _interpreter(command) == sys.executable else {}
 
 
 class McpTool:
