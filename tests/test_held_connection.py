@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.functions import Functions
 from shared.held_connection import HeldConnection
 from shared.redis_conn import connect
 
@@ -129,3 +130,26 @@ def test_a_server_that_accepts_but_never_answers_fails_the_call_in_time() -> Non
                 await client.aclose()
 
         assert asyncio.run(main()) < 2
+
+
+def test_callers_waiting_for_the_library_share_one_check_and_its_failure() -> None:
+    """Before the library is checked, every caller waits for it: against a Redis that does
+    not answer they share one round trip's wait, not one each in turn."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+
+        async def main() -> float:
+            client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5)
+            functions = Functions(client)
+            began = time.monotonic()
+            try:
+                calls = [functions.call("beating", ["sg:running"], []) for _ in range(4)]
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                assert all(isinstance(r, RedisTimeoutError) for r in results), results
+                return time.monotonic() - began
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(main()) < 1.2  # one wait of 0.5 s; in turn, four took 2 s

@@ -50,7 +50,7 @@ class Functions:
         self.redis = redis
         self._held = HeldConnection(redis)
         self._checked = False
-        self._loading: asyncio.Lock | None = None
+        self._loading: asyncio.Future[None] | None = None  # the check under way, shared
 
     @classmethod
     def code(cls) -> str:
@@ -60,22 +60,33 @@ class Functions:
 
     async def ensure_loaded(self, force: bool = False) -> None:
         """Load the library unless Redis holds this very text (``force``: whatever it holds,
-        as after a "Function not found")."""
-        if self._loading is None:
-            self._loading = asyncio.Lock()
-        async with self._loading:
-            if self._checked and not force:
-                return
-            code = self.code()
-            listed = await self._held.call("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY, "WITHCODE")
-            held = [
-                _field(lib, b"library_code")
-                for lib in listed
-                if _field(lib, b"library_name") == LIBRARY.encode()
-            ]
-            if held != [code.encode()]:
-                await self._held.call("FUNCTION", "LOAD", "REPLACE", code)
-            self._checked = True
+        as after a "Function not found"). Callers meanwhile share the one check under way,
+        and its error: each of its own, one after another, would have the k-th caller to a
+        hung Redis wait k round trips."""
+        if self._checked and not force:
+            return
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = asyncio.ensure_future(self._check())
+            loading.add_done_callback(self._checked_once)
+        await asyncio.shield(loading)  # a caller cancelled leaves the check to the others
+
+    def _checked_once(self, loading: asyncio.Future[None]) -> None:
+        self._loading = None  # a failed check is tried again by the next caller
+        if not loading.cancelled():
+            loading.exception()  # retrieved: a check nobody awaits any more logs nothing
+
+    async def _check(self) -> None:
+        code = self.code()
+        listed = await self._held.call("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY, "WITHCODE")
+        held = [
+            _field(lib, b"library_code")
+            for lib in listed
+            if _field(lib, b"library_name") == LIBRARY.encode()
+        ]
+        if held != [code.encode()]:
+            await self._held.call("FUNCTION", "LOAD", "REPLACE", code)
+        self._checked = True
 
     async def call_many(self, name: str, calls: Sequence[Call]) -> list[Any]:
         """Call function ``name`` once per ``(keys, args)``, in order, in one round trip;
