@@ -260,7 +260,7 @@ def test_every_reader_gets_each_entry_after_its_cursor_once_in_order_up_to_the_f
                 after = [e for e in stream[:arrived] if entry_key(e[0]) > in_flight][:count]
                 if after:  # else XREAD's reply does not name the stream
                     _note_coverage(relay.jobs.get(JOB))
-                    relay._deliver(KEY, after)
+                    relay._deliver(JOB, after)
                 for client in clients:
                     _check_mailbox(client.reader)
             start_read()

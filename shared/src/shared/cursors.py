@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 # [0-9], not \d: \d takes any script's digits, which Redis refuses as an entry id.
-_CURSOR = re.compile(r"([0-9a-f]{32})_([0-9]{1,20}-[0-9]{1,20})(~?)")
 MADE_UP = "~"
+_CURSOR = re.compile(rf"([0-9a-f]{{32}})_([0-9]{{1,20}}-[0-9]{{1,20}})({re.escape(MADE_UP)}?)")
 
 START = "0-0"  # the stream position before the first event
 _MAX_ID_PART = 2**64 - 1  # each half of a stream entry id is an unsigned 64-bit number

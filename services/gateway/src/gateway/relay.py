@@ -319,7 +319,7 @@ class Relay:
             if key == self._wake_key:
                 self._wake_cursor = entries[-1][0]
             else:
-                self._deliver(key, entries)
+                self._deliver(self.log.keys.job_of_events(key), entries)
 
     async def _read_rung(self) -> None:
         """Block on the doorbell, then read the streams that rang (and new readers')."""
@@ -354,9 +354,10 @@ class Relay:
                 continue
             found = await self._xread(cursors, READ_COUNT)
             for key, entries in found:
-                self._deliver(key, entries)
+                job_id = self.log.keys.job_of_events(key)
+                self._deliver(job_id, entries)
                 if len(entries) >= READ_COUNT:
-                    self._fresh.add(self.log.keys.job_of_events(key))  # more may be waiting
+                    self._fresh.add(job_id)  # more may be waiting
 
     def _take_rung(self, fields: list[bytes]) -> None:
         """One doorbell entry (``_rung``); one this release cannot read (a later release's
@@ -387,10 +388,10 @@ class Relay:
                 at += 2
             if not key or (job_id := self.log.keys.job_of_events(key)) not in self.jobs:
                 continue
-            if job_id in self._fresh or not self._deliver_group(key, job_id, fields[group:at]):
+            if job_id in self._fresh or not self._deliver_group(job_id, fields[group:at]):
                 self._fresh.add(job_id)
 
-    def _deliver_group(self, key: bytes, job_id: str, group: list[bytes]) -> bool:
+    def _deliver_group(self, job_id: str, group: list[bytes]) -> bool:
         """Deliver a doorbell group (``p`` <last before>, then ``i``/``d``[/``f``] per
         entry) if every reader that is not paused has all up to ``p``; False if it is not
         one, or a reader is behind (its stream is to be read)."""
@@ -407,7 +408,7 @@ class Relay:
                 entries.append((value, []))
             elif entries:  # b"d" <data>, b"f" b"1": the entry's fields as its stream holds them
                 entries[-1][1].extend((name, value))
-        self._deliver(key, entries, before)
+        self._deliver(job_id, entries, before)
         return True
 
     async def _open_doorbell(self) -> bool:
@@ -450,13 +451,12 @@ class Relay:
 
     def _deliver(
         self,
-        key: bytes,
+        job_id: str,
         entries: list[tuple[bytes, list[bytes]]],
         read_from: tuple[int, int] | None = None,
     ) -> None:
         """Entries of a job's stream, all those after ``read_from`` (by default where the
         job's read in flight started), to each reader that has every entry up to it."""
-        job_id = self.log.keys.job_of_events(key)
         job = self.jobs.get(job_id)
         if job is None:
             return
