@@ -40,6 +40,29 @@ def test_models_are_the_roles(sdk: openai.OpenAI) -> None:
     models = sdk.models.list()
     assert [m.id for m in models] == ["assistant", "concise", "teacher"]
     assert {m.object for m in models} == {"model"} and {m.owned_by for m in models}
+    assert sdk.models.retrieve("teacher") == models.data[2]
+    assert sdk.models.retrieve("streamgate-demo").id == "streamgate-demo"  # the default role's
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("gpt-nope")
+    assert missing.value.code == "model_not_found"
+
+
+def test_the_sampling_parameters_reach_the_model_and_null_is_a_field_left_out(
+    stack: Stack, client: httpx.Client
+) -> None:
+    body = ask(
+        user("[params]"),
+        seed=0,
+        logit_bias={"50256": -100},
+        parallel_tool_calls=False,
+        temperature=None,
+        stream=None,  # as OpenAI's: not streamed
+    )
+    response = client.post(stack.gateway.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    sent = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert sent["seed"] == 0 and sent["logit_bias"] == {"50256": -100}
+    assert sent["parallel_tool_calls"] is False and "temperature" not in sent
 
 
 def test_a_completion_is_the_models_text_exactly(sdk: openai.OpenAI) -> None:
@@ -186,7 +209,13 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         (ask(function_call={"name": "f"}), 400, "function_call"),
         (ask(web_search_options={}), 400, "web_search_options"),
         (ask(stream="yes"), 400, "stream"),
-        (ask(user("x" * 40_000)), 413, None),
+        (ask(tools=[]), 400, "tools"),
+        (ask(seed=1.5), 400, "seed"),
+        (ask(seed=2**63), 400, "seed"),
+        (ask(parallel_tool_calls="no"), 400, "parallel_tool_calls"),
+        (ask(logit_bias={"the": 5}), 400, "logit_bias"),
+        (ask(logit_bias={"50256": -101}), 400, "logit_bias"),
+        (ask(user("x" * 40_000)), 413, "messages"),
     ],
 )  # fmt: skip
 def test_a_bad_request_is_openais_error_naming_the_field_and_enqueues_nothing(

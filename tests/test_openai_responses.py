@@ -52,6 +52,33 @@ def test_a_response_is_the_models_text_exactly(two: Stack) -> None:
     assert response.usage is not None and response.usage.output_tokens == len(HARD_TOKENS)
 
 
+def test_a_response_cut_short_says_so_and_echoes_what_was_asked(two: Stack) -> None:
+    text_format = {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
+    body = {
+        "model": "assistant",
+        "input": "[long 5]",
+        "max_output_tokens": 3,
+        "text": {"format": text_format},
+        "parallel_tool_calls": False,
+        "stream": None,  # as OpenAI's: null is the default
+        "background": None,
+    }
+    response = httpx.post(two.gateway.url + "/v1/responses", json=body, timeout=10).json()
+    assert response["status"] == "incomplete" and response["background"] is False
+    assert [item["status"] for item in response["output"]] == ["incomplete"]
+    assert response["output"][0]["content"][0]["text"] == "t0 t1 t2 "
+    assert response["text"] == {"format": text_format} and response["parallel_tool_calls"] is False
+    assert isinstance(response["created_at"], int)  # whole seconds, as OpenAI's
+    with sdk(two.gateway.url) as client:
+        events = list(
+            client.responses.create(
+                model="assistant", input="[long 5]", max_output_tokens=3, stream=True
+            )
+        )
+    done = [e.item.status for e in events if e.type == "response.output_item.done"]
+    assert done == ["incomplete"] and events[-1].type == "response.incomplete"
+
+
 def test_a_background_stream_resumes_on_another_gateway_exactly(two: Stack) -> None:
     first, second = two.gateways
     with sdk(first.url) as client:
@@ -154,6 +181,19 @@ def test_function_tools_come_back_as_calls_and_their_outputs_go_on(two: Stack) -
         ({"model": "gpt-nope", "input": "hi"}, 404, "model"),
         ({"model": "assistant", "input": "hi", "prompt": {"id": "pmpt_1"}}, 400, "prompt"),
         ({"model": "assistant", "input": "hi", "conversation": "conv_1"}, 400, "conversation"),
+        ({"model": "assistant", "input": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
+        (
+            {"model": "assistant", "input": "hi", "include": ["message.output_text.logprobs"]},
+            400,
+            "include",
+        ),
+        (
+            {"model": "assistant", "input": "hi", "text": {"format": {"type": "xml"}}},
+            400,
+            "text.format",
+        ),
+        ({"model": "assistant", "input": "hi", "background": "yes"}, 400, "background"),
+        ({"model": "assistant", "input": "x" * 40_000}, 413, "input"),
         (
             {"model": "assistant", "input": "hi", "previous_response_id": "resp_" + "1" * 32},
             404,

@@ -87,7 +87,8 @@ def create_app(default_delay_s: float | None = None) -> Starlette:
             return _error(400, "the body must be JSON with a 'messages' list")
         stats.requests += 1
         try:
-            script = plan(messages, delay_s, tools=_tool_names(body.get("tools")))
+            params = {k: v for k, v in body.items() if k not in ("messages", "tools")}
+            script = plan(messages, delay_s, _tool_names(body.get("tools")), params)
         except DirectiveError as exc:
             return _error(400, str(exc))
         if script.http_status is not None:

@@ -16,6 +16,7 @@ Directives in the last user message (square brackets, anywhere in the text):
 | ``[http N]``       | an HTTP error N (401, 429, 500, ...) before any token           |
 | ``[stall]``        | a few tokens, then silence until the client gives up            |
 | ``[echo]``         | the request's messages as JSON, to show what was sent upstream  |
+| ``[params]``       | the request's other fields (but ``tools``) as JSON, likewise     |
 | ``[tools]``        | the names of the tools the request offers, one token            |
 | ``[markdown]``     | an answer in Markdown: headings, a list, a code block, a table  |
 | ``[html]``         | an answer holding raw HTML that would run script if rendered as |
@@ -81,7 +82,7 @@ HARD_TOKENS = [
 ]
 
 _DIRECTIVE = re.compile(
-    r"\[(hard|long|delay|wait|fail-mid|drop-end|error-mid|http|stall|echo|stamp|cut)(?:\s+([^\]\s]+))?\]"
+    r"\[(hard|long|delay|wait|fail-mid|drop-end|error-mid|http|stall|echo|params|stamp|cut)(?:\s+([^\]\s]+))?\]"
 )
 # What each directive's number may be: anything else is a 400, not a crash, and no prompt
 # makes the model hold more than one token at a time (``[long N]`` is made as it is sent).
@@ -237,9 +238,13 @@ def _number(directive: str, text: str) -> float:
 
 
 def plan(
-    messages: list[dict[str, Any]], default_delay_s: float, tools: Sequence[str] = ()
+    messages: list[dict[str, Any]],
+    default_delay_s: float,
+    tools: Sequence[str] = (),
+    params: dict[str, Any] | None = None,
 ) -> Script:
-    """What to send for these messages, ``tools`` being the names of the tools offered."""
+    """What to send for these messages, ``tools`` being the names of the tools offered and
+    ``params`` the request's other fields."""
     prompt = last_user_text(messages)
     directives = {name: arg for name, arg in _DIRECTIVE.findall(prompt)}
     numbers = {name: _number(name, arg) for name, arg in directives.items() if arg}
@@ -258,6 +263,8 @@ def plan(
         return Script([f"Tools offered: {', '.join(tools) or 'none'}."], delay)
     if "echo" in directives:
         return Script([orjson.dumps(messages).decode()], delay)
+    if "params" in directives:
+        return Script([orjson.dumps(params or {}).decode()], delay)
     if after_tools:
         return Script(answer_from_tools(messages), delay)
     tokens: Sequence[str]

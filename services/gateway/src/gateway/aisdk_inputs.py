@@ -62,7 +62,7 @@ def chat_turn(body: dict[str, Any], roles: Roles, max_chars: int) -> ChatTurn:
         raise BadRequest("messages: the last message must be the user's")
     if not messages[-1]["content"].strip():  # as /chat refuses a blank prompt
         raise BadRequest("messages: the last user message has no text")
-    check_size(messages, max_chars)
+    check_size(messages, max_chars, "messages")
     return ChatTurn(chat_id, role or roles.default, messages)
 
 

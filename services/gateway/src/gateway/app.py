@@ -144,6 +144,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.resume, methods=["GET"]),
         Route("/aisdk/chat/{chat_id}/stream", aisdk_chat.cancel, methods=["DELETE"]),
         Route("/v1/models", openai_chat.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", openai_chat.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", openai_chat.chat_completions, methods=["POST"]),
         Route("/v1/responses", openai_responses.create_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", openai_responses.retrieve_response, methods=["GET"]),

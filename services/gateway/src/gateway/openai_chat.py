@@ -22,7 +22,7 @@ from .errors import error_response
 from .inputs import json_body, max_request_bytes
 from .job_events import encoded, relayed, unless_client_leaves
 from .jobs import enqueue_request
-from .openai_inputs import InvalidField, chat_completion
+from .openai_inputs import InvalidField, chat_completion, role_of
 from .state import State
 
 
@@ -32,8 +32,21 @@ async def list_models(request: Request) -> Response:
     state.access.identify(request)
     roles = state.roles
     names = sorted(roles.roles, key=lambda name: name != roles.default)
-    models = [{"id": n, "object": "model", "created": 0, "owned_by": "streamgate"} for n in names]
-    return JSONResponse({"object": "list", "data": models})
+    return JSONResponse({"object": "list", "data": [_model(n) for n in names]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{model}``: a role by its name (or the upstream model's, for the
+    default role's), as OpenAI's SDKs ``models.retrieve`` it."""
+    state: State = request.app.state.sg
+    state.access.identify(request)
+    model = request.path_params["model"]
+    role_of(model, state.roles, state.settings.openai_model)
+    return JSONResponse(_model(model))
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "streamgate"}
 
 
 async def chat_completions(request: Request) -> Response:
@@ -44,7 +57,9 @@ async def chat_completions(request: Request) -> Response:
     conversation = chat_completion(
         body, state.roles, settings.openai_model, settings.max_prompt_chars
     )
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:  # as OpenAI's: null is the default
+        stream = False
     if not isinstance(stream, bool):
         raise InvalidField("stream", "must be true or false")
     options = body.get("stream_options") or {}

@@ -27,7 +27,8 @@ _NUMBERS = {
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
 }
-_COUNTS = ("max_tokens", "max_completion_tokens", "seed")
+_COUNTS = ("max_tokens", "max_completion_tokens")
+_INT64 = 2**63
 
 
 class InvalidField(BadRequest):
@@ -95,7 +96,9 @@ def chat_completion(
     if not isinstance(messages, list) or not messages:
         raise InvalidField("messages", "required: a non-empty list of messages")
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
-    check_size(checked, max_chars)
+    check_size(checked, max_chars, "messages")
+    if body.get("tools") == []:  # as OpenAI: "only those tools" of none would mean no tools
+        raise InvalidField("tools", "an empty list: leave tools out, or list at least one")
     return Conversation(role, checked, tools_of(body.get("tools")), params_of(body))
 
 
@@ -113,14 +116,17 @@ def refuse_present(body: dict[str, Any], unavailable: dict[str, str]) -> None:
             raise InvalidField(name, why)
 
 
-def check_size(messages: list[dict[str, Any]], max_chars: int) -> None:
-    """MAX_PROMPT_CHARS bounds all the text of a conversation (413 past it)."""
+def check_size(messages: list[dict[str, Any]], max_chars: int, param: str) -> None:
+    """MAX_PROMPT_CHARS bounds all the text of a conversation (413 past it); ``param`` names
+    the request's field that holds it."""
     chars = sum(len(m.get("content") or "") for m in messages)
     if chars > max_chars:
-        raise PromptTooLong(
+        error = PromptTooLong(
             f"the messages hold {chars} characters of text; the limit is {max_chars}"
             " (MAX_PROMPT_CHARS)"
         )
+        error.param = param
+        raise error
 
 
 def _message(message: object, where: str) -> dict[str, Any]:
@@ -225,6 +231,19 @@ def params_of(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidField(name, "must be a whole number of at least 1")
         params[name] = value
+    seed = body.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -_INT64 <= seed < _INT64:
+            raise InvalidField("seed", "must be a whole number (64-bit)")
+        params["seed"] = seed
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise InvalidField("parallel_tool_calls", "must be true or false")
+        params["parallel_tool_calls"] = parallel
+    bias = body.get("logit_bias")
+    if bias is not None:
+        params["logit_bias"] = _logit_bias(bias)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -244,3 +263,20 @@ def params_of(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(body.get("response_format"), dict):
         params["response_format"] = body["response_format"]
     return params
+
+
+def _logit_bias(bias: object) -> dict[str, int | float]:
+    """Token ids (as strings) to a bias from -100 to 100, as OpenAI takes them."""
+    if not isinstance(bias, dict) or not all(
+        isinstance(token, str)
+        and token.isascii()
+        and token.isdigit()
+        and not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and -100 <= value <= 100
+        for token, value in bias.items()
+    ):
+        raise InvalidField(
+            "logit_bias", "must map token ids (strings of digits) to numbers from -100 to 100"
+        )
+    return bias

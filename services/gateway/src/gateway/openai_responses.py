@@ -43,7 +43,7 @@ async def create_response(request: Request) -> Response:
     conversation, echoed = response_request(
         body, state.roles, settings.openai_model, settings.max_prompt_chars, earlier
     )
-    background, stream = body.get("background", False), body.get("stream", False)
+    background, stream = body.get("background") is True, body.get("stream") is True
     job_request = {**conversation.job_request(), "response": echoed}
     release = state.access.take_stream_slot(request, identity) if stream or not background else None
     try:

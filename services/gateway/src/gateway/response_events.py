@@ -21,7 +21,7 @@ class ResponseEvents:
         self.id = f"resp_{job_id}"
         self.job_id = job_id
         self.echoed = echoed
-        self.created_at = created_at
+        self.created_at = int(created_at)  # OpenAI's are whole seconds; typed clients insist
         self.sequence = 0
         self.status = "queued"
         self.output: list[dict[str, Any]] = []
@@ -49,13 +49,14 @@ class ResponseEvents:
                 )
             )
         elif "client_tool_calls" in event:
-            out += self._close_message()
+            out += self._close_message("completed")
             for call in event["client_tool_calls"]:
                 out += self._function_call(call)
         elif lifecycle == "done":
-            out += self._close_message()
+            cut = event.get("finish_reason") == "length"
+            out += self._close_message("incomplete" if cut else "completed")
             self.usage = _usage(event.get("usage"))
-            if event.get("finish_reason") == "length":
+            if cut:
                 self.status = "incomplete"
                 self.incomplete = {"reason": "max_output_tokens"}
                 out.append(self._with_response("response.incomplete"))
@@ -63,7 +64,7 @@ class ResponseEvents:
                 self.status = "completed"
                 out.append(self._with_response("response.completed"))
         elif "error" in event:
-            out += self._close_message()
+            out += self._close_message("incomplete")
             cancelled = event["error"] in CANCELLED
             self.status = "cancelled" if cancelled else "failed"
             self.error = {
@@ -119,7 +120,7 @@ class ResponseEvents:
             "type": "message",
             "status": status,
             "role": "assistant",
-            "content": [_part(text)] if status == "completed" or text else [],
+            "content": [_part(text)] if status != "in_progress" or text else [],
         }
 
     def _open_message(self) -> list[dict[str, Any]]:
@@ -132,11 +133,13 @@ class ResponseEvents:
             self._item_event("response.content_part.added", content_index=0, part=_part("")),
         ]
 
-    def _close_message(self) -> list[dict[str, Any]]:
+    def _close_message(self, status: str) -> list[dict[str, Any]]:
+        """The open message's last events; ``status``: ``incomplete`` if the answer was cut
+        short (the token limit, an error)."""
         if self.text is None:
             return []
         text = "".join(self.text)
-        item = self._message("completed")
+        item = self._message(status)
         out = [
             self._item_event("response.output_text.done", content_index=0, text=text, logprobs=[]),
             self._item_event("response.content_part.done", content_index=0, part=_part(text)),

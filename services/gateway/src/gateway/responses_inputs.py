@@ -23,6 +23,8 @@ from .openai_inputs import (
 RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _MESSAGE_ROLES = {"user", "system", "developer", "assistant"}
+_FORMATS = ("text", "json_object", "json_schema")
+_LOGPROBS = "message.output_text.logprobs"
 _UNAVAILABLE = {
     "prompt": "stored prompts are not available here: send instructions and input",
     "conversation": "stored conversations are not available here: use previous_response_id",
@@ -40,32 +42,39 @@ def response_request(
     response object echoes."""
     role = role_of(body.get("model"), roles, upstream_model)
     refuse_present(body, _UNAVAILABLE)
-    for name in ("background", "stream"):
-        if not isinstance(body.get(name, False), bool):
+    for name in ("background", "stream", "parallel_tool_calls"):
+        if body.get(name) is not None and not isinstance(body[name], bool):  # null: the default
             raise InvalidField(name, "must be true or false")
+    if body.get("top_logprobs") or _LOGPROBS in _included(body.get("include")):
+        raise InvalidField(
+            "top_logprobs" if body.get("top_logprobs") else "include",
+            "log probabilities are not available here",
+        )
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidField("instructions", "must be a string")
     turns = [*earlier, *_items(body.get("input"))]
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + turns
-    check_size(messages, max_chars)
+    check_size(messages, max_chars, "input")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidField("tools", "must be a list of function tools")
     chat_tools = tools_of([_chat_tool(t, i) for i, t in enumerate(tools or [])])
-    params = _params(body)
+    text_format = _text_format(body.get("text"))
+    params = _params(body, text_format)
     echoed = {
         "model": body["model"],
         "instructions": instructions,
-        "background": body.get("background", False),
+        "background": body.get("background") is True,
         "previous_response_id": body.get("previous_response_id"),
         "tools": list(tools or []),
-        "tool_choice": body.get("tool_choice", "auto"),
+        "tool_choice": "auto" if body.get("tool_choice") is None else body["tool_choice"],
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "max_output_tokens": body.get("max_output_tokens"),
         "metadata": body.get("metadata") or {},
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "text": {"format": text_format},
     }
     return Conversation(role, messages, chat_tools, params), echoed
 
@@ -146,9 +155,31 @@ def _chat_tool(tool: object, index: int) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _params(body: dict[str, Any]) -> dict[str, Any]:
+def _included(include: object) -> list[str]:
+    if include is None:
+        return []
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise InvalidField("include", "must be a list of strings")
+    return include
+
+
+def _text_format(text: object) -> dict[str, Any]:
+    """The requested output format (``text.format``): text, json_object or json_schema."""
+    if text is None:
+        return {"type": "text"}
+    text_format = text.get("format") if isinstance(text, dict) else None
+    if text_format is None and isinstance(text, dict):
+        return {"type": "text"}
+    if not isinstance(text_format, dict) or text_format.get("type") not in _FORMATS:
+        raise InvalidField("text.format", f"its type must be one of {', '.join(_FORMATS)}")
+    return text_format
+
+
+def _params(body: dict[str, Any], text_format: dict[str, Any]) -> dict[str, Any]:
     chat_like: dict[str, Any] = {
-        k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None
+        k: body[k]
+        for k in ("temperature", "top_p", "parallel_tool_calls")
+        if body.get(k) is not None
     }
     if body.get("max_output_tokens") is not None:
         chat_like["max_tokens"] = body["max_output_tokens"]
@@ -157,13 +188,10 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
         chat_like["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
     elif choice is not None:
         chat_like["tool_choice"] = choice
-    text_format = (
-        (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    )
-    if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
+    if text_format["type"] == "json_schema":
         schema = {k: text_format[k] for k in ("name", "schema", "strict") if k in text_format}
         chat_like["response_format"] = {"type": "json_schema", "json_schema": schema}
-    elif isinstance(text_format, dict) and text_format.get("type") == "json_object":
+    elif text_format["type"] == "json_object":
         chat_like["response_format"] = {"type": "json_object"}
     try:
         return params_of(chat_like)

@@ -136,7 +136,7 @@ class Upstream:
     ) -> openai.AsyncAPIResponse[object]:
         await self._take_turn()
         body: dict[str, Any] = {
-            **(params or {}),  # the client's temperature, max_tokens, tool_choice (checked)
+            **(params or {}),  # the client's temperature, max_tokens, tool_choice... (checked)
             "model": self.model,
             "messages": messages,
             "stream": True,
@@ -144,8 +144,9 @@ class Upstream:
         }
         if tools:
             body["tools"] = tools
-        else:
+        else:  # both are refused without tools
             body.pop("tool_choice", None)
+            body.pop("parallel_tool_calls", None)
         # The client's generic POST (the SDK's documented way to any endpoint), asking for
         # the raw streamed response: the typed ``create`` re-validates the messages and
         # tools of every request, a millisecond of CPU spent on data built here. The SDK
