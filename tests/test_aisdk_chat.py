@@ -205,6 +205,25 @@ def test_an_error_after_a_tool_round_leaves_its_answered_calls_as_they_were() ->
     assert [p["toolCallId"] for p in sent if p["type"] == "tool-output-available"] == ["call_0"]
 
 
+def test_done_settles_a_tool_call_its_agent_never_answered() -> None:
+    """A custom agent may start a call and never answer it: left as it is, useChat shows
+    that part streaming its input forever."""
+    from gateway.ui_message_stream import UIMessageParts
+
+    encoder = UIMessageParts("job")
+    out = [
+        *encoder.encode({"tool_call": {"id": "ghost", "name": "lookup"}}),
+        *encoder.encode({"token": "hi"}),
+        *encoder.encode({"lifecycle": "done"}),
+    ]
+    sent = [json.loads(line[6:]) for line in out if line != b"data: [DONE]\n\n"]
+    assert [p["type"] for p in sent] == [
+        "start", "start-step", "tool-input-start", "text-start", "text-delta", "text-end",
+        "tool-output-error", "finish-step", "finish",
+    ]  # fmt: skip
+    assert sent[6]["toolCallId"] == "ghost" and sent[6]["errorText"]
+
+
 def test_an_event_the_stream_does_not_show_is_a_ping(monkeypatch: pytest.MonkeyPatch) -> None:
     """``started`` has no part: it still restarted the reader's wait for a ping, so it goes
     out as one, or a client would hear nothing for two ping intervals."""

@@ -116,3 +116,33 @@ def test_an_agent_yielding_the_contracts_json_objects_streams_them(
         assert failed.text == "partial " and failed.finals == [{"error": "the wire agent gave up"}]
     finally:
         stack.stop()
+
+
+def test_an_agents_malformed_event_ends_its_job_at_once_and_it_never_runs_again(
+    redis_url: str, logdir: Path, client: httpx.Client
+) -> None:
+    """An event whose fields are not what the contract's JSON says ends the job with an
+    error at once. Before, it failed the job's publishing: the job hung until its worker
+    counted as lost, and one that had published nothing ran again, thrice."""
+    fixtures = str(ROOT / "tests" / "fixtures")
+    env = {**agent_env("careless_agent:answer"), "PYTHONPATH": fixtures}
+    stack = Stack(private_db(redis_url), logdir, env).start()
+    try:
+        for prompt in ("a number for a token", "no name for a call", "a set for arguments"):
+            began = time.monotonic()
+            stream = sse.read(client, stack.gateway.url + "/chat", params={"prompt": prompt})
+            assert time.monotonic() - began < 5, prompt
+            assert stream.finals == [{"error": "the worker failed unexpectedly; see its logs"}]
+            started = [e for e in stream.events if e.get("lifecycle") == "started"]
+            assert len(started) == 1, prompt  # run once
+            assert all(isinstance(e["token"], str) for e in stream.events if "token" in e)
+            assert all(e["tool_call"]["name"] for e in stream.events if "tool_call" in e)
+        # Text no UTF-8 can carry (a lone surrogate) streams, made well-formed.
+        stream = sse.read(
+            client, stack.gateway.url + "/chat", params={"prompt": "a lone surrogate"}
+        )
+        assert stream.text == "a\ufffdb" and sse.ends_done(stream), stream.events
+        (called,) = [e["tools_called"] for e in stream.events if "tools_called" in e]
+        assert called[0]["arguments"] == {"q": "\ufffd"} and called[0]["output"] == "x\ufffd"
+    finally:
+        stack.stop()

@@ -320,7 +320,7 @@ async def test_run_calls_sync_and_async_tools(registry: ToolRegistry) -> None:
     [
         ("weather", '{"city": "Oslo"}', {"city": "Oslo"}, "no tool named 'weather'"),
         ("calculator", '{"expression": "1+', '{"expression": "1+', "not valid JSON"),
-        ("calculator", "[1, 2]", [1, 2], "must be a JSON object"),
+        ("calculator", "[1, 2]", "[1, 2]", "must be a JSON object"),  # as sent: no object
         ("calculator", "{}", {}, "expression: Field required"),
         ("calculator", '{"expression": 7}', {"expression": 7}, "valid string"),
         ("add", '{"a": 1, "b": "two"}', {"a": 1, "b": "two"}, "b: Input should be a valid"),
@@ -339,6 +339,16 @@ async def test_run_turns_every_problem_into_an_error_output(
     assert run.output.startswith("error: ")
     assert says in run.output
     assert run.arguments == parsed
+
+
+@pytest.mark.asyncio
+async def test_text_no_utf8_carries_comes_out_well_formed(registry: ToolRegistry) -> None:
+    """A model may send a lone surrogate's escape (valid JSON): the tool gets it as U+FFFD,
+    and so do the event and the next request upstream (neither could carry it)."""
+    run = await registry.run("calculator", '{"expression": "\\ud800"}')
+    assert run.arguments == {"expression": "\ufffd"} and not run.ok
+    run = await registry.run("refuse", '{"reason": "x\\udc00"}')
+    assert run.output == "error: x\ufffd"
 
 
 @pytest.mark.asyncio

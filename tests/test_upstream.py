@@ -7,8 +7,10 @@ import asyncio
 import socket
 import time
 
+import pytest
+
 from shared.settings import Settings
-from worker.llm import Upstream
+from worker.llm import TextDelta, Upstream, UpstreamError, parse_chunk
 
 
 def test_a_burst_of_requests_takes_one_loop_round_each() -> None:
@@ -90,3 +92,12 @@ def test_a_rate_limit_whose_retry_after_outlasts_the_idle_timeout_is_told_as_one
 
     message, took = asyncio.run(scenario())
     assert "rate limiting" in message and took < 1.8, (message, took)
+
+
+def test_a_chunk_holding_a_lone_surrogates_escape_is_read_well_formed() -> None:
+    """``"\\ud800"`` is valid JSON that orjson refuses: the token is read, made U+FFFD,
+    rather than the answer failing as malformed."""
+    deltas = parse_chunk(b'{"choices": [{"index": 0, "delta": {"content": "a\\ud800b"}}]}')
+    assert deltas == [TextDelta("a\ufffdb")]
+    with pytest.raises(UpstreamError, match="not JSON"):
+        parse_chunk(b'{"choices": [')

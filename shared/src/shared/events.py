@@ -146,7 +146,23 @@ def is_final(event: Event) -> bool:
 
 
 def encode(event: Event) -> bytes:
-    return orjson.dumps(event.data())
+    data = event.data()
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # text with a lone surrogate, or a value JSON has not
+        return orjson.dumps(well_formed(data))
+
+
+def well_formed(value: Any) -> Any:
+    """``value`` with every lone surrogate in its text (which Python's ``json`` reads from
+    ``"\\ud800"``, and neither UTF-8 nor JSON can carry) made U+FFFD; the rest as it is."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {well_formed(k): well_formed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [well_formed(v) for v in value]
+    return value
 
 
 def decode(data: bytes | str) -> dict[str, Any]:

@@ -75,13 +75,12 @@ class UIMessageParts:
             self._end_step(parts)
         elif "error" in event:
             self._end_text(parts)
-            for call_id in self._tool_names:  # started, never answered: settle them
-                unanswered = {"toolCallId": call_id, "errorText": event["error"], **SERVER_TOOL}
-                parts.append({"type": "tool-output-error", **unanswered})
+            self._settle(parts, event["error"])
             self._end_step(parts)
             parts.append({"type": "error", "errorText": event["error"]})
         elif event.get("lifecycle") == "done":
             self._end_text(parts)
+            self._settle(parts, "the answer ended without this tool call's result")
             self._end_step(parts)
             finish: dict[str, Any] = {"type": "finish"}
             reason = event.get("finish_reason")
@@ -105,6 +104,14 @@ class UIMessageParts:
         # An ``error: ...`` output too: the model read it and answered on.
         parts.append({"type": "tool-output-available", "output": call.get("output"), **common})
         return parts
+
+    def _settle(self, parts: list[dict[str, Any]], error_text: str) -> None:
+        """Calls started and never answered (an error, or an agent that forgot them) end
+        as errors: a part left streaming its input would never settle in the client."""
+        for call_id in self._tool_names:
+            unanswered = {"toolCallId": call_id, "errorText": error_text, **SERVER_TOOL}
+            parts.append({"type": "tool-output-error", **unanswered})
+        self._tool_names.clear()
 
     def _step(self, parts: list[dict[str, Any]]) -> None:
         if not self._in_step:

@@ -37,6 +37,7 @@ from shared.events import (
     ToolResult,
     ToolsCalled,
     Usage,
+    encode,
 )
 from shared.roles import Role
 
@@ -94,9 +95,7 @@ def event_of(item: dict[str, Any]) -> Event:
         if isinstance(item.get("tools_called"), list) and len(item) == 1:
             return ToolsCalled(
                 [
-                    ToolResult(
-                        _text(c["id"]), _text(c["name"]), c.get("arguments"), _text(c["output"])
-                    )
+                    ToolResult(_text(c["id"]), _text(c["name"]), c["arguments"], _text(c["output"]))
                     for c in item["tools_called"]
                 ]
             )
@@ -112,6 +111,31 @@ def event_of(item: dict[str, Any]) -> Event:
     except (KeyError, TypeError, AttributeError):
         pass
     raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
+
+
+def checked(event: Event) -> Event:
+    """An event an agent yielded, if its fields are what the contract's JSON says (text
+    where it says text; a tool call's arguments an object or the raw string); else
+    ``TypeError``: published, a wrong type would reach clients that cannot read it."""
+    try:
+        if isinstance(event, Token):
+            _text(event.text)
+        elif isinstance(event, ToolCallStarted):
+            _texts(event.call_id, event.name)
+        elif isinstance(event, ToolsCalled | ClientToolCalls):
+            for call in event.calls:
+                _texts(call.call_id, call.name, call.output if isinstance(call, ToolResult) else "")
+                if not isinstance(call.arguments, dict | str):
+                    raise TypeError("arguments: not an object or a string")
+            encode(event)  # what JSON has no form for (a set, an object) fails here
+        return event
+    except (TypeError, AttributeError) as exc:
+        raise TypeError(f"the agent yielded {event!r}, which is not an event it may send") from exc
+
+
+def _texts(*values: object) -> None:
+    for value in values:
+        _text(value)
 
 
 def _text(value: object) -> str:

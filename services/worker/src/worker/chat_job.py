@@ -25,7 +25,7 @@ from shared.roles import Role, Roles
 from shared.settings import Settings
 
 from .agent import OpenAIAgent
-from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest, event_of
+from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest, checked, event_of
 from .heartbeat import Heartbeat
 from .llm import Opening, Upstream, UpstreamError
 from .metrics import WorkerMetrics
@@ -314,6 +314,7 @@ async def relay_agent(
                 return "".join(text), _with_valid_usage(event)
             if not isinstance(event, AGENT_EVENTS):
                 raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
+            checked(event)
             if isinstance(event, ev.Token):
                 if not event.text:
                     continue  # the contract sends no empty tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -353,14 +354,22 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield buffer
 
 
+def _lenient(payload: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """A chunk orjson refuses that is JSON all the same: a lone surrogate's escape
+    (``"\\ud800"``), which Python's ``json`` reads; its text made well-formed."""
+    try:
+        return ev.well_formed(json.loads(payload))
+    except (ValueError, RecursionError):
+        malformed = "the LLM sent a malformed stream chunk (not JSON)"
+        raise UpstreamError(malformed, "malformed") from exc
+
+
 def parse_chunk(payload: bytes) -> list[Delta]:
     """The deltas of one ``chat.completion.chunk``, or UpstreamError for an error chunk."""
     try:
         chunk = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamError(
-            "the LLM sent a malformed stream chunk (not JSON)", "malformed"
-        ) from exc
+        chunk = _lenient(payload, exc)
     if not isinstance(chunk, dict):
         raise UpstreamError("the LLM sent a malformed stream chunk (not an object)", "malformed")
     if chunk.get("error"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable
 
@@ -47,15 +48,16 @@ class Publisher:
         self.owner = owner
         self.published_output = False
         self.fenced = False  # another attempt or an outside end owns the stream now
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # Redis failed it: nothing more is written
+        self.rejected: BaseException | None = None  # an event of it could not be encoded
         self.pending: list[ev.Event] = []
         self.batches = 0
         self.closing: Closing | None = None  # written with the final event
         self._closing: asyncio.Future[bool] | None = None
 
     def emit(self, event: ev.Event) -> None:
-        if self.error is not None:
-            raise self.error
+        if self.error is not None or self.rejected is not None:
+            raise self.error or self.rejected  # type: ignore[misc]
         if self.fenced:
             raise Fenced(self.job_id)
         if isinstance(event, ev.Token):
@@ -108,6 +110,13 @@ class Publisher:
         if self._closing is not None and not self._closing.done():
             self._closing.set_exception(error)
 
+    def reject(self, error: BaseException, batch: list[ev.Event]) -> None:
+        """A batch not written for an event Redis was never sent (no JSON form): the job
+        stops, and may still write its final event (the stream then lacks that batch)."""
+        self.rejected = error
+        if self._closing is not None and not self._closing.done() and ev.is_final(batch[-1]):
+            self._closing.set_exception(error)
+
 
 class Batcher:
     """The worker's one writer of events, for every job it runs."""
@@ -148,7 +157,10 @@ class Batcher:
             self._due_at = due
             self._wake.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="event-batcher")
+            # Of no job: the job whose event started it must not tag every job's log lines.
+            self._task = asyncio.create_task(
+                self._run(), name="event-batcher", context=contextvars.Context()
+            )
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])
@@ -182,7 +194,10 @@ class Batcher:
                     publisher.failed(exc)
                 continue
             for (publisher, _, batch), result in zip(batches, results, strict=True):
-                if isinstance(result, Exception):
+                if isinstance(result, TypeError | ValueError):  # found before anything was sent
+                    logger.error("job %s: an event has no JSON form: %s", publisher.job_id, result)
+                    publisher.reject(result, batch)
+                elif isinstance(result, Exception):
                     logger.error("could not publish events of job %s: %s", publisher.job_id, result)
                     publisher.failed(result)
                 else:

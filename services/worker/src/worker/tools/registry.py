@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shared import events as ev
 from shared import tracing
 
 from .base import Tool, ToolFailure, ToolRun, describe, schema
@@ -156,13 +157,14 @@ class Toolbox:
         run = await self._run(name, arguments)
         if self._registry.on_run is not None:
             self._registry.on_run(name if name in self._tools else "(unknown)", run.ok)
-        return ToolRun(
-            run.arguments, cap_output(run.output, self._registry.output_max_chars), run.ok
-        )
+        # Well-formed: a lone surrogate in an output would fail its event and the next
+        # request upstream alike (neither UTF-8 nor JSON carries one).
+        output = ev.well_formed(run.output)
+        return ToolRun(run.arguments, cap_output(output, self._registry.output_max_chars), run.ok)
 
     async def _run(self, name: str, arguments: str) -> ToolRun:
         try:
-            parsed: Any = json.loads(arguments) if arguments.strip() else {}
+            parsed: Any = ev.well_formed(json.loads(arguments)) if arguments.strip() else {}
             json_problem = ""
         except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             parsed, json_problem = arguments, str(exc) or type(exc).__name__
@@ -172,8 +174,8 @@ class Toolbox:
             return _failed(parsed, f"there is no tool named {name!r} (available: {known})")
         if json_problem:
             return _failed(parsed, f"the arguments are not valid JSON ({json_problem})")
-        if not isinstance(parsed, dict):
-            return _failed(parsed, "the arguments must be a JSON object")
+        if not isinstance(parsed, dict):  # shown as sent: the contract's arguments are an object
+            return _failed(arguments, "the arguments must be a JSON object")
         timeout_s = getattr(tool, "timeout_s", None) or self._registry.timeout_s
         deadline = asyncio.timeout(timeout_s)
         try:
