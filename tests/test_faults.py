@@ -339,12 +339,13 @@ def test_redis_restart_mid_stream(
         stack.stop()
 
 
-def test_a_reader_cut_off_by_a_hung_redis_resumes_by_its_cursor_once_redis_answers(
+def test_a_reader_cut_off_by_a_hung_redis_gets_a_final_error_and_may_resume_before_it(
     own_redis: RedisServer, logdir: Path, client: httpx.Client
 ) -> None:
-    """The error a gateway sends when Redis stops answering is no event of the job: its
-    cursor names none, yet a reconnect with it, once Redis answers again with the job,
-    gets exactly the events after the last one the reader had, and ends."""
+    """The error a gateway sends when Redis stops answering is final for its reader:
+    nothing follows it, and a reconnect with its cursor (no entry of the job's, unique
+    within it) gets 204 as one with a final event's would. A reader that resumes from the
+    event before it, once Redis answers, gets exactly the job's events after that one."""
     stack = Stack(own_redis.url, logdir).start()
     try:
         background = Background(stack.gateway.url + "/chat", {"prompt": "[long 400] [delay 0.02]"})
@@ -356,8 +357,11 @@ def test_a_reader_cut_off_by_a_hung_redis_resumes_by_its_cursor_once_redis_answe
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
         assert "Redis" in cut.events[-1]["error"], cut.events[-1]
-        assert cut.last_id.endswith("~")  # its own cursor, unique within the job
-        rest = sse.read(client, stack.gateway.url + "/chat", headers={"Last-Event-ID": cut.last_id})
+        assert cut.last_id.endswith("~") and len(cut.finals) == 1
+        again = client.get(stack.gateway.url + "/chat", headers={"Last-Event-ID": cut.last_id})
+        assert again.status_code == 204, again.text
+        before = cut.messages[-2].id  # the last event of the job's own
+        rest = sse.read(client, stack.gateway.url + "/chat", headers={"Last-Event-ID": before})
         assert rest.events and len(rest.finals) == 1, rest.events
         # Nothing lost or repeated at the seam (the job then went on, or ended as lost).
         whole = "".join(f"t{i} " for i in range(400))

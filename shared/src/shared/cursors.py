@@ -4,7 +4,8 @@ A cursor is ``<job_id>_<stream entry id>``. It is opaque to clients; carrying th
 what lets a bare ``Last-Event-ID`` find the job again on any gateway. An event a gateway
 makes up (the error it sends when Redis is out of reach) is no entry of the stream: its
 cursor is the reader's last entry's with ``~`` after it (``MADE_UP``), unique within the
-job, and a reconnect with it resumes after that entry, as with the entry's own.
+job. That event was final for its reader, and nothing follows a final event: a reconnect
+with it is answered as one with the final event's own cursor (204).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ _MAX_ID_PART = 2**64 - 1  # each half of a stream entry id is an unsigned 64-bit
 class Cursor(NamedTuple):
     job_id: str
     entry_id: str
+    made_up: bool = False  # the cursor of a final event a gateway made up
 
     def __str__(self) -> str:
-        return f"{self.job_id}_{self.entry_id}"
+        return f"{self.job_id}_{self.entry_id}{MADE_UP if self.made_up else ''}"
 
 
 MAX_SHARDS = 256  # what the job id's two hex digits name
@@ -53,4 +55,4 @@ def parse_cursor(value: str) -> Cursor | None:
     ms, _, seq = match.group(2).partition("-")
     if int(ms) > _MAX_ID_PART or int(seq) > _MAX_ID_PART:
         return None  # Redis refuses such an entry id; no stream of ours holds one
-    return Cursor(match.group(1), match.group(2))
+    return Cursor(match.group(1), match.group(2), bool(match.group(3)))

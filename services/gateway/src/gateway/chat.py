@@ -151,6 +151,8 @@ async def _find(state: State, job_id: str, identity: str) -> None:
 async def _resume(request: Request, cursor: Cursor, identity: str) -> Response:
     state: State = request.app.state.sg
     await _find(state, cursor.job_id, identity)
+    if cursor.made_up:  # a final event for its reader, though made up by a gateway
+        return Response(status_code=204)
     if cursor.entry_id != START:
         log = state.shards.of_job(cursor.job_id).log
         entry = await log.entry(cursor.job_id, cursor.entry_id)
