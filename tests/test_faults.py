@@ -345,18 +345,24 @@ def test_a_reader_cut_off_by_a_hung_redis_gets_a_final_error_and_may_resume_befo
     """The error a gateway sends when Redis stops answering is final for its reader:
     nothing follows it, and a reconnect with its cursor (no entry of the job's, unique
     within it) gets 204 as one with a final event's would. A reader that resumes from the
-    event before it, once Redis answers, gets exactly the job's events after that one."""
-    stack = Stack(own_redis.url, logdir).start()
+    event before it, once Redis answers, gets exactly the job's events after that one.
+    The error comes WORKER_LOST_TIMEOUT_S after Redis stopped answering: a hung Redis is
+    found only once a read's deadline (10 s) ends, and that wait counts (it came at 10 + 12
+    to 20 + 12 s)."""
+    stack = Stack(own_redis.url, logdir, {"WORKER_LOST_TIMEOUT_S": "12"}).start()
     try:
         background = Background(stack.gateway.url + "/chat", {"prompt": "[long 400] [delay 0.02]"})
         background.wait_tokens()
         assert own_redis.proc is not None
         own_redis.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
         try:
-            cut = background.join(30)
+            cut = background.join(40)
+            took = time.monotonic() - stopped_at
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
         assert "Redis" in cut.events[-1]["error"], cut.events[-1]
+        assert 10 < took < 13.5, took
         assert cut.last_id.endswith("~") and len(cut.finals) == 1
         again = client.get(stack.gateway.url + "/chat", headers={"Last-Event-ID": cut.last_id})
         assert again.status_code == 204, again.text

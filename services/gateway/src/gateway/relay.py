@@ -64,6 +64,7 @@ from .reader import Reader, entry_key
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
+CLOCK_SLACK_S = 0.01  # asyncio may run a timer up to its clock's resolution early
 READ_COUNT = 512
 READ_BATCH = 1000  # doorbell mode: streams per XREAD of the streams that rang
 RING_COUNT = 512  # doorbells per read: one may name a worker's every job
@@ -136,6 +137,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._redis_down_since: float | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # ends its streams when due
         self._read_errors = 0
         self._dropped_seen = 0
         self._unreadable = False  # a doorbell entry could not be read (logged once)
@@ -178,6 +180,8 @@ class Relay:
         self.jobs.clear()
 
     async def stop(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self.close_all()
         await cancel_and_wait([*self._tasks, self._wake_task])
         if self._side_tasks:  # the grace of jobs whose readers just left must be recorded
@@ -249,6 +253,7 @@ class Relay:
     async def _read_loop(self) -> None:
         delay = 0.05
         while True:
+            began = self._now()
             try:
                 if len(self.jobs) > self.settings.relay_multiplex_max:
                     await self._read_rung()
@@ -259,8 +264,14 @@ class Relay:
                 self._activity_cursor = None  # doorbells may have been lost
                 self._read_errors += 1
                 if self._redis_down_since is None:
-                    self._redis_down_since = self._now()
+                    # Unanswered since this read began: a hung Redis is found only when the
+                    # read's deadline (its block and 5 s) ends, which the bound includes.
+                    self._redis_down_since = began
                     logger.warning("relay lost Redis%s (%s); retrying", self._where, exc)
+                    due_in = began + self.log.timing.redis_down_close_s - self._now()
+                    self._close_timer = asyncio.get_running_loop().call_later(
+                        max(due_in, 0.0) + CLOCK_SLACK_S, self._close_if_down_too_long
+                    )
                 self._close_if_down_too_long()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -274,6 +285,8 @@ class Relay:
             if self._redis_down_since is not None:
                 logger.info("relay reached Redis%s again", self._where)
                 self._redis_down_since = None
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
             if self._gathering():
                 await asyncio.sleep(self._gather_s)
             delay = 0.05
@@ -298,7 +311,7 @@ class Relay:
         down = self._redis_down_since
         if down is None or not self.jobs:
             return
-        if self._now() - down > self.log.timing.redis_down_close_s:
+        if self._now() - down >= self.log.timing.redis_down_close_s:
             logger.warning(
                 "Redis%s down for %.0f s: ending %d streams with an error",
                 self._where,
