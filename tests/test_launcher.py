@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from launcher.readiness import upstream_problem
+from shared.events import WORKER_LOST
 
 from . import sse
 from .harness import ROOT, Service, free_port, private_db, release_db
@@ -255,3 +256,34 @@ def socket_listening() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
+
+
+def test_workers_that_die_are_started_again_and_their_job_ends_as_the_contract_says(
+    checkout: Path, launches: list[Launch]
+) -> None:
+    """kill -9 of a worker stopped the whole run, ending every open stream without a final
+    event. Now the run starts it again, as a process manager would: the job it ran ends with
+    the worker-lost error, and chats go on."""
+    run = Launch(checkout, "--workers", "2", env=user_env(WORKER_LOST_TIMEOUT_S="4"))
+    launches.append(run)
+    run.wait_up()
+    pids = {int(pid) for pid in re.findall(r"worker \S+:(\d+) ready: LLM", run.output)}
+    assert len(pids) == 2, run.output
+    with httpx.Client(timeout=60) as client:
+        posted = client.post(run.url + "/chat", json={"prompt": "[long 400] [delay 0.05]"})
+        events = f"{run.url}/chat/{posted.json()['job_id']}/events"
+        with client.stream("GET", events) as started:  # until its first token
+            next(line for line in started.iter_lines() if '"token"' in line)
+        for pid in pids:  # whichever runs it
+            os.kill(pid, signal.SIGKILL)
+        stream = sse.read(client, events)
+        assert stream.finals == [{"error": WORKER_LOST}], stream.events
+        for name in ("worker.1", "worker.2"):
+            assert f"{name} exited with status -9; starting it again" in run.output
+        deadline = time.monotonic() + 60
+        while len(re.findall(r"worker \S+:\d+ ready: LLM", run.output)) < 4:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.output
+            time.sleep(0.1)
+        after = sse.read(client, run.url + "/chat", params={"prompt": "[long 5]"})
+        assert sse.ends_done(after), after.events
+    assert run.interrupt() == 0

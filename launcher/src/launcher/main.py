@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+from collections import defaultdict, deque
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -34,6 +35,8 @@ from .supervisor import Child, Supervisor
 
 ROOT = Path(__file__).resolve().parents[3]
 READY_TIMEOUT_S = 60.0
+RESTARTS_MAX = 3  # a process started again this often within the window, and exiting again,
+RESTARTS_WINDOW_S = 60.0  # stops the run: it would only keep failing
 LOOPBACK = "127.0.0.1"
 DEMO_LLM_PORT = 8001  # where the docs say the demo LLM listens; any free port if taken
 # Local runs read as text and stop promptly; each is overridden by the environment or .env.
@@ -131,8 +134,8 @@ class Run:
         try:
             await self._start(env, host)
             self.supervisor.say("Ctrl-C stops everything.")
-            await self._until(asyncio.get_running_loop().create_future())
-            return 0  # never: the run ends by a signal or a process's exit
+            await self._keep_running()
+            return 0  # never: the run ends by a signal or a process that keeps exiting
         except Interrupted:
             return 0
         except ProcessFailed as exc:
@@ -187,6 +190,35 @@ class Run:
         say(f"  Redis: {redis}")
         if upstream and (problem := await upstream_problem(upstream, env.get("OPENAI_API_KEY"))):
             say(f"  warning: {problem}: chats will fail until it answers")
+
+    async def _keep_running(self) -> None:
+        """Start again any process that exits, as a process manager would: a worker's
+        death must look to clients as the contract says (the job ends with an error, or runs
+        again), not end every stream of the run. One that keeps exiting stops the run."""
+        restarts: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=RESTARTS_MAX))
+        loop = asyncio.get_running_loop()
+        while True:
+            stop = asyncio.ensure_future(self.stopping.wait())
+            exited = asyncio.ensure_future(self.supervisor.first_exit())
+            try:
+                done, _ = await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                exited.cancel()
+            if stop in done:
+                raise Interrupted
+            child = exited.result()
+            status = f"{child.name} exited with status {child.process.returncode}"
+            recent = restarts[child.name]
+            if len(recent) == RESTARTS_MAX and loop.time() - recent[0] < RESTARTS_WINDOW_S:
+                raise ProcessFailed(
+                    f"{status}, its {RESTARTS_MAX + 1}th exit in {RESTARTS_WINDOW_S:.0f} s"
+                )
+            recent.append(loop.time())
+            self.supervisor.say(f"{status}; starting it again")
+            again = await self.supervisor.restart(child)
+            if child is self.redis_child:
+                self.redis_child = again
 
     async def _until(self, awaitable: Awaitable[T], ready_within: float | None = None) -> T:
         """``awaitable``'s result, unless a stop is asked for or a process exits first."""

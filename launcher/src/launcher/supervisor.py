@@ -1,5 +1,5 @@
 """Child processes of a local run: started, their output shown line by line under their
-name, stopped in order.
+name, started again if one exits, stopped in order.
 
 Each child runs in a session of its own, so the terminal's Ctrl-C reaches the launcher
 alone and the launcher decides the order: everything else first, then Redis (whose workers
@@ -24,6 +24,7 @@ from .errors import ProcessFailed
 COLOURS = ["36", "33", "32", "35", "34", "91", "96", "93"]
 TAIL_LINES = 40
 LINE_LIMIT = 1 << 20  # longer lines are shown in pieces
+OUTPUT_WAIT_S = 2.0  # for an exited child's last lines (a grandchild may hold its pipe)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -39,9 +40,15 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 class Child:
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self,
+        name: str,
+        process: asyncio.subprocess.Process,
+        launch: tuple[Sequence[str], dict[str, str], str],
+    ) -> None:
         self.name = name
         self.process = process
+        self.launch = launch  # its command, environment and directory, to start it again
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.lines = asyncio.Condition()
         self.watched: set[str] = set()
@@ -86,6 +93,23 @@ class Supervisor:
     async def start(
         self, name: str, command: Sequence[str], env: dict[str, str], cwd: str
     ) -> Child:
+        child = await self._spawn(name, command, env, cwd)
+        self.children.append(child)
+        self.width = max(self.width, len(name))
+        return child
+
+    async def restart(self, child: Child) -> Child:
+        """``child``, which exited, started again as it was, in its place."""
+        _signal(child, signal.SIGKILL)  # what it started goes with it
+        if child.output_done is not None:  # its last lines first
+            await asyncio.wait({child.output_done}, timeout=OUTPUT_WAIT_S)
+        again = await self._spawn(child.name, *child.launch)
+        self.children[self.children.index(child)] = again
+        return again
+
+    async def _spawn(
+        self, name: str, command: Sequence[str], env: dict[str, str], cwd: str
+    ) -> Child:
         process = await asyncio.create_subprocess_exec(
             *command,
             env=env,
@@ -97,9 +121,7 @@ class Supervisor:
             preexec_fn=_die_with_parent(),
             limit=LINE_LIMIT,
         )
-        child = Child(name, process)
-        self.children.append(child)
-        self.width = max(self.width, len(name))
+        child = Child(name, process, (command, env, cwd))
         child.output_done = asyncio.create_task(self._show_output(child))
         return child
 
@@ -124,7 +146,7 @@ class Supervisor:
             child.lines.notify_all()
 
     async def first_exit(self) -> Child:
-        """The first child to exit (while the run should be up, any exit is a failure)."""
+        """The first child to exit."""
         waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children}
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
