@@ -107,8 +107,13 @@ def test_tool_failures_become_outputs_for_the_model(
 
 
 def test_the_round_limit_ends_with_an_error(agent_stack: Stack) -> None:
+    """Three rounds run; the fourth's call, announced, is answered as not run: every
+    tool_call gets its tools_called entry."""
     stream = chat(agent_stack, "[tool-loop]")
-    assert sum("tools_called" in e for e in stream.events) == 3
+    results = [call for e in stream.events for call in e.get("tools_called", [])]
+    assert len(results) == 4 and "not run" in results[-1]["output"]
+    started = [e["tool_call"]["id"] for e in stream.events if "tool_call" in e]
+    assert started == [call["id"] for call in results]
     assert "MAX_TOOL_ROUNDS" in stream.events[-1]["error"]
     assert len(stream.finals) == 1
 

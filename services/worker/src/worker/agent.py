@@ -26,6 +26,9 @@ from shared import events as ev
 from .agents import AgentRequest
 from .llm import Finish, Opening, TextDelta, ToolCallDelta, UpstreamError
 from .metrics import WorkerMetrics
+from .tools.registry import parse_arguments
+
+NOT_RUN = "error: not run: the model was still calling tools at the last round (MAX_TOOL_ROUNDS)"
 
 
 class TooManyRounds(UpstreamError):
@@ -112,6 +115,15 @@ class OpenAIAgent:
                 yield ev.Done("tool_calls", usage)
                 return
             if round_number == self.max_rounds:
+                # Announced, never run: each still gets its result, so no call stays open.
+                yield ev.ToolsCalled(
+                    [
+                        ev.ToolResult(
+                            c.call_id, c.name, parse_arguments("".join(c.arguments))[0], NOT_RUN
+                        )
+                        for c in assembler.calls
+                    ]
+                )
                 break
             calls = assembler.calls
             runs = await asyncio.gather(

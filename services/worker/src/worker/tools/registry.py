@@ -163,18 +163,14 @@ class Toolbox:
         return ToolRun(run.arguments, cap_output(output, self._registry.output_max_chars), run.ok)
 
     async def _run(self, name: str, arguments: str) -> ToolRun:
-        try:
-            parsed: Any = ev.well_formed(json.loads(arguments)) if arguments.strip() else {}
-            json_problem = ""
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-            parsed, json_problem = arguments, str(exc) or type(exc).__name__
+        parsed, json_problem = parse_arguments(arguments)
         tool = self._tools.get(name)
         if tool is None:
             known = ", ".join(self._tools) or "none"
             return _failed(parsed, f"there is no tool named {name!r} (available: {known})")
         if json_problem:
             return _failed(parsed, f"the arguments are not valid JSON ({json_problem})")
-        if not isinstance(parsed, dict):  # shown as sent: the contract's arguments are an object
+        if not isinstance(parsed, dict):
             return _failed(arguments, "the arguments must be a JSON object")
         timeout_s = getattr(tool, "timeout_s", None) or self._registry.timeout_s
         deadline = asyncio.timeout(timeout_s)
@@ -192,6 +188,16 @@ class Toolbox:
             # Its text stays in the log: it may name hosts, paths or data users must not see.
             return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__})")
         return ToolRun(parsed, output, ok=True)
+
+
+def parse_arguments(arguments: str) -> tuple[Any, str]:
+    """A call's arguments as ``tools_called`` shows them (the parsed JSON object, else the
+    raw string; empty is ``{}``), and what is wrong with their JSON, if anything."""
+    try:
+        parsed = ev.well_formed(json.loads(arguments)) if arguments.strip() else {}
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        return arguments, str(exc) or type(exc).__name__
+    return (parsed if isinstance(parsed, dict) else arguments), ""
 
 
 CUT_NOTE_MAX = 160  # characters the cut's note adds, at most
