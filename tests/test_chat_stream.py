@@ -66,6 +66,15 @@ def test_headers_say_do_not_cache_or_buffer(stack: Stack, client: httpx.Client) 
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert "no-cache" in stream.headers["cache-control"]
     assert stream.headers["x-accel-buffering"] == "no"
+    # A client that asks to close gets one Connection header, the server's: no keep-alive
+    # beside it (a hop-by-hop header sse-starlette set).
+    closing = sse.read(
+        client,
+        stack.gateway.url + "/chat",
+        params={"prompt": "hi"},
+        headers={"Connection": "close"},
+    )
+    assert closing.headers.get_list("connection") == ["close"], closing.headers
 
 
 def test_pings_while_waiting_and_never_after_the_end(stack: Stack, client: httpx.Client) -> None:

@@ -46,6 +46,9 @@ class EventStream(EventSourceResponse):
             shutdown_event=shutdown_event,
             shutdown_grace_period=2,
         )
+        # sse-starlette's "Connection: keep-alive", a hop-by-hop header HTTP/1.1 implies: it
+        # went out beside the server's "close" to a client that asked for one.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"connection"]
         self.send_timeout_s = send_timeout_s
         self.release = release  # gives back the stream slot taken in the handler
 
