@@ -42,8 +42,11 @@ class ToolRegistry:
     ) -> None:
         self._static: dict[str, Tool] = {}
         for tool in tools:
-            if tool.name in self._static:
-                raise ValueError(f"two tools are named {tool.name!r}")
+            if (other := self._static.get(tool.name)) is not None:
+                raise ValueError(
+                    f"two tools are named {tool.name!r}: {_origin(other)} and {_origin(tool)};"
+                    " rename one (a Python tool is named after its function)"
+                )
             self._static[tool.name] = tool
         self.changed = asyncio.Event()  # an MCP server's tool list changed
         self.servers = [McpServer(config, self.changed.set) for config in mcp]
@@ -188,6 +191,13 @@ class Toolbox:
             # Its text stays in the log: it may name hosts, paths or data users must not see.
             return _failed(parsed, f"{name} failed unexpectedly ({type(exc).__name__})")
         return ToolRun(parsed, output, ok=True)
+
+
+def _origin(tool: Tool) -> str:
+    """Where a tool comes from, in words: ``builtin``, or its Python function's module."""
+    function = getattr(tool, "func", None)
+    module = getattr(function, "__module__", None)
+    return f"{tool.source} ({module}.{tool.name})" if module else tool.source
 
 
 def parse_arguments(arguments: str) -> tuple[Any, str]:
