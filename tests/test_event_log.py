@@ -173,6 +173,28 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
     run(db_url, scenario)
 
 
+def test_a_job_barred_before_its_create_arrives_is_never_created(db_url: str) -> None:
+    """The end sent for a create that got no answer may reach Redis first: it leaves a
+    tombstone, and the create then writes nothing (no stream, nothing queued)."""
+
+    async def scenario(log: EventLog) -> None:
+        job_id = new_job_id()
+        assert not await log.end(job_id, ev.CREATE_UNANSWERED, bar=True)
+        assert await log.redis.ttl(keys.meta_key(job_id)) > 0  # it expires as a job would
+        with pytest.raises(RuntimeError, match="exists already"):
+            await log.create(job_id, "post", "", b"{}", watched=False, max_queued=100)
+        assert await log.redis.exists(keys.events_key(job_id)) == 0
+        assert (
+            await log.redis.zcard(keys.QUEUE_NAME) == 0 and await log.redis.zcard(keys.PENDING) == 0
+        )
+        # Without bar, an unknown job is left as it is (a cancel of a job never created).
+        other = new_job_id()
+        assert not await log.end(other, ev.CANCELLED)
+        assert await log.redis.exists(keys.meta_key(other)) == 0
+
+    run(db_url, scenario)
+
+
 def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)

@@ -376,6 +376,44 @@ def test_a_reader_cut_off_by_a_hung_redis_gets_a_final_error_and_may_resume_befo
         stack.stop()
 
 
+def test_a_post_whose_create_a_hung_redis_never_answered_does_not_run_when_it_wakes(
+    own_redis: RedisServer, logdir: Path, client: httpx.Client
+) -> None:
+    """A Redis that hangs answers no create: its client gets a 503, and may send the chat
+    again. The create waited in the Redis' socket and ran once it woke: the job ran, and
+    was paid for, for nobody. It is now ended before a worker can take it (or barred, if
+    the create has not arrived when the end does)."""
+    stack = Stack(own_redis.url, logdir).start()
+    try:
+        first = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hi"})
+        assert sse.ends_done(first)
+        woken = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        before = set(woken.keys("sg:*:meta"))
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            refused = client.post(
+                stack.gateway.url + "/chat", json={"prompt": "[long 5]"}, timeout=30
+            )
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert refused.status_code == 503, refused.text
+
+        def settled(meta: str) -> bool:
+            if woken.hget(meta, "kind") is None:  # barred before its create arrived
+                return woken.hget(meta, "final") == "1"
+            stream = [f["d"] for _, f in woken.xrange(meta.replace(":meta", ":events"))]
+            return '"started"' not in "".join(stream) and ev.CREATE_UNANSWERED in stream[-1]
+
+        wait_until(lambda: set(woken.keys("sg:*:meta")) - before, 10, "the job's create")
+        (meta,) = set(woken.keys("sg:*:meta")) - before
+        wait_until(lambda: settled(meta), 10, "the job ended, unrun")
+        time.sleep(1.5)  # a worker that took it would have started it by now
+        assert settled(meta), woken.xrange(meta.replace(":meta", ":events"))
+    finally:
+        stack.stop()
+
+
 def test_200_streams_each_read_twice_arrive_exactly(redis_url: str, logdir: Path) -> None:
     stack = Stack(private_db(redis_url), logdir, {"QUEUE_TIMEOUT_S": "60"}).start(workers=2)
     expected = "".join(f"t{i} " for i in range(50))

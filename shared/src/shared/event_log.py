@@ -135,7 +135,8 @@ class EventLog:
     ) -> int:
         """Start the job, in one round trip: its stream with the ``queued`` event, and its
         arq job, a worker woken. Returns its place in the queue, or, when ``max_queued``
-        jobs already wait, minus their number (and nothing is written).
+        jobs already wait, minus their number (and nothing is written). A job ``end``
+        barred is not created.
 
         ``watched`` (GET jobs): the job counts as read for the disconnect grace, until a
         relay renews it.
@@ -166,7 +167,10 @@ class EventLog:
             WAKE_CAP - 1,
             WAKE_REQUEST_MAX,
         ]
-        return int(await self.functions.call("create", function_keys, args))
+        position = int(await self.functions.call("create", function_keys, args))
+        if position == 0:  # only a create its gateway gave up on meets its job barred
+            raise RuntimeError(f"job {job_id} exists already: a job id is used once")
+        return position
 
     async def claim(self, job_id: str, queued_as: str, owner: str) -> Claim:
         """Make ``owner`` the job's running attempt, returning "run" and the job's request;
@@ -342,12 +346,15 @@ class EventLog:
         ]
         return function_keys, [job.arq_id, job.payload, WAKE_CAP - 1]
 
-    async def end(self, job_id: str, error: str) -> bool:
-        """End the job now with ``error`` unless it has already ended; True if this did."""
+    async def end(self, job_id: str, error: str, bar: bool = False) -> bool:
+        """End the job now with ``error`` unless it has already ended; True if this did.
+        ``bar``: a job not created yet never will be (its create got no answer, and a hung
+        Redis may still hold it)."""
         args: list[bytes | str | int] = [
             ev.encode(ev.Error(error)),
             self.timing.retention_s,
             self.keys.ended,
+            "1" if bar else "0",
         ]
         keys = [*self._job_keys(job_id), self.keys.pending]
         return int(await self.functions.call("end", keys, args)) == 1

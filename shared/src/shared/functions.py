@@ -25,8 +25,8 @@ from redis.exceptions import ResponseError
 
 from .held_connection import HeldConnection
 
-VERSION = 10
-SOURCE_SHA256 = "70c9031db3033023f3096293945c7c0c2455d6c24d264a1fe7ed1d519adae778"
+VERSION = 11
+SOURCE_SHA256 = "d70487101aea7a6c62e5132e66c8d7361c59f79499680fa44f71ab7208450e85"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -192,12 +192,15 @@ end
 -- the arq id, then, for a small request, the enqueue time and the request, so the worker
 -- that pops it can call the LLM while its claim is on its way (worker/pickup.py).
 -- Returns the job's place in the queue, or minus the jobs waiting (writing nothing).
--- Jobs that waited past the queue timeout do not count: the janitor ends them.
+-- Jobs that waited past the queue timeout do not count: the janitor ends them. Returns 0,
+-- writing nothing, if the job's meta hash exists: job ids are never reused, so this is a
+-- create its gateway gave up on, arriving after `end` barred it (a hung Redis woken).
 register('create', function(keys, args)
   local j = job_keys(keys)
   local pending, queue, wake, watched, arq_job = keys[6], keys[7], keys[8], keys[9], keys[10]
   local kind, request, queued_before, queued_after, queue_timeout_ms, ttl_s, watched_ms,
         key_digest, max_queued, arq_id, payload, wake_last, wake_request_max = unpack(args)
+  if redis.call('EXISTS', j.meta) == 1 then return 0 end
   local now = now_ms()
   local waiting = redis.call('ZCOUNT', pending, '(' .. (now - tonumber(queue_timeout_ms)), '+inf')
   if waiting >= tonumber(max_queued) then return -waiting end
@@ -474,15 +477,22 @@ end)
 
 -- end: end a job from outside (a cancel) unless it has ended, and tell its worker on the
 -- ended-jobs channel. A job still waiting leaves the waiting set (KEYS[6]) at once: the
--- queue's cap counts jobs that may still run. Returns 1 ended now, 0 ended before, -1
--- unknown.
+-- queue's cap counts jobs that may still run. ARGV[4] '1' (a create that got no answer):
+-- an unknown job is barred, its meta hash a tombstone ('final', no 'kind') that `create`
+-- finds, for the create may yet arrive. Returns 1 ended now, 0 ended before, -1 unknown.
 register('end', function(keys, args)
   local j = job_keys(keys)
   local pending = keys[6]
-  local error_event, retention_s, channel = unpack(args)
+  local error_event, retention_s, channel, bar = unpack(args)
   local kind, final, owner, arq_id = unpack(
     redis.call('HMGET', j.meta, 'kind', 'final', 'owner', 'arq'))
-  if not kind then return -1 end
+  if not kind then
+    if bar == '1' then
+      redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
+      redis.call('EXPIRE', j.meta, retention_s)
+    end
+    return -1
+  end
   if final then return 0 end
   finalize(j, error_event, retention_s, owner)
   if owner == '' and arq_id then redis.call('ZREM', pending, arq_id) end

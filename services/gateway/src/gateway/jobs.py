@@ -9,6 +9,7 @@ from typing import Any, Literal
 import orjson
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events as ev
 from shared import tracing
@@ -43,7 +44,9 @@ async def enqueue(
     await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
     fields = asdict(replace(chat, session=session))
     try:
-        await _enqueue(shard.log, state.settings, fields, kind, job_id, identity, traceparent)
+        await _enqueue(state, shard, fields, kind, job_id, identity, traceparent, session)
+    except RedisTimeoutError:
+        raise  # the session is freed once the job is barred
     except BaseException:
         await shard.sessions.unlock(session, job_id)
         raise
@@ -63,7 +66,7 @@ async def enqueue_request(
 
     async def attempt(shard: Shard) -> str:
         job_id = new_job_id(shard.index)
-        await _enqueue(shard.log, state.settings, request, kind, job_id, identity, traceparent)
+        await _enqueue(state, shard, request, kind, job_id, identity, traceparent)
         return job_id
 
     if shard is not None:
@@ -119,6 +122,25 @@ async def _take_session(
 
 
 async def _enqueue(
+    state: State,
+    shard: Shard,
+    fields: dict[str, Any],
+    kind: Literal["get", "post"],
+    job_id: str,
+    identity: str,
+    traceparent: str | None,
+    session: str | None = None,
+) -> None:
+    try:
+        await _create(shard.log, state.settings, fields, kind, job_id, identity, traceparent)
+    except RedisTimeoutError:
+        # Sent, unanswered: a hung Redis may hold it, to run once it wakes. Its client is
+        # answered otherwise (a 503, another shard), so the job must never run.
+        state.unanswered.bar(shard, job_id, session)
+        raise
+
+
+async def _create(
     log: EventLog,
     settings: Settings,
     fields: dict[str, Any],

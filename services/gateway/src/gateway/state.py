@@ -10,6 +10,7 @@ from shared.settings import Settings
 from .access import Access
 from .metrics import GatewayMetrics
 from .shards import Shards
+from .unanswered import Unanswered
 
 
 @dataclass
@@ -19,3 +20,4 @@ class State:
     roles: Roles
     access: Access
     metrics: GatewayMetrics
+    unanswered: Unanswered  # jobs whose create got no answer, ended once their shard answers
