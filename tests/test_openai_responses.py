@@ -79,6 +79,34 @@ def test_a_response_cut_short_says_so_and_echoes_what_was_asked(two: Stack) -> N
     assert done == ["incomplete"] and events[-1].type == "response.incomplete"
 
 
+def test_an_item_reference_stands_for_that_output_item_of_a_stored_response(two: Stack) -> None:
+    """The AI SDK sends an earlier answer back as a reference to its item (store is on):
+    the conversation gets that item; one that names no item of the caller's is a 404."""
+    with sdk(two.gateway.url) as client:
+        first = client.responses.create(model="assistant", input="[long 3]")
+        reference = {"type": "item_reference", "id": first.output[0].id}
+        turns = [{"role": "user", "content": "[long 3]"}, reference]
+        body = {"model": "assistant", "input": [*turns, {"role": "user", "content": "[echo]"}]}
+        answer = httpx.post(two.gateway.url + "/v1/responses", json=body, timeout=10).json()
+        sent = json.loads(answer["output"][0]["content"][0]["text"])
+        assert sent[-2] == {"role": "assistant", "content": "t0 t1 t2 "}, sent
+        for unknown in (first.output[0].id[:-1] + "9", "msg_nope", 7):
+            body["input"] = [{"type": "item_reference", "id": unknown}]
+            missing = httpx.post(two.gateway.url + "/v1/responses", json=body)
+            assert missing.status_code == 404, missing.text
+            assert missing.json()["error"]["param"] == "input[0].id"
+
+
+def test_a_failed_response_not_streamed_is_a_500_with_the_error(two: Stack) -> None:
+    """Not a 200 holding status failed: clients (the AI SDK) read a 200 as an answer, and
+    could not parse this one."""
+    body = {"model": "assistant", "input": "[error-mid]"}
+    failed = httpx.post(two.gateway.url + "/v1/responses", json=body, timeout=10)
+    assert failed.status_code == 500, failed.text
+    error = failed.json()["error"]
+    assert error["type"] == "server_error" and "mid-answer" in error["message"]
+
+
 def test_a_background_stream_resumes_on_another_gateway_exactly(two: Stack) -> None:
     first, second = two.gateways
     with sdk(first.url) as client:

@@ -20,14 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .chat import SSE_HEADERS, event_stream
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, error_response
 from .inputs import json_body, max_request_bytes
 from .job_events import relayed, stored, unless_client_leaves
 from .jobs import cancel_job, enqueue_request
 from .openai_inputs import InvalidField
 from .reader import PING
 from .response_events import ResponseEvents, conversation_after
-from .responses_inputs import RESPONSE_ID, response_request
+from .responses_inputs import ITEM_ID, RESPONSE_ID, response_request
 from .resume_trace import traced
 from .state import State
 
@@ -40,6 +40,7 @@ async def create_response(request: Request) -> Response:
     earlier: list[dict[str, Any]] = []
     if body.get("previous_response_id") is not None:
         earlier = await _continued(state, body["previous_response_id"], identity)
+    body["input"] = await _referenced(state, body.get("input"), identity)
     conversation, echoed = response_request(
         body, state.roles, settings.openai_model, settings.max_prompt_chars, earlier
     )
@@ -141,6 +142,40 @@ class _NotFinished(BadRequest):
     param = "previous_response_id"
 
 
+async def _referenced(state: State, items: object, identity: str) -> object:
+    """``input`` with each ``item_reference`` (what an SDK sends for an output item of a
+    stored response, as the AI SDK does by default) replaced by that item."""
+    if not isinstance(items, list):
+        return items
+    outputs: dict[str, list[dict[str, Any]]] = {}  # per response: its output items
+    resolved: list[object] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("type") != "item_reference":
+            resolved.append(item)
+            continue
+        reference = item.get("id")
+        match = ITEM_ID.fullmatch(reference) if isinstance(reference, str) else None
+        found = None
+        if match is not None:
+            response_id = f"resp_{match.group(1)}"
+            if response_id not in outputs:
+                try:
+                    job_id, echoed = await _find(state, response_id, identity)
+                    outputs[response_id] = (await _as_stored(state, job_id, echoed)).output
+                except NotFound:
+                    outputs[response_id] = []
+            found = next((o for o in outputs[response_id] if o["id"] == reference), None)
+        if found is None:
+            missing = NotFound(
+                f"input[{i}]: no item {str(reference)[:80]!r}: item_reference names an output"
+                " item of a response of yours, kept for STREAM_RETENTION_S"
+            )
+            missing.param = f"input[{i}].id"
+            raise missing
+        resolved.append(found)
+    return resolved
+
+
 async def _as_stored(
     state: State, job_id: str, echoed: dict[str, Any], first_only: bool = False
 ) -> ResponseEvents:
@@ -190,6 +225,10 @@ async def _until_done(
             if entry is not None:
                 encoder = encoder or ResponseEvents(job_id, echoed, entry[0])
                 encoder.feed(entry[1])
-        return JSONResponse((encoder or await _as_stored(state, job_id, echoed)).response())
+        answer = encoder or await _as_stored(state, job_id, echoed)
+        if answer.status == "failed" and answer.error is not None:
+            # As a completion's: no answer is an error, not a 200 clients read as one.
+            return error_response(500, answer.error["message"], request=request)
+        return JSONResponse(answer.response())
 
     return await unless_client_leaves(request, collect())

@@ -21,6 +21,7 @@ from .openai_inputs import (
 )
 
 RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
+ITEM_ID = re.compile(r"(?:msg|fc)_([0-9a-f]{32})_[0-9]{1,6}")  # a response's output item
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _MESSAGE_ROLES = {"user", "system", "developer", "assistant"}
 _FORMATS = ("text", "json_object", "json_schema")
