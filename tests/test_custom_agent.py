@@ -128,7 +128,13 @@ def test_an_agents_malformed_event_ends_its_job_at_once_and_it_never_runs_again(
     env = {**agent_env("careless_agent:answer"), "PYTHONPATH": fixtures}
     stack = Stack(private_db(redis_url), logdir, env).start()
     try:
-        for prompt in ("a number for a token", "no name for a call", "a set for arguments"):
+        malformed = (
+            "a number for a token",
+            "no name for a call",
+            "a set for arguments",
+            "a number for a finish reason",
+        )
+        for prompt in malformed:
             began = time.monotonic()
             stream = sse.read(client, stack.gateway.url + "/chat", params={"prompt": prompt})
             assert time.monotonic() - began < 5, prompt

@@ -195,6 +195,29 @@ def test_a_job_barred_before_its_create_arrives_is_never_created(db_url: str) ->
     run(db_url, scenario)
 
 
+def test_a_final_write_holding_an_event_json_cannot_carry_still_ends_the_job(
+    db_url: str,
+) -> None:
+    """An event with no JSON form fails its write before Redis sees it. When that write
+    held the final event too, the job ends all the same, with an error written alone:
+    without a final event it hung until its heartbeat lapsed, and ran again."""
+    from worker.publisher import UNPUBLISHABLE, Batcher
+
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w:1"))[0] == "run"
+        batcher = Batcher(log, redis_patience_s=1)
+        publisher = batcher.publisher(job_id, "w:1")
+        publisher.emit(ev.Token("fine "))
+        await asyncio.sleep(0.1)  # written on its own
+        publisher.emit(ev.ToolCallStarted("call_1", {1, 2}))  # type: ignore[arg-type]
+        assert await publisher.close(ev.Done("stop"))  # in the same write
+        await batcher.stop()
+        assert (await events(log, job_id))[2:] == [{"token": "fine "}, {"error": UNPUBLISHABLE}]
+
+    run(db_url, scenario)
+
+
 def test_the_final_event_starts_the_retention_clock(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)

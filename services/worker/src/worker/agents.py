@@ -26,7 +26,7 @@ import importlib
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.events import (
     ClientToolCalls,
@@ -75,6 +75,8 @@ class AgentRequest:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set when stopped
 
 
+E = TypeVar("E")
+
 # What an agent may yield before its optional last ``Done`` (``str`` aside).
 AGENT_EVENTS = (Token, ToolCallStarted, ToolsCalled, ClientToolCalls)
 
@@ -113,13 +115,16 @@ def event_of(item: dict[str, Any]) -> Event:
     raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
 
 
-def checked(event: Event) -> Event:
+def checked(event: E) -> E:
     """An event an agent yielded, if its fields are what the contract's JSON says (text
     where it says text; a tool call's arguments an object or the raw string); else
     ``TypeError``: published, a wrong type would reach clients that cannot read it."""
     try:
         if isinstance(event, Token):
             _text(event.text)
+        elif isinstance(event, Done):
+            if event.finish_reason is not None:
+                _text(event.finish_reason)
         elif isinstance(event, ToolCallStarted):
             _texts(event.call_id, event.name)
         elif isinstance(event, ToolsCalled | ClientToolCalls):

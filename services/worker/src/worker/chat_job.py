@@ -311,7 +311,7 @@ async def relay_agent(
             else:
                 event = ev.Token(item) if isinstance(item, str) else item
             if isinstance(event, ev.Done):
-                return "".join(text), _with_valid_usage(event)
+                return "".join(text), _with_valid_usage(checked(event))
             if not isinstance(event, AGENT_EVENTS):
                 raise TypeError(f"the agent yielded {item!r}, which is not an event it may send")
             checked(event)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Characters one merged token event holds at most: a fast model and a slow Redis would
 # otherwise make one event of a whole answer, and a gateway reads up to 512 events at once.
+UNPUBLISHABLE = "the worker could not publish this answer's events (see its logs); it is incomplete"
 MERGE_MAX = 4096
 
 
@@ -56,8 +58,10 @@ class Publisher:
         self._closing: asyncio.Future[bool] | None = None
 
     def emit(self, event: ev.Event) -> None:
-        if self.error is not None or self.rejected is not None:
-            raise self.error or self.rejected  # type: ignore[misc]
+        if self.error is not None:
+            raise self.error
+        if self.rejected is not None:
+            raise self.rejected
         if self.fenced:
             raise Fenced(self.job_id)
         if isinstance(event, ev.Token):
@@ -112,10 +116,15 @@ class Publisher:
 
     def reject(self, error: BaseException, batch: list[ev.Event]) -> None:
         """A batch not written for an event Redis was never sent (no JSON form): the job
-        stops, and may still write its final event (the stream then lacks that batch)."""
+        stops, and still ends (the stream lacks that batch). A final event it carried is
+        replaced by an error, written alone: a job left without one would hang until its
+        heartbeat lapsed, and run again if it had no output."""
         self.rejected = error
-        if self._closing is not None and not self._closing.done() and ev.is_final(batch[-1]):
-            self._closing.set_exception(error)
+        if batch and ev.is_final(batch[-1]):
+            self.pending = [ev.Error(UNPUBLISHABLE)]
+            if self.closing is not None:  # its usage still counts; a failed job has no turn
+                self.closing = dataclasses.replace(self.closing, turn=None)
+            self.batcher.mark(self)
 
 
 class Batcher:

@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
+
 from shared import events as ev
 from shared import tracing
 
@@ -172,9 +174,7 @@ class Toolbox:
             known = ", ".join(self._tools) or "none"
             return _failed(parsed, f"there is no tool named {name!r} (available: {known})")
         if json_problem:
-            return _failed(parsed, f"the arguments are not valid JSON ({json_problem})")
-        if not isinstance(parsed, dict):
-            return _failed(arguments, "the arguments must be a JSON object")
+            return _failed(parsed, json_problem)
         timeout_s = getattr(tool, "timeout_s", None) or self._registry.timeout_s
         deadline = asyncio.timeout(timeout_s)
         try:
@@ -202,12 +202,18 @@ def _origin(tool: Tool) -> str:
 
 def parse_arguments(arguments: str) -> tuple[Any, str]:
     """A call's arguments as ``tools_called`` shows them (the parsed JSON object, else the
-    raw string; empty is ``{}``), and what is wrong with their JSON, if anything."""
+    raw string; empty is ``{}``), and what is wrong with them for a tool, if anything."""
     try:
         parsed = ev.well_formed(json.loads(arguments)) if arguments.strip() else {}
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        return arguments, str(exc) or type(exc).__name__
-    return (parsed if isinstance(parsed, dict) else arguments), ""
+        return arguments, f"the arguments are not valid JSON ({str(exc) or type(exc).__name__})"
+    if not isinstance(parsed, dict):
+        return arguments, "the arguments must be a JSON object"
+    try:  # what Python reads and the event cannot carry: a 65-bit number, 255 levels deep
+        orjson.dumps(parsed)
+    except orjson.JSONEncodeError as exc:
+        return arguments, f"the arguments hold what cannot be passed on ({exc})"
+    return parsed, ""
 
 
 CUT_NOTE_MAX = 160  # characters the cut's note adds, at most
