@@ -79,6 +79,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.colour = out.isatty() and not os.environ.get("NO_COLOR")
         self.width = 8
+        self.killing = False  # kill_all was called: a child started again dies at once
 
     def say(self, text: str, name: str = "run") -> None:
         """One line under ``name``, as the children's lines are shown."""
@@ -105,6 +106,8 @@ class Supervisor:
             await asyncio.wait({child.output_done}, timeout=OUTPUT_WAIT_S)
         again = await self._spawn(child.name, *child.launch)
         self.children[self.children.index(child)] = again
+        if self.killing:  # told to kill everything while this one was starting
+            _signal(again, signal.SIGKILL)
         return again
 
     async def _spawn(
@@ -173,6 +176,7 @@ class Supervisor:
                 await child.output_done
 
     def kill_all(self) -> None:
+        self.killing = True
         for child in self.children:
             _signal(child, signal.SIGKILL)
 

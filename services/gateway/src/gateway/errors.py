@@ -24,9 +24,11 @@ class ApiError(Exception):
     param: str | None = None  # for the OpenAI API's error shape: the field at fault
     code: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if param is not None:
+            self.param = param
 
 
 class BadRequest(ApiError):

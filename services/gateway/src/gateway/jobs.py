@@ -136,7 +136,7 @@ async def _enqueue(
     except RedisTimeoutError:
         # Sent, unanswered: a hung Redis may hold it, to run once it wakes. Its client is
         # answered otherwise (a 503, another shard), so the job must never run.
-        state.unanswered.bar(shard, job_id, session)
+        await state.unanswered.bar(shard, job_id, session)
         raise
 
 

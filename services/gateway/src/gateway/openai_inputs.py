@@ -121,12 +121,11 @@ def check_size(messages: list[dict[str, Any]], max_chars: int, param: str) -> No
     the request's field that holds it."""
     chars = sum(len(m.get("content") or "") for m in messages)
     if chars > max_chars:
-        error = PromptTooLong(
+        raise PromptTooLong(
             f"the messages hold {chars} characters of text; the limit is {max_chars}"
-            " (MAX_PROMPT_CHARS)"
+            " (MAX_PROMPT_CHARS)",
+            param,
         )
-        error.param = param
-        raise error
 
 
 def _message(message: object, where: str) -> dict[str, Any]:

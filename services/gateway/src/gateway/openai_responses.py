@@ -166,12 +166,11 @@ async def _referenced(state: State, items: object, identity: str) -> object:
                     outputs[response_id] = []
             found = next((o for o in outputs[response_id] if o["id"] == reference), None)
         if found is None:
-            missing = NotFound(
+            raise NotFound(
                 f"input[{i}]: no item {str(reference)[:80]!r}: item_reference names an output"
-                " item of a response of yours, kept for STREAM_RETENTION_S"
+                " item of a response of yours, kept for STREAM_RETENTION_S",
+                f"input[{i}].id",
             )
-            missing.param = f"input[{i}].id"
-            raise missing
         resolved.append(found)
     return resolved
 

@@ -535,7 +535,7 @@ class Relay:
         data = ev.encode(ev.Error(why))
         for reader in job.readers:
             ms, seq = reader.after
-            # No entry of the stream: a cursor of its own, that resumes after the reader's
-            # last (cursors.MADE_UP), should Redis come back with the job.
+            # No entry of the stream: a cursor of its own (cursors.MADE_UP), final like the
+            # event it names: a reconnect with it gets 204.
             made_up = job.prefix + f"{ms}-{seq}{MADE_UP}".encode()
             reader.close(made_up + b"\ndata: " + data + b"\n\n")

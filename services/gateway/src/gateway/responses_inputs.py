@@ -43,7 +43,7 @@ def response_request(
     response object echoes."""
     role = role_of(body.get("model"), roles, upstream_model)
     refuse_present(body, _UNAVAILABLE)
-    for name in ("background", "stream", "parallel_tool_calls"):
+    for name in ("background", "stream"):
         if body.get(name) is not None and not isinstance(body[name], bool):  # null: the default
             raise InvalidField(name, "must be true or false")
     if body.get("top_logprobs") or _LOGPROBS in _included(body.get("include")):
