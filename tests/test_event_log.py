@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from shared import events as ev
 from shared import functions, keys
 from shared.cursors import new_job_id
 from shared.event_log import FINAL, Closing, EventLog, Turn, UsageRecord
+from shared.redis_clock import RedisClock
 from shared.sessions import SessionStore
 from shared.settings import Settings
 from shared.timing import MAX_REQUEUES, Timing
@@ -173,24 +175,20 @@ def test_a_job_no_worker_started_in_time_never_runs(db_url: str) -> None:
     run(db_url, scenario)
 
 
-def test_a_job_barred_before_its_create_arrives_is_never_created(db_url: str) -> None:
-    """The end sent for a create that got no answer may reach Redis first: it leaves a
-    tombstone, and the create then writes nothing (no stream, nothing queued)."""
+def test_a_create_redis_runs_past_its_callers_wait_writes_nothing(db_url: str) -> None:
+    """A Redis that hung and woke with a create unread runs it after its gateway gave up
+    (and answered its client otherwise): past the time it was to be answered by, it writes
+    nothing. Its answer sets the caller's clock right, so the next one is judged on time."""
 
     async def scenario(log: EventLog) -> None:
+        behind = RedisClock(local=lambda: time.time() - 100)  # as if sent 100 s ago
         job_id = new_job_id()
-        assert not await log.end(job_id, ev.CREATE_UNANSWERED, bar=True)
-        assert await log.redis.ttl(keys.meta_key(job_id)) > 0  # it expires as a job would
-        with pytest.raises(RuntimeError, match="exists already"):
-            await log.create(job_id, "post", "", b"{}", watched=False, max_queued=100)
-        assert await log.redis.exists(keys.events_key(job_id)) == 0
+        assert await log.create(job_id, "post", "", b"{}", False, 100, behind, 4.0) == 0
+        assert await log.redis.exists(keys.meta_key(job_id), keys.events_key(job_id)) == 0
         assert (
             await log.redis.zcard(keys.QUEUE_NAME) == 0 and await log.redis.zcard(keys.PENDING) == 0
         )
-        # Without bar, an unknown job is left as it is (a cancel of a job never created).
-        other = new_job_id()
-        assert not await log.end(other, ev.CANCELLED)
-        assert await log.redis.exists(keys.meta_key(other)) == 0
+        assert await log.create(job_id, "post", "", b"{}", False, 100, behind, 4.0) == 1
 
     run(db_url, scenario)
 

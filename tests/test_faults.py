@@ -380,8 +380,7 @@ def test_a_post_whose_create_a_hung_redis_never_answered_does_not_run_when_it_wa
 ) -> None:
     """A Redis that hangs answers no create: its client gets a 503, and may send the chat
     again. The create waited in the Redis' socket and ran once it woke: the job ran, and
-    was paid for, for nobody. It is now ended before a worker can take it (or barred, if
-    the create has not arrived when the end does)."""
+    was paid for, for nobody. Run past the time its gateway waited for, it writes nothing."""
     stack = Stack(own_redis.url, logdir).start()
     try:
         first = sse.read(client, stack.gateway.url + "/chat", params={"prompt": "hi"})
@@ -397,18 +396,10 @@ def test_a_post_whose_create_a_hung_redis_never_answered_does_not_run_when_it_wa
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
         assert refused.status_code == 503, refused.text
-
-        def settled(meta: str) -> bool:
-            if woken.hget(meta, "kind") is None:  # barred before its create arrived
-                return woken.hget(meta, "final") == "1"
-            stream = [f["d"] for _, f in woken.xrange(meta.replace(":meta", ":events"))]
-            return '"started"' not in "".join(stream) and ev.CREATE_UNANSWERED in stream[-1]
-
-        wait_until(lambda: set(woken.keys("sg:*:meta")) - before, 10, "the job's create")
-        (meta,) = set(woken.keys("sg:*:meta")) - before
-        wait_until(lambda: settled(meta), 10, "the job ended, unrun")
-        time.sleep(1.5)  # a worker that took it would have started it by now
-        assert settled(meta), woken.xrange(meta.replace(":meta", ":events"))
+        time.sleep(2)  # the create ran, if it was to, and a worker took the job
+        assert set(woken.keys("sg:*:meta")) == before
+        again = client.post(stack.gateway.url + "/chat", json={"prompt": "[long 5]"})
+        assert again.status_code == 202, again.text  # a create on time is run, as ever
     finally:
         stack.stop()
 

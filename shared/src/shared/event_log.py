@@ -36,6 +36,7 @@ from . import events as ev
 from .functions import Functions
 from .job_queue import arq_job
 from .keys import WAKE_CAP, WAKE_REQUEST_MAX, Keys
+from .redis_clock import RedisClock
 from .timing import MAX_REQUEUES, Timing
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (stream entry id, fields) as Redis returns them
@@ -131,12 +132,24 @@ class EventLog:
         ]
 
     async def create(
-        self, job_id: str, kind: str, key: str, request: bytes, watched: bool, max_queued: int
+        self,
+        job_id: str,
+        kind: str,
+        key: str,
+        request: bytes,
+        watched: bool,
+        max_queued: int,
+        clock: RedisClock | None = None,
+        answer_within_s: float = 0.0,
     ) -> int:
         """Start the job, in one round trip: its stream with the ``queued`` event, and its
         arq job, a worker woken. Returns its place in the queue, or, when ``max_queued``
-        jobs already wait, minus their number (and nothing is written). A job ``end``
-        barred is not created.
+        jobs already wait, minus their number (and nothing is written).
+
+        With ``clock`` (Redis's, as the caller reads it; the answer sets it right), Redis
+        runs it only until ``answer_within_s`` after it was sent: past that the caller has
+        given up waiting, and a Redis that hung and woke with it unread writes nothing and
+        answers 0.
 
         ``watched`` (GET jobs): the job counts as read for the disconnect grace, until a
         relay renews it.
@@ -167,10 +180,15 @@ class EventLog:
             WAKE_CAP - 1,
             WAKE_REQUEST_MAX,
         ]
-        position = int(await self.functions.call("create", function_keys, args))
-        if position == 0:  # only a create its gateway gave up on meets its job barred
-            raise RuntimeError(f"job {job_id} exists already: a job id is used once")
-        return position
+        sent_at = clock.local() if clock is not None else 0.0
+        if clock is not None:
+            args.append(clock.now_ms() + int(answer_within_s * 1000))
+        else:
+            args.append(0)
+        position, redis_ms = await self.functions.call("create", function_keys, args)
+        if clock is not None:
+            clock.observe(int(redis_ms), sent_at, clock.local())
+        return int(position)
 
     async def claim(self, job_id: str, queued_as: str, owner: str) -> Claim:
         """Make ``owner`` the job's running attempt, returning "run" and the job's request;
@@ -346,15 +364,12 @@ class EventLog:
         ]
         return function_keys, [job.arq_id, job.payload, WAKE_CAP - 1]
 
-    async def end(self, job_id: str, error: str, bar: bool = False) -> bool:
-        """End the job now with ``error`` unless it has already ended; True if this did.
-        ``bar``: a job not created yet never will be (its create got no answer, and a hung
-        Redis may still hold it)."""
+    async def end(self, job_id: str, error: str) -> bool:
+        """End the job now with ``error`` unless it has already ended; True if this did."""
         args: list[bytes | str | int] = [
             ev.encode(ev.Error(error)),
             self.timing.retention_s,
             self.keys.ended,
-            "1" if bar else "0",
         ]
         keys = [*self._job_keys(job_id), self.keys.pending]
         return int(await self.functions.call("end", keys, args)) == 1

@@ -183,9 +183,6 @@ JOB_LOST = "this job's events were lost (Redis restarted or evicted them); pleas
 REDIS_UNREACHABLE = (
     "the Redis holding this job has been unreachable too long: the job is lost; please retry"
 )
-CREATE_UNANSWERED = (
-    "Redis did not answer when this job was started, and its client was told so: it does not run"
-)
 CLIENT_GONE = "cancelled: every reader disconnected"
 TOO_MANY_ATTEMPTS = (
     "this job stopped its worker several times before any answer; it will not be run again"

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 11
-SOURCE_SHA256 = "d70487101aea7a6c62e5132e66c8d7361c59f79499680fa44f71ab7208450e85"
+SOURCE_SHA256 = "a54e5a6f1223441f7b11b33476b714071f1cab917856c844d5a8f0b47f498f41"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

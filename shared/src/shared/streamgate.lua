@@ -191,19 +191,22 @@ end
 -- `queued` event (its place filled in here), its arq job, a worker woken. The wake-up is
 -- the arq id, then, for a small request, the enqueue time and the request, so the worker
 -- that pops it can call the LLM while its claim is on its way (worker/pickup.py).
--- Returns the job's place in the queue, or minus the jobs waiting (writing nothing).
--- Jobs that waited past the queue timeout do not count: the janitor ends them. Returns 0,
--- writing nothing, if the job's meta hash exists: job ids are never reused, so this is a
--- create its gateway gave up on, arriving after `end` barred it (a hung Redis woken).
+-- Returns {the job's place in the queue, Redis's time}, or {minus the jobs waiting, ...}
+-- (writing nothing). Jobs that waited past the queue timeout do not count: the janitor
+-- ends them. ARGV[14], when not '0': the time (Redis's, ms) past which its gateway no
+-- longer waits for the answer: a create that Redis runs later (it hung, and woke with the
+-- create unread) writes nothing and returns {0, ...}, for its client was answered
+-- otherwise (an error, or the job on another shard).
 register('create', function(keys, args)
   local j = job_keys(keys)
   local pending, queue, wake, watched, arq_job = keys[6], keys[7], keys[8], keys[9], keys[10]
   local kind, request, queued_before, queued_after, queue_timeout_ms, ttl_s, watched_ms,
-        key_digest, max_queued, arq_id, payload, wake_last, wake_request_max = unpack(args)
-  if redis.call('EXISTS', j.meta) == 1 then return 0 end
+        key_digest, max_queued, arq_id, payload, wake_last, wake_request_max,
+        answered_by = unpack(args)
   local now = now_ms()
+  if answered_by ~= '0' and now > tonumber(answered_by) then return {0, now} end
   local waiting = redis.call('ZCOUNT', pending, '(' .. (now - tonumber(queue_timeout_ms)), '+inf')
-  if waiting >= tonumber(max_queued) then return -waiting end
+  if waiting >= tonumber(max_queued) then return {-waiting, now} end
   local id = redis.call('XADD', j.events, '*', 'd', queued_before .. (waiting + 1) .. queued_after)
   redis.call('HSET', j.meta, 'kind', kind, 'request', request, 'owner', '', 'key', key_digest,
              'queued', now, 'last', id)
@@ -218,7 +221,7 @@ register('create', function(keys, args)
   end
   local q = {arq_job = arq_job, queue = queue, pending = pending, wake = wake, meta = j.meta}
   queue_again(q, queue_timeout_ms, arq_id, payload, now, wake_last, wake_entry)
-  return waiting + 1
+  return {waiting + 1, now}
 end)
 
 -- claim: make an attempt the job's owner. The arq id it came under leaves arq's queue and
@@ -477,22 +480,15 @@ end)
 
 -- end: end a job from outside (a cancel) unless it has ended, and tell its worker on the
 -- ended-jobs channel. A job still waiting leaves the waiting set (KEYS[6]) at once: the
--- queue's cap counts jobs that may still run. ARGV[4] '1' (a create that got no answer):
--- an unknown job is barred, its meta hash a tombstone ('final', no 'kind') that `create`
--- finds, for the create may yet arrive. Returns 1 ended now, 0 ended before, -1 unknown.
+-- queue's cap counts jobs that may still run. Returns 1 ended now, 0 ended before, -1
+-- unknown.
 register('end', function(keys, args)
   local j = job_keys(keys)
   local pending = keys[6]
-  local error_event, retention_s, channel, bar = unpack(args)
+  local error_event, retention_s, channel = unpack(args)
   local kind, final, owner, arq_id = unpack(
     redis.call('HMGET', j.meta, 'kind', 'final', 'owner', 'arq'))
-  if not kind then
-    if bar == '1' then
-      redis.call('HSET', j.meta, 'final', '1', 'owner', '-')
-      redis.call('EXPIRE', j.meta, retention_s)
-    end
-    return -1
-  end
+  if not kind then return -1 end
   if final then return 0 end
   finalize(j, error_event, retention_s, owner)
   if owner == '' and arq_id then redis.call('ZREM', pending, arq_id) end

@@ -44,7 +44,6 @@ from .janitor import Janitor
 from .metrics import GatewayMetrics, RequestMetrics, metrics_endpoint
 from .shards import close_shard, open_shards
 from .state import State
-from .unanswered import Unanswered
 from .watched import WatchedRenewal
 
 
@@ -123,13 +122,11 @@ def create_app(settings: Settings) -> Starlette:
         access = Access(
             shards, settings.keys, settings.rate_limit_per_min, settings.max_streams_per_key
         )
-        unanswered = Unanswered()
-        app.state.sg = State(settings, shards, roles, access, metrics, unanswered)
+        app.state.sg = State(settings, shards, roles, access, metrics)
         try:
             yield
         finally:
             await cancel_and_wait(background)
-            await unanswered.stop()
             for shard in shards:
                 await close_shard(shard)
             await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out

@@ -3,6 +3,7 @@ count it into the queue, open its stream, hand it to arq and wake a worker."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
@@ -16,11 +17,10 @@ from shared import tracing
 from shared.cursors import new_job_id
 from shared.event_log import EventLog
 from shared.sessions import SessionStore
-from shared.settings import Settings
 
 from .errors import Conflict, Unavailable
 from .inputs import ChatRequest
-from .shards import Shard
+from .shards import CREATE_WITHIN_S, Shard
 from .state import State
 
 
@@ -44,9 +44,7 @@ async def enqueue(
     await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
     fields = asdict(replace(chat, session=session))
     try:
-        await _enqueue(state, shard, fields, kind, job_id, identity, traceparent, session)
-    except RedisTimeoutError:
-        raise  # the session is freed once the job is barred
+        await _enqueue(state, shard, fields, kind, job_id, identity, traceparent)
     except BaseException:
         await shard.sessions.unlock(session, job_id)
         raise
@@ -129,26 +127,8 @@ async def _enqueue(
     job_id: str,
     identity: str,
     traceparent: str | None,
-    session: str | None = None,
 ) -> None:
-    try:
-        await _create(shard.log, state.settings, fields, kind, job_id, identity, traceparent)
-    except RedisTimeoutError:
-        # Sent, unanswered: a hung Redis may hold it, to run once it wakes. Its client is
-        # answered otherwise (a 503, another shard), so the job must never run.
-        await state.unanswered.bar(shard, job_id, session)
-        raise
-
-
-async def _create(
-    log: EventLog,
-    settings: Settings,
-    fields: dict[str, Any],
-    kind: Literal["get", "post"],
-    job_id: str,
-    identity: str,
-    traceparent: str | None,
-) -> None:
+    settings = state.settings
     # The job's trace starts here (a child of the client's, if it sent one) and travels
     # in its request: the worker's spans join it (shared/tracing.py).
     attributes = {"streamgate.job.id": job_id, "streamgate.job.kind": kind}
@@ -158,14 +138,24 @@ async def _create(
         job = {**fields, "kind": kind}
         if span is not None:
             job["traceparent"] = tracing.traceparent(span)
-        position = await log.create(
+        create = functools.partial(
+            shard.log.create,
             job_id,
             kind,
             identity,
             orjson.dumps(job),
             watched=kind == "get",
             max_queued=settings.max_queued_jobs,
+            # A hung Redis that wakes with it unread must not run it: its client was
+            # answered otherwise (a 503, the job on another shard).
+            clock=shard.clock,
+            answer_within_s=CREATE_WITHIN_S,
         )
+        position = await create()
+        if position == 0:  # run in time, yet judged late: the clock's estimate was off
+            position = await create()  # and is now set right by its answer
+        if position == 0:
+            raise RedisTimeoutError(f"{shard.name} ran the job's create too late to be waited for")
     if position < 0:
         raise QueueFull(
             f"the queue is full ({-position} jobs waiting, MAX_QUEUED_JOBS is"

@@ -29,6 +29,7 @@ from shared import shards as placement
 from shared import tool_catalog
 from shared.event_log import EventLog
 from shared.held_connection import NotSent
+from shared.redis_clock import RedisClock
 from shared.redis_conn import connect, connect_arq
 from shared.sessions import SessionStore
 from shared.settings import Settings
@@ -41,6 +42,8 @@ from .relay import Relay
 POOL_PER_SHARD = 64  # a gateway's pooled connections to each shard (the relay's reader apart)
 DOWN_FOR_S = 2.0  # how long a shard that refused a connection gets no new jobs
 PING_TIMEOUT_S = 2.0
+ROUND_TRIP_S = 5.0  # the longest a command's answer is waited for
+CREATE_WITHIN_S = ROUND_TRIP_S - 1  # Redis runs a create only this long after it was sent
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Shard:
     relay: Relay
     sessions: SessionStore
     suffix: str = ""  # tells its tasks apart from other shards' (ShardSpec.suffix)
+    clock: RedisClock = field(default_factory=RedisClock)  # this Redis's, from its answers
     down_until: float = field(default=0.0)  # 0 once it answered since it was found down
     marked_at: float = field(default=-1.0)  # when it was last found down
     _probing: bool = field(default=False)  # a skippable call looks again (see attempt)
@@ -212,7 +216,7 @@ def open_shard(
         spec.url,
         spec.slot,
         socket_connect_timeout=2,
-        socket_timeout=5,
+        socket_timeout=ROUND_TRIP_S,
         max_connections=POOL_PER_SHARD,
     )
     # The relay's XREAD BLOCK: one command at a time, so one connection. The relay bounds

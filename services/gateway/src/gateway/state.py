@@ -10,7 +10,6 @@ from shared.settings import Settings
 from .access import Access
 from .metrics import GatewayMetrics
 from .shards import Shards
-from .unanswered import Unanswered
 
 
 @dataclass
@@ -20,4 +19,3 @@ class State:
     roles: Roles
     access: Access
     metrics: GatewayMetrics
-    unanswered: Unanswered  # jobs whose create got no answer, ended once their shard answers
