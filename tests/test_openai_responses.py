@@ -90,11 +90,14 @@ def test_an_item_reference_stands_for_that_output_item_of_a_stored_response(two:
         answer = httpx.post(two.gateway.url + "/v1/responses", json=body, timeout=10).json()
         sent = json.loads(answer["output"][0]["content"][0]["text"])
         assert sent[-2] == {"role": "assistant", "content": "t0 t1 t2 "}, sent
-        for unknown in (first.output[0].id[:-1] + "9", "msg_nope", 7):
+        for unknown in (first.output[0].id[:-1] + "9", "msg_nope"):
             body["input"] = [{"type": "item_reference", "id": unknown}]
             missing = httpx.post(two.gateway.url + "/v1/responses", json=body)
             assert missing.status_code == 404, missing.text
             assert missing.json()["error"]["param"] == "input[0].id"
+        body["input"] = [{"type": "item_reference", "id": 7}]
+        malformed = httpx.post(two.gateway.url + "/v1/responses", json=body)
+        assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "input[0].id"
 
 
 def test_a_failed_response_not_streamed_is_a_500_with_the_error(two: Stack) -> None:

@@ -97,6 +97,8 @@ class Supervisor:
         child = await self._spawn(name, command, env, cwd)
         self.children.append(child)
         self.width = max(self.width, len(name))
+        if self.killing:  # told to kill everything while this one was starting
+            _signal(child, signal.SIGKILL)
         return child
 
     async def restart(self, child: Child) -> Child:

@@ -142,6 +142,9 @@ class _NotFinished(BadRequest):
     param = "previous_response_id"
 
 
+REFERENCED_MAX = 16  # responses one request's item_references may name (each is read whole)
+
+
 async def _referenced(state: State, items: object, identity: str) -> object:
     """``input`` with each ``item_reference`` (what an SDK sends for an output item of a
     stored response, as the AI SDK does by default) replaced by that item."""
@@ -154,10 +157,17 @@ async def _referenced(state: State, items: object, identity: str) -> object:
             resolved.append(item)
             continue
         reference = item.get("id")
-        match = ITEM_ID.fullmatch(reference) if isinstance(reference, str) else None
+        if not isinstance(reference, str):
+            raise InvalidField(f"input[{i}].id", "an item_reference needs an item's id")
+        match = ITEM_ID.fullmatch(reference)
         found = None
         if match is not None:
             response_id = f"resp_{match.group(1)}"
+            if response_id not in outputs and len(outputs) == REFERENCED_MAX:
+                raise InvalidField(
+                    f"input[{i}].id",
+                    f"items of at most {REFERENCED_MAX} responses: send the others' items whole",
+                )
             if response_id not in outputs:
                 try:
                     job_id, echoed = await _find(state, response_id, identity)

@@ -29,7 +29,7 @@ from .agents import AGENT_EVENTS, Agent, AgentError, AgentRequest, checked, even
 from .heartbeat import Heartbeat
 from .llm import Opening, Upstream, UpstreamError
 from .metrics import WorkerMetrics
-from .publisher import Fenced, Publisher
+from .publisher import UNPUBLISHABLE, Fenced, Publisher
 from .tools import Toolbox
 from .tools.registry import cap_output
 
@@ -193,6 +193,8 @@ async def _answer(
             if final is not None:
                 closing = Closing(turn, used)  # a turn comes only with `done`
                 written = await _publish_final(publisher, final, closing)
+                if publisher.rejected is not None and isinstance(final, ev.Done):
+                    final = ev.Error(UNPUBLISHABLE)  # what its stream ends with instead
                 if written:
                     metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()
                     metrics.count_usage(used)

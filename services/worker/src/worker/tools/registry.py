@@ -210,7 +210,7 @@ def parse_arguments(arguments: str) -> tuple[Any, str]:
     if not isinstance(parsed, dict):
         return arguments, "the arguments must be a JSON object"
     try:  # what Python reads and the event cannot carry: a 65-bit number, 255 levels deep
-        orjson.dumps(parsed)
+        orjson.dumps({"tools_called": [{"arguments": parsed}]})  # as deep as in its event
     except orjson.JSONEncodeError as exc:
         return arguments, f"the arguments hold what cannot be passed on ({exc})"
     return parsed, ""
