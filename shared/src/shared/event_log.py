@@ -146,10 +146,10 @@ class EventLog:
         arq job, a worker woken. Returns its place in the queue, or, when ``max_queued``
         jobs already wait, minus their number (and nothing is written).
 
-        With ``clock`` (Redis's, as the caller reads it; the answer sets it right), Redis
-        runs it only until ``answer_within_s`` after it was sent: past that the caller has
-        given up waiting, and a Redis that hung and woke with it unread writes nothing and
-        answers 0.
+        With ``clock`` (Redis's, as the caller reads it: never ahead, read first if it has
+        not been, and set right by each answer), Redis runs it only until
+        ``answer_within_s`` after it was sent: past that the caller has given up waiting,
+        and a Redis that hung and woke with it unread writes nothing and answers 0.
 
         ``watched`` (GET jobs): the job counts as read for the disconnect grace, until a
         relay renews it.
@@ -180,14 +180,12 @@ class EventLog:
             WAKE_CAP - 1,
             WAKE_REQUEST_MAX,
         ]
-        sent_at = clock.local() if clock is not None else 0.0
+        if clock is not None and not clock.measured:
+            clock.observe_at_most(await self.functions.redis_ms(), clock.local())
+        deadline = clock.now_ms() + int(answer_within_s * 1000) if clock is not None else 0
+        position, redis_ms = await self.functions.call("create", function_keys, [*args, deadline])
         if clock is not None:
-            args.append(clock.now_ms() + int(answer_within_s * 1000))
-        else:
-            args.append(0)
-        position, redis_ms = await self.functions.call("create", function_keys, args)
-        if clock is not None:
-            clock.observe(int(redis_ms), sent_at, clock.local())
+            clock.observe_at_most(int(redis_ms), clock.local())
         return int(position)
 
     async def claim(self, job_id: str, queued_as: str, owner: str) -> Claim:

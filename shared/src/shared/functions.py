@@ -123,6 +123,12 @@ class Functions:
                 raise result
         return results
 
+    async def redis_ms(self) -> int:
+        """Redis's clock (``TIME``), on the connection the calls take: a Redis that could
+        not be reached raises ``NotSent``, as a call would."""
+        seconds, micros = await self._held.call("TIME")
+        return int(seconds) * 1000 + int(micros) // 1000
+
     async def call(self, name: str, keys: Sequence[str], args: Sequence[bytes | str | int]) -> Any:
         (result,) = await self.call_all(name, [(keys, args)])
         return result

@@ -45,6 +45,10 @@ async def enqueue(
     fields = asdict(replace(chat, session=session))
     try:
         await _enqueue(state, shard, fields, kind, job_id, identity, traceparent)
+    except RedisTimeoutError:
+        # Unlocking would wait out the same hung Redis: a lock whose job never came to be
+        # is taken over by the session's next chat (its holder is over).
+        raise
     except BaseException:
         await shard.sessions.unlock(session, job_id)
         raise

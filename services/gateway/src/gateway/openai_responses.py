@@ -142,7 +142,9 @@ class _NotFinished(BadRequest):
     param = "previous_response_id"
 
 
-REFERENCED_MAX = 16  # responses one request's item_references may name (each is read whole)
+# Responses one request's item_references may name (each is read whole): the AI SDK names
+# one per earlier turn.
+REFERENCED_MAX = 256
 
 
 async def _referenced(state: State, items: object, identity: str) -> object:

@@ -59,7 +59,8 @@ class Shard:
     relay: Relay
     sessions: SessionStore
     suffix: str = ""  # tells its tasks apart from other shards' (ShardSpec.suffix)
-    clock: RedisClock = field(default_factory=RedisClock)  # this Redis's, from its answers
+    # This Redis's, from its answers; on the monotonic clock, which no host's step moves.
+    clock: RedisClock = field(default_factory=lambda: RedisClock(time.monotonic))
     down_until: float = field(default=0.0)  # 0 once it answered since it was found down
     marked_at: float = field(default=-1.0)  # when it was last found down
     _probing: bool = field(default=False)  # a skippable call looks again (see attempt)
@@ -167,9 +168,9 @@ class Shards:
         also_next_on: type[Exception] | tuple[type[Exception], ...] = (),
     ) -> T:
         """``attempt`` on the shards in turn until one takes the job: the next is tried when
-        a shard could not be sent it, did not answer in time (a hung Redis: the job may
-        be written there, unread, should it wake), or refused it with ``also_next_on``; the
-        last shard's error is raised."""
+        a shard could not be sent it, did not answer in time (a hung Redis: should it wake,
+        the create runs past its deadline and writes nothing), or refused it with
+        ``also_next_on``; the last shard's error is raised."""
         candidates = self.in_turn()
         for shard in candidates:
             try:

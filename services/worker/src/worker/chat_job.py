@@ -193,7 +193,7 @@ async def _answer(
             if final is not None:
                 closing = Closing(turn, used)  # a turn comes only with `done`
                 written = await _publish_final(publisher, final, closing)
-                if publisher.rejected is not None and isinstance(final, ev.Done):
+                if publisher.final_replaced:
                     final = ev.Error(UNPUBLISHABLE)  # what its stream ends with instead
                 if written:
                     metrics.jobs.labels(_outcome(final, running.stop_reason)).inc()

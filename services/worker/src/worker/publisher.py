@@ -52,6 +52,7 @@ class Publisher:
         self.fenced = False  # another attempt or an outside end owns the stream now
         self.error: BaseException | None = None  # Redis failed it: nothing more is written
         self.rejected: BaseException | None = None  # an event of it could not be encoded
+        self.final_replaced = False  # its final event was in a rejected batch: an error instead
         self.pending: list[ev.Event] = []
         self.batches = 0
         self.closing: Closing | None = None  # written with the final event
@@ -121,6 +122,7 @@ class Publisher:
         heartbeat lapsed, and run again if it had no output."""
         self.rejected = error
         if batch and ev.is_final(batch[-1]):
+            self.final_replaced = True
             self.pending = [ev.Error(UNPUBLISHABLE)]
             if self.closing is not None:  # its usage still counts; a failed job has no turn
                 self.closing = dataclasses.replace(self.closing, turn=None)
