@@ -47,3 +47,15 @@ def test_the_estimate_moves_with_the_local_clock_between_measurements() -> None:
     assert clock.now_ms() == 5_000_000 - 1
     now[0] += 2.5
     assert clock.now_ms() == 5_002_499
+
+
+def test_an_estimate_for_a_deadline_is_never_ahead_of_redis() -> None:
+    """A slow answer (Redis read its clock at once, then the answer took 4 s to come)
+    would put the middle of the round trip 2 s ahead; taken as read on arrival, the
+    estimate is behind by the round trip at most, never ahead."""
+    now = [100.0]
+    clock = RedisClock(local=lambda: now[0])
+    redis_ms = 1_000_000  # Redis's clock when the request was sent, at local 100.0
+    now[0] = 104.0  # the answer arrives 4 s later
+    clock.observe_at_most(redis_ms, now[0])
+    assert clock.measured and clock.now_ms() == redis_ms  # Redis is at +4 s: 4 s behind
