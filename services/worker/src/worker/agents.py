@@ -37,7 +37,6 @@ from shared.events import (
     ToolResult,
     ToolsCalled,
     Usage,
-    encode,
 )
 from shared.roles import Role
 
@@ -118,7 +117,10 @@ def event_of(item: dict[str, Any]) -> Event:
 def checked(event: E) -> E:
     """An event an agent yielded, if its fields are what the contract's JSON says (text
     where it says text; a tool call's arguments an object or the raw string); else
-    ``TypeError``: published, a wrong type would reach clients that cannot read it."""
+    ``TypeError``: published, a wrong type would reach clients that cannot read it. What
+    JSON has no form for deeper in (a set inside the arguments) fails the event's write,
+    which ends the job with an error (``Publisher.reject``): encoding it here too would
+    encode every tool round twice."""
     try:
         if isinstance(event, Token):
             _text(event.text)
@@ -132,7 +134,6 @@ def checked(event: E) -> E:
                 _texts(call.call_id, call.name, call.output if isinstance(call, ToolResult) else "")
                 if not isinstance(call.arguments, dict | str):
                     raise TypeError("arguments: not an object or a string")
-            encode(event)  # what JSON has no form for (a set, an object) fails here
         return event
     except (TypeError, AttributeError) as exc:
         raise TypeError(f"the agent yielded {event!r}, which is not an event it may send") from exc

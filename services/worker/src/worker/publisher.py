@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Characters one merged token event holds at most: a fast model and a slow Redis would
 # otherwise make one event of a whole answer, and a gateway reads up to 512 events at once.
-UNPUBLISHABLE = "the worker could not publish this answer's events (see its logs); it is incomplete"
 MERGE_MAX = 4096
+UNPUBLISHABLE = "the worker could not publish this answer's events (see its logs); it is incomplete"
 
 
 class Fenced(Exception):
