@@ -327,9 +327,15 @@ def test_the_contracts_stdio_example_runs_a_python_module_with_the_workers_pytho
 ) -> None:
     """``command = "python"``, ``args = ["-m", ...]`` as PROTOCOL.md writes it: the worker's
     own interpreter (with the MCP SDK) runs it, even where PATH has no such python, and
-    the module is found through the worker's PYTHONPATH."""
+    the module is found through the worker's PYTHONPATH, or beside the tools file (a server
+    without ``cwd`` runs in the file's folder)."""
     path = tmp_path / "tools.toml"
-    path.write_text('[mcp.files]\ncommand = "python"\nargs = ["-m", "mcp_probe_server", "stdio"]\n')
+    path.write_text(
+        '[mcp.files]\ncommand = "python"\nargs = ["-m", "mcp_probe_server", "stdio"]\n'
+        '[mcp.beside]\ncommand = "python"\nargs = ["-m", "beside_server", "stdio"]\n'
+    )
+    shutil.copy(FIXTURES / "mcp_probe_server.py", tmp_path / "beside_server.py")
     python_path = os.pathsep.join(p for p in (str(FIXTURES), os.environ.get("PYTHONPATH")) if p)
     stack = make_stack(TOOLS_FILE=str(path), PYTHONPATH=python_path, PATH="/usr/bin:/bin")
     assert the_call(chat(stack, call("files_echo", {"text": "x"})))["output"] == "x"
+    assert the_call(chat(stack, call("beside_echo", {"text": "y"})))["output"] == "y"

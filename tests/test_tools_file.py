@@ -71,6 +71,13 @@ prefix = ""
     assert (files.cwd, files.prefix, files.transport) == (str(tmp_path / "srv"), "", "stdio")
 
 
+def test_a_stdio_server_without_cwd_runs_in_the_files_folder(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "tools.toml").write_text('[mcp.x]\ncommand = "python"\n')
+    [server] = load_tools_file(tmp_path / "conf" / "tools.toml").mcp
+    assert server.cwd == str(tmp_path / "conf")
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [

@@ -4,8 +4,10 @@ names the file, the table and the key.
 
 Secrets stay out of the file: ``${NAME}`` in a URL, header, argument or environment value is
 replaced by the environment variable ``NAME`` when the worker starts, and a variable that is
-not set is an error rather than an empty credential. A relative ``cwd`` is taken from the
-file's folder, and that folder is importable, so ``modules`` next to the file just work.
+not set is an error rather than an empty credential. Paths are the file's: a stdio server
+runs in the file's folder unless ``cwd`` (itself relative to that folder) says otherwise, and
+that folder is importable, so ``modules`` (and ``python -m`` servers) next to the file just
+work.
 """
 
 from __future__ import annotations
@@ -121,9 +123,9 @@ def _server(name: str, table: Any, folder: Path) -> McpServerConfig:
         return McpServerConfig(url=url, headers=headers, **common)
     command = _expand(_string(table["command"], f"{where} command"), f"{where} command")
     args = [_expand(a, f"{where} args") for a in _strings(table.get("args", []), f"{where} args")]
-    cwd = table.get("cwd")
-    if cwd is not None:
-        cwd = str(folder / _expand(_string(cwd, f"{where} cwd"), f"{where} cwd"))
+    cwd = str(folder)
+    if "cwd" in table:
+        cwd = str(folder / _expand(_string(table["cwd"], f"{where} cwd"), f"{where} cwd"))
         if not Path(cwd).is_dir():
             raise ValueError(f"{where}: cwd {cwd} is not a folder")
     env = _table(table.get("env", {}), f"{where} env")
