@@ -498,13 +498,35 @@ def test_a_job_cancelled_mid_answer_counts_once_as_unknown(db_url: str) -> None:
     async def scenario(log: EventLog) -> None:
         job_id = await new_job(log)
         assert (await log.claim(job_id, job_id, "w"))[0] == "run"
-        assert not await log.count_stopped(job_id, "abc", "m")  # still running: not yet
+        unknown = UsageRecord("abc", "m", None)
+        assert not await log.count_stopped(job_id, unknown)  # still running: not yet
         assert await log.end(job_id, ev.CANCELLED)
-        assert await log.count_stopped(job_id, "abc", "m")
-        assert not await log.count_stopped(job_id, "abc", "m")
+        assert await log.count_stopped(job_id, unknown)
+        assert not await log.count_stopped(job_id, UsageRecord("abc", "m", ev.Usage(1, 1, 2)))
         fields = await log.redis.hgetall(keys.usage_key("abc"))
         day = await redis_ms(log) // 86_400_000
         assert {k.decode(): int(v) for k, v in fields.items()} == {f"{day}|m|unknown_jobs": 1}
+
+    run(db_url, scenario)
+
+
+def test_a_job_cancelled_between_requests_counts_their_tokens(db_url: str) -> None:
+    async def scenario(log: EventLog) -> None:
+        job_id = await new_job(log)
+        assert (await log.claim(job_id, job_id, "w"))[0] == "run"
+        assert await log.end(job_id, ev.CANCELLED)
+        bad = UsageRecord("abc", "m", ev.Usage("1.5", 1, 2))  # type: ignore[arg-type]
+        with pytest.raises(ResponseError, match="whole numbers"):
+            await log.count_stopped(job_id, bad)
+        assert await log.count_stopped(job_id, UsageRecord("abc", "m", ev.Usage(40, 2, 42)))
+        fields = await log.redis.hgetall(keys.usage_key("abc"))
+        day = await redis_ms(log) // 86_400_000
+        assert {k.decode(): int(v) for k, v in fields.items()} == {
+            f"{day}|m|jobs": 1,
+            f"{day}|m|prompt_tokens": 40,
+            f"{day}|m|completion_tokens": 2,
+            f"{day}|m|total_tokens": 42,
+        }
 
     run(db_url, scenario)
 

@@ -39,7 +39,7 @@ from worker.tools.loading import builtin_tools
 from . import sse
 from .harness import Stack, free_port, private_db, release_db, wait_until
 
-KEYS = ("key-a", "key-b", "key-c")
+KEYS = ("key-a", "key-b", "key-c", "key-d")
 MODEL = "streamgate-demo"
 
 
@@ -255,10 +255,11 @@ def test_usage_in_done_the_metrics_and_usage_endpoint_is_the_upstreams_per_key(
         traced.gateway.url + "/usage", params={"since": "2999-01-01"}, headers=_auth("key-a")
     )
     assert tomorrow.json() == []
-    bad = client.get(
-        traced.gateway.url + "/usage", params={"since": "yesterday"}, headers=_auth("key-a")
-    )
-    assert bad.status_code == 400 and "YYYY-MM-DD" in bad.json()["error"]
+    for not_a_day in ("yesterday", "2026-W49-1", "2026-02-30", "\uff12\uff10\uff12\uff16-01-01"):
+        bad = client.get(
+            traced.gateway.url + "/usage", params={"since": not_a_day}, headers=_auth("key-a")
+        )
+        assert bad.status_code == 400 and "YYYY-MM-DD" in bad.json()["error"], not_a_day
     assert client.get(traced.gateway.url + "/usage").status_code == 401
     # The worker's counters, labelled by a digest of the key, never the key.
     label = hashlib.sha256(b"key-a").hexdigest()[:12]
@@ -297,6 +298,36 @@ def test_jobs_without_reported_usage_count_apart_as_unknown(
     wait_until(lambda: bool(rows()) and rows()[0]["unknown_jobs"] == 2, 10, "both counted")
     (row,) = rows()
     assert row["jobs"] == 0 and row["total_tokens"] == 0
+
+
+def test_a_job_failing_once_its_requests_ended_counts_what_they_reported(
+    traced: Stack, receiver: Receiver, client: httpx.Client
+) -> None:
+    """At the tool-round limit every upstream request has ended and reported its usage: the
+    job fails, but what it spent is known, and counted (the sum of its requests' spans)."""
+    trace_id, _, traceparent = _client_trace()
+    failed = sse.read(
+        client,
+        traced.gateway.url + "/chat",
+        params={"prompt": "[tool-loop] calculate 1 + 1"},
+        headers={**_auth("key-d"), "traceparent": traceparent},
+    )
+    assert "MAX_TOOL_ROUNDS" in failed.events[-1]["error"]
+
+    def chats() -> list[dict[str, Any]]:
+        return [s for s in receiver.trace(trace_id) if s["name"] == f"chat {MODEL}"]
+
+    wait_until(lambda: len(chats()) == 5, 10, "a span per request: 4 rounds and the last call")
+    prompt = sum(c["attributes"]["gen_ai.usage.input_tokens"] for c in chats())
+    completion = sum(c["attributes"]["gen_ai.usage.output_tokens"] for c in chats())
+    (row,) = client.get(traced.gateway.url + "/usage", headers=_auth("key-d")).json()
+    assert {k: v for k, v in row.items() if k not in ("day", "model")} == {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "jobs": 1,
+        "unknown_jobs": 0,
+    }
 
 
 def test_an_openai_clients_traceparent_joins_its_trace_too(

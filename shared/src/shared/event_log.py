@@ -82,6 +82,13 @@ class Closing:
     usage: UsageRecord | None = None
 
 
+def _figures(usage: ev.Usage | None) -> list[bytes | str | int]:
+    """A job's token counts as the library's arguments take them: empty for none reported."""
+    if usage is None:
+        return [b"", b"", b""]
+    return [usage.prompt_tokens, usage.completion_tokens, usage.total_tokens]
+
+
 def _appended(result: object) -> bool | Exception:
     return result if isinstance(result, Exception) else bool(result)
 
@@ -322,11 +329,7 @@ class EventLog:
             used = closing.usage if closing is not None else None
             if used is not None:
                 function_keys.append(self.keys.usage(used.identity))
-                u = used.usage
-                counts: list[bytes | str | int] = [b"", b"", b""]  # none reported
-                if u is not None:
-                    counts = [u.prompt_tokens, u.completion_tokens, u.total_tokens]
-                args[7:11] = [used.model, *counts]
+                args[7:11] = [used.model, *_figures(used.usage)]
         args += [ev.encode(event) for event in batch]
         if not all(isinstance(a, bytes | str | int) for a in args):
             raise TypeError(f"job {job_id}: a batch argument Redis cannot take: {args!r:.200}")
@@ -399,11 +402,11 @@ class EventLog:
         results = await self.functions.call_all("check", calls)
         return {job_id: int(r) for job_id, r in zip(job_ids, results, strict=True)}
 
-    async def count_stopped(self, job_id: str, identity: str, model: str) -> bool:
-        """Count the usage of a job stopped from outside mid-answer (cancelled) as unknown,
-        once, if it has ended; True if this counted it."""
-        function_keys = [self.keys.meta(job_id), self.keys.usage(identity)]
-        args: list[bytes | str | int] = [model, USAGE_RETENTION_S]
+    async def count_stopped(self, job_id: str, used: UsageRecord) -> bool:
+        """Count the usage of a job stopped from outside mid-answer (cancelled), once, if it
+        has ended; True if this counted it."""
+        function_keys = [self.keys.meta(job_id), self.keys.usage(used.identity)]
+        args: list[bytes | str | int] = [used.model, USAGE_RETENTION_S, *_figures(used.usage)]
         return bool(await self.functions.call("count_stopped", function_keys, args))
 
     async def due(self, limit: int) -> tuple[list[bytes], list[bytes]]:

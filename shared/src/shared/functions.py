@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from .held_connection import HeldConnection
 
 VERSION = 11
-SOURCE_SHA256 = "a54e5a6f1223441f7b11b33476b714071f1cab917856c844d5a8f0b47f498f41"
+SOURCE_SHA256 = "e53d0ba85dde3178371c3f0a1b28a1b9a7b2d4902a08effa18c31316bf44e1ab"
 LIBRARY = f"streamgate_v{VERSION}"
 SOURCE = Path(__file__).with_name("streamgate.lua")
 

@@ -651,13 +651,17 @@ register('unlock', function(keys, args)
 end)
 
 -- count_stopped: an attempt stopped from outside (its job cancelled mid-answer) counts the
--- job's usage as unknown, once, if the job has ended (a job handed back is counted by the
--- run still to come). KEYS: meta, the key's usage hash. ARGV: model, retention s. Returns 1
--- if this counted it.
+-- job's usage, once, if the job has ended (a job handed back is counted by the run still to
+-- come). KEYS: meta, the key's usage hash. ARGV: model, retention s, then prompt, completion
+-- and total tokens ('' for unknown: a request was in flight). Returns 1 if this counted it.
 register('count_stopped', function(keys, args)
   local j = {meta = keys[1]}
+  local prompt, completion, total = args[3], args[4], args[5]
+  if prompt ~= '' and not (whole(prompt) and whole(completion) and whole(total)) then
+    return redis.error_reply('usage figures must be whole numbers of tokens')
+  end
   if redis.call('HEXISTS', j.meta, 'final') == 0 then return 0 end
-  return count_usage(j, keys[2], args[1], '', '', '', args[2]) and 1 or 0
+  return count_usage(j, keys[2], args[1], prompt, completion, total, args[2]) and 1 or 0
 end)
 
 -- refresh: give a session's lock, held by job ARGV[1], ARGV[2] s to live again.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from collections import defaultdict
 
 from redis.asyncio import Redis
@@ -24,6 +25,7 @@ from .inputs import query_params
 from .state import State
 
 EPOCH = dt.date(1970, 1, 1)
+DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 FIGURES = ("prompt_tokens", "completion_tokens", "total_tokens", "jobs", "unknown_jobs")
 
 
@@ -64,8 +66,11 @@ async def _counted(redis: Redis, names: Keys, identity: str) -> tuple[int, dict[
 
 
 def _day(text: str) -> int:
+    # fromisoformat alone would take ISO week dates (2026-W49-1) and basic ones (20261207).
+    if not DAY.fullmatch(text):
+        return _bad(text)
     try:
-        return (dt.date.fromisoformat(text) - EPOCH).days if len(text) == 10 else _bad(text)
+        return (dt.date.fromisoformat(text) - EPOCH).days
     except ValueError:
         return _bad(text)
 

@@ -87,6 +87,7 @@ class OpenAIAgent:
             sent, opened = opened, None  # only the first round's request was sent ahead
             finish: str | None = None
             reported: ev.Usage | None = None
+            request.spent = None  # a request in flight: what it costs is unknown until it ends
             async for delta in upstream.stream(messages, schemas, sent, request.params):
                 if sent_at is not None:
                     self.metrics.upstream_first_token.observe(time.monotonic() - sent_at)
@@ -103,6 +104,7 @@ class OpenAIAgent:
                 else:
                     reported = delta
             usage = usage + reported if usage is not None and reported is not None else None
+            request.spent = usage
             if not assembler.calls:
                 yield ev.Done(finish, usage)
                 return

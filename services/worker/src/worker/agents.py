@@ -72,6 +72,9 @@ class AgentRequest:
     params: dict[str, Any] = field(default_factory=dict)  # the client's sampling parameters
     client_tools: list[dict[str, Any]] | None = None  # tools the client runs (OpenAI API)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set when stopped
+    # What the agent's completed upstream requests reported, set while none is in flight:
+    # a job that fails or is cancelled then still counts the tokens it spent.
+    spent: Usage | None = None
 
 
 E = TypeVar("E")

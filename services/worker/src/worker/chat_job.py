@@ -188,7 +188,7 @@ async def _answer(
             if opening is not None:
                 await upstream.abandon(opening)  # closed already, unless stopped before reading
             metrics.running.dec()
-            usage = final.usage if isinstance(final, ev.Done) else None
+            usage = final.usage if isinstance(final, ev.Done) else _valid_usage(asked.spent)
             used = UsageRecord(identity, upstream.model, usage)
             if final is not None:
                 closing = Closing(turn, used)  # a turn comes only with `done`
@@ -232,10 +232,11 @@ async def _hand_back_if_claimed(
 async def _count_stopped(
     log: EventLog, job_id: str, used: UsageRecord, metrics: WorkerMetrics
 ) -> None:
-    """A job cancelled mid-answer spent tokens nobody reported: counted as unknown, once."""
+    """A job cancelled from outside counts what its agent's completed requests reported, or
+    as unknown when one was in flight; once."""
     try:
-        if await log.count_stopped(job_id, used.identity, used.model):
-            metrics.count_usage(UsageRecord(used.identity, used.model, None))
+        if await log.count_stopped(job_id, used):
+            metrics.count_usage(used)
     except Exception as exc:
         logger.warning("job %s: could not count its usage: %s", job_id, exc)
 
@@ -337,16 +338,22 @@ MAX_TOKENS = 2**53  # a count Redis's HINCRBY and JSON both hold exactly
 
 
 def _with_valid_usage(done: ev.Done) -> ev.Done:
-    """An agent's ``Done`` whose usage is not whole token counts reports none: a count of
-    unknown, rather than a wrong one in ``done`` and in the key's usage."""
-    usage = done.usage
+    """An agent's ``Done`` whose usage is not whole token counts reports none."""
+    usage = _valid_usage(done.usage)
+    return done if usage is done.usage else dataclasses.replace(done, usage=usage)
+
+
+def _valid_usage(usage: object) -> ev.Usage | None:
+    """What an agent reported, if it is whole token counts; else none: a count of unknown,
+    rather than a wrong one in ``done`` and in the key's usage."""
     if usage is None:
-        return done
-    counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-    if all(type(n) is int and 0 <= n <= MAX_TOKENS for n in counts):
-        return done
+        return None
+    if isinstance(usage, ev.Usage):
+        counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+        if all(type(n) is int and 0 <= n <= MAX_TOKENS for n in counts):
+            return usage
     logger.warning("the agent reported usage %r, not whole token counts; dropped", usage)
-    return dataclasses.replace(done, usage=None)
+    return None
 
 
 def _capped(call: ev.ToolResult, limit: int) -> ev.ToolResult:
