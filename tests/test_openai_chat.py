@@ -194,6 +194,8 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         ({"messages": user("hi")}, 400, "model"),
         (ask([]), 400, "messages"),
         (ask([{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+        (ask([{"role": ["user"], "content": "x"}]), 400, "messages[0].role"),
+        (ask([{"role": {"user": 1}, "content": "x"}]), 400, "messages[0].role"),
         (ask(user([{"type": "image_url"}])), 400, "messages[0].content[0]"),
         (ask([{"role": "tool", "content": "14"}]), 400, "messages[0].tool_call_id"),
         (ask(n=2), 400, "n"),

@@ -100,6 +100,23 @@ def test_an_item_reference_stands_for_that_output_item_of_a_stored_response(two:
         assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "input[0].id"
 
 
+def test_item_references_past_the_prompt_limit_are_refused_before_all_are_read(
+    two: Stack,
+) -> None:
+    """Each reference reads a whole stored response: past MAX_PROMPT_CHARS of what was read
+    (two answers of ~17,000 characters) the request is a 413 at once, not after reading
+    every response it names."""
+    with sdk(two.gateway.url) as client:
+        long = [client.responses.create(model="assistant", input="[long 3000] [delay 0]")]
+        long.append(client.responses.create(model="assistant", input="[long 3000] [delay 0]"))
+    references = [{"type": "item_reference", "id": r.output[0].id} for r in long]
+    body = {"model": "assistant", "input": [*references, {"role": "user", "content": "hi"}]}
+    refused = httpx.post(two.gateway.url + "/v1/responses", json=body, timeout=10)
+    assert refused.status_code == 413, refused.text
+    assert refused.json()["error"]["param"] == "input[1].id"
+    assert "MAX_PROMPT_CHARS" in refused.json()["error"]["message"]
+
+
 def test_a_failed_response_not_streamed_is_a_500_with_the_error(two: Stack) -> None:
     """Not a 200 holding status failed: clients (the AI SDK) read a 200 as an answer, and
     could not parse this one."""
@@ -207,6 +224,16 @@ def test_function_tools_come_back_as_calls_and_their_outputs_go_on(two: Stack) -
     [
         ({"model": "assistant"}, 400, "input"),
         ({"model": "assistant", "input": [{"type": "image"}]}, 400, "input[0].type"),
+        (
+            {"model": "assistant", "input": [{"role": ["user"], "content": "x"}]},
+            400,
+            "input[0].role",
+        ),
+        (
+            {"model": "assistant", "input": [{"role": "user", "content": [{"type": ["text"]}]}]},
+            400,
+            "input[0].content[0]",
+        ),
         ({"model": "assistant", "input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0]"),
         ({"model": "assistant", "input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({"model": "gpt-nope", "input": "hi"}, 404, "model"),
@@ -251,6 +278,8 @@ def test_a_bad_starting_after_is_openais_error_naming_it(two: Stack) -> None:
         )
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["error"]["param"] == "starting_after"
+    not_utf8 = httpx.get(f"{two.gateway.url}/v1/responses/{response_id}?stream=true%ff")
+    assert not_utf8.status_code == 400 and "UTF-8" in not_utf8.json()["error"]["message"]
 
 
 def test_an_unknown_response_is_a_404(two: Stack) -> None:

@@ -18,7 +18,7 @@ from shared.roles import Roles
 
 from .errors import BadRequest, NotFound, PromptTooLong
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}
+ROLES = ("assistant", "developer", "system", "tool", "user")  # a tuple: `in` with any JSON value
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # Passed upstream as given once checked: each changes the answer, so none may be dropped.
 _NUMBERS = {

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .chat import SSE_HEADERS, event_stream
-from .errors import BadRequest, NotFound, error_response
-from .inputs import json_body, max_request_bytes
+from .errors import BadRequest, NotFound, PromptTooLong, error_response
+from .inputs import json_body, max_request_bytes, query_params
 from .job_events import relayed, stored, unless_client_leaves
 from .jobs import cancel_job, enqueue_request
 from .openai_inputs import InvalidField
@@ -80,10 +80,11 @@ async def retrieve_response(request: Request) -> Response:
     events after ``starting_after``, then on as they come."""
     state: State = request.app.state.sg
     identity = state.access.identify(request)
+    params = query_params(request)  # strict, as /chat's: bad UTF-8 is a 400
     job_id, echoed = await _find(state, request.path_params["response_id"], identity)
-    if request.query_params.get("stream", "false").lower() != "true":
+    if params.get("stream", "false").lower() != "true":
         return JSONResponse((await _as_stored(state, job_id, echoed)).response())
-    raw = request.query_params.get("starting_after", "-1")
+    raw = params.get("starting_after", "-1")
     # "¹" is a digit to isdigit, and int() takes at most 4,300 digits
     if raw != "-1" and not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
         raise InvalidField("starting_after", "must be a sequence number (0 or more)")
@@ -153,6 +154,7 @@ async def _referenced(state: State, items: object, identity: str) -> object:
     if not isinstance(items, list):
         return items
     outputs: dict[str, list[dict[str, Any]]] = {}  # per response: its output items
+    loaded = 0  # characters of text read: past MAX_PROMPT_CHARS, the request is refused now
     resolved: list[object] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or item.get("type") != "item_reference":
@@ -176,6 +178,14 @@ async def _referenced(state: State, items: object, identity: str) -> object:
                     outputs[response_id] = (await _as_stored(state, job_id, echoed)).output
                 except NotFound:
                     outputs[response_id] = []
+                loaded += _text_chars(outputs[response_id])
+                if loaded > state.settings.max_prompt_chars:
+                    raise PromptTooLong(
+                        f"the responses input's item_references name hold over {loaded}"
+                        f" characters of text; the limit is {state.settings.max_prompt_chars}"
+                        " (MAX_PROMPT_CHARS)",
+                        f"input[{i}].id",
+                    )
             found = next((o for o in outputs[response_id] if o["id"] == reference), None)
         if found is None:
             raise NotFound(
@@ -185,6 +195,17 @@ async def _referenced(state: State, items: object, identity: str) -> object:
             )
         resolved.append(found)
     return resolved
+
+
+def _text_chars(value: object) -> int:
+    """The characters of every string in a JSON value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    return 0
 
 
 async def _as_stored(

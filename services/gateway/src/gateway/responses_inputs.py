@@ -22,8 +22,8 @@ from .openai_inputs import (
 
 RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
 ITEM_ID = re.compile(r"(?:msg|fc)_([0-9a-f]{32})_[0-9]{1,6}")  # a response's output item
-_TEXT_PARTS = {"input_text", "output_text", "text"}
-_MESSAGE_ROLES = {"user", "system", "developer", "assistant"}
+_TEXT_PARTS = ("input_text", "output_text", "text")  # tuples: `in` with any JSON value
+_MESSAGE_ROLES = ("assistant", "developer", "system", "user")
 _FORMATS = ("text", "json_object", "json_schema")
 _LOGPROBS = "message.output_text.logprobs"
 _UNAVAILABLE = {
