@@ -19,7 +19,8 @@ import psutil
 import pytest
 import redis
 
-from launcher.readiness import upstream_problem
+from launcher.errors import LaunchError
+from launcher.readiness import port_is_free, upstream_problem
 from shared.events import WORKER_LOST
 
 from . import sse
@@ -231,6 +232,12 @@ def test_a_port_in_use_is_named(checkout: Path) -> None:
     assert done.returncode == 2
     assert f"port {port} is in use" in done.stderr
     assert said_once(done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "example.invalid", "192.0.2.1"])
+def test_a_host_it_cannot_listen_on_is_named_not_taken_for_a_busy_port(host: str) -> None:
+    with pytest.raises(LaunchError, match=f"cannot listen on HOST={host} port 8000: .+; set HOST"):
+        port_is_free(host, 8000)
 
 
 def test_bad_options_are_one_line_and_status_2(checkout: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 
 import httpx
@@ -20,14 +21,20 @@ POLL_S = 0.05
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on ``port`` (as uvicorn does, with SO_REUSEADDR)."""
+    """Whether a server could listen on ``port`` (as uvicorn does, with SO_REUSEADDR); a
+    host it could never listen on is a ``LaunchError`` naming ``HOST``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise LaunchError(
+                f"cannot listen on HOST={host} port {port}: {exc.strerror or exc}; set HOST to"
+                " an address of this machine (127.0.0.1, 0.0.0.0 for every interface)"
+            ) from None
         return True
 
 
