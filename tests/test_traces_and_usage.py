@@ -85,6 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                 (link.trace_id.hex(), link.span_id.hex()) for link in span.links
                             ],
                             "error": span.status.code == 2,
+                            "events": [event.name for event in span.events],
                         }
                     )
         with self.server.lock:
@@ -328,6 +329,41 @@ def test_a_job_failing_once_its_requests_ended_counts_what_they_reported(
         "jobs": 1,
         "unknown_jobs": 0,
     }
+
+
+def test_a_chat_that_passes_over_a_dead_shard_is_still_one_enqueue_span(
+    receiver: Receiver, redis_url: str, logdir: Path, client: httpx.Client
+) -> None:
+    """Placement tries a shard that refuses connections, then the next: one span for the
+    request (the one passed over noted on it), never a span of its own in a trace of its
+    own for a job that never came to be."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    live = private_db(redis_url)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    stack = Stack(live + "," + dead, logdir, env).start()
+    traces: dict[str, str] = {}  # trace id -> job id
+    try:
+
+        def passed_over() -> bool:
+            trace_id, _, traceparent = _client_trace()
+            job = client.post(
+                stack.gateway.url + "/chat",
+                json={"prompt": "hi"},
+                headers={"traceparent": traceparent},
+            )
+            traces[trace_id] = job.json()["job_id"]
+            spans = [s for t in traces for s in receiver.trace(t)]
+            return any("streamgate.shard_passed_over" in s["events"] for s in spans)
+
+        wait_until(passed_over, 20, "a chat whose turn began at the dead shard")
+    finally:
+        stack.stop()
+        release_db(live)
+    for trace_id, job_id in traces.items():
+        wait_until(lambda: receiver.trace(trace_id), 5, "the chat's spans")  # noqa: B023
+        spans = [s for s in receiver.trace(trace_id) if s["name"] == "streamgate.enqueue"]
+        assert len(spans) == 1, spans
+        assert not spans[0]["error"] and spans[0]["attributes"]["streamgate.job.id"] == job_id
 
 
 def test_an_openai_clients_traceparent_joins_its_trace_too(

@@ -188,6 +188,24 @@ def traceparent(of: Span | None = None) -> str | None:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
+def annotate(attributes: dict[str, Any]) -> None:
+    """Set attributes on the current span (when on)."""
+    if _tracer is None:
+        return
+    from opentelemetry.trace import get_current_span
+
+    get_current_span().set_attributes(attributes)
+
+
+def note(name: str, attributes: dict[str, Any]) -> None:
+    """An event on the current span (when on): something it went through."""
+    if _tracer is None:
+        return
+    from opentelemetry.trace import get_current_span
+
+    get_current_span().add_event(name, attributes)
+
+
 def failed(current: Span | None, error: BaseException | str, kind: str | None = None) -> None:
     """Mark a span failed, saying why."""
     if current is None:

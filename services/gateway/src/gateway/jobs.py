@@ -4,6 +4,8 @@ count it into the queue, open its stream, hand it to arq and wake a worker."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
@@ -41,17 +43,18 @@ async def enqueue(
         return await enqueue_request(state, asdict(chat), kind, identity, traceparent)
     session, shard = _session_home(state, identity, chat.session)
     job_id = new_job_id(shard.index)
-    await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
-    fields = asdict(replace(chat, session=session))
-    try:
-        await _enqueue(state, shard, fields, kind, job_id, identity, traceparent)
-    except RedisTimeoutError:
-        # Unlocking would wait out the same hung Redis: a lock whose job never came to be
-        # is taken over by the session's next chat (its holder is over).
-        raise
-    except BaseException:
-        await shard.sessions.unlock(session, job_id)
-        raise
+    with _traced(kind, traceparent):
+        await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
+        fields = asdict(replace(chat, session=session))
+        try:
+            await _enqueue(state, shard, fields, kind, job_id, identity)
+        except RedisTimeoutError:
+            # Unlocking would wait out the same hung Redis: a lock whose job never came to
+            # be is taken over by the session's next chat (its holder is over).
+            raise
+        except BaseException:
+            await shard.sessions.unlock(session, job_id)
+            raise
     return job_id
 
 
@@ -68,14 +71,15 @@ async def enqueue_request(
 
     async def attempt(shard: Shard) -> str:
         job_id = new_job_id(shard.index)
-        await _enqueue(state, shard, request, kind, job_id, identity, traceparent)
+        await _enqueue(state, shard, request, kind, job_id, identity)
         return job_id
 
-    if shard is not None:
-        return await attempt(shard)
-    # A shard that refuses the write (full, read-only, loading) wrote nothing: the next.
-    refused = (QueueFull, OutOfMemoryError, ReadOnlyError, BusyLoadingError)
-    return await state.shards.place(attempt, also_next_on=refused)
+    with _traced(kind, traceparent):  # one span, however many shards are tried
+        if shard is not None:
+            return await attempt(shard)
+        # A shard that refuses the write (full, read-only, loading) wrote nothing: the next.
+        refused = (QueueFull, OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+        return await state.shards.place(attempt, also_next_on=refused)
 
 
 async def check_session(state: State, chat: ChatRequest, identity: str) -> None:
@@ -123,6 +127,17 @@ async def _take_session(
     raise _busy(shown, holder)
 
 
+@contextmanager
+def _traced(kind: str, traceparent: str | None) -> Iterator[None]:
+    """The job's trace starts here (a child of the client's, if it sent one) and travels
+    in its request: the worker's spans join it (shared/tracing.py)."""
+    attributes = {"streamgate.job.kind": kind}
+    with tracing.span(
+        "streamgate.enqueue", parent=traceparent, kind="SERVER", attributes=attributes
+    ):
+        yield
+
+
 async def _enqueue(
     state: State,
     shard: Shard,
@@ -130,36 +145,31 @@ async def _enqueue(
     kind: Literal["get", "post"],
     job_id: str,
     identity: str,
-    traceparent: str | None,
 ) -> None:
     settings = state.settings
-    # The job's trace starts here (a child of the client's, if it sent one) and travels
-    # in its request: the worker's spans join it (shared/tracing.py).
-    attributes = {"streamgate.job.id": job_id, "streamgate.job.kind": kind}
-    with tracing.span(
-        "streamgate.enqueue", parent=traceparent, kind="SERVER", attributes=attributes
-    ) as span:
-        job = {**fields, "kind": kind}
-        if span is not None:
-            job["traceparent"] = tracing.traceparent(span)
-        create = functools.partial(
-            shard.log.create,
-            job_id,
-            kind,
-            identity,
-            orjson.dumps(job),
-            watched=kind == "get",
-            max_queued=settings.max_queued_jobs,
-            # A hung Redis that wakes with it unread must not run it: its client was
-            # answered otherwise (a 503, the job on another shard).
-            clock=shard.clock,
-            answer_within_s=CREATE_WITHIN_S,
-        )
-        position = await create()
-        if position == 0:  # run in time, yet judged late: the clock's estimate was off
-            position = await create()  # and is now set right by its answer
-        if position == 0:
-            raise RedisTimeoutError(f"{shard.name} ran the job's create too late to be waited for")
+    job = {**fields, "kind": kind}
+    traceparent = tracing.traceparent()  # the enqueue span's, when tracing is on
+    if traceparent is not None:
+        job["traceparent"] = traceparent
+        tracing.annotate({"streamgate.job.id": job_id})  # the last shard tried: the job's
+    create = functools.partial(
+        shard.log.create,
+        job_id,
+        kind,
+        identity,
+        orjson.dumps(job),
+        watched=kind == "get",
+        max_queued=settings.max_queued_jobs,
+        # A hung Redis that wakes with it unread must not run it: its client was
+        # answered otherwise (a 503, the job on another shard).
+        clock=shard.clock,
+        answer_within_s=CREATE_WITHIN_S,
+    )
+    position = await create()
+    if position == 0:  # run in time, yet judged late: the clock's estimate was off
+        position = await create()  # and is now set right by its answer
+    if position == 0:
+        raise RedisTimeoutError(f"{shard.name} ran the job's create too late to be waited for")
     if position < 0:
         raise QueueFull(
             f"the queue is full ({-position} jobs waiting, MAX_QUEUED_JOBS is"

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import shards as placement
-from shared import tool_catalog
+from shared import tool_catalog, tracing
 from shared.event_log import EventLog
 from shared.held_connection import NotSent
 from shared.redis_clock import RedisClock
@@ -172,24 +172,32 @@ class Shards:
         the create runs past its deadline and writes nothing), or refused it with
         ``also_next_on``; the last shard's error is raised."""
         candidates = self.in_turn()
+        passed_over: Exception
         for shard in candidates:
             try:
                 # All but the last may be skipped: past a lapsed mark one chat looks, rather
                 # than every chat waiting out a hung shard's round trip.
                 last = shard is candidates[-1]
                 return await shard.attempt(functools.partial(attempt, shard), skippable=not last)
-            except NotSent:
+            except NotSent as exc:
                 if shard is candidates[-1]:
                     raise
+                passed_over = exc
             except RedisTimeoutError as exc:
                 if shard is candidates[-1]:
                     raise
                 logger.warning(
                     "%s did not answer (%s): the chat goes to the next shard", shard.name, exc
                 )
-            except also_next_on:
+                passed_over = exc
+            except also_next_on as exc:
                 if shard is candidates[-1]:
                     raise
+                passed_over = exc
+            tracing.note(
+                "streamgate.shard_passed_over",
+                {"streamgate.shard": shard.name, "error.type": type(passed_over).__name__},
+            )
         raise AssertionError("unreachable: the last shard returns or raises")
 
 
