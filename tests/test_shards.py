@@ -367,7 +367,7 @@ def test_a_hung_shard_costs_one_chat_a_wait_and_the_others_go_elsewhere(
             assert created.status_code == 202, created.text
             assert shard_of(created.json()["job_id"], 2) == 0
         assert max(took) < 12 and sorted(took)[-2] < 1.5, took  # one wait at most
-        # Once the mark lapses, one chat looks again; the ones meanwhile go elsewhere.
+        # Once the mark lapses a ping looks again, not a chat: none waits for the shard.
         time.sleep(2.2)
 
         def timed_chat() -> float:
@@ -378,8 +378,16 @@ def test_a_hung_shard_costs_one_chat_a_wait_and_the_others_go_elsewhere(
             return time.monotonic() - began
 
         with ThreadPoolExecutor(4) as pool:
-            waits = sorted(pool.map(lambda _: timed_chat(), range(4)))
-        assert waits[-2] < 1.5, waits  # one of four waited for the hung shard, at most
+            waits = sorted(pool.map(lambda _: timed_chat(), range(8)))
+        assert waits[-1] < 1.5, waits
+        # Awake again, it answers the next ping and takes chats again.
+        hung.proc.send_signal(signal.SIGCONT)
+
+        def back_in_use() -> bool:
+            created = client.post(stack.gateway.url + "/chat", json={"prompt": "hi"})
+            return shard_of(created.json()["job_id"], 2) == 1
+
+        wait_until(back_in_use, 10, "a chat in the shard that woke")
     finally:
         if hung.proc is not None:
             hung.proc.send_signal(signal.SIGCONT)
@@ -481,7 +489,23 @@ def bare_shard() -> GatewayShard:
     return GatewayShard(0, "redis://x", None, None, None, None, None)  # type: ignore[arg-type]
 
 
-def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_again() -> None:
+class PingedRedis:
+    """What a shard's ping meets: an answer once ``answer`` is set, or a refusal."""
+
+    def __init__(self, refuses: bool = False) -> None:
+        self.answer = asyncio.Event()
+        self.refuses = refuses
+        self.pings = 0
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        if self.refuses:
+            raise redis.exceptions.ConnectionError("connection refused")
+        await self.answer.wait()
+        return True
+
+
+def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_a_ping_looks_again() -> None:
     async def scenario() -> None:
         shard = bare_shard()
         sent: list[str] = []
@@ -495,6 +519,9 @@ def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_aga
         async def refused() -> str:
             raise NotSent("connection refused")
 
+        async def looked() -> None:
+            await asyncio.gather(*shard._looking)
+
         with pytest.raises(NotSent):
             await shard.attempt(refused)
         assert shard.known_down
@@ -502,18 +529,31 @@ def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_aga
             await shard.attempt(lambda: answered("skipped"), skippable=True)
         assert sent == []
 
-        shard.down_until = time.monotonic() - 0.1  # the mark lapsed: one call looks again
-        release = asyncio.Event()
-        probe = asyncio.create_task(shard.attempt(lambda: answered("probe", release), True))
+        # The mark lapsed: a ping looks again, and no call waits on it meanwhile.
+        redis = PingedRedis()
+        shard.arq = redis  # type: ignore[assignment]
+        shard.down_until = time.monotonic() - 0.1
+        for _ in range(3):
+            with pytest.raises(NotSent):
+                await shard.attempt(lambda: answered("meanwhile"), skippable=True)
         await asyncio.sleep(0)
-        with pytest.raises(NotSent):  # while it looks, the others still skip
-            await shard.attempt(lambda: answered("meanwhile"), skippable=True)
-        release.set()
-        assert await probe == "probe"
+        assert redis.pings == 1 and sent == []
+        redis.answer.set()
+        await looked()
         assert shard.down_until == 0.0  # it answered: in use again
         assert await shard.attempt(lambda: answered("after"), skippable=True) == "after"
 
+        # A ping refused marks it down again, for DOWN_FOR_S.
+        shard.arq = PingedRedis(refuses=True)  # type: ignore[assignment]
+        shard.mark_down()
+        shard.down_until = time.monotonic() - 0.1
+        with pytest.raises(NotSent):
+            await shard.attempt(lambda: answered("skipped"), skippable=True)
+        await looked()
+        assert shard.known_down
+
         # An answer to a call sent before the shard was found down tells nothing.
+        shard.down_until = 0.0
         slow = asyncio.Event()
         earlier = asyncio.create_task(shard.attempt(lambda: answered("earlier", slow)))
         await asyncio.sleep(0)
@@ -527,6 +567,6 @@ def test_a_down_mark_skips_calls_that_can_do_without_the_shard_and_one_looks_aga
         shard.mark_down()
         assert await shard.attempt(lambda: answered("last resort")) == "last resort"
         assert not shard.known_down
-        assert sent == ["probe", "after", "earlier", "last resort"]
+        assert sent == ["after", "earlier", "last resort"]
 
     asyncio.run(scenario())

@@ -63,7 +63,8 @@ class Shard:
     clock: RedisClock = field(default_factory=lambda: RedisClock(time.monotonic))
     down_until: float = field(default=0.0)  # 0 once it answered since it was found down
     marked_at: float = field(default=-1.0)  # when it was last found down
-    _probing: bool = field(default=False)  # a skippable call looks again (see attempt)
+    _probing: bool = field(default=False)  # a ping looks again (see attempt)
+    _looking: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def known_down(self) -> bool:
@@ -76,27 +77,35 @@ class Shard:
     async def attempt(self, call: Callable[[], Awaitable[T]], skippable: bool = False) -> T:
         """``call`` on this shard, keeping what it shows: a call that could not be sent, or
         got no answer in time (a hung Redis), marks the shard down for ``DOWN_FOR_S``, one
-        answered clears the mark. A
-        ``skippable`` call (one that can do without this shard) is not sent while the mark
-        holds, nor while another looks again once it lapsed: one call looks, not every
-        call waiting for a connect timeout. It raises ``NotSent`` when skipped."""
-        if skippable and (self.known_down or self._probing):
+        answered clears the mark. A ``skippable`` call (one that can do without this shard)
+        raises ``NotSent`` until the shard answers again: once the mark lapses a ping looks,
+        not a user's call waiting out a hung shard's round trip."""
+        if skippable and self.down_until > 0:
+            if not self.known_down and not self._probing:
+                self._look_again()
             raise NotSent(f"{self.name} was found down in the last seconds")
-        probing = skippable and self.down_until > 0
-        if probing:
-            self._probing = True
         began = time.monotonic()
         try:
             result = await call()
         except (NotSent, RedisTimeoutError):
             self.mark_down()
             raise
-        finally:
-            if probing:
-                self._probing = False
         if began >= self.marked_at:  # an answer to a call sent before the mark tells nothing
             self.down_until = 0.0
         return result
+
+    def _look_again(self) -> None:
+        self._probing = True
+
+        async def ping() -> None:
+            try:
+                await self.reachable()  # clears the mark, or sets it again
+            finally:
+                self._probing = False
+
+        task = asyncio.get_running_loop().create_task(ping())
+        self._looking.add(task)  # held: the loop keeps only a weak reference
+        task.add_done_callback(self._looking.discard)
 
     async def reachable(self) -> bool:
         began = time.monotonic()
