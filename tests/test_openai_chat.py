@@ -55,6 +55,7 @@ def test_the_sampling_parameters_reach_the_model_and_null_is_a_field_left_out(
         seed=0,
         logit_bias={"50256": -100},
         parallel_tool_calls=False,
+        response_format={"type": "json_object"},
         temperature=None,
         stream=None,  # as OpenAI's: not streamed
     )
@@ -63,6 +64,7 @@ def test_the_sampling_parameters_reach_the_model_and_null_is_a_field_left_out(
     sent = json.loads(response.json()["choices"][0]["message"]["content"])
     assert sent["seed"] == 0 and sent["logit_bias"] == {"50256": -100}
     assert sent["parallel_tool_calls"] is False and "temperature" not in sent
+    assert sent["response_format"] == {"type": "json_object"}
 
 
 def test_a_completion_is_the_models_text_exactly(sdk: openai.OpenAI) -> None:
@@ -199,6 +201,9 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         (ask(user([{"type": "image_url"}])), 400, "messages[0].content[0]"),
         (ask([{"role": "tool", "content": "14"}]), 400, "messages[0].tool_call_id"),
         (ask(n=2), 400, "n"),
+        (ask(response_format="json"), 400, "response_format"),
+        (ask(response_format={"type": "xml"}), 400, "response_format"),
+        (ask(response_format={"type": "json_schema"}), 400, "response_format.json_schema"),
         (ask(temperature=7), 400, "temperature"),
         (ask(max_tokens=0), 400, "max_tokens"),
         (ask(tools=[{"type": "web"}]), 400, "tools[0]"),

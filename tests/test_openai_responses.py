@@ -251,6 +251,8 @@ def test_function_tools_come_back_as_calls_and_their_outputs_go_on(two: Stack) -
             "text.format",
         ),
         ({"model": "assistant", "input": "hi", "background": "yes"}, 400, "background"),
+        ({"model": "assistant", "input": "hi", "metadata": ["x"]}, 400, "metadata"),
+        ({"model": "assistant", "input": "hi", "metadata": {"k": 1}}, 400, "metadata"),
         ({"model": "assistant", "input": "x" * 40_000}, 413, "input"),
         (
             {"model": "assistant", "input": "hi", "previous_response_id": "resp_" + "1" * 32},

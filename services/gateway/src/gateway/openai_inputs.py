@@ -259,9 +259,40 @@ def params_of(body: dict[str, Any]) -> dict[str, Any]:
                 "tool_choice", 'must be "none", "auto", "required" or a named function'
             )
         params["tool_choice"] = choice
-    if isinstance(body.get("response_format"), dict):
-        params["response_format"] = body["response_format"]
+    response_format = body.get("response_format")
+    if response_format is not None:
+        params["response_format"] = _response_format(response_format)
     return params
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_format(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise InvalidField(
+            "response_format", f"its type must be one of {', '.join(RESPONSE_FORMATS)}"
+        )
+    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), dict):
+        raise InvalidField("response_format.json_schema", "must be an object (name, schema)")
+    return value
+
+
+def metadata_of(value: object) -> dict[str, str]:
+    """A request's ``metadata``, as OpenAI takes it: up to 16 string pairs (keys up to 64
+    characters, values up to 512), echoed in what it answers."""
+    if value is None:
+        return {}
+    if (
+        not isinstance(value, dict)
+        or len(value) > 16
+        or not all(isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items())
+    ):
+        raise InvalidField(
+            "metadata",
+            "must be an object of up to 16 strings (keys up to 64 characters, values up to 512)",
+        )
+    return value
 
 
 def _logit_bias(bias: object) -> dict[str, int | float]:

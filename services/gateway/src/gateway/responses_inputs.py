@@ -11,9 +11,11 @@ from typing import Any
 from shared.roles import Roles
 
 from .openai_inputs import (
+    RESPONSE_FORMATS,
     Conversation,
     InvalidField,
     check_size,
+    metadata_of,
     params_of,
     refuse_present,
     role_of,
@@ -24,7 +26,6 @@ RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})")
 ITEM_ID = re.compile(r"(?:msg|fc)_([0-9a-f]{32})_[0-9]{1,6}")  # a response's output item
 _TEXT_PARTS = ("input_text", "output_text", "text")  # tuples: `in` with any JSON value
 _MESSAGE_ROLES = ("assistant", "developer", "system", "user")
-_FORMATS = ("text", "json_object", "json_schema")
 _LOGPROBS = "message.output_text.logprobs"
 _UNAVAILABLE = {
     "prompt": "stored prompts are not available here: send instructions and input",
@@ -73,7 +74,7 @@ def response_request(
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "max_output_tokens": body.get("max_output_tokens"),
-        "metadata": body.get("metadata") or {},
+        "metadata": metadata_of(body.get("metadata")),
         "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
         "text": {"format": text_format},
     }
@@ -171,8 +172,9 @@ def _text_format(text: object) -> dict[str, Any]:
     text_format = text.get("format") if isinstance(text, dict) else None
     if text_format is None and isinstance(text, dict):
         return {"type": "text"}
-    if not isinstance(text_format, dict) or text_format.get("type") not in _FORMATS:
-        raise InvalidField("text.format", f"its type must be one of {', '.join(_FORMATS)}")
+    if not isinstance(text_format, dict) or text_format.get("type") not in RESPONSE_FORMATS:
+        formats = ", ".join(RESPONSE_FORMATS)
+        raise InvalidField("text.format", f"its type must be one of {formats}")
     return text_format
 
 
