@@ -207,6 +207,9 @@ async def test_a_model_that_does_not_answer_is_named() -> None:
         ({"REDIS_URL": "redis://:secret@127.0.0.1:1/0"}, r"REDIS_URL redis://:\*\*\*@127"),
         ({"REDIS_URL": "http://nope"}, r"REDIS_URL"),
         ({"MAX_PROMPT_CHARS": "lots"}, r"MAX_PROMPT_CHARS"),
+        ({"TOOLS": "nosuchtool"}, r"TOOLS: unknown tool 'nosuchtool'"),
+        ({"TOOLS_FILE": "/etc/passwd"}, r"TOOLS_FILE: cannot read tools file /etc/passwd"),
+        ({"DEMO_LLM_DELAY_S": "abc"}, r"DEMO_LLM_DELAY_S: got 'abc'"),
     ],
 )
 def test_a_bad_setting_is_one_clear_line_and_status_2(
