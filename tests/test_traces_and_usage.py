@@ -366,6 +366,43 @@ def test_a_chat_that_passes_over_a_dead_shard_is_still_one_enqueue_span(
         assert not spans[0]["error"] and spans[0]["attributes"]["streamgate.job.id"] == job_id
 
 
+def test_with_log_prompts_on_spans_show_the_prompt_the_answer_and_the_calls(
+    receiver: Receiver, redis_url: str, logdir: Path, client: httpx.Client
+) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "LOG_PROMPTS": "true",
+    }
+    stack = Stack(private_db(redis_url), logdir, env).start()
+    trace_id, _, traceparent = _client_trace()
+    try:
+        prompt = '[call calculator {"expression": "98765 * 1001"}] secret-prompt-text'
+        stream = sse.read(
+            client,
+            stack.gateway.url + "/chat",
+            params={"prompt": prompt},
+            headers={"traceparent": traceparent},
+        )
+        assert sse.ends_done(stream)
+    finally:
+        stack.stop()
+
+    def chats() -> list[dict[str, Any]]:
+        return [s for s in receiver.trace(trace_id) if s["name"] == f"chat {MODEL}"]
+
+    wait_until(lambda: len(chats()) == 2, 10, "a span per upstream request")
+    calling, answering = (c["attributes"] for c in chats())
+    assert "secret-prompt-text" in calling["gen_ai.input.messages"]
+    [called] = json.loads(calling["gen_ai.output.messages"])
+    [call] = called["parts"]  # the first answer is the call alone
+    assert call["type"] == "tool_call" and call["name"] == "calculator" and call["id"]
+    assert json.loads(call["arguments"]) == {"expression": "98765 * 1001"}
+    [answer] = json.loads(answering["gen_ai.output.messages"])
+    assert answer["parts"] == [{"type": "text", "content": stream.text}]
+    assert "98863765" in answering["gen_ai.input.messages"]  # the tool's output went back
+
+
 def test_an_openai_clients_traceparent_joins_its_trace_too(
     traced: Stack, receiver: Receiver, client: httpx.Client
 ) -> None:

@@ -197,6 +197,7 @@ class Upstream:
         began = time.monotonic()
         first = True
         text: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # by index, as the deltas name them
         try:
             async for delta in deltas:
                 if first:
@@ -211,15 +212,21 @@ class Upstream:
                     span.set_attribute("gen_ai.usage.output_tokens", delta.completion_tokens)
                 elif isinstance(delta, TextDelta) and self.log_prompts:
                     text.append(delta.text)
+                elif isinstance(delta, ToolCallDelta) and self.log_prompts:
+                    call = calls.setdefault(delta.index, {"type": "tool_call", "arguments": ""})
+                    if delta.call_id and "id" not in call:
+                        call["id"] = delta.call_id
+                    if delta.name and "name" not in call:
+                        call["name"] = delta.name
+                    call["arguments"] += delta.arguments
                 yield delta
         except UpstreamError as exc:
             tracing.failed(span, exc.message, exc.kind)
             raise
         finally:
-            if text:
-                answer = [
-                    {"role": "assistant", "parts": [{"type": "text", "content": "".join(text)}]}
-                ]
+            if text or calls:
+                parts = [{"type": "text", "content": "".join(text)}] if text else []
+                answer = [{"role": "assistant", "parts": parts + list(calls.values())}]
                 span.set_attribute("gen_ai.output.messages", orjson.dumps(answer).decode())
             span.end()
             await deltas.aclose()  # a consumer that stopped early closes the request too
