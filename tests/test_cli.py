@@ -4,12 +4,17 @@ that resuming neither repeats nor loses a token."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,6 +165,83 @@ def test_ctrl_c_cancels_the_job_and_exits_130(stack: Stack) -> None:
     assert stream.events[-1] == {"error": "cancelled"}
 
 
+class CutFirst(socketserver.ThreadingTCPServer):
+    """A TCP proxy to the gateway that cuts its first connection once the gateway has begun
+    to answer (so the job exists) but before the client has any of it; the rest pass."""
+
+    daemon_threads = True
+
+    def __init__(self, target: str) -> None:
+        super().__init__(("127.0.0.1", 0), _CutFirstHandler)
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "", parts.port or 80)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.cut = False
+        self.first_answer = b""
+        self.lock = threading.Lock()
+
+
+class _CutFirstHandler(socketserver.BaseRequestHandler):
+    server: CutFirst
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        with socket.create_connection(self.server.target) as upstream:
+            with self.server.lock:
+                first, self.server.cut = not self.server.cut, True
+            if first:
+                self.server.first_answer = self._cut(client, upstream)
+                return
+            forward = threading.Thread(target=_pipe, args=(client, upstream), daemon=True)
+            forward.start()
+            _pipe(upstream, client)
+            forward.join(5)
+
+    def _cut(self, client: socket.socket, upstream: socket.socket) -> bytes:
+        """Pass the request on, read the gateway's answer up to its first event, drop both."""
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += client.recv(65536)
+        upstream.sendall(request)
+        answer = b""
+        while b"data:" not in answer and (chunk := upstream.recv(65536)):
+            answer += chunk
+        return answer
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def cut_first(stack: Stack) -> Iterator[CutFirst]:
+    proxy = CutFirst(stack.gateway.url)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield proxy
+    proxy.shutdown()
+    proxy.server_close()
+    thread.join(5)
+
+
+def test_a_session_chat_lost_before_its_first_event_follows_its_own_job(
+    cut_first: CutFirst,
+) -> None:
+    # Sent again, the chat meets its own job in the session's 409 and follows it from the
+    # start: neither "session is still answering" (exit 2) nor a job left unread.
+    session = f"cli-{uuid.uuid4().hex}"
+    result = cli("chat", "[long 40] [delay 0.03]", "--session", session, "--url", cut_first.url)
+    assert result.code == 0, result.err
+    assert result.out == "".join(f"t{i} " for i in range(40)) + "\n"
+    found = re.search(rb'"job_id": ?"([0-9a-f]{32})"', cut_first.first_answer)
+    assert found is not None, cut_first.first_answer
+    assert f"following job {found.group(1).decode()}" in result.err
+
+
 # --- against a scripted gateway that drops connections ------------------------------------
 
 JOB = "ab" * 16
@@ -195,6 +277,7 @@ class Fake:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: list(SCRIPT))
     cuts: list[int | None] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    error: dict[str, Any] | None = None  # the body of an error status, if not the scripted one
     drop: str = "close"  # close | half | chunked | stall
     seen: list[Seen] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
@@ -231,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         if status != 200:
-            body = json.dumps({"error": f"scripted {status}"}).encode()
+            body = json.dumps(fake.error or {"error": f"scripted {status}"}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -320,6 +403,48 @@ def test_a_drop_before_any_event_sends_the_original_request_again(fake: Fake) ->
     assert [seen.path for seen in fake.seen] == ["/chat", "/chat"]
     expected = {"prompt": ["hi"], "session": ["s1"], "role": ["pirate"]}
     assert all(seen.query == expected for seen in fake.seen)
+
+
+BUSY = f"session s1 is still answering job {JOB}; wait for its final event"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"error": BUSY}, {"error": "session s1 is busy", "job_id": JOB}],
+    ids=["id-in-message", "job_id-key"],
+)
+def test_a_409_after_a_drop_before_any_event_follows_the_job_it_names(
+    fake: Fake, body: dict[str, Any]
+) -> None:
+    fake.cuts = [0, None, None]
+    fake.statuses = [200, 409, 200]
+    fake.error = body
+    result = cli("chat", "hi", "--session", "s1", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert result.out == EXPECTED_TEXT
+    assert [seen.path for seen in fake.seen] == ["/chat", "/chat", f"/chat/{JOB}/events"]
+    assert "last-event-id" not in fake.seen[2].headers  # from the start: nothing shown yet
+    assert result.err.count("resuming in") == 1
+    assert f"following job {JOB}" in result.err
+
+
+def test_a_gateway_restarting_when_the_request_is_sent_again_is_retried(fake: Fake) -> None:
+    fake.cuts = [0, None, None]
+    fake.statuses = [200, 503, 200]
+    result = cli("chat", "hi", "--url", fake.url)
+    assert result.code == 0, result.err
+    assert result.out == EXPECTED_TEXT
+    assert [seen.path for seen in fake.seen] == ["/chat"] * 3
+    assert "the gateway answered 503" in result.err
+
+
+def test_a_409_on_the_first_request_is_an_error(fake: Fake) -> None:
+    # The job it names is not ours: we have not started one.
+    fake.statuses = [409]
+    fake.error = {"error": BUSY, "job_id": JOB}
+    result = cli("chat", "hi", "--session", "s1", "--url", fake.url)
+    assert (result.code, result.out, result.err) == (2, "", f"error: {BUSY}\n")
+    assert [seen.path for seen in fake.seen] == ["/chat"]
 
 
 def test_tool_calls_get_lines_of_their_own_and_unknown_events_are_ignored(fake: Fake) -> None:

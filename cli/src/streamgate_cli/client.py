@@ -20,11 +20,12 @@ does both. Decisions a reader might want to undo:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 from httpx_sse import SSEError, connect_sse
@@ -35,6 +36,9 @@ RETRIES = 8
 BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
 RETRYABLE_STATUSES = frozenset({502, 503, 504})  # a gateway restarting behind a proxy
+# The 409's wording when its body has no job_id key: "session X is still answering job <id>".
+BUSY_JOB = re.compile(r"\bjob ([0-9a-f]{32})\b")
+JOB_ID = re.compile(r"[0-9A-Za-z_-]+")  # safe to put in the events URL's path
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class _Dropped(Exception):
     """The stream stopped before its final event; resume."""
 
 
+class _Found(Exception):
+    """The job a lost request started is known now: follow it at once, no retry counted."""
+
+
 class EventStream:
     """Iterate over a job's events, from ``path`` and then from its events URL on resume.
 
@@ -103,6 +111,7 @@ class EventStream:
         self.sleep = sleep
         self.ended_early = False
         self._connected = False
+        self._sent = False
 
     def __iter__(self) -> Iterator[Event]:
         failures = 0
@@ -125,6 +134,8 @@ class EventStream:
                 reason = _describe(exc)
             except _Dropped as exc:
                 reason = str(exc)
+            except _Found:
+                continue
             failures += 1
             if failures > self.retries:
                 raise ConnectionLost(
@@ -149,7 +160,9 @@ class EventStream:
 
     def _read_once(self) -> Generator[Event, None, None]:
         path, params, headers = self._request()
-        resuming = self.last_id is not None
+        # The first request's errors are the user's to see; after a lost connection a 503 may
+        # be a gateway restarting, and a 409 may name the job the lost request started.
+        resuming, self._sent = self._sent, True
         with connect_sse(self.client, "GET", path, params=params, headers=headers) as source:
             response = source.response
             self._connected = True
@@ -159,7 +172,11 @@ class EventStream:
             if response.status_code in RETRYABLE_STATUSES and resuming:
                 raise _Dropped(f"the gateway answered {response.status_code}")
             if response.status_code != 200:
-                raise GatewayError(response.status_code, _error_message(response))
+                body = _error_body(response)
+                job_id = _busy_job(body) if response.status_code == 409 else None
+                if resuming and self.job_id is None and job_id is not None:
+                    self._follow(job_id)
+                raise GatewayError(response.status_code, _error_message(response, body))
             try:
                 for message in source.iter_sse():
                     data = _json_object(message.data)
@@ -174,6 +191,13 @@ class EventStream:
             except SSEError as exc:
                 raise GatewayError(200, f"the gateway did not answer with events: {exc}") from exc
 
+    def _follow(self, job_id: str) -> NoReturn:
+        """Read ``job_id`` from its start from now on: the request sent again met it."""
+        self.job_id = job_id
+        self.path, self.params = f"/chat/{job_id}/events", {}
+        self.on_retry(f"following job {job_id}, which the lost request had started")
+        raise _Found
+
 
 def _json_object(data: str) -> dict[str, Any] | None:
     if not data:
@@ -185,16 +209,30 @@ def _json_object(data: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The gateway's ``{"error": ...}`` text, or the status when the body is not that."""
-    body = response.read()
+def _error_body(response: httpx.Response) -> dict[str, Any]:
+    """The error answer's JSON object, or an empty one when the body is not that."""
     try:
-        message = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        message = None
+        return _json_object(response.read().decode()) or {}
+    except UnicodeDecodeError:
+        return {}
+
+
+def _error_message(response: httpx.Response, body: dict[str, Any]) -> str:
+    """The gateway's ``{"error": ...}`` text, or the status when the body is not that."""
+    message = body.get("error")
     if isinstance(message, str) and message:
         return message
     return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+
+
+def _busy_job(body: dict[str, Any]) -> str | None:
+    """The running job a session's 409 names: its ``job_id`` key (newer gateways), else
+    the id in its message."""
+    job_id = body.get("job_id")
+    if isinstance(job_id, str) and JOB_ID.fullmatch(job_id):
+        return job_id
+    found = BUSY_JOB.search(str(body.get("error", "")))
+    return found.group(1) if found else None
 
 
 def _describe(exc: httpx.TransportError) -> str:
