@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import tty
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,29 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> R
     )
     # Bytes decoded by hand: text mode would turn the answer's "\r\n" into "\n".
     return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def cli_on_terminal(*args: str) -> Result:
+    """``cli``, with stdout and stderr on one pseudo-terminal (raw: no newline translation),
+    so that the CLI knows it writes to a terminal; ``out`` is what the terminal got."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGATE_")}
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    with subprocess.Popen(
+        [*CLI, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**clean, "PYTHONIOENCODING": "utf-8"},
+    ) as proc:
+        os.close(slave)
+        got = b""
+        with contextlib.suppress(OSError):  # EIO: the CLI has exited, closing the terminal
+            while chunk := os.read(master, 65536):
+                got += chunk
+        code = proc.wait(30)
+    os.close(master)
+    return Result(code, got.decode(), "")
 
 
 def json_lines(out: str) -> list[dict[str, Any]]:
@@ -476,6 +501,41 @@ def test_tool_calls_get_lines_of_their_own_and_unknown_events_are_ignored(fake: 
         "⚙ current_time {bad → error: bad JSON\n"
         "It is 14.\n"
     )
+
+
+HOSTILE = scripted(
+    {"lifecycle": "queued", "job_id": JOB, "position": 1},
+    {"token": "Hi\x1b]0;pwned\x07 there"},
+    {"token": "\r\x1b[2J\x00\x9b!\n\tok"},
+    {"tool_call": {"id": "c1", "name": "calc\x1b[8m"}},
+    {"tools_called": [{"id": "c1", "name": "calc", "arguments": "{\x1b[2J", "output": "1\r\x7f"}]},
+    {"error": "boom\x1b]0;x\x07"},
+)
+
+
+def test_on_a_terminal_control_characters_are_shown_not_obeyed(fake: Fake) -> None:
+    # A model or tool must not retitle, clear or rewrite the terminal; newline and tab pass.
+    fake.events = HOSTILE
+    result = cli_on_terminal("chat", "hi", "--url", fake.url)
+    assert result.code == 1
+    assert result.out == (
+        "Hi\\x1b]0;pwned\\x07 there\\x0d\\x1b[2J\\x00\\x9b!\n\tok\n"
+        "⚙ calling calc\\x1b[8m…\n"
+        "⚙ calc {\\x1b[2J → 1\\x0d\\x7f\n"
+        "error: boom\\x1b]0;x\\x07\n"
+    )
+
+
+def test_through_a_pipe_the_text_stays_exact(fake: Fake) -> None:
+    fake.events = HOSTILE
+    result = cli("chat", "hi", "--url", fake.url)
+    assert result.code == 1
+    assert result.out == (
+        "Hi\x1b]0;pwned\x07 there\r\x1b[2J\x00\x9b!\n\tok\n"
+        "⚙ calling calc\x1b[8m…\n"
+        "⚙ calc {\x1b[2J → 1\r\x7f\n"
+    )
+    assert result.err == "error: boom\x1b]0;x\x07\n"
 
 
 def test_api_key_and_url_come_from_the_environment(fake: Fake) -> None:

@@ -14,7 +14,7 @@ from typing import TextIO
 import httpx
 
 from .client import Event, EventStream
-from .render import Renderer
+from .render import Renderer, shown
 
 EXIT_DONE = 0
 EXIT_JOB_FAILED = 1
@@ -32,7 +32,9 @@ def follow(stream: EventStream, renderer: Renderer, stderr: TextIO) -> int:
         last = event
     if last is not None and "error" in last.data:
         renderer.end_line()
-        print(f"error: {last.data['error']}", file=stderr)
+        # The error may quote the upstream or a tool: not to drive the terminal either.
+        message = str(last.data["error"])
+        print(f"error: {shown(message) if stderr.isatty() else message}", file=stderr)
         return EXIT_JOB_FAILED
     if last is None or last.is_final:
         return EXIT_DONE  # done, or a 204 for a cursor that was already the final event

@@ -91,7 +91,7 @@ def run(
     headers = {"User-Agent": f"streamgate-cli/{version('streamgate-cli')}"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
-    renderer: Renderer = JsonRenderer(out) if args.json else TextRenderer(out)
+    renderer: Renderer = JsonRenderer(out) if args.json else TextRenderer(out, out.isatty())
 
     def on_retry(message: str) -> None:
         print(f"streamgate: {message}", file=err, flush=True)

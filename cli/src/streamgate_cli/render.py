@@ -4,6 +4,12 @@ Tokens are written as they come and flushed one by one, so the answer appears li
 through a pipe. Tool activity gets lines of its own; the text renderer remembers whether
 the cursor is at the start of a line so it never glues a tool line to the answer, nor adds
 blank lines. Errors are not written here: the caller prints them on stderr.
+
+On a terminal, the text of a model or a tool must not drive the terminal: an escape
+sequence could retitle or clear it, a ``\\r`` rewrite a line already shown. So every C0 and
+C1 control but newline and tab is shown as a ``\\xNN`` escape there (``shown``). Anywhere
+else (a pipe, a file) the text stays exact, so that the tokens still add up to the model's
+answer. ``--json`` needs nothing: JSON escapes every control.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ from typing import Any, Protocol, TextIO
 from .client import Event
 
 TOOL_MARK = "⚙"
+# C0 controls but tab and newline, DEL, and C1 controls, each as its escape.
+_CONTROLS = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\t\n"
+}
 
 
 class Renderer(Protocol):
@@ -24,8 +34,11 @@ class Renderer(Protocol):
 
 
 class TextRenderer:
-    def __init__(self, out: TextIO) -> None:
+    """The answer as text; ``terminal`` shows control characters as escapes (see above)."""
+
+    def __init__(self, out: TextIO, terminal: bool = False) -> None:
         self.out = out
+        self.terminal = terminal
         self.at_line_start = True
 
     def event(self, event: Event) -> None:
@@ -51,7 +64,7 @@ class TextRenderer:
     def _write(self, text: str) -> None:
         if not text:
             return
-        self.out.write(text)
+        self.out.write(shown(text) if self.terminal else text)
         self.out.flush()
         self.at_line_start = text.endswith("\n")
 
@@ -73,5 +86,10 @@ class JsonRenderer:
 def tool_line(call: dict[str, Any]) -> str:
     """``⚙ calculator {"expression": "2 + 3"} → 5``: name, arguments and output."""
     arguments = call.get("arguments")
-    shown = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return f"{TOOL_MARK} {call.get('name', '?')} {shown} → {call.get('output', '')}"
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f"{TOOL_MARK} {call.get('name', '?')} {text} → {call.get('output', '')}"
+
+
+def shown(text: str) -> str:
+    """``text`` made safe for a terminal: its controls but newline and tab as escapes."""
+    return text.translate(_CONTROLS)
