@@ -189,6 +189,7 @@ def test_double_texting_is_a_409(agent_stack: Stack, client: httpx.Client) -> No
     second = client.get(url, params={"prompt": "hello?", "session": "busy"})
     assert second.status_code == 409
     assert first.json()["job_id"] in second.json()["error"]
+    assert second.json()["job_id"] == first.json()["job_id"]  # for programs, without parsing
     assert client.post(url, json={"prompt": "again", "session": "busy"}).status_code == 409
     sse.read(client, agent_stack.gateway.url + first.json()["events_url"])
     assert sse.is_done(chat(agent_stack, "now", session="busy").events[-1])

@@ -24,11 +24,15 @@ class ApiError(Exception):
     param: str | None = None  # for the OpenAI API's error shape: the field at fault
     code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, details: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if param is not None:
             self.param = param
+        # Keys beside "error" for programs, so none has to parse the words (409's job_id).
+        self.details = details or {}
 
 
 class BadRequest(ApiError):
@@ -83,11 +87,15 @@ def error_response(
     request: Request | None = None,
     param: str | None = None,
     code: str | None = None,
+    details: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """The JSON error: ``{"error": message}``, or under /v1/ the OpenAI API's shape."""
+    """The JSON error: ``{"error": message, **details}``, or under /v1/ the OpenAI API's
+    shape (which has no room for ``details``)."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     openai = request is not None and request.url.path.startswith(OPENAI_PREFIX)
     body = error_body(status, message, openai, param, code)
+    if not openai and details:
+        body = {**body, **details}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -110,7 +118,13 @@ def error_body(
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     response = error_response(
-        exc.status, exc.message, exc.retry_after, request, param=exc.param, code=exc.code
+        exc.status,
+        exc.message,
+        exc.retry_after,
+        request,
+        param=exc.param,
+        code=exc.code,
+        details=exc.details,
     )
     response.headers.update(exc.headers)
     return response

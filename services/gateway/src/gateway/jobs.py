@@ -111,7 +111,8 @@ def _session_home(state: State, identity: str, name: str) -> tuple[str, Shard]:
 def _busy(shown: str, holder: str) -> Conflict:
     return Conflict(
         f"session {shown} is still answering job {holder}; wait for its final event,"
-        f" or cancel it with DELETE /chat/{holder}"
+        f" or cancel it with DELETE /chat/{holder}",
+        details={"job_id": holder},  # a client whose own request this was can follow it
     )
 
 
