@@ -567,6 +567,16 @@ def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
     expect(last.locator(".notice.error")).to_contain_text("still running")
 
 
+def test_stop_from_the_keyboard_leaves_focus_in_the_message_box(page: Page) -> None:
+    send(page, "[long 200] [delay 0.05]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("3")
+    page.keyboard.press("Tab")  # Send is disabled while answering: Stop is next
+    expect(page.locator("#stop")).to_be_focused()
+    page.keyboard.press("Enter")
+    wait_state(page, "stopped", timeout=5_000)
+    expect(page.locator("#prompt")).to_be_focused()
+
+
 @pytest.mark.slow
 def test_a_2000_token_answer_at_100_a_second_keeps_the_page_responsive(page: Page) -> None:
     """The worst case for the renderer: one paragraph with no blank line, so each frame

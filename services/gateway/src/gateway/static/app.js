@@ -459,6 +459,8 @@
     const t = turn;
     if (!t || t.stopRequested) return;
     t.stopRequested = true;
+    // Chromium moves focus from a button it disables to <body>: hand it over first.
+    if (document.activeElement === els.stop) els.prompt.focus();
     els.stop.disabled = true;
     setStatus("stopping…");
     if (t.jobId) {
