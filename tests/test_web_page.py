@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -565,6 +566,39 @@ def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
     send(page, "again")
     last = wait_state(page, "error")
     expect(last.locator(".notice.error")).to_contain_text("still running")
+
+
+def test_a_connection_lost_before_the_first_event_follows_its_own_answer(
+    page: Page, stack: Stack
+) -> None:
+    """The first GET /chat reaches the server, which starts the job, but its answer is lost
+    before the ``queued`` event: the browser's reconnect sends the prompt again, gets 409 for
+    the chat's own job, and the page must read that job rather than report it as another."""
+    started: list[str] = []
+
+    def lose_the_first_answer(route: Route) -> None:
+        if started or route.request.method != "GET":
+            route.continue_()
+            return
+        with httpx.stream("GET", route.request.url) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    started.append(json.loads(line[5:])["job_id"])
+                    break
+        # The stream ends before any event, and the browser reconnects 50 ms later.
+        route.fulfill(status=200, content_type="text/event-stream", body="retry: 50\n\n")
+
+    before = stack.llm_stats()["requests"]
+    read: list[str] = []
+    page.on("request", lambda r: read.append(r.url) if r.url.endswith("/events") else None)
+    page.route(re.compile(r"/chat\?"), lose_the_first_answer)
+    send(page, "[long 30] [delay 0.02]")
+    last = wait_state(page, "done")
+    assert last.get_attribute("data-job-id") == started[0]
+    assert raw(last) == "".join(f"t{i} " for i in range(30))
+    assert stack.llm_stats()["requests"] == before + 1, "one job, its own"
+    assert read == [f"{stack.gateway.url}/chat/{started[0]}/events"]
+    expect(page.locator("#status")).to_have_text("")
 
 
 def test_stop_from_the_keyboard_leaves_focus_in_the_message_box(page: Page) -> None:

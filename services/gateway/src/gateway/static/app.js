@@ -17,6 +17,7 @@
     apiKey: "streamgate.apiKey",
     role: "streamgate.role",
   };
+  const JOB_ID_RE = /^[0-9a-f]{32}$/;
   const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
   const ROLE_RE = /^[A-Za-z0-9_.-]{1,64}$/;
   // The browser would retry forever; give up sooner when nothing ever arrived.
@@ -93,10 +94,20 @@
     return "/chat?" + params.toString();
   }
 
+  function withParam(url, name, value) {
+    return url + (url.includes("?") ? "&" : "?") + name + "=" + encodeURIComponent(value);
+  }
+
+  // Reading a job never starts one, unlike GET /chat?prompt=, which a reconnect re-sends.
+  function eventsUrl(jobId, key) {
+    const url = "/chat/" + encodeURIComponent(jobId) + "/events";
+    return key ? withParam(url, "access_token", key) : url;
+  }
+
   // Why did the stream fail? HEAD answers the status without starting a job.
   async function probe(t) {
     let url = t.url;
-    if (t.lastEventId) url += "&last_event_id=" + encodeURIComponent(t.lastEventId);
+    if (t.lastEventId) url = withParam(url, "last_event_id", t.lastEventId);
     try {
       // With the turn's own key: a key saved since must not answer for the one it was sent with.
       const response = await fetch(url, { method: "HEAD", headers: authHeaders(t.key) });
@@ -106,21 +117,24 @@
     }
   }
 
-  // A 400 or 413 comes from checking the request before any job exists, so asking again
-  // with GET is safe and brings the server's own words ("unknown role ...").
-  async function serverWords(t, status) {
-    if (t.gotEvent || (status !== 400 && status !== 413)) return null;
+  // A 400 or 413 comes from checking the request before any job exists, and a 409 from the
+  // session's lock, so asking again with GET starts nothing and brings the server's body:
+  // its own words ("unknown role ..."), or the running job's id. (Should that job end just
+  // between the two requests, the GET starts one: it is dropped, and the server cancels it.)
+  async function serverBody(t, status) {
+    const asked = status === 400 || status === 413 || (status === 409 && t.reconnecting);
+    if (t.gotEvent || !asked) return {};
     const controller = new AbortController();
     try {
       const response = await fetch(t.url, { headers: authHeaders(t.key), signal: controller.signal });
       if (response.ok) {
         controller.abort(); // it was accepted after all: drop it, the server cancels it
-        return null;
+        return {};
       }
       const body = await response.json();
-      return typeof body.error === "string" && body.error ? body.error : null;
+      return body && typeof body === "object" ? body : {};
     } catch {
-      return null;
+      return {};
     }
   }
 
@@ -398,8 +412,17 @@
       finish(t, "error", "The answer ended, but its last part did not arrive.");
       return;
     }
-    const words = await serverWords(t, status);
+    const body = await serverBody(t, status);
     if (t.final) return;
+    if (status === 409 && typeof body.job_id === "string" && JOB_ID_RE.test(body.job_id)) {
+      // Only a reconnect gets here: the first request started this job and its answer was
+      // lost before the first event, so the browser sent the prompt again. Read that job.
+      t.url = eventsUrl(body.job_id, t.key);
+      open(t);
+      return;
+    }
+    // The server's words for a 409 are for programs ("DELETE /chat/..."): ours say it better.
+    const words = status !== 409 && typeof body.error === "string" ? body.error : "";
     finish(t, "error", words || describeFailure(status, t));
   }
 
