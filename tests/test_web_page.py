@@ -559,13 +559,34 @@ def test_an_unreachable_server_is_reported(open_page: Callable[..., Page], stack
     assert source_closed(page)
 
 
-def test_a_chat_still_answering_after_a_reload_is_explained(page: Page) -> None:
+def test_a_chat_still_answering_in_another_tab_is_explained(page: Page) -> None:
     send(page, "[long 100] [delay 0.05]")
     expect(answer(page).locator(".answer .text")).to_contain_text("t3")
-    page.reload()  # the first answer goes on until the server sees nobody reads it
-    send(page, "again")
-    last = wait_state(page, "error")
+    other = page.context.new_page()  # the same chat (localStorage), not the same answer
+    other.goto(page.url)
+    send(other, "again")
+    last = wait_state(other, "error")
     expect(last.locator(".notice.error")).to_contain_text("still running")
+    assert answer(page).get_attribute("data-state") == "streaming", "nor is the first one taken"
+
+
+def test_a_reload_mid_answer_shows_it_again_and_follows_it_to_its_end(
+    page: Page, stack: Stack
+) -> None:
+    before = stack.llm_stats()["requests"]
+    send(page, "[long 60] [delay 0.05]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    job_id = answer(page).get_attribute("data-job-id")
+    page.reload()
+    expect(page.locator(".msg.user")).to_have_text(["[long 60] [delay 0.05]"])
+    last = wait_state(page, "done")
+    assert last.get_attribute("data-job-id") == job_id
+    assert raw(last) == "".join(f"t{i} " for i in range(60)), "the whole answer, once"
+    send(page, "next")  # the chat is free: no 409
+    wait_state(page, "done")
+    assert stack.llm_stats()["requests"] == before + 2
+    page.reload()  # a finished answer is not brought back
+    expect(page.locator(".msg")).to_have_count(0)
 
 
 def test_a_connection_lost_before_the_first_event_follows_its_own_answer(

@@ -7,6 +7,9 @@
 //   in the query (access_token=), and when a stream fails before its final event a HEAD
 //   request to the same URL (which never enqueues a job) tells us why.
 // - Answers are Markdown (markdown.js): rendered as they stream, sanitized, no script runs.
+// - A reload picks up the answer in flight (its job id is kept in sessionStorage, per tab)
+//   and replays it from its start: the new page has none of it on screen. Only that answer
+//   comes back, not the conversation before it; a finished one is not shown again.
 // - handleEvent is exposed as window.streamgate.handleEvent so tests can render events
 //   (tool chips, say) that the demo model does not produce.
 "use strict";
@@ -16,6 +19,7 @@
     session: "streamgate.session",
     apiKey: "streamgate.apiKey",
     role: "streamgate.role",
+    inFlight: "streamgate.inFlight", // sessionStorage: the answer a reload resumes
   };
   const JOB_ID_RE = /^[0-9a-f]{32}$/;
   const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -45,23 +49,34 @@
     keyCancel: $("key-cancel"),
   };
 
-  // localStorage throws in some private modes: the page still works, it just forgets.
-  const storage = {
-    get(name) {
-      try {
-        return window.localStorage.getItem(name);
-      } catch {
-        return null;
-      }
-    },
-    set(name, value) {
-      try {
-        window.localStorage.setItem(name, value);
-      } catch {
-        /* not persisted */
-      }
-    },
-  };
+  // Web storage throws in some private modes: the page still works, it just forgets.
+  function storageIn(area) {
+    return {
+      get(name) {
+        try {
+          return window[area].getItem(name);
+        } catch {
+          return null;
+        }
+      },
+      set(name, value) {
+        try {
+          window[area].setItem(name, value);
+        } catch {
+          /* not persisted */
+        }
+      },
+      remove(name) {
+        try {
+          window[area].removeItem(name);
+        } catch {
+          /* nothing kept */
+        }
+      },
+    };
+  }
+  const storage = storageIn("localStorage");
+  const tabStorage = storageIn("sessionStorage"); // this tab's, and it outlives a reload
 
   function newSessionId() {
     // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
@@ -206,6 +221,7 @@
       stopRequested: false,
       cancelSent: false,
       reconnecting: false,
+      resumed: false, // picked up again after a reload
       giveUpTimer: null,
     };
     t.el.dataset.state = "streaming";
@@ -223,6 +239,14 @@
     });
     turn = t;
     return t;
+  }
+
+  // Take a turn off the screen as if it had never been sent.
+  function withdraw(t) {
+    finish(t, "error", "withdrawn");
+    t.el.remove();
+    if (t.userEl) t.userEl.remove();
+    if (!els.log.querySelector(".msg")) els.empty.hidden = false;
   }
 
   function dropTyping(t) {
@@ -310,6 +334,7 @@
   function finish(t, kind, message) {
     if (t.final) return;
     t.final = true;
+    forget(t);
     if (t.source) t.source.close();
     clearTimeout(t.giveUpTimer);
     t.el.classList.remove("reconnecting");
@@ -350,7 +375,10 @@
     } else if (data.lifecycle === "done") {
       finish(t, "done");
     } else if (data.lifecycle === "queued" || data.lifecycle === "started") {
-      if (typeof data.job_id === "string") t.jobId = data.job_id;
+      if (typeof data.job_id === "string" && data.job_id !== t.jobId) {
+        t.jobId = data.job_id;
+        remember(t);
+      }
       t.el.dataset.jobId = t.jobId || "";
       if (t.stopRequested) {
         if (!t.cancelSent) cancel(t);
@@ -362,6 +390,44 @@
       }
     }
     // Unknown keys and lifecycle values are ignored, as the protocol asks.
+  }
+
+  // --- the answer in flight, across a reload -----------------------------------------
+
+  function remember(t) {
+    const kept = { jobId: t.jobId, prompt: t.prompt, session };
+    tabStorage.set(STORE.inFlight, JSON.stringify(kept));
+  }
+
+  function kept() {
+    try {
+      return JSON.parse(tabStorage.get(STORE.inFlight) || "null");
+    } catch {
+      return null;
+    }
+  }
+
+  function forget(t) {
+    const answer = kept();
+    if (answer && answer.jobId === t.jobId) tabStorage.remove(STORE.inFlight);
+  }
+
+  // The page was reloaded (or its tab restored) while an answer ran: show it again, from its
+  // start, and follow it to its end. Another chat begun since in another tab leaves it be.
+  function resumeAfterReload() {
+    const answer = kept();
+    if (!answer) return;
+    if (answer.session !== session || typeof answer.jobId !== "string" || !JOB_ID_RE.test(answer.jobId)) {
+      tabStorage.remove(STORE.inFlight);
+      return;
+    }
+    const t = startTurn(typeof answer.prompt === "string" ? answer.prompt : null);
+    t.jobId = answer.jobId;
+    t.resumed = true;
+    t.url = eventsUrl(t.jobId, t.key);
+    setStreaming(true);
+    setStatus("resuming…");
+    open(t);
   }
 
   function reconnecting(t) {
@@ -388,17 +454,19 @@
     t.source.close();
     const status = await probe(t);
     if (t.final) return;
-    if (status === 401 && t.gotEvent) {
+    if (status === 404 && t.resumed && !t.gotEvent) {
+      withdraw(t); // it ended long enough ago to have expired: nothing to show
+      setStatus("");
+      return;
+    }
+    if (status === 401 && (t.gotEvent || t.resumed)) {
       finish(t, "error", "The server stopped accepting the API key mid-answer.");
       askForKey(refusedKey(), null);
       return;
     }
     if (status === 401) {
       // Nothing was answered: take the message back, ask for a key, then send it again.
-      finish(t, "error", "an API key is needed");
-      t.el.remove();
-      if (t.userEl) t.userEl.remove();
-      if (!els.log.querySelector(".msg")) els.empty.hidden = false;
+      withdraw(t);
       els.prompt.value = t.prompt || "";
       if (t.key !== apiKey) {
         send(els.prompt.value); // refused an older key: the one saved since may do
@@ -640,4 +708,5 @@
 
   setStreaming(false);
   loadRoles();
+  resumeAfterReload();
 })();
