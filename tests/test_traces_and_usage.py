@@ -39,7 +39,7 @@ from worker.tools.loading import builtin_tools
 from . import sse
 from .harness import Stack, free_port, private_db, release_db, wait_until
 
-KEYS = ("key-a", "key-b", "key-c", "key-d")
+KEYS = ("key-a", "key-b", "key-c", "key-d", "key-e")
 MODEL = "streamgate-demo"
 
 
@@ -329,6 +329,44 @@ def test_a_job_failing_once_its_requests_ended_counts_what_they_reported(
         "jobs": 1,
         "unknown_jobs": 0,
     }
+
+
+def test_a_job_cancelled_while_a_request_streams_counts_as_unknown(
+    traced: Stack, client: httpx.Client
+) -> None:
+    """Its first request reported its usage, the one in flight has not: what the job spent
+    is not known, so it counts apart, not as the first request's tokens alone."""
+    auth = _auth("key-e")
+    job = client.post(
+        traced.gateway.url + "/chat",
+        json={"prompt": '[call calculator {"expression": "1 + 1"}] [delay 0.1]'},
+        headers=auth,
+    ).json()
+    raw: list[bytes] = []
+    cancelled: list[int] = []
+
+    def cancel_once_the_answer_streams(chunk: bytes) -> None:
+        raw.append(chunk)
+        _, called, after = b"".join(raw).partition(b'"tools_called"')
+        if called and b'"token"' in after and not cancelled:
+            url = f"{traced.gateway.url}/chat/{job['job_id']}"
+            cancelled.append(httpx.delete(url, headers=auth).status_code)
+
+    stream = sse.read(
+        client,
+        traced.gateway.url + job["events_url"],
+        headers=auth,
+        on_chunk=cancel_once_the_answer_streams,
+    )
+    assert cancelled == [204] and stream.events[-1] == {"error": "cancelled"}
+
+    def rows() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = client.get(traced.gateway.url + "/usage", headers=auth).json()
+        return found
+
+    wait_until(lambda: bool(rows()), 10, "the job counted")
+    (row,) = rows()
+    assert (row["unknown_jobs"], row["jobs"], row["total_tokens"]) == (1, 0, 0), row
 
 
 def test_a_chat_that_passes_over_a_dead_shard_is_still_one_enqueue_span(

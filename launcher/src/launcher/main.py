@@ -93,10 +93,12 @@ def procfile() -> dict[str, list[str]]:
 
 def validate_settings(env: dict[str, str]) -> None:
     """The services' own check of every setting, before anything starts: the shared
-    settings, the worker's tools (TOOLS, TOOLS_FILE: read, its modules imported, as the
-    worker will) and, unless a model is named, the demo LLM's delay."""
+    settings, the worker's tools (TOOLS and the tools file, read as the worker reads it;
+    its modules are imported by the worker alone) and, without OPENAI_BASE_URL, the demo
+    LLM's delay."""
+    from demo_llm.settings import delay_problem
     from shared.settings import load_settings
-    from worker.tools.loading import load_registry
+    from worker.tools.loading import check_tools
 
     os.environ.update(env)
     try:
@@ -105,21 +107,13 @@ def validate_settings(env: dict[str, str]) -> None:
         _, *problems = str(exc.code).splitlines()
         raise LaunchError("invalid setting: " + "; ".join(p.strip() for p in problems)) from None
     try:
-        load_registry(settings)
+        check_tools(settings)
     except ValueError as exc:
         raise LaunchError(f"invalid setting: {exc}") from None
-    delay = env.get("DEMO_LLM_DELAY_S", "0.03")
-    if not env.get("OPENAI_BASE_URL") and not _number_within(delay, 0, 60):
-        raise LaunchError(
-            f"invalid setting: DEMO_LLM_DELAY_S: got {delay!r}; use a number from 0 to 60"
-        )
-
-
-def _number_within(text: str, low: float, high: float) -> bool:
-    try:
-        return low <= float(text) <= high
-    except ValueError:
-        return False
+    if not env.get("OPENAI_BASE_URL"):
+        problem = delay_problem(env.get("DEMO_LLM_DELAY_S") or "")
+        if problem:
+            raise LaunchError(f"invalid setting: {problem}")
 
 
 class Run:

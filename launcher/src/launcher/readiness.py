@@ -31,6 +31,11 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return False
+            if exc.errno == errno.EACCES:
+                raise LaunchError(
+                    f"port {port} needs privileges this user lacks: pick one above 1023"
+                    " with --port N"
+                ) from None
             raise LaunchError(
                 f"cannot listen on HOST={host} port {port}: {exc.strerror or exc}; set HOST to"
                 " an address of this machine (127.0.0.1, 0.0.0.0 for every interface)"

@@ -10,22 +10,17 @@ import sys
 import uvicorn
 
 from .app import create_app
+from .settings import DELAY_S_DEFAULT, number_problem
 
 
 def _setting(
     name: str, default: str, kind: type[float] | type[int], low: float, high: float
 ) -> float:
     raw = os.environ.get(name) or default
-    try:
-        value = kind(raw)
-        if not low <= value <= high:
-            raise ValueError
-    except ValueError:
-        sys.exit(
-            f"demo LLM cannot start: invalid setting(s)\n  {name}: got {raw!r}; "
-            f"use a number from {low:g} to {high:g}"
-        )
-    return value
+    problem = number_problem(name, raw, kind, low, high)
+    if problem:
+        sys.exit(f"demo LLM cannot start: invalid setting(s)\n  {problem}")
+    return kind(raw)
 
 
 def main() -> None:
@@ -34,7 +29,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
     port = args.port or int(_setting("PORT", "8001", int, 1, 65535))
-    delay = float(_setting("DEMO_LLM_DELAY_S", "0.03", float, 0, 60))
+    delay = float(_setting("DEMO_LLM_DELAY_S", DELAY_S_DEFAULT, float, 0, 60))
     app = create_app(delay)
     # As the gateway does (shared/gc_tuning.py, not a dependency here): with thousands of
     # streams open, a full collection would pause every stream for a few hundred ms.

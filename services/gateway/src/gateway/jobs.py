@@ -43,18 +43,19 @@ async def enqueue(
         return await enqueue_request(state, asdict(chat), kind, identity, traceparent)
     session, shard = _session_home(state, identity, chat.session)
     job_id = new_job_id(shard.index)
-    with _traced(kind, traceparent):
-        await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
-        fields = asdict(replace(chat, session=session))
-        try:
+    # Taken before the trace starts: a 409 is no job, and leaves no span.
+    await _take_session(shard.log, shard.sessions, session, job_id, shown=chat.session)
+    fields = asdict(replace(chat, session=session))
+    try:
+        with _traced(kind, traceparent):
             await _enqueue(state, shard, fields, kind, job_id, identity)
-        except RedisTimeoutError:
-            # Unlocking would wait out the same hung Redis: a lock whose job never came to
-            # be is taken over by the session's next chat (its holder is over).
-            raise
-        except BaseException:
-            await shard.sessions.unlock(session, job_id)
-            raise
+    except RedisTimeoutError:
+        # Unlocking would wait out the same hung Redis: a lock whose job never came to be
+        # is taken over by the session's next chat (its holder is over).
+        raise
+    except BaseException:
+        await shard.sessions.unlock(session, job_id)
+        raise
     return job_id
 
 

@@ -154,7 +154,10 @@ async def _referenced(state: State, items: object, identity: str) -> object:
     if not isinstance(items, list):
         return items
     outputs: dict[str, list[dict[str, Any]]] = {}  # per response: its output items
-    loaded = 0  # characters of text read: past MAX_PROMPT_CHARS, the request is refused now
+    limit = state.settings.max_prompt_chars
+    # Refused as soon as the text named passes the limit (as check_size counts it), or what
+    # was read to find it passes four times that: not after reading every response named.
+    named = read = 0
     resolved: list[object] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or item.get("type") != "item_reference":
@@ -178,15 +181,15 @@ async def _referenced(state: State, items: object, identity: str) -> object:
                     outputs[response_id] = (await _as_stored(state, job_id, echoed)).output
                 except NotFound:
                     outputs[response_id] = []
-                loaded += _text_chars(outputs[response_id])
-                if loaded > state.settings.max_prompt_chars:
-                    raise PromptTooLong(
-                        f"the responses input's item_references name hold over {loaded}"
-                        f" characters of text; the limit is {state.settings.max_prompt_chars}"
-                        " (MAX_PROMPT_CHARS)",
-                        f"input[{i}].id",
-                    )
+                read += _text_chars(outputs[response_id])
             found = next((o for o in outputs[response_id] if o["id"] == reference), None)
+            named += _content_chars(found)
+            if named > limit or read > 4 * limit:
+                raise PromptTooLong(
+                    f"input[{i}]: the responses that item_references name hold more text than"
+                    f" a conversation may ({limit} characters, MAX_PROMPT_CHARS)",
+                    f"input[{i}].id",
+                )
         if found is None:
             raise NotFound(
                 f"input[{i}]: no item {str(reference)[:80]!r}: item_reference names an output"
@@ -195,6 +198,14 @@ async def _referenced(state: State, items: object, identity: str) -> object:
             )
         resolved.append(found)
     return resolved
+
+
+def _content_chars(item: dict[str, Any] | None) -> int:
+    """The characters of a message item's text, as check_size counts a message's."""
+    content = item.get("content") if item is not None else None
+    if not isinstance(content, list):
+        return 0
+    return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
 
 
 def _text_chars(value: object) -> int:

@@ -11,6 +11,7 @@ own shard, which has its turns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -99,7 +100,8 @@ class Shard:
 
         async def ping() -> None:
             try:
-                await self.reachable()  # clears the mark, or sets it again
+                # A call's whole round trip: a shard slow to answer yet answering is up.
+                await self.reachable(ROUND_TRIP_S)  # clears the mark, or sets it again
             finally:
                 self._probing = False
 
@@ -107,10 +109,17 @@ class Shard:
         self._looking.add(task)  # held: the loop keeps only a weak reference
         task.add_done_callback(self._looking.discard)
 
-    async def reachable(self) -> bool:
+    async def stop_looking(self) -> None:
+        """Cancel a ping still looking (at shutdown, before the pool closes)."""
+        for ping in list(self._looking):
+            ping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ping
+
+    async def reachable(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
         began = time.monotonic()
         try:
-            async with asyncio.timeout(PING_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await self.arq.ping()
         except (RedisError, OSError, TimeoutError):
             self.mark_down()
@@ -247,6 +256,7 @@ def open_shard(
 
 
 async def close_shard(shard: Shard) -> None:
+    await shard.stop_looking()
     await shard.relay.stop()
     await shard.blocking.aclose()
     await shard.arq.aclose()

@@ -18,8 +18,10 @@ from .tools_file import ToolsConfig, load_tools_file
 BUILTIN_TOOLS: list[Callable[..., Any]] = [calculator, current_time]
 
 
-def load_registry(settings: Settings) -> ToolRegistry:
-    """ValueError names the setting and says what is wrong with it."""
+def check_tools(settings: Settings) -> tuple[ToolsConfig, list[FunctionTool]]:
+    """The tools file, read, and the built-ins kept on: what can be checked without
+    importing a module or starting a server. ValueError names the setting and says what is
+    wrong with it."""
     config = ToolsConfig()
     if settings.tools_file:
         try:
@@ -31,6 +33,12 @@ def load_registry(settings: Settings) -> ToolRegistry:
     except ValueError as exc:
         where = "TOOLS" if config.builtins is None else f"TOOLS_FILE: {settings.tools_file}"
         raise ValueError(f"{where}: {exc}") from None
+    return config, builtins
+
+
+def load_registry(settings: Settings) -> ToolRegistry:
+    """ValueError names the setting and says what is wrong with it."""
+    config, builtins = check_tools(settings)
     if config.folder is not None and config.modules and str(config.folder) not in sys.path:
         sys.path.append(str(config.folder))  # modules beside it import, shadowing nothing
     python: list[FunctionTool] = []
