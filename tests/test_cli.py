@@ -9,12 +9,14 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import socket
 import socketserver
 import subprocess
 import sys
 import threading
+import time
 import tty
 import uuid
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ import httpx
 import pytest
 
 from demo_llm.scripts import HARD_TOKENS, demo_answer
-from streamgate_cli.client import ConnectionLost, Event, EventStream
+from streamgate_cli.client import ConnectionLost, Event, EventStream, GatewayError
 
 from . import sse
 from .harness import Stack, free_port
@@ -69,8 +71,11 @@ def cli_on_terminal(*args: str) -> Result:
     ) as proc:
         os.close(slave)
         got = b""
+        deadline = time.monotonic() + 60  # as cli()'s timeout: a CLI that hangs fails
         with contextlib.suppress(OSError):  # EIO: the CLI has exited, closing the terminal
-            while chunk := os.read(master, 65536):
+            while select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                if not (chunk := os.read(master, 65536)):
+                    break
                 got += chunk
         code = proc.wait(30)
     os.close(master)
@@ -225,8 +230,8 @@ class _CutFirstHandler(socketserver.BaseRequestHandler):
     def _cut(self, client: socket.socket, upstream: socket.socket) -> bytes:
         """Pass the request on, read the gateway's answer up to its first event, drop both."""
         request = b""
-        while b"\r\n\r\n" not in request:
-            request += client.recv(65536)
+        while b"\r\n\r\n" not in request and (chunk := client.recv(65536)):
+            request += chunk
         upstream.sendall(request)
         answer = b""
         while b"data:" not in answer and (chunk := upstream.recv(65536)):
@@ -470,6 +475,28 @@ def test_a_409_on_the_first_request_is_an_error(fake: Fake) -> None:
     result = cli("chat", "hi", "--session", "s1", "--url", fake.url)
     assert (result.code, result.out, result.err) == (2, "", f"error: {BUSY}\n")
     assert [seen.path for seen in fake.seen] == ["/chat"]
+
+
+def test_a_409_after_a_request_that_never_reached_the_gateway_is_not_followed() -> None:
+    # A connect that timed out started nothing: the job the 409 names is another client's
+    # on the same session, not ours to show (or to cancel on Ctrl-C).
+    answers: list[httpx.Response | Exception] = [
+        httpx.ConnectTimeout("timed out"),
+        httpx.Response(409, json={"error": BUSY, "job_id": JOB}),
+    ]
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    transport = httpx.MockTransport(gateway)
+    with httpx.Client(transport=transport, base_url="http://gateway") as client:
+        stream = EventStream(client, "/chat", {"prompt": "hi"}, sleep=lambda _: None)
+        with pytest.raises(GatewayError) as refused:
+            list(stream)
+    assert refused.value.status == 409 and stream.job_id is None and answers == []
 
 
 def test_tool_calls_get_lines_of_their_own_and_unknown_events_are_ignored(fake: Fake) -> None:

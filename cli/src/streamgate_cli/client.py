@@ -13,6 +13,9 @@ does both. Decisions a reader might want to undo:
   so a long answer may survive many short outages.
 - Refused connections on the very first request fail at once: a wrong ``--url`` should
   say so now, not after a minute of backoff. Once connected, a refusal is a gateway restart.
+- The original request sent again may meet a 409 for its session naming a running job:
+  followed from its start only when a request of ours reached the gateway and lost its
+  answer (so that job is ours); otherwise it is another client's, and the 409 is shown.
 - httpx-sse dispatches a message for a bare ``: ping`` block once an id has been seen
   (with empty data); such messages, and any data that is not a JSON object, are skipped.
 """
@@ -38,7 +41,7 @@ MAX_BACKOFF_S = 8.0
 RETRYABLE_STATUSES = frozenset({502, 503, 504})  # a gateway restarting behind a proxy
 # The 409's wording when its body has no job_id key: "session X is still answering job <id>".
 BUSY_JOB = re.compile(r"\bjob ([0-9a-f]{32})\b")
-JOB_ID = re.compile(r"[0-9A-Za-z_-]+")  # safe to put in the events URL's path
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # as the gateway makes them
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class EventStream:
         self.ended_early = False
         self._connected = False
         self._sent = False
+        # A request of ours reached the gateway and its answer was lost (a 200 that ended,
+        # or the connection dropped after sending): only then may a job of ours exist that
+        # a 409 names. Without it, the 409 is another client's job on the same session.
+        self._maybe_started = False
 
     def __iter__(self) -> Iterator[Event]:
         failures = 0
@@ -132,6 +139,8 @@ class EventStream:
                 reason = f"could not reconnect: {_describe(exc)}"
             except httpx.TransportError as exc:
                 reason = _describe(exc)
+                if isinstance(exc, httpx.ReadError | httpx.ReadTimeout | httpx.RemoteProtocolError):
+                    self._maybe_started = True
             except _Dropped as exc:
                 reason = str(exc)
             except _Found:
@@ -162,7 +171,8 @@ class EventStream:
         path, params, headers = self._request()
         # The first request's errors are the user's to see; after a lost connection a 503 may
         # be a gateway restarting, and a 409 may name the job the lost request started.
-        resuming, self._sent = self._sent, True
+        resuming = self._sent or self.last_id is not None
+        self._sent = True
         with connect_sse(self.client, "GET", path, params=params, headers=headers) as source:
             response = source.response
             self._connected = True
@@ -174,9 +184,10 @@ class EventStream:
             if response.status_code != 200:
                 body = _error_body(response)
                 job_id = _busy_job(body) if response.status_code == 409 else None
-                if resuming and self.job_id is None and job_id is not None:
+                if self._maybe_started and self.job_id is None and job_id is not None:
                     self._follow(job_id)
                 raise GatewayError(response.status_code, _error_message(response, body))
+            self._maybe_started = True
             try:
                 for message in source.iter_sse():
                     data = _json_object(message.data)

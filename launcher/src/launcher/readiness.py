@@ -33,8 +33,8 @@ def port_is_free(host: str, port: int) -> bool:
                 return False
             if exc.errno == errno.EACCES:
                 raise LaunchError(
-                    f"port {port} needs privileges this user lacks: pick one above 1023"
-                    " with --port N"
+                    f"cannot listen on port {port}: {exc.strerror}; a port under 1024 needs"
+                    " privileges: pick another with --port N"
                 ) from None
             raise LaunchError(
                 f"cannot listen on HOST={host} port {port}: {exc.strerror or exc}; set HOST to"

@@ -95,7 +95,7 @@ def error_response(
     openai = request is not None and request.url.path.startswith(OPENAI_PREFIX)
     body = error_body(status, message, openai, param, code)
     if not openai and details:
-        body = {**body, **details}
+        body = {**details, **body}  # the words stay the words
     return JSONResponse(body, status_code=status, headers=headers)
 
 

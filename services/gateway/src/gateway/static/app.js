@@ -137,7 +137,7 @@
   // its own words ("unknown role ..."), or the running job's id. (Should that job end just
   // between the two requests, the GET starts one: it is dropped, and the server cancels it.)
   async function serverBody(t, status) {
-    const asked = status === 400 || status === 413 || (status === 409 && t.reconnecting);
+    const asked = status === 400 || status === 413 || (status === 409 && t.opened);
     if (t.gotEvent || !asked) return {};
     const controller = new AbortController();
     try {
@@ -217,6 +217,7 @@
       jobId: null,
       lastEventId: "",
       gotEvent: false,
+      opened: false, // the stream's answer began: only then does a job of this turn exist
       final: false,
       stopRequested: false,
       cancelSent: false,
@@ -483,8 +484,9 @@
     const body = await serverBody(t, status);
     if (t.final) return;
     if (status === 409 && typeof body.job_id === "string" && JOB_ID_RE.test(body.job_id)) {
-      // Only a reconnect gets here: the first request started this job and its answer was
-      // lost before the first event, so the browser sent the prompt again. Read that job.
+      // Only after the stream had opened (the server answers 200 once the job exists) and
+      // was lost before its first event: the browser sent the prompt again and met this
+      // turn's own job. Without that open, a 409 may name another tab's job: not followed.
       t.url = eventsUrl(body.job_id, t.key);
       open(t);
       return;
@@ -498,7 +500,10 @@
     const source = new EventSource(t.url);
     t.source = source;
     lastSource = source;
-    source.onopen = () => reconnected(t);
+    source.onopen = () => {
+      t.opened = true;
+      reconnected(t);
+    };
     source.onmessage = (message) => {
       if (t.final) return;
       if (message.lastEventId) t.lastEventId = message.lastEventId;
