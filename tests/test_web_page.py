@@ -48,6 +48,7 @@ CHROMIUM_ARGS = [
 SCREENSHOT = ROOT / "artifacts" / "screenshots" / "chat-mid-stream.png"
 SESSION = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EVENTSOURCE_CLOSED = 2
+IN_FLIGHT = "streamgate.inFlight"  # the sessionStorage key of the answer a reload resumes
 API_KEY = "sg-test-key-0123"
 
 
@@ -587,6 +588,25 @@ def test_a_reload_mid_answer_shows_it_again_and_follows_it_to_its_end(
     assert stack.llm_stats()["requests"] == before + 2
     page.reload()  # a finished answer is not brought back
     expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_a_tab_restored_after_the_grace_does_not_replay_its_cancelled_answer(
+    page: Page, stack: Stack
+) -> None:
+    """Its readers gone for longer than DISCONNECT_GRACE_S, the answer was cancelled: a tab
+    restored later (here: one whose leaving is set a minute back) shows no stale answer."""
+    send(page, "[long 60] [delay 0.05]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    page.add_init_script(
+        f"""(() => {{
+        const kept = JSON.parse(sessionStorage.getItem({IN_FLIGHT!r}) || "null");
+        if (kept) sessionStorage.setItem(
+            {IN_FLIGHT!r}, JSON.stringify({{...kept, leftAt: Date.now() - 60000}}));
+        }})();"""
+    )
+    page.reload()
+    expect(page.locator(".msg")).to_have_count(0)
+    assert page.evaluate(f"sessionStorage.getItem({IN_FLIGHT!r})") is None
 
 
 def test_a_connection_lost_before_the_first_event_follows_its_own_answer(

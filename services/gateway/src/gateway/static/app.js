@@ -9,7 +9,8 @@
 // - Answers are Markdown (markdown.js): rendered as they stream, sanitized, no script runs.
 // - A reload picks up the answer in flight (its job id is kept in sessionStorage, per tab)
 //   and replays it from its start: the new page has none of it on screen. Only that answer
-//   comes back, not the conversation before it; a finished one is not shown again.
+//   comes back, not the conversation before it; a finished one is not shown again, nor
+//   one left for longer than the server's grace (cancelled meanwhile).
 // - handleEvent is exposed as window.streamgate.handleEvent so tests can render events
 //   (tool chips, say) that the demo model does not produce.
 "use strict";
@@ -22,6 +23,9 @@
     inFlight: "streamgate.inFlight", // sessionStorage: the answer a reload resumes
   };
   const JOB_ID_RE = /^[0-9a-f]{32}$/;
+  // Away longer than this (the server's default DISCONNECT_GRACE_S is 10 s), an answer in
+  // flight was cancelled for want of readers: a restored tab does not replay it.
+  const AWAY_MAX_MS = 10_000;
   const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
   const ROLE_RE = /^[A-Za-z0-9_.-]{1,64}$/;
   // The browser would retry forever; give up sooner when nothing ever arrived.
@@ -396,8 +400,15 @@
   // --- the answer in flight, across a reload -----------------------------------------
 
   function remember(t) {
-    const kept = { jobId: t.jobId, prompt: t.prompt, session };
-    tabStorage.set(STORE.inFlight, JSON.stringify(kept));
+    const answer = { jobId: t.jobId, prompt: t.prompt, session, leftAt: null };
+    tabStorage.set(STORE.inFlight, JSON.stringify(answer));
+  }
+
+  // When the page goes away: a tab restored long after finds its answer cancelled (its
+  // readers left for longer than the server's grace) or expired, and does not replay it.
+  function noteLeaving() {
+    const answer = kept();
+    if (answer) tabStorage.set(STORE.inFlight, JSON.stringify({ ...answer, leftAt: Date.now() }));
   }
 
   function kept() {
@@ -418,7 +429,8 @@
   function resumeAfterReload() {
     const answer = kept();
     if (!answer) return;
-    if (answer.session !== session || typeof answer.jobId !== "string" || !JOB_ID_RE.test(answer.jobId)) {
+    const away = typeof answer.leftAt === "number" ? Date.now() - answer.leftAt : 0;
+    if (answer.session !== session || typeof answer.jobId !== "string" || !JOB_ID_RE.test(answer.jobId) || away > AWAY_MAX_MS) {
       tabStorage.remove(STORE.inFlight);
       return;
     }
@@ -713,5 +725,6 @@
 
   setStreaming(false);
   loadRoles();
+  window.addEventListener("pagehide", noteLeaving);
   resumeAfterReload();
 })();
