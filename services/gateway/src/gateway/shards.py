@@ -66,6 +66,7 @@ class Shard:
     marked_at: float = field(default=-1.0)  # when it was last found down
     _probing: bool = field(default=False)  # a ping looks again (see attempt)
     _looking: set[asyncio.Task[None]] = field(default_factory=set)
+    _closing: bool = field(default=False)
 
     @property
     def known_down(self) -> bool:
@@ -82,7 +83,7 @@ class Shard:
         raises ``NotSent`` until the shard answers again: once the mark lapses a ping looks,
         not a user's call waiting out a hung shard's round trip."""
         if skippable and self.down_until > 0:
-            if not self.known_down and not self._probing:
+            if not self.known_down and not self._probing and not self._closing:
                 self._look_again()
             raise NotSent(f"{self.name} was found down in the last seconds")
         began = time.monotonic()
@@ -110,7 +111,8 @@ class Shard:
         task.add_done_callback(self._looking.discard)
 
     async def stop_looking(self) -> None:
-        """Cancel a ping still looking (at shutdown, before the pool closes)."""
+        """Cancel a ping still looking, and start none (at shutdown: the pool closes)."""
+        self._closing = True
         for ping in list(self._looking):
             ping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
