@@ -228,7 +228,8 @@ class _CutFirstHandler(socketserver.BaseRequestHandler):
             forward.join(5)
 
     def _cut(self, client: socket.socket, upstream: socket.socket) -> bytes:
-        """Pass the request on, read the gateway's answer up to its first event, drop both."""
+        """Pass the request on, read the gateway's answer up to its first event, pass on its
+        head alone (a 200: the job exists), then drop both."""
         request = b""
         while b"\r\n\r\n" not in request and (chunk := client.recv(65536)):
             request += chunk
@@ -236,6 +237,8 @@ class _CutFirstHandler(socketserver.BaseRequestHandler):
         answer = b""
         while b"data:" not in answer and (chunk := upstream.recv(65536)):
             answer += chunk
+        head, _, _ = answer.partition(b"\r\n\r\n")
+        client.sendall(head + b"\r\n\r\n")
         return answer
 
 
@@ -477,11 +480,17 @@ def test_a_409_on_the_first_request_is_an_error(fake: Fake) -> None:
     assert [seen.path for seen in fake.seen] == ["/chat"]
 
 
-def test_a_409_after_a_request_that_never_reached_the_gateway_is_not_followed() -> None:
-    # A connect that timed out started nothing: the job the 409 names is another client's
-    # on the same session, not ours to show (or to cancel on Ctrl-C).
+@pytest.mark.parametrize(
+    "lost",
+    [httpx.ConnectTimeout("timed out"), httpx.RemoteProtocolError("reset by a proxy")],
+    ids=["connect-timed-out", "reset-after-sending"],
+)
+def test_a_409_after_a_request_not_answered_200_is_not_followed(lost: Exception) -> None:
+    # Without a 200 nothing says the gateway saw our request (a proxy may have reset it):
+    # the job the 409 names may be another client's on the same session, not ours to show
+    # (or to cancel on Ctrl-C).
     answers: list[httpx.Response | Exception] = [
-        httpx.ConnectTimeout("timed out"),
+        lost,
         httpx.Response(409, json={"error": BUSY, "job_id": JOB}),
     ]
 
@@ -497,6 +506,12 @@ def test_a_409_after_a_request_that_never_reached_the_gateway_is_not_followed() 
         with pytest.raises(GatewayError) as refused:
             list(stream)
     assert refused.value.status == 409 and stream.job_id is None and answers == []
+
+
+def test_a_prompt_that_is_not_utf8_is_an_error_and_sends_nothing(fake: Fake) -> None:
+    result = cli("chat", "x\udc9by", "--url", fake.url)  # the bytes x 0x9b y, from a shell
+    assert (result.code, result.err) == (2, "error: the prompt is not valid UTF-8 text\n")
+    assert fake.seen == []
 
 
 def test_tool_calls_get_lines_of_their_own_and_unknown_events_are_ignored(fake: Fake) -> None:

@@ -14,8 +14,8 @@ does both. Decisions a reader might want to undo:
 - Refused connections on the very first request fail at once: a wrong ``--url`` should
   say so now, not after a minute of backoff. Once connected, a refusal is a gateway restart.
 - The original request sent again may meet a 409 for its session naming a running job:
-  followed from its start only when a request of ours reached the gateway and lost its
-  answer (so that job is ours); otherwise it is another client's, and the 409 is shown.
+  followed from its start only when the gateway had answered ours 200 (so that job is
+  ours); otherwise it may be another client's, and the 409 is shown.
 - httpx-sse dispatches a message for a bare ``: ping`` block once an id has been seen
   (with empty data); such messages, and any data that is not a JSON object, are skipped.
 """
@@ -115,10 +115,11 @@ class EventStream:
         self.ended_early = False
         self._connected = False
         self._sent = False
-        # A request of ours reached the gateway and its answer was lost (a 200 that ended,
-        # or the connection dropped after sending): only then may a job of ours exist that
-        # a 409 names. Without it, the 409 is another client's job on the same session.
-        self._maybe_started = False
+        # The gateway answered a request of ours 200 (it does once the job exists), and the
+        # stream was lost before its first event: only then is the job a 409 names ours. A
+        # connection dropped after sending may have been cut by a proxy before the gateway
+        # saw it: the 409 may then be another client's job on the same session.
+        self._started = False
 
     def __iter__(self) -> Iterator[Event]:
         failures = 0
@@ -139,8 +140,6 @@ class EventStream:
                 reason = f"could not reconnect: {_describe(exc)}"
             except httpx.TransportError as exc:
                 reason = _describe(exc)
-                if isinstance(exc, httpx.ReadError | httpx.ReadTimeout | httpx.RemoteProtocolError):
-                    self._maybe_started = True
             except _Dropped as exc:
                 reason = str(exc)
             except _Found:
@@ -184,10 +183,10 @@ class EventStream:
             if response.status_code != 200:
                 body = _error_body(response)
                 job_id = _busy_job(body) if response.status_code == 409 else None
-                if self._maybe_started and self.job_id is None and job_id is not None:
+                if self._started and self.job_id is None and job_id is not None:
                     self._follow(job_id)
                 raise GatewayError(response.status_code, _error_message(response, body))
-            self._maybe_started = True
+            self._started = True
             try:
                 for message in source.iter_sse():
                     data = _json_object(message.data)

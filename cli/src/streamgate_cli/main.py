@@ -88,6 +88,12 @@ def run(
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     args = build_parser().parse_args(argv)
+    for name in ("prompt", "session", "role", "job_id", "after", "api_key"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not _is_utf8(value):
+            # What the shell passed holds bytes no UTF-8 text has (surrogate-escaped).
+            print(f"error: the {name.replace('_', ' ')} is not valid UTF-8 text", file=err)
+            return EXIT_REQUEST_FAILED
     headers = {"User-Agent": f"streamgate-cli/{version('streamgate-cli')}"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
@@ -120,6 +126,14 @@ def run(
         except KeyboardInterrupt:
             renderer.end_line()
             return EXIT_INTERRUPTED
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def main() -> None:
