@@ -204,6 +204,16 @@ def ask(messages: object = None, **fields: object) -> dict[str, object]:
         (ask(response_format="json"), 400, "response_format"),
         (ask(response_format={"type": "xml"}), 400, "response_format"),
         (ask(response_format={"type": "json_schema"}), 400, "response_format.json_schema"),
+        (
+            ask(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+            400,
+            "response_format.json_schema.name",
+        ),
+        (
+            ask(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": 1}}),
+            400,
+            "response_format.json_schema.schema",
+        ),
         (ask(temperature=7), 400, "temperature"),
         (ask(max_tokens=0), 400, "max_tokens"),
         (ask(tools=[{"type": "web"}]), 400, "tools[0]"),

@@ -252,6 +252,20 @@ def test_function_tools_come_back_as_calls_and_their_outputs_go_on(two: Stack) -
         ),
         ({"model": "assistant", "input": "hi", "background": "yes"}, 400, "background"),
         ({"model": "assistant", "input": "hi", "metadata": ["x"]}, 400, "metadata"),
+        (
+            {"model": "assistant", "input": "hi", "text": {"format": {"type": "json_schema"}}},
+            400,
+            "text.format.name",
+        ),
+        (
+            {
+                "model": "assistant",
+                "input": "hi",
+                "text": {"format": {"type": "json_schema", "name": "a", "strict": "yes"}},
+            },
+            400,
+            "text.format.schema",
+        ),
         ({"model": "assistant", "input": "hi", "metadata": {"k": 1}}, 400, "metadata"),
         ({"model": "assistant", "input": "x" * 40_000}, 413, "input"),
         (

@@ -273,9 +273,25 @@ def _response_format(value: object) -> dict[str, Any]:
         raise InvalidField(
             "response_format", f"its type must be one of {', '.join(RESPONSE_FORMATS)}"
         )
-    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), dict):
-        raise InvalidField("response_format.json_schema", "must be an object (name, schema)")
+    if value["type"] == "json_schema":
+        if not isinstance(value.get("json_schema"), dict):
+            raise InvalidField("response_format.json_schema", "must be an object (name, schema)")
+        check_json_schema(value["json_schema"], "response_format.json_schema")
     return value
+
+
+def check_json_schema(value: dict[str, Any], where: str, schema_required: bool = False) -> None:
+    """A structured output's format as OpenAI takes it (a bad one would fail upstream, a
+    500 to the client, rather than a 400 here)."""
+    name = value.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise InvalidField(f"{where}.name", "must match ^[a-zA-Z0-9_-]{1,64}$")
+    schema = value.get("schema")
+    if (schema is not None or schema_required) and not isinstance(schema, dict):
+        raise InvalidField(f"{where}.schema", "must be a JSON Schema (an object)")
+    for key, kind in (("description", str), ("strict", bool)):
+        if value.get(key) is not None and not isinstance(value[key], kind):
+            raise InvalidField(f"{where}.{key}", f"must be a {kind.__name__}")
 
 
 def metadata_of(value: object) -> dict[str, str]:

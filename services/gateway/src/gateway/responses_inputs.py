@@ -14,6 +14,7 @@ from .openai_inputs import (
     RESPONSE_FORMATS,
     Conversation,
     InvalidField,
+    check_json_schema,
     check_size,
     metadata_of,
     params_of,
@@ -175,6 +176,8 @@ def _text_format(text: object) -> dict[str, Any]:
     if not isinstance(text_format, dict) or text_format.get("type") not in RESPONSE_FORMATS:
         formats = ", ".join(RESPONSE_FORMATS)
         raise InvalidField("text.format", f"its type must be one of {formats}")
+    if text_format["type"] == "json_schema":
+        check_json_schema(text_format, "text.format", schema_required=True)
     return text_format
 
 
