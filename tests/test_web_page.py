@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import redis
 from playwright.sync_api import (
     Browser,
     BrowserContext,
@@ -32,7 +33,10 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from .harness import ROOT, Service, Stack
+from shared import keys
+from shared.events import CLIENT_GONE
+
+from .harness import ROOT, Service, Stack, wait_until
 from .test_chat_stream import HARD_TEXT
 
 CHROMIUM = os.environ.get("STREAMGATE_CHROMIUM", "/usr/bin/chromium")
@@ -605,6 +609,32 @@ def test_a_tab_restored_after_the_grace_does_not_replay_its_cancelled_answer(
         }})();"""
     )
     page.reload()
+    expect(page.locator(".msg")).to_have_count(0)
+    assert page.evaluate(f"sessionStorage.getItem({IN_FLIGHT!r})") is None
+
+
+def test_an_answer_cancelled_while_the_page_was_away_is_not_replayed(
+    page: Page, stack: Stack
+) -> None:
+    """Away for longer than the server's grace (2 s here, under the page's 10 s), the
+    answer was cancelled for want of readers: coming back replays nothing stale."""
+    send(page, "[long 400] [delay 0.05]")
+    expect(answer(page).locator(".answer .text")).to_contain_text("t3")
+    job_id = answer(page).get_attribute("data-job-id")
+    assert job_id is not None
+    page.goto("about:blank")
+    db = redis.Redis.from_url(stack.redis_url)
+
+    def final() -> bytes:
+        [(_, entry)] = db.xrevrange(keys.events_key(job_id), count=1) or [(b"", {})]
+        return entry.get(b"d", b"")
+
+    try:
+        wait_until(lambda: CLIENT_GONE.encode() in final(), 15, "the answer cancelled")
+    finally:
+        db.close()
+    page.go_back()
+    expect(page.locator("#prompt")).to_be_visible()
     expect(page.locator(".msg")).to_have_count(0)
     assert page.evaluate(f"sessionStorage.getItem({IN_FLIGHT!r})") is None
 

@@ -10,7 +10,7 @@
 // - A reload picks up the answer in flight (its job id is kept in sessionStorage, per tab)
 //   and replays it from its start: the new page has none of it on screen. Only that answer
 //   comes back, not the conversation before it; a finished one is not shown again, nor
-//   one left for longer than the server's grace (cancelled meanwhile).
+//   one cancelled while the page was away for longer than the server's grace.
 // - handleEvent is exposed as window.streamgate.handleEvent so tests can render events
 //   (tool chips, say) that the demo model does not produce.
 "use strict";
@@ -26,6 +26,7 @@
   // Away longer than this (the server's default DISCONNECT_GRACE_S is 10 s), an answer in
   // flight was cancelled for want of readers: a restored tab does not replay it.
   const AWAY_MAX_MS = 10_000;
+  const CLIENT_GONE = "cancelled: every reader disconnected"; // the server's words for it
   const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
   const ROLE_RE = /^[A-Za-z0-9_.-]{1,64}$/;
   // The browser would retry forever; give up sooner when nothing ever arrived.
@@ -375,6 +376,11 @@
       showToolCall(t, data.tool_call);
     } else if (Array.isArray(data.tools_called)) {
       showToolsCalled(t, data.tools_called);
+    } else if (typeof data.error === "string" && t.resumed && data.error === CLIENT_GONE) {
+      // Replayed after a reload, it was cancelled while the page was away longer than the
+      // server's grace: nothing stale to show.
+      withdraw(t);
+      setStatus("");
     } else if (typeof data.error === "string") {
       finish(t, "error", data.error);
     } else if (data.lifecycle === "done") {
