@@ -190,6 +190,9 @@ def test_double_texting_is_a_409(agent_stack: Stack, client: httpx.Client) -> No
     assert second.status_code == 409
     assert first.json()["job_id"] in second.json()["error"]
     assert second.json()["job_id"] == first.json()["job_id"]  # for programs, without parsing
+    probed = client.head(url, params={"prompt": "hello?", "session": "busy"})
+    assert probed.status_code == 409  # a HEAD's answer has no body: the job in a header
+    assert probed.headers["Streamgate-Job-Id"] == first.json()["job_id"]
     assert client.post(url, json={"prompt": "again", "session": "busy"}).status_code == 409
     sse.read(client, agent_stack.gateway.url + first.json()["events_url"])
     assert sse.is_done(chat(agent_stack, "now", session="busy").events[-1])

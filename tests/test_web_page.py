@@ -662,6 +662,8 @@ def test_a_connection_lost_before_the_first_event_follows_its_own_answer(
     before = stack.llm_stats()["requests"]
     read: list[str] = []
     page.on("request", lambda r: read.append(r.url) if r.url.endswith("/events") else None)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.method) if "/chat?" in r.url else None)
     page.route(re.compile(r"/chat\?"), lose_the_first_answer)
     send(page, "[long 30] [delay 0.02]")
     last = wait_state(page, "done")
@@ -669,6 +671,7 @@ def test_a_connection_lost_before_the_first_event_follows_its_own_answer(
     assert raw(last) == "".join(f"t{i} " for i in range(30))
     assert stack.llm_stats()["requests"] == before + 1, "one job, its own"
     assert read == [f"{stack.gateway.url}/chat/{started[0]}/events"]
+    assert sorted(sent) == ["GET", "GET", "HEAD"], "the 409's job read from HEAD's header"
     expect(page.locator("#status")).to_have_text("")
 
 

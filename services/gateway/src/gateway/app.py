@@ -168,7 +168,7 @@ def create_app(settings: Settings) -> Starlette:
             # Any request header: browser clients send their own (the OpenAI SDK its
             # X-Stainless-*, tracing a traceparent); the origins are the gate.
             allow_headers=["*"],
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "Streamgate-Job-Id"],
             max_age=600,
         ),
     ]

@@ -127,6 +127,8 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
         details=exc.details,
     )
     response.headers.update(exc.headers)
+    for name, value in exc.details.items():  # as headers too: a HEAD's answer has no body
+        response.headers["Streamgate-" + name.replace("_", "-").title()] = value
     return response
 
 

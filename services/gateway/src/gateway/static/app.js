@@ -131,18 +131,17 @@
     try {
       // With the turn's own key: a key saved since must not answer for the one it was sent with.
       const response = await fetch(url, { method: "HEAD", headers: authHeaders(t.key) });
+      t.busyJob = response.headers.get("Streamgate-Job-Id"); // a 409's: the session's job
       return response.status;
     } catch {
       return 0;
     }
   }
 
-  // A 400 or 413 comes from checking the request before any job exists, and a 409 from the
-  // session's lock, so asking again with GET starts nothing and brings the server's body:
-  // its own words ("unknown role ..."), or the running job's id. (Should that job end just
-  // between the two requests, the GET starts one: it is dropped, and the server cancels it.)
+  // A 400 or 413 comes from checking the request before any job exists, so asking again
+  // with GET starts nothing and brings the server's own words ("unknown role ...").
   async function serverBody(t, status) {
-    const asked = status === 400 || status === 413 || (status === 409 && t.opened);
+    const asked = status === 400 || status === 413;
     if (t.gotEvent || !asked) return {};
     const controller = new AbortController();
     try {
@@ -223,6 +222,7 @@
       lastEventId: "",
       gotEvent: false,
       opened: false, // the stream's answer began: only then does a job of this turn exist
+      busyJob: null, // the job a 409 names (its Streamgate-Job-Id header)
       final: false,
       stopRequested: false,
       cancelSent: false,
@@ -501,11 +501,11 @@
     }
     const body = await serverBody(t, status);
     if (t.final) return;
-    if (status === 409 && typeof body.job_id === "string" && JOB_ID_RE.test(body.job_id)) {
+    if (status === 409 && t.opened && typeof t.busyJob === "string" && JOB_ID_RE.test(t.busyJob)) {
       // Only after the stream had opened (the server answers 200 once the job exists) and
       // was lost before its first event: the browser sent the prompt again and met this
       // turn's own job. Without that open, a 409 may name another tab's job: not followed.
-      t.url = eventsUrl(body.job_id, t.key);
+      t.url = eventsUrl(t.busyJob, t.key);
       open(t);
       return;
     }
