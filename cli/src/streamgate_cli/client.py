@@ -168,8 +168,8 @@ class EventStream:
 
     def _read_once(self) -> Generator[Event, None, None]:
         path, params, headers = self._request()
-        # The first request's errors are the user's to see; after a lost connection a 503 may
-        # be a gateway restarting, and a 409 may name the job the lost request started.
+        # The first request's errors are the user's to see; after a lost connection (or with
+        # a cursor from an earlier run) a 502-504 may be a gateway restarting.
         resuming = self._sent or self.last_id is not None
         self._sent = True
         with connect_sse(self.client, "GET", path, params=params, headers=headers) as source:

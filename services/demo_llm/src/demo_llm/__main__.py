@@ -10,17 +10,20 @@ import sys
 import uvicorn
 
 from .app import create_app
-from .settings import DELAY_S_DEFAULT, number_problem
+from .settings import DELAY_S_DEFAULT, delay_problem, number_problem
 
 
 def _setting(
     name: str, default: str, kind: type[float] | type[int], low: float, high: float
 ) -> float:
     raw = os.environ.get(name) or default
-    problem = number_problem(name, raw, kind, low, high)
+    _stop_if(number_problem(name, raw, kind, low, high))
+    return kind(raw)
+
+
+def _stop_if(problem: str | None) -> None:
     if problem:
         sys.exit(f"demo LLM cannot start: invalid setting(s)\n  {problem}")
-    return kind(raw)
 
 
 def main() -> None:
@@ -29,8 +32,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
     port = args.port or int(_setting("PORT", "8001", int, 1, 65535))
-    delay = float(_setting("DEMO_LLM_DELAY_S", DELAY_S_DEFAULT, float, 0, 60))
-    app = create_app(delay)
+    delay = os.environ.get("DEMO_LLM_DELAY_S") or ""
+    _stop_if(delay_problem(delay))  # the check scripts/run makes too
+    app = create_app(float(delay or DELAY_S_DEFAULT))
     # As the gateway does (shared/gc_tuning.py, not a dependency here): with thousands of
     # streams open, a full collection would pause every stream for a few hundred ms.
     gc.collect()

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .scripts import DirectiveError, Script, plan
+from .settings import DELAY_S_DEFAULT
 
 MODEL = "streamgate-demo"
 
@@ -64,7 +65,7 @@ def _chunk(completion_id: str, delta: dict[str, Any], finish: str | None = None)
 
 def create_app(default_delay_s: float | None = None) -> Starlette:
     delay_s = (
-        float(os.environ.get("DEMO_LLM_DELAY_S", "0.03"))
+        float(os.environ.get("DEMO_LLM_DELAY_S") or DELAY_S_DEFAULT)
         if default_delay_s is None
         else default_delay_s
     )

@@ -64,8 +64,7 @@ class Shard:
     clock: RedisClock = field(default_factory=lambda: RedisClock(time.monotonic))
     down_until: float = field(default=0.0)  # 0 once it answered since it was found down
     marked_at: float = field(default=-1.0)  # when it was last found down
-    _probing: bool = field(default=False)  # a ping looks again (see attempt)
-    _looking: set[asyncio.Task[None]] = field(default_factory=set)
+    _looking: set[asyncio.Task[bool]] = field(default_factory=set)  # a ping (see attempt)
     _closing: bool = field(default=False)
 
     @property
@@ -83,7 +82,7 @@ class Shard:
         raises ``NotSent`` until the shard answers again: once the mark lapses a ping looks,
         not a user's call waiting out a hung shard's round trip."""
         if skippable and self.down_until > 0:
-            if not self.known_down and not self._probing and not self._closing:
+            if not self.known_down and not self._looking and not self._closing:
                 self._look_again()
             raise NotSent(f"{self.name} was found down in the last seconds")
         began = time.monotonic()
@@ -97,16 +96,9 @@ class Shard:
         return result
 
     def _look_again(self) -> None:
-        self._probing = True
-
-        async def ping() -> None:
-            try:
-                # A call's whole round trip: a shard slow to answer yet answering is up.
-                await self.reachable(ROUND_TRIP_S)  # clears the mark, or sets it again
-            finally:
-                self._probing = False
-
-        task = asyncio.get_running_loop().create_task(ping())
+        # A call's whole round trip: a shard slow to answer yet answering is up. The ping
+        # clears the mark, or sets it again.
+        task = asyncio.get_running_loop().create_task(self.reachable(ROUND_TRIP_S))
         self._looking.add(task)  # held: the loop keeps only a weak reference
         task.add_done_callback(self._looking.discard)
 
@@ -185,39 +177,31 @@ class Shards:
     async def place(
         self,
         attempt: Callable[[Shard], Awaitable[T]],
-        also_next_on: type[Exception] | tuple[type[Exception], ...] = (),
+        also_next_on: tuple[type[Exception], ...] = (),
     ) -> T:
         """``attempt`` on the shards in turn until one takes the job: the next is tried when
         a shard could not be sent it, did not answer in time (a hung Redis: should it wake,
         the create runs past its deadline and writes nothing), or refused it with
         ``also_next_on``; the last shard's error is raised."""
         candidates = self.in_turn()
-        passed_over: Exception
+        passable: tuple[type[Exception], ...] = (NotSent, RedisTimeoutError, *also_next_on)
         for shard in candidates:
+            # All but the last may be skipped: a shard found down is passed over until a
+            # ping finds it answering, rather than every chat waiting out its round trip.
+            last = shard is candidates[-1]
             try:
-                # All but the last may be skipped: past a lapsed mark one chat looks, rather
-                # than every chat waiting out a hung shard's round trip.
-                last = shard is candidates[-1]
                 return await shard.attempt(functools.partial(attempt, shard), skippable=not last)
-            except NotSent as exc:
-                if shard is candidates[-1]:
+            except passable as exc:
+                if last:
                     raise
-                passed_over = exc
-            except RedisTimeoutError as exc:
-                if shard is candidates[-1]:
-                    raise
-                logger.warning(
-                    "%s did not answer (%s): the chat goes to the next shard", shard.name, exc
+                if isinstance(exc, RedisTimeoutError):
+                    logger.warning(
+                        "%s did not answer (%s): the chat goes to the next shard", shard.name, exc
+                    )
+                tracing.note(
+                    "streamgate.shard_passed_over",
+                    {"streamgate.shard": shard.name, "error.type": type(exc).__name__},
                 )
-                passed_over = exc
-            except also_next_on as exc:
-                if shard is candidates[-1]:
-                    raise
-                passed_over = exc
-            tracing.note(
-                "streamgate.shard_passed_over",
-                {"streamgate.shard": shard.name, "error.type": type(passed_over).__name__},
-            )
         raise AssertionError("unreachable: the last shard returns or raises")
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from shared import events as ev
 
 from .agents import AgentRequest
-from .llm import Finish, Opening, TextDelta, ToolCallDelta, UpstreamError
+from .llm import Finish, Opening, TextDelta, ToolCallAssembler, ToolCallDelta, UpstreamError
 from .metrics import WorkerMetrics
 from .tools.registry import parse_arguments
 
@@ -33,36 +32,6 @@ NOT_RUN = "error: not run: the model was still calling tools at the last round (
 
 class TooManyRounds(UpstreamError):
     """The model was still calling tools when the round limit came."""
-
-
-@dataclass
-class PendingCall:
-    call_id: str
-    name: str
-    arguments: list[str] = field(default_factory=list)
-
-
-class ToolCallAssembler:
-    """Puts streamed tool-call pieces back together, in the order the calls started."""
-
-    def __init__(self) -> None:
-        self.calls: list[PendingCall] = []
-        self._by_index: dict[int, PendingCall] = {}
-
-    def add(self, delta: ToolCallDelta) -> PendingCall | None:
-        """Take one piece; returns the call if this piece started it."""
-        current = self._by_index.get(delta.index)
-        started = None
-        if current is None or (delta.call_id and delta.call_id != current.call_id):
-            call_id = delta.call_id or f"call_{len(self.calls)}"
-            current = started = PendingCall(call_id, delta.name or "")
-            self.calls.append(current)
-            self._by_index[delta.index] = current
-        elif delta.name and not current.name:
-            current.name = delta.name
-        if delta.arguments:
-            current.arguments.append(delta.arguments)
-        return started
 
 
 class OpenAIAgent:

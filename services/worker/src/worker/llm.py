@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -69,6 +69,40 @@ class Finish:
 
 
 Delta = TextDelta | ToolCallDelta | Finish | ev.Usage
+
+
+@dataclass
+class PendingCall:
+    call_id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+
+
+class ToolCallAssembler:
+    """Puts streamed tool-call pieces back together, in the order the calls started. Some
+    servers (Ollama) omit the index or reuse 0 for parallel calls: a new id at a known index
+    starts a new call."""
+
+    def __init__(self) -> None:
+        self.calls: list[PendingCall] = []
+        self._by_index: dict[int, PendingCall] = {}
+
+    def add(self, delta: ToolCallDelta) -> PendingCall | None:
+        """Take one piece; returns the call if this piece started it."""
+        current = self._by_index.get(delta.index)
+        started = None
+        if current is None or (delta.call_id and delta.call_id != current.call_id):
+            call_id = delta.call_id or f"call_{len(self.calls)}"
+            current = started = PendingCall(call_id, delta.name or "")
+            self.calls.append(current)
+            self._by_index[delta.index] = current
+        elif delta.name and not current.name:
+            current.name = delta.name
+        if delta.arguments:
+            current.arguments.append(delta.arguments)
+        return started
+
+
 Opening = asyncio.Future[openai.AsyncAPIResponse[object]]  # a request sent, not yet read
 
 
@@ -197,7 +231,7 @@ class Upstream:
         began = time.monotonic()
         first = True
         text: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}  # by index, as the deltas name them
+        calls = ToolCallAssembler()
         try:
             async for delta in deltas:
                 if first:
@@ -213,20 +247,24 @@ class Upstream:
                 elif isinstance(delta, TextDelta) and self.log_prompts:
                     text.append(delta.text)
                 elif isinstance(delta, ToolCallDelta) and self.log_prompts:
-                    call = calls.setdefault(delta.index, {"type": "tool_call", "arguments": ""})
-                    if delta.call_id and "id" not in call:
-                        call["id"] = delta.call_id
-                    if delta.name and "name" not in call:
-                        call["name"] = delta.name
-                    call["arguments"] += delta.arguments
+                    calls.add(delta)
                 yield delta
         except UpstreamError as exc:
             tracing.failed(span, exc.message, exc.kind)
             raise
         finally:
-            if text or calls:
+            if text or calls.calls:
                 parts = [{"type": "text", "content": "".join(text)}] if text else []
-                answer = [{"role": "assistant", "parts": parts + list(calls.values())}]
+                parts += [
+                    {
+                        "type": "tool_call",
+                        "id": call.call_id,
+                        "name": call.name,
+                        "arguments": "".join(call.arguments),
+                    }
+                    for call in calls.calls
+                ]
+                answer = [{"role": "assistant", "parts": parts}]
                 span.set_attribute("gen_ai.output.messages", orjson.dumps(answer).decode())
             span.end()
             await deltas.aclose()  # a consumer that stopped early closes the request too

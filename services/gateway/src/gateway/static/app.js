@@ -140,20 +140,19 @@
 
   // A 400 or 413 comes from checking the request before any job exists, so asking again
   // with GET starts nothing and brings the server's own words ("unknown role ...").
-  async function serverBody(t, status) {
-    const asked = status === 400 || status === 413;
-    if (t.gotEvent || !asked) return {};
+  async function serverWords(t, status) {
+    if (t.gotEvent || (status !== 400 && status !== 413)) return null;
     const controller = new AbortController();
     try {
       const response = await fetch(t.url, { headers: authHeaders(t.key), signal: controller.signal });
       if (response.ok) {
         controller.abort(); // it was accepted after all: drop it, the server cancels it
-        return {};
+        return null;
       }
       const body = await response.json();
-      return body && typeof body === "object" ? body : {};
+      return typeof body.error === "string" && body.error ? body.error : null;
     } catch {
-      return {};
+      return null;
     }
   }
 
@@ -436,7 +435,8 @@
     const answer = kept();
     if (!answer) return;
     const away = typeof answer.leftAt === "number" ? Date.now() - answer.leftAt : 0;
-    if (answer.session !== session || typeof answer.jobId !== "string" || !JOB_ID_RE.test(answer.jobId) || away > AWAY_MAX_MS) {
+    const ours = answer.session === session && JOB_ID_RE.test(String(answer.jobId));
+    if (!ours || away > AWAY_MAX_MS) {
       tabStorage.remove(STORE.inFlight);
       return;
     }
@@ -499,7 +499,7 @@
       finish(t, "error", "The answer ended, but its last part did not arrive.");
       return;
     }
-    const body = await serverBody(t, status);
+    const words = await serverWords(t, status);
     if (t.final) return;
     if (status === 409 && t.opened && typeof t.busyJob === "string" && JOB_ID_RE.test(t.busyJob)) {
       // Only after the stream had opened (the server answers 200 once the job exists) and
@@ -509,8 +509,6 @@
       open(t);
       return;
     }
-    // The server's words for a 409 are for programs ("DELETE /chat/..."): ours say it better.
-    const words = status !== 409 && typeof body.error === "string" ? body.error : "";
     finish(t, "error", words || describeFailure(status, t));
   }
 
